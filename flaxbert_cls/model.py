@@ -1,0 +1,276 @@
+"""BERT encoder and classification head in Flax linen.
+
+The parameter tree mirrors Hugging Face `BertModel` names one to one
+(`bert/encoder/layer/3/attention/self/query/kernel` <-> `bert.encoder.layer.3.
+attention.self.query.weight`), so `hf.py` maps checkpoints mechanically. Every
+parameter carries logical axis names; `sharding.py` maps them onto the mesh with
+the rules in the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Logical axis names used on parameters and activations. Rules in the config map
+# them to mesh axes ('data', 'fsdp', 'tensor').
+EMBED = "embed"  # hidden size
+MLP = "mlp"  # intermediate (feed-forward) size
+HEADS = "heads"  # attention output features (heads * head_dim), split by head
+VOCAB = "vocab"
+CLASSES = "classes"
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Encoder sizes, read from a checkpoint's config.json (see `from_hf`)."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  classifier_dropout: float | None = None
+  pad_token_id: int = 0
+  # Not HF fields: how to run it.
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  attention_impl: str | None = None  # None/'xla'/'cudnn', for jax.nn.dot_product_attention
+
+  @classmethod
+  def from_hf(cls, hf_config: Any, **overrides: Any) -> "BertConfig":
+    """Takes the fields this module knows from a transformers config (or dict)."""
+    values = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in values.items() if k in names}
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
+
+
+def _kernel_init(std: float = 0.02):
+  return nn.initializers.truncated_normal(std)
+
+
+class Dense(nn.Module):
+  """A dense layer with logical axis names on kernel and bias; computes in `dtype`."""
+
+  features: int
+  axes: tuple[str | None, str | None]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(_kernel_init(), self.axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                      (self.features,), jnp.float32)
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 (HF names: LayerNorm.weight/bias -> scale/bias)."""
+
+  eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
+                       (x.shape[-1],), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
+                      (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+  num_embeddings: int
+  features: int
+  axes: tuple[str | None, str | None]
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    table = self.param("embedding", nn.with_logical_partitioning(_kernel_init(), self.axes),
+                       (self.num_embeddings, self.features), jnp.float32)
+    return jnp.take(table, ids, axis=0)
+
+
+class BertEmbeddings(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool):
+    cfg = self.config
+    words = Embed(cfg.vocab_size, cfg.hidden_size, (VOCAB, EMBED), name="word_embeddings")(input_ids)
+    positions = Embed(cfg.max_position_embeddings, cfg.hidden_size, (None, EMBED),
+                      name="position_embeddings")(position_ids)
+    x = words + positions
+    if cfg.type_vocab_size > 0:
+      x = x + Embed(cfg.type_vocab_size, cfg.hidden_size, (None, EMBED),
+                    name="token_type_embeddings")(token_type_ids)
+    x = LayerNorm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(x)
+    return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask, deterministic: bool):
+    cfg = self.config
+    batch, length = x.shape[:2]
+
+    def project(name):
+      y = Dense(cfg.hidden_size, (EMBED, HEADS), cfg.dtype, name=name)(x)
+      return y.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+
+    q, k, v = project("query"), project("key"), project("value")
+    mask = attention_mask[:, None, None, :].astype(bool)  # [batch, 1, 1, kv_len]
+    dropout = cfg.attention_probs_dropout_prob
+    if deterministic or dropout == 0.0:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+    else:
+      # Attention-probability dropout needs the probabilities, which fused kernels hide.
+      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1)
+      probs = nn.Dropout(dropout)(probs, deterministic=False).astype(cfg.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.reshape(batch, length, cfg.hidden_size)
+
+
+class BertAttention(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask, deterministic: bool):
+    cfg = self.config
+    h = BertSelfAttention(cfg, name="self")(x, attention_mask, deterministic)
+    return BertOutput(cfg, (HEADS, EMBED), name="output")(h, x, deterministic)
+
+
+class BertOutput(nn.Module):
+  """dense -> dropout -> LayerNorm(residual + .); used after attention and MLP."""
+
+  config: BertConfig
+  axes: tuple[str, str]
+
+  @nn.compact
+  def __call__(self, h, residual, deterministic: bool):
+    cfg = self.config
+    h = Dense(cfg.hidden_size, self.axes, cfg.dtype, name="dense")(h)
+    h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    return LayerNorm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(h + residual)
+
+
+class BertIntermediate(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    h = Dense(cfg.intermediate_size, (EMBED, MLP), cfg.dtype, name="dense")(x)
+    return _ACTIVATIONS[cfg.hidden_act](h)
+
+
+class BertLayer(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask, deterministic: bool):
+    cfg = self.config
+    x = BertAttention(cfg, name="attention")(x, attention_mask, deterministic)
+    h = BertIntermediate(cfg, name="intermediate")(x)
+    return BertOutput(cfg, (MLP, EMBED), name="output")(h, x, deterministic)
+
+
+class BertLayerCollection(nn.Module):
+  """Named `layer` with children `0..N-1`, giving the HF path encoder/layer/<i>/..."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask, deterministic: bool):
+    for i in range(self.config.num_hidden_layers):
+      x = BertLayer(self.config, name=str(i))(x, attention_mask, deterministic)
+    return x
+
+
+class BertEncoder(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask, deterministic: bool):
+    return BertLayerCollection(self.config, name="layer")(x, attention_mask, deterministic)
+
+
+class BertPooler(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cls = x[:, 0]
+    return jnp.tanh(Dense(self.config.hidden_size, (EMBED, EMBED), self.config.dtype,
+                          name="dense")(cls))
+
+
+class BertModel(nn.Module):
+  """Returns (last_hidden_state, pooler_output), both float32."""
+
+  config: BertConfig
+  add_pooling_layer: bool = True
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+    x = BertEmbeddings(self.config, name="embeddings")(
+        input_ids, token_type_ids, position_ids, deterministic)
+    x = BertEncoder(self.config, name="encoder")(x, attention_mask, deterministic)
+    pooled = BertPooler(self.config, name="pooler")(x) if self.add_pooling_layer else None
+    return x.astype(jnp.float32), None if pooled is None else pooled.astype(jnp.float32)
+
+
+class BertForSequenceClassification(nn.Module):
+  """BERT + dropout + dense on the pooled [CLS] output. num_labels == 1 is regression."""
+
+  config: BertConfig
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+    cfg = self.config
+    _, pooled = BertModel(cfg, name="bert")(input_ids, attention_mask, token_type_ids,
+                                            deterministic)
+    rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+    pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+    # The head runs in float32: logits and loss stay exact under bf16 compute.
+    return Dense(self.num_labels, (EMBED, CLASSES), jnp.float32, name="classifier")(pooled)
