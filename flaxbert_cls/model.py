@@ -237,7 +237,7 @@ class BertPooler(nn.Module):
   @nn.compact
   def __call__(self, x):
     cls = x[:, 0]
-    return jnp.tanh(Dense(self.config.hidden_size, (EMBED, EMBED), self.config.dtype,
+    return jnp.tanh(Dense(self.config.hidden_size, (EMBED, None), self.config.dtype,
                           name="dense")(cls))
 
 

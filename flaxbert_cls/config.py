@@ -1,0 +1,102 @@
+"""The config schema: every key a run reads, with its default.
+
+HF run_glue.py names where users know them. Files in configs/ start from
+`default_config()` and change a few keys; any key can be overridden on the
+command line (--config.learning_rate=3e-5). `validate` checks values early.
+"""
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # Model: a local HF checkpoint directory or a hub id (hub needs network).
+  c.model_name_or_path = "bert-base-uncased"
+  c.tokenizer_name = ""  # '' = the tokenizer saved with the model
+  c.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
+  c.attention_impl = ""  # '' = jax default (XLA); 'cudnn' for cuDNN flash attention on GPU
+  c.classifier_dropout = -1.0  # < 0: the checkpoint's hidden_dropout_prob
+
+  # Task and data. task_name: a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli,
+  # rte, wnli) or 'custom'. Data comes from train_file/validation_file, or a GLUE
+  # data_dir, or HF datasets (dataset_name).
+  c.task_name = "sst2"
+  c.train_file = ""
+  c.validation_file = ""
+  c.data_dir = ""  # a GLUE directory with SST-2/train.tsv, ... (used if files are '')
+  c.dataset_name = ""  # HF datasets name, e.g. 'nyu-mll/glue' (with dataset_config_name)
+  c.dataset_config_name = ""
+  c.text_columns = ("sentence",)  # custom task: 1 or 2 text columns
+  c.label_column = "label"  # custom task
+  c.label_names = ()  # custom task: class names in id order; () = from the training data
+  c.is_regression = False  # custom task
+  c.metrics = ()  # custom task: () = accuracy (classification) / pearson, spearmanr
+  c.main_metric = ""  # custom task: '' = the first of metrics
+  c.max_seq_length = 128
+  # Batches are padded to the smallest bucket that fits (bounded compiled shapes).
+  c.seq_buckets = (32, 64, 128, 256, 512)
+  c.length_grouping_window = 0  # > 0: sort by length within windows of this many batches
+  c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
+
+  # Optimization (HF recipe: AdamW eps 1e-6, linear warmup then linear decay).
+  c.batch_size = 32  # global batch, over all devices and processes
+  c.eval_batch_size = 64
+  c.learning_rate = 2e-5
+  c.lr_schedule = "linear"  # linear | cosine | constant (after warmup)
+  c.num_train_epochs = 3.0
+  c.num_train_steps = -1  # > 0 overrides num_train_epochs
+  c.warmup_ratio = 0.1
+  c.warmup_steps = -1  # >= 0 overrides warmup_ratio
+  c.weight_decay = 0.01
+  c.weight_decay_exclude = ("bias$", "LayerNorm/")  # path regexes without decay
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-6
+  c.max_grad_norm = 1.0
+  c.freeze = ()  # path regexes of parameters that stay fixed (no optimizer state)
+  c.freeze_bottom_layers = 0  # shortcut: embeddings + encoder layers 0..k-1
+  c.seed = 42
+
+  # Loop, evaluation, checkpoints, logging.
+  c.log_every_steps = 50
+  c.eval_every_steps = 0  # 0 = at the end only
+  c.checkpoint_every_steps = 1000
+  c.max_checkpoints_to_keep = 2
+
+  # Parallelism: a mesh over all devices; -1 = the remaining devices. Parameters
+  # carry logical axis names; these rules map them to mesh axes (lm1b style).
+  c.mesh_axes = ("data", "fsdp", "tensor")
+  c.mesh_shape = (-1, 1, 1)
+  c.logical_axis_rules = (
+      ("embed", "fsdp"),
+      ("vocab", "tensor"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("classes", None),
+  )
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the key, on values that would only break later."""
+  from flaxbert_cls.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  def check(ok: bool, key: str, why: str):
+    if not ok:
+      raise UserError(f"config.{key}={config.get(key)!r}: {why}")
+
+  check(bool(config.model_name_or_path), "model_name_or_path", "must name a checkpoint")
+  for key in ("batch_size", "eval_batch_size", "max_seq_length"):
+    check(int(config[key]) > 0, key, "must be > 0")
+  check(config.learning_rate > 0, "learning_rate", "must be > 0")
+  check(config.num_train_steps > 0 or config.num_train_epochs > 0, "num_train_epochs",
+        "must be > 0 (or set num_train_steps > 0)")
+  check(0 <= config.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+  check(config.weight_decay >= 0, "weight_decay", "must be >= 0")
+  check(config.dtype in ("float32", "bfloat16", "float16"), "dtype",
+        "use 'float32', 'bfloat16' or 'float16'")
+  check(config.attention_impl in ("", "xla", "cudnn"), "attention_impl", "use '', 'xla' or 'cudnn'")
+  check(len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
+        f"needs one size per axis in mesh_axes={tuple(config.mesh_axes)}")
+  check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")

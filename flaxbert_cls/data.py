@@ -1,0 +1,285 @@
+"""Tokenize once, then batches that are a pure function of (seed, step).
+
+Examples are tokenized without padding and kept ragged; a batch is padded to the
+smallest configured bucket length that fits it, so the number of compiled shapes
+is bounded by the number of buckets. Every process computes the same global batch
+indices (cheap integers) and materializes only its own rows of each batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import queue
+import threading
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from flaxbert_cls import readers
+from flaxbert_cls import tasks as tasks_lib
+from flaxbert_cls.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _split_file(config: Any, task: tasks_lib.Task, split: str) -> str | None:
+  """The local file for `split`: an explicit *_file key, else the GLUE data_dir, else None."""
+  explicit = config.train_file if split == "train" else config.validation_file
+  if explicit:
+    return explicit
+  if config.data_dir:
+    return readers.glue_file(config.data_dir, task, split)
+  return None
+
+
+def _hf_dataset(config: Any, task: tasks_lib.Task) -> tuple[str, str | None]:
+  if config.dataset_name:
+    return config.dataset_name, config.dataset_config_name or None
+  if task.hf_dataset is not None:
+    return task.hf_dataset
+  raise UserError(f"config: task {task.name!r} needs data: set train_file and validation_file, "
+                  "data_dir (GLUE), or dataset_name (HF datasets)")
+
+
+def read_split(config: Any, task: tasks_lib.Task, split: str,
+               label_names: tuple[str, ...] | None) -> readers.Examples:
+  """Reads 'train' or 'validation' from a file, a GLUE dir or HF datasets (in that order)."""
+  path = _split_file(config, task, split)
+  if path is not None:
+    examples = readers.read_file(path, task, label_names)
+  else:
+    name, config_name = _hf_dataset(config, task)
+    examples = readers.read_hf_dataset(name, config_name, task.hf_split_name(split), task,
+                                       label_names)
+  if not len(examples):
+    raise UserError(f"{examples.source}: no examples")
+  return examples
+
+
+def label_names_for(config: Any, task: tasks_lib.Task) -> tuple[str, ...]:
+  """The task's label map; for a custom task without one, built from the training data."""
+  if task.label_names:
+    return tuple(task.label_names)
+  path = _split_file(config, task, "train")
+  if path is not None:
+    return readers.build_label_names(path, task)
+  name, config_name = _hf_dataset(config, task)
+  return readers.hf_label_names(name, config_name, task.hf_split_name("train"), task)
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+  """Ragged token ids: row i is flat[offsets[i]:offsets[i+1]]."""
+
+  input_ids: np.ndarray  # int32 [total_tokens]
+  token_type_ids: np.ndarray  # int8 [total_tokens]
+  offsets: np.ndarray  # int64 [n + 1]
+  labels: np.ndarray | None  # int32 (classes) or float32 (regression), [n]
+  num_truncated: int = 0
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+
+def tokenize(tokenizer: Any, texts: Sequence[tuple[str, ...]], labels: np.ndarray | None,
+             max_seq_length: int, chunk: int = 4096) -> TokenizedSplit:
+  """Fast-tokenizes single sentences or pairs ([CLS] a [SEP] b [SEP]), truncating to fit."""
+  ids, types, lengths = [], [], []
+  num_truncated = 0
+  for start in range(0, len(texts), chunk):
+    part = texts[start:start + chunk]
+    first = [t[0] for t in part]
+    second = [t[1] for t in part] if part and len(part[0]) > 1 else None
+    enc = tokenizer(first, second, truncation="longest_first", max_length=max_seq_length,
+                    return_attention_mask=False, return_token_type_ids=True,
+                    return_overflowing_tokens=False, return_length=False)
+    for row_ids, row_types in zip(enc["input_ids"], enc["token_type_ids"]):
+      ids.append(np.asarray(row_ids, np.int32))
+      types.append(np.asarray(row_types, np.int8))
+      lengths.append(len(row_ids))
+    # A row at exactly max length was (almost always) cut: count it so the log says so.
+    num_truncated += sum(1 for r in enc["input_ids"] if len(r) >= max_seq_length)
+  offsets = np.zeros(len(lengths) + 1, np.int64)
+  np.cumsum(lengths, out=offsets[1:])
+  empty = np.zeros(0, np.int32)
+  return TokenizedSplit(np.concatenate(ids) if ids else empty,
+                        np.concatenate(types) if types else empty.astype(np.int8),
+                        offsets, labels, num_truncated)
+
+
+def cached_tokenize(tokenizer: Any, texts: Sequence[tuple[str, ...]], labels: np.ndarray | None,
+                    max_seq_length: int, cache_dir: str | None) -> TokenizedSplit:
+  """`tokenize`, memoized on disk by a hash of texts, labels, tokenizer vocab and length."""
+  if not cache_dir:
+    return tokenize(tokenizer, texts, labels, max_seq_length)
+  h = hashlib.sha256()
+  h.update(repr((type(tokenizer).__name__, len(tokenizer), tokenizer.name_or_path,
+                 max_seq_length)).encode())
+  h.update(repr(sorted(tokenizer.get_vocab().items())[:64]).encode())
+  for row in texts:
+    h.update("\x1f".join(row).encode("utf-8", "surrogatepass"))
+    h.update(b"\x1e")
+  if labels is not None:
+    h.update(np.ascontiguousarray(labels).tobytes())
+  path = os.path.join(cache_dir, f"tok-{h.hexdigest()[:24]}.npz")
+  if os.path.isfile(path):
+    try:
+      with np.load(path) as z:
+        return TokenizedSplit(z["input_ids"], z["token_type_ids"], z["offsets"],
+                              z["labels"] if "labels" in z else None, int(z["num_truncated"]))
+    except Exception as e:  # pylint: disable=broad-except  (a bad cache is rebuilt, not fatal)
+      log.warning("Ignoring unreadable token cache %s: %s", path, e)
+  split = tokenize(tokenizer, texts, labels, max_seq_length)
+  os.makedirs(cache_dir, exist_ok=True)
+  arrays = dict(input_ids=split.input_ids, token_type_ids=split.token_type_ids,
+                offsets=split.offsets, num_truncated=np.asarray(split.num_truncated))
+  if labels is not None:
+    arrays["labels"] = labels
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+  return split
+
+
+def bucket_for(length: int, buckets: Sequence[int], max_seq_length: int) -> int:
+  """The smallest bucket >= length (buckets above max_seq_length are ignored)."""
+  for b in sorted(buckets):
+    if length <= b <= max_seq_length:
+      return b
+  return max_seq_length
+
+
+def pad_rows(split: TokenizedSplit, rows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+  """Rows -> padded arrays; a row index of -1 is an all-padding example with weight 0."""
+  n = len(rows)
+  input_ids = np.zeros((n, seq_len), np.int32)
+  token_type_ids = np.zeros((n, seq_len), np.int32)
+  attention_mask = np.zeros((n, seq_len), np.int32)
+  weights = (rows >= 0).astype(np.float32)
+  for i, r in enumerate(rows):
+    if r < 0:
+      continue
+    a, b = split.offsets[r], split.offsets[r + 1]
+    input_ids[i, :b - a] = split.input_ids[a:b]
+    token_type_ids[i, :b - a] = split.token_type_ids[a:b]
+    attention_mask[i, :b - a] = 1
+  batch = dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+               weights=weights)
+  if split.labels is not None:
+    safe = np.where(rows >= 0, rows, 0)
+    batch["labels"] = np.where(rows >= 0, split.labels[safe], 0).astype(split.labels.dtype)
+  return batch
+
+
+@dataclasses.dataclass
+class TrainOrder:
+  """Which examples form global batch `step`: a pure function of (seed, step).
+
+  Each epoch is a fresh permutation; the last partial batch of an epoch is dropped
+  (its examples come first in another epoch's order). With `grouping_window` > 0,
+  examples are sorted by length within windows of that many batches and the batch
+  order is shuffled again, so batches hold similar lengths and pad less.
+  """
+
+  lengths: np.ndarray
+  batch_size: int
+  seed: int
+  grouping_window: int = 0
+
+  def __post_init__(self):
+    if len(self.lengths) < self.batch_size:
+      raise UserError(f"training set has {len(self.lengths)} examples, fewer than "
+                      f"batch_size={self.batch_size}")
+    self._cached_epoch = None
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return len(self.lengths) // self.batch_size
+
+  def _epoch_batches(self, epoch: int) -> np.ndarray:
+    if self._cached_epoch is not None and self._cached_epoch[0] == epoch:
+      return self._cached_epoch[1]
+    rng = np.random.default_rng([self.seed, epoch])
+    perm = rng.permutation(len(self.lengths))[: self.steps_per_epoch * self.batch_size]
+    if self.grouping_window > 0:
+      window = self.grouping_window * self.batch_size
+      for s in range(0, len(perm), window):
+        chunk = perm[s:s + window]
+        perm[s:s + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+      batches = perm.reshape(self.steps_per_epoch, self.batch_size)
+      batches = batches[rng.permutation(self.steps_per_epoch)]
+    else:
+      batches = perm.reshape(self.steps_per_epoch, self.batch_size)
+    self._cached_epoch = (epoch, batches)
+    return batches
+
+  def batch_indices(self, step: int) -> np.ndarray:
+    epoch, index = divmod(step, self.steps_per_epoch)
+    return self._epoch_batches(epoch)[index]
+
+
+def process_rows(global_rows: np.ndarray) -> np.ndarray:
+  """This process's contiguous slice of a global batch (matches the batch sharding)."""
+  per_process = len(global_rows) // jax.process_count()
+  start = jax.process_index() * per_process
+  return global_rows[start:start + per_process]
+
+
+def train_batch(split: TokenizedSplit, order: TrainOrder, step: int, buckets: Sequence[int],
+                max_seq_length: int) -> dict[str, np.ndarray]:
+  """This process's part of global batch `step`, padded to the global batch's bucket."""
+  rows = order.batch_indices(step)
+  seq_len = bucket_for(int(split.lengths[rows].max()), buckets, max_seq_length)
+  return pad_rows(split, process_rows(rows), seq_len)
+
+
+def eval_batches(split: TokenizedSplit, batch_size: int, buckets: Sequence[int],
+                 max_seq_length: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+  """Every example exactly once: sorted by length (less padding), last batch padded
+
+  with weight-0 rows. Yields (global row indices, -1 for padding; this process's batch).
+  """
+  order = np.argsort(split.lengths, kind="stable")
+  num_batches = -(-len(order) // batch_size)
+  padded = np.full(num_batches * batch_size, -1, np.int64)
+  padded[:len(order)] = order
+  for rows in padded.reshape(num_batches, batch_size):
+    real = rows[rows >= 0]
+    seq_len = bucket_for(int(split.lengths[real].max()), buckets, max_seq_length)
+    yield rows, pad_rows(split, process_rows(rows), seq_len)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Assembles per-process NumPy rows into global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
+  """Runs `iterator` in a background thread so host batching overlaps device compute."""
+  q: queue.Queue = queue.Queue(maxsize=size)
+  sentinel = object()
+
+  def worker():
+    try:
+      for item in iterator:
+        q.put(item)
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+      q.put(e)
+    q.put(sentinel)
+
+  threading.Thread(target=worker, daemon=True).start()
+  while True:
+    item = q.get()
+    if item is sentinel:
+      return
+    if isinstance(item, BaseException):
+      raise item
+    yield item

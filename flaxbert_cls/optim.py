@@ -1,0 +1,84 @@
+"""Optimizer: schedule, AdamW with a decay mask, freezing; all masks from parameter paths."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import optax
+from flax import traverse_util
+from ml_collections import ConfigDict
+
+from flaxbert_cls.errors import UserError
+
+
+def param_paths(params: Any) -> Any:
+  """A tree like `params` whose leaves are 'bert/encoder/layer/0/.../kernel' strings."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: "/".join(k) for k in flat})
+
+
+def path_mask(params: Any, patterns: Sequence[str]) -> Any:
+  """True where any regex in `patterns` matches (re.search) the parameter's path."""
+  compiled = [re.compile(p) for p in patterns]
+  return _map_paths(params, lambda path: any(c.search(path) for c in compiled))
+
+
+def _map_paths(params: Any, fn: Callable[[str], Any]) -> Any:
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: fn("/".join(k)) for k in flat})
+
+
+def freeze_patterns(config: ConfigDict) -> tuple[str, ...]:
+  """`config.freeze` regexes plus the `freeze_bottom_layers` shortcut."""
+  patterns = list(config.get("freeze", ()))
+  k = int(config.get("freeze_bottom_layers", 0))
+  if k:
+    patterns += ["bert/embeddings/"] + [f"bert/encoder/layer/{i}/" for i in range(k)]
+  return tuple(patterns)
+
+
+def warmup_steps_for(config: ConfigDict, total_steps: int) -> int:
+  if config.warmup_steps >= 0:
+    return int(config.warmup_steps)
+  return int(round(config.warmup_ratio * total_steps))
+
+
+def create_learning_rate_schedule(config: ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then linear / cosine decay to 0, or constant."""
+  lr = config.learning_rate
+  warmup = warmup_steps_for(config, total_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  kind = config.lr_schedule
+  if kind == "linear":
+    decay = optax.linear_schedule(lr, 0.0, decay_steps)
+  elif kind == "cosine":
+    decay = optax.cosine_decay_schedule(lr, decay_steps)
+  elif kind == "constant":
+    decay = optax.constant_schedule(lr)
+  else:
+    raise UserError(f"config.lr_schedule={kind!r}: use 'linear', 'cosine' or 'constant'")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def create_optimizer(config: ConfigDict, params: Any, total_steps: int
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (HF recipe: eps 1e-6, no decay on biases and LayerNorm) + clipping + freezing.
+
+  Frozen parameters go through optax.set_to_zero, so they get no optimizer state.
+  """
+  schedule = create_learning_rate_schedule(config, total_steps)
+  decay_mask = _map_paths(params, lambda p: not any(
+      re.search(pat, p) for pat in config.weight_decay_exclude))
+  tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                   weight_decay=config.weight_decay, mask=decay_mask)
+  if config.max_grad_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), tx)
+  frozen = freeze_patterns(config)
+  if frozen:
+    labels = _map_paths(params, lambda p: "frozen" if any(re.search(f, p) for f in frozen)
+                        else "trained")
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule

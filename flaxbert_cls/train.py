@@ -1,0 +1,389 @@
+"""Fine-tuning: create the sharded state -> one jitted train step -> the loop.
+
+Reads like Flax's lm1b: `train_and_evaluate(config, workdir)` is the whole run.
+"""
+
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+from clu import periodic_actions
+from jax.experimental import multihost_utils
+
+from flaxbert_cls import checkpoint as checkpoint_lib
+from flaxbert_cls import config as config_lib
+from flaxbert_cls import data as data_lib
+from flaxbert_cls import hf
+from flaxbert_cls import metrics as metrics_lib
+from flaxbert_cls import model as model_lib
+from flaxbert_cls import optim
+from flaxbert_cls import sharding as sharding_lib
+from flaxbert_cls import tasks as tasks_lib
+from flaxbert_cls.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODEL_SUBDIR = "model"  # HF config.json (with the label map) + tokenizer files
+METRICS_FILE = "metrics.jsonl"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  accuracy: clu_metrics.Average.from_output("accuracy")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  param_norm: clu_metrics.LastValue.from_output("param_norm")
+  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+
+
+def example_losses(logits: jax.Array, labels: jax.Array, is_regression: bool) -> jax.Array:
+  """Per-example loss in float32: squared error (regression) or softmax cross-entropy."""
+  logits = logits.astype(jnp.float32)
+  if is_regression:
+    return jnp.square(logits[:, 0] - labels.astype(jnp.float32))
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, is_regression: bool,
+               dropout_seed: int) -> tuple[TrainState, TrainMetrics]:
+  # Dropout randomness is a pure function of (seed, step): resume needs no RNG state.
+  rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+  weights = batch["weights"]
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"], deterministic=False, rngs={"dropout": rng})
+    losses = example_losses(logits, batch["labels"], is_regression)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0), (logits, losses)
+
+  (_, (logits, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  correct = (jnp.zeros_like(losses) if is_regression
+             else (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32))
+  metrics = TrainMetrics.single_from_model_output(
+      loss=losses, accuracy=correct, grad_norm=optax.global_norm(grads),
+      param_norm=optax.global_norm(params), learning_rate=schedule(state.step))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
+  logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                       batch["token_type_ids"], deterministic=True)
+  return logits.astype(jnp.float32)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """What a config resolves to: task, labels, model, tokenizer, mesh and shardings."""
+
+  config: ml_collections.ConfigDict
+  task: tasks_lib.Task
+  label_names: tuple[str, ...] | None
+  hf_config: Any
+  tokenizer: Any
+  model: model_lib.BertForSequenceClassification
+  mesh: jax.sharding.Mesh
+  batch_sharding: jax.sharding.NamedSharding
+
+  @property
+  def is_regression(self) -> bool:
+    return self.task.is_regression
+
+  def abstract_params(self) -> tuple[Any, Any]:
+    """(boxed abstract params, their NamedShardings), without allocating anything."""
+    boxed = jax.eval_shape(self._init_params, jax.random.key(0))
+    shardings = sharding_lib.logical_to_shardings(boxed, self.mesh, self.config.logical_axis_rules)
+    return boxed, shardings
+
+  def _init_params(self, rng):
+    dummy = jnp.ones((1, 8), jnp.int32)
+    return self.model.init({"params": rng}, dummy, dummy, dummy)["params"]
+
+  def tokenize(self, examples: Any) -> data_lib.TokenizedSplit:
+    return data_lib.cached_tokenize(self.tokenizer, examples.texts, examples.labels,
+                                    self.config.max_seq_length, self.config.cache_dir or None)
+
+
+def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = None,
+                     label_names: tuple[str, ...] | None = None,
+                     devices: list[jax.Device] | None = None) -> Experiment:
+  """Resolves the checkpoint (or a run's saved `model_dir`), task, labels and mesh."""
+  config_lib.validate(config)
+  task = tasks_lib.get_task(config)
+  source = model_dir or hf.resolve(config.model_name_or_path)
+  hf_config = hf.load_config(source)
+  tokenizer_source = model_dir or (hf.resolve(config.tokenizer_name) if config.tokenizer_name
+                                   else source)
+  tokenizer = hf.load_tokenizer(tokenizer_source, vocab_size=hf_config.vocab_size)
+  if label_names is None and not task.is_regression:
+    label_names = data_lib.label_names_for(config, task)
+  num_labels = 1 if task.is_regression else len(label_names)
+  bert_config = model_lib.BertConfig.from_hf(
+      hf_config, dtype=config.dtype, attention_impl=config.attention_impl or None,
+      **({"classifier_dropout": config.classifier_dropout} if config.classifier_dropout >= 0
+         else {}))
+  mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape, devices)
+  if config.batch_size % sharding_lib.data_parallel_size(mesh):
+    raise UserError(f"config.batch_size={config.batch_size} is not divisible by the "
+                    f"{sharding_lib.data_parallel_size(mesh)} data shards of the mesh")
+  if config.eval_batch_size % sharding_lib.data_parallel_size(mesh):
+    raise UserError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
+                    f"{sharding_lib.data_parallel_size(mesh)} data shards of the mesh")
+  return Experiment(config, task, label_names, hf_config, tokenizer,
+                    model_lib.BertForSequenceClassification(bert_config, num_labels),
+                    mesh, sharding_lib.batch_sharding(mesh))
+
+
+def _init_state(exp: Experiment, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  params = exp._init_params(rng)  # pylint: disable=protected-access
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_train_state(exp: Experiment, tx: optax.GradientTransformation) -> tuple[Any, Any]:
+  """(boxed abstract TrainState, its NamedShardings from the config's logical axis rules)."""
+  abstract = jax.eval_shape(functools.partial(_init_state, exp, tx), jax.random.key(0))
+  return abstract, sharding_lib.logical_to_shardings(abstract, exp.mesh,
+                                                     exp.config.logical_axis_rules)
+
+
+def create_train_state(exp: Experiment, total_steps: int, pretrained_dir: str | None
+                       ) -> tuple[TrainState, Any, optax.GradientTransformation, optax.Schedule]:
+  """The train state, created directly on its shardings; pre-trained weights loaded onto them."""
+  boxed, param_shardings = exp.abstract_params()
+  tx, schedule = optim.create_optimizer(exp.config, nn.unbox(boxed), total_steps)
+
+  abstract_state, state_shardings = abstract_train_state(exp, tx)
+  rng = jax.random.key(exp.config.seed)
+  state = jax.jit(lambda r: nn.unbox(_init_state(exp, tx, r)), out_shardings=state_shardings)(rng)
+  if pretrained_dir is not None:
+    loaded, new, unused = hf.params_from_state_dict(hf.load_state_dict(pretrained_dir),
+                                                    nn.unbox(boxed))
+    log.info("Loaded %s. Newly initialised: %s. Unused from the checkpoint: %s",
+             pretrained_dir, ", ".join(new) or "none", ", ".join(unused) or "none")
+    params = jax.tree.map(
+        lambda cur, pre, sh: cur if isinstance(pre, jax.ShapeDtypeStruct)
+        else jax.make_array_from_callback(pre.shape, sh, lambda idx, pre=pre: pre[idx]),
+        state.params, loaded, param_shardings)
+    state = state.replace(params=params)
+  return state, state_shardings, tx, schedule
+
+
+def evaluate(exp: Experiment, params: Any, split: data_lib.TokenizedSplit, jit_eval: Any
+             ) -> tuple[dict[str, float], np.ndarray]:
+  """Exact metrics over every example once; returns (metrics, per-example logits)."""
+  cfg = exp.config
+  logits_out = None
+  for rows, batch in data_lib.eval_batches(split, cfg.eval_batch_size, cfg.seq_buckets,
+                                           cfg.max_seq_length):
+    logits = jit_eval(params, data_lib.to_global(batch, exp.batch_sharding))
+    logits = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
+    if logits_out is None:
+      logits_out = np.zeros((len(split), logits.shape[-1]), np.float32)
+    real = rows >= 0
+    logits_out[rows[real]] = logits[real]
+  labels = split.labels
+  if exp.is_regression:
+    predictions = logits_out[:, 0]
+    loss = float(np.mean(np.square(predictions - labels)))
+  else:
+    predictions = logits_out.argmax(-1)
+    shifted = logits_out - logits_out.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    loss = float(-np.mean(log_probs[np.arange(len(labels)), labels]))
+  results = {"loss": loss, **metrics_lib.compute_metrics(exp.task.metrics, predictions, labels)}
+  return results, logits_out
+
+
+def _write_metrics_jsonl(workdir: str, record: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, METRICS_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _save_model_dir(exp: Experiment, workdir: str) -> None:
+  """workdir/model: HF config with the label map + tokenizer, so eval/export need no hub."""
+  if jax.process_index() != 0:
+    return
+  out = os.path.join(workdir, MODEL_SUBDIR)
+  hf_config = exp.hf_config
+  if exp.label_names is not None:
+    hf_config.num_labels = len(exp.label_names)
+    hf_config.id2label = dict(enumerate(exp.label_names))
+    hf_config.label2id = {n: i for i, n in enumerate(exp.label_names)}
+  else:
+    hf_config.num_labels = 1
+  hf_config.problem_type = ("regression" if exp.is_regression
+                            else "single_label_classification")
+  hf_config.save_pretrained(out)
+  exp.tokenizer.save_pretrained(out)
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+         f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Fine-tunes per `config`, writing logs, metrics and checkpoints to `workdir`.
+
+  Returns {'train_losses': [...per step...], 'eval': last eval metrics, 'step': N}.
+  """
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"workdir {workdir}: cannot create: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK):
+    raise UserError(f"workdir {workdir}: not writable")
+  config = ml_collections.ConfigDict(config)
+  with config.unlocked():
+    config.cache_dir = config.cache_dir or os.path.join(workdir, "cache")
+
+  exp = build_experiment(config, devices=devices)
+  train_examples = data_lib.read_split(config, exp.task, "train", exp.label_names)
+  eval_examples = data_lib.read_split(config, exp.task, "validation", exp.label_names)
+  train_split, eval_split = exp.tokenize(train_examples), exp.tokenize(eval_examples)
+  for name, split in (("train", train_split), ("validation", eval_split)):
+    log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d", name,
+             len(split), (train_examples if name == "train" else eval_examples).source,
+             split.lengths.mean(), split.num_truncated, config.max_seq_length)
+
+  order = data_lib.TrainOrder(train_split.lengths, config.batch_size, config.seed,
+                              config.length_grouping_window)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else math.ceil(config.num_train_epochs * order.steps_per_epoch))
+  state, state_shardings, tx, schedule = create_train_state(
+      exp, total_steps, hf.resolve(config.model_name_or_path))
+  trainable = optim.path_mask(state.params, optim.freeze_patterns(config))
+  num_frozen = sum(x.size for x, f in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainable))
+                   if f)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  log.info("Parameters: %d (%d trained, %d frozen)\n%s", num_params, num_params - num_frozen,
+           num_frozen, parameter_overview.get_parameter_overview(state.params, include_stats=False))
+
+  jit_train = jax.jit(
+      functools.partial(train_step, model=exp.model, tx=tx, schedule=schedule,
+                        is_regression=exp.is_regression, dropout_seed=config.seed),
+      in_shardings=(state_shardings, exp.batch_sharding),
+      out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh)),
+      donate_argnums=0)
+  jit_eval = jax.jit(functools.partial(eval_step, model=exp.model),
+                     in_shardings=(state_shardings.params, exp.batch_sharding),
+                     out_shardings=exp.batch_sharding)
+
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+  _save_model_dir(exp, workdir)
+  ckpt = checkpoint_lib.Checkpoints(workdir, max_to_keep=config.max_checkpoints_to_keep)
+  meta = {"label_names": list(exp.label_names) if exp.label_names else None,
+          "task_name": exp.task.name, "total_steps": total_steps,
+          "model_name_or_path": config.model_name_or_path}
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                                asynchronous=False)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  batches = data_lib.prefetch(
+      data_lib.to_global(data_lib.train_batch(train_split, order, step, config.seq_buckets,
+                                              config.max_seq_length), exp.batch_sharding)
+      for step in range(total_steps))
+
+  log.info("Training %d steps (%d per epoch) of %d examples on a %s mesh.", total_steps,
+           order.steps_per_epoch, config.batch_size, dict(exp.mesh.shape))
+  train_losses, train_metrics, eval_metrics = [], None, {}
+  t_start = t_last = time.time()
+  last_step_logged = 0
+  for step in range(1, total_steps + 1):
+    state, step_metrics = jit_train(state, next(batches))
+    train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+    report(step)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      summary = {k: float(v) for k, v in train_metrics.compute().items()}
+      train_losses.append((step, summary["loss"]))
+      now = time.time()
+      rate = (step - last_step_logged) * config.batch_size / (now - t_last)
+      eta = (total_steps - step) * (now - t_start) / step
+      log.info("step %d/%d  loss %.4f  acc %.4f  %.1f examples/s  ETA %s", step, total_steps,
+               summary["loss"], summary["accuracy"], rate, _format_duration(eta))
+      writer.write_scalars(step, {f"train_{k}": v for k, v in summary.items()}
+                           | {"examples_per_sec": rate})
+      train_metrics, t_last, last_step_logged = None, now, step
+    if (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total_steps:
+      eval_metrics, _ = evaluate(exp, state.params, eval_split, jit_eval)
+      log.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in
+                                                       eval_metrics.items()))
+      writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
+      _write_metrics_jsonl(workdir, {"step": step, "split": "validation", **eval_metrics})
+    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      ckpt.save(step, state, meta, force=step == total_steps)
+  ckpt.close()
+  writer.flush()
+  log.info("Done in %s. Final %s: %s", _format_duration(time.time() - t_start),
+           exp.task.main_metric, eval_metrics.get(exp.task.main_metric))
+  return {"step": total_steps, "eval": eval_metrics, "train_log": train_losses, "state": state}
+
+
+def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
+             step: int | None = None, devices: list[jax.Device] | None = None
+             ) -> tuple[Experiment, Any]:
+  """A finished (or checkpointed) run: its experiment and restored parameters."""
+  workdir = os.path.abspath(workdir)
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise UserError(f"{workdir}: not a flaxbert-cls workdir (no config.json)")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if overrides is not None:
+    config.update(overrides)
+  ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  meta = ckpt.read_meta(step)
+  label_names = tuple(meta["label_names"]) if meta["label_names"] else None
+  exp = build_experiment(config, model_dir=os.path.join(workdir, MODEL_SUBDIR),
+                         label_names=label_names, devices=devices)
+  boxed, _ = exp.abstract_params()
+  tx, _ = optim.create_optimizer(config, nn.unbox(boxed), meta["total_steps"])
+  abstract_state, state_shardings = abstract_train_state(exp, tx)
+  state, _ = ckpt.restore(
+      checkpoint_lib.abstract_with_shardings(nn.unbox(abstract_state), state_shardings), step)
+  ckpt.close()
+  return exp, state.params
+
+
+def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None = None,
+                     step: int | None = None) -> dict[str, float]:
+  """Re-evaluates a run's checkpoint on its validation data (or an overridden file)."""
+  exp, params = load_run(workdir, overrides, step)
+  examples = data_lib.read_split(exp.config, exp.task, "validation", exp.label_names)
+  split = exp.tokenize(examples)
+  jit_eval = jax.jit(functools.partial(eval_step, model=exp.model))
+  results, _ = evaluate(exp, params, split, jit_eval)
+  log.info("eval of %s on %s: %s", workdir, examples.source,
+           "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+  return results
