@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.validation_file = os.path.join(_REPO, "examples/data/sst2/dev.tsv")
   c.max_seq_length = 64
   c.seq_buckets = (16, 32, 48, 64)
+  c.length_grouping_window = 50  # batches of similar lengths: less padding, ~2x faster
   c.batch_size = 32
   c.learning_rate = 1e-4
   c.num_train_epochs = 2.0
