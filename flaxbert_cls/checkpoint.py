@@ -1,4 +1,11 @@
-"""The one Orbax CheckpointManager of a run: train state + JSON metadata per step."""
+"""The one Orbax CheckpointManager of a run: train state + JSON metadata per step.
+
+Keeps the latest `max_to_keep` steps (for resume) and, when asked, the best
+`keep_best` steps by the task's main metric (for export and early stopping), in
+one directory through one preservation policy. Saves are asynchronous and atomic
+(Orbax writes a temporary directory and renames it), so a half-written step is
+never picked up; a step that fails to restore is skipped for the one before it.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +15,32 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
+BEST_METRIC_KEY = "main_metric"  # the value BestN ranks by (higher is better)
 
 
 class Checkpoints:
-  """Saves and restores {'state': TrainState arrays, 'meta': JSON} under workdir/checkpoints.
+  """Saves and restores {'state': TrainState arrays, 'meta': JSON} under workdir/checkpoints."""
 
-  Saves are asynchronous and atomic (Orbax writes to a temporary directory and
-  renames it), so a half-written step is never picked up.
-  """
-
-  def __init__(self, workdir: str, max_to_keep: int | None = 2, save_interval_steps: int = 1,
+  def __init__(self, workdir: str, max_to_keep: int = 2, keep_best: int = 0,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    if read_only and not os.path.isdir(self.directory):
+      raise UserError(f"{self.directory}: no checkpoints (is the workdir right?)")
+    policies = [checkpoint_managers.LatestN(max(max_to_keep, 1))]
+    if keep_best > 0:
+      policies.append(checkpoint_managers.BestN(
+          # Ties go to the earlier step, as in the loop's best tracking.
+          get_metric_fn=lambda m: (m[BEST_METRIC_KEY], -m["step"]), n=keep_best,
+          keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
@@ -36,26 +49,76 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+  def best_step(self) -> int | None:
+    """The step with the highest main metric among those saved with metrics."""
+    return _best_from_meta(self)
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+  def save(self, step: int, state: Any, meta: dict[str, Any],
+           main_metric: float | None = None) -> None:
+    """Saves `step` (always: the caller decides when). Disk errors name the directory."""
+    metrics = None if main_metric is None else {BEST_METRIC_KEY: float(main_metric), "step": step}
+    if main_metric is not None:
+      meta = dict(meta, main_metric=float(main_metric))
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                        metrics=metrics, force=True)
+    except OSError as e:
+      raise UserError(f"{self.directory}: cannot save checkpoint {step}: {e}") from None
+
+  def restore(self, abstract_state: Any, step: int | None = None
+              ) -> tuple[Any, dict[str, Any], int]:
+    """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding).
+
+    Without `step`: the latest step that restores; a damaged step is skipped with a
+    warning naming it. Returns (state, meta, step).
+    """
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    if not steps:
       raise UserError(f"{self.directory}: no checkpoint to restore")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+    if step is not None and step not in self.all_steps():
+      raise UserError(f"{self.directory}: no checkpoint at step {step}; have {self.all_steps()}")
+    for candidate in steps:
+      try:
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.meta), candidate
+      except Exception as e:  # pylint: disable=broad-except  (any damage: try the one before)
+        if "do not match" in str(e) or "shape" in str(e).lower():
+          raise UserError(f"{self.directory}/{candidate}: checkpoint does not fit this config's "
+                          f"model or optimizer ({_one_line(e)[:160]}); use the run's original "
+                          "config, or --config.resume=False to start over") from None
+        if step is not None:
+          raise UserError(f"{self.directory}/{candidate}: checkpoint is damaged: "
+                          f"{_one_line(e)}") from None
+        log.warning("Checkpoint %s/%d is damaged (%s); falling back to an earlier step.",
+                    self.directory, candidate, _one_line(e))
+    raise UserError(f"{self.directory}: every checkpoint {steps} is damaged; none can be "
+                    "restored")
 
-  def read_meta(self, step: int | None = None) -> dict[str, Any]:
-    step = self.latest_step() if step is None else step
-    if step is None:
+  def read_meta(self, step: int | None = None) -> tuple[dict[str, Any], int]:
+    """The metadata of `step` (default: the latest readable one) and its step."""
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    if not steps:
       raise UserError(f"{self.directory}: no checkpoint")
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    for candidate in steps:
+      try:
+        meta = self.manager.restore(candidate, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+        return dict(meta), candidate
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("Checkpoint %s/%d: unreadable metadata (%s)", self.directory, candidate,
+                    _one_line(e))
+    raise UserError(f"{self.directory}: no checkpoint with readable metadata among {steps}")
+
+  def delete_all(self) -> None:
+    """Starts over (only when the user asked for it: config.resume=False)."""
+    self.manager.wait_until_finished()
+    if jax.process_index() == 0:
+      for step in self.all_steps():
+        self.manager.delete(step)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -65,6 +128,59 @@ class Checkpoints:
     self.manager.close()
 
 
+def _best_from_meta(ckpt: Checkpoints) -> int | None:
+  best, best_step = None, None
+  for step in ckpt.all_steps():  # ascending: ties go to the earlier step
+    try:
+      meta, _ = ckpt.read_meta(step)
+    except UserError:
+      continue
+    value = meta.get("main_metric")
+    if value is not None and (best is None or value > best):
+      best, best_step = value, step
+  return best_step
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+class PreemptionWatcher:
+  """Notices SIGTERM (or JAX's multi-host preemption notice) so the loop can save and exit.
+
+  The signal handler only sets a flag: the step in flight finishes, the loop saves
+  at the step boundary, and all processes agree on that step through JAX's
+  preemption sync point when it is available.
+  """
+
+  def __init__(self):
+    import signal  # pylint: disable=g-import-not-at-top
+    self._signalled = False
+    self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+        pass
+
+  def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except Exception:  # pylint: disable=broad-except  (no preemption service configured)
+        return False
+    return self._signalled
+
+  def close(self) -> None:
+    import signal  # pylint: disable=g-import-not-at-top
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -15,7 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from flaxbert_cls.errors import UserError
+from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 COMMANDS = ("train", "eval")
 
@@ -66,6 +66,9 @@ def run() -> None:
   except UserError as e:
     print(f"flaxbert-cls: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Preempted as e:
+    print(f"flaxbert-cls: {e}; run the same command again to resume", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

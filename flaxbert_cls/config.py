@@ -62,7 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0 = at the end only
   c.checkpoint_every_steps = 1000
-  c.max_checkpoints_to_keep = 2
+  c.max_checkpoints_to_keep = 2  # latest steps kept for resume
+  c.keep_best_checkpoints = 1  # best steps by the task's main metric (0 = none)
+  c.early_stopping_patience = 0  # stop after this many evals without improvement (0 = off)
+  c.resume = True  # an existing checkpoint in the workdir is resumed; False = start over
+  c.nonfinite_policy = "stop"  # NaN/inf loss or gradient: 'stop' or 'skip' the update
 
   # Parallelism: a mesh over all devices; -1 = the remaining devices. Parameters
   # carry logical axis names; these rules map them to mesh axes (lm1b style).
@@ -100,3 +104,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
         f"needs one size per axis in mesh_axes={tuple(config.mesh_axes)}")
   check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")
+
+
+def glue_config(task_name: str, **overrides) -> ml_collections.ConfigDict:
+  """The BERT paper's GLUE recipe for one task (batch 32, lr 2e-5, 3 epochs, warmup 10%).
+
+  Data: `data_dir` (GLUE TSVs: --config.data_dir=/path/to/glue_data) or, when empty,
+  the HF hub dataset nyu-mll/glue.
+  """
+  c = default_config()
+  c.task_name = task_name
+  c.max_seq_length = 128
+  c.eval_every_steps = 1000
+  c.update(overrides)
+  return c

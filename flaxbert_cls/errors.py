@@ -3,3 +3,10 @@
 
 class UserError(Exception):
   """Bad input (file, column, label, config key, checkpoint...). The message names where."""
+
+
+class Preempted(Exception):
+  """The run saved a checkpoint after SIGTERM / a preemption notice and stopped."""
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL, "try again": schedulers may requeue on it

@@ -35,7 +35,7 @@ from flaxbert_cls import model as model_lib
 from flaxbert_cls import optim
 from flaxbert_cls import sharding as sharding_lib
 from flaxbert_cls import tasks as tasks_lib
-from flaxbert_cls.errors import UserError
+from flaxbert_cls.errors import Preempted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def example_losses(logits: jax.Array, labels: jax.Array, is_regression: bool) ->
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, is_regression: bool,
-               dropout_seed: int) -> tuple[TrainState, TrainMetrics]:
+               dropout_seed: int) -> tuple[TrainState, TrainMetrics, jax.Array]:
+  """One AdamW step on one global batch; returns (state, metrics, loss-and-grads-finite)."""
   # Dropout randomness is a pure function of (seed, step): resume needs no RNG state.
   rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
   weights = batch["weights"]
@@ -80,15 +81,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     losses = example_losses(logits, batch["labels"], is_regression)
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0), (logits, losses)
 
-  (_, (logits, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  # A non-finite loss or gradient leaves parameters and optimizer state untouched;
+  # the host then stops or skips (config.nonfinite_policy).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                   (params, opt_state), (state.params, state.opt_state))
   correct = (jnp.zeros_like(losses) if is_regression
              else (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32))
   metrics = TrainMetrics.single_from_model_output(
-      loss=losses, accuracy=correct, grad_norm=optax.global_norm(grads),
-      param_norm=optax.global_norm(params), learning_rate=schedule(state.step))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+      loss=losses, accuracy=correct, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+      learning_rate=schedule(state.step))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics, finite
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
@@ -249,19 +256,38 @@ def _format_duration(seconds: float) -> str:
          f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
-  """Fine-tunes per `config`, writing logs, metrics and checkpoints to `workdir`.
-
-  Returns {'train_losses': [...per step...], 'eval': last eval metrics, 'step': N}.
-  """
+def _prepare_workdir(workdir: str) -> str:
   workdir = os.path.abspath(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)  # the user's umask applies: nothing world-writable
   except OSError as e:
     raise UserError(f"workdir {workdir}: cannot create: {e.strerror}") from None
   if not os.access(workdir, os.W_OK):
     raise UserError(f"workdir {workdir}: not writable")
+  return workdir
+
+
+def _check_resumable(meta: dict[str, Any], exp: Experiment, config: ml_collections.ConfigDict,
+                     directory: str) -> None:
+  """Refuses to resume a checkpoint made for another model or label set."""
+  mine = {"model_name_or_path": config.model_name_or_path, "task_name": exp.task.name,
+          "label_names": list(exp.label_names) if exp.label_names else None}
+  for key, value in mine.items():
+    if meta.get(key) != value:
+      raise UserError(
+          f"{directory}: checkpoint was made with {key}={meta.get(key)!r}, this config has "
+          f"{value!r}; use another --workdir, or --config.resume=False to start over")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Fine-tunes per `config`, writing logs, metrics and checkpoints to `workdir`.
+
+  An existing checkpoint in `workdir` is resumed (config.resume=False starts over).
+  Returns {'step', 'eval': last eval metrics, 'train_log': [(step, loss)], 'state',
+  'best_step'}.
+  """
+  workdir = _prepare_workdir(workdir)
   config = ml_collections.ConfigDict(config)
   with config.unlocked():
     config.cache_dir = config.cache_dir or os.path.join(workdir, "cache")
@@ -270,29 +296,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_examples = data_lib.read_split(config, exp.task, "train", exp.label_names)
   eval_examples = data_lib.read_split(config, exp.task, "validation", exp.label_names)
   train_split, eval_split = exp.tokenize(train_examples), exp.tokenize(eval_examples)
-  for name, split in (("train", train_split), ("validation", eval_split)):
-    log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d", name,
-             len(split), (train_examples if name == "train" else eval_examples).source,
-             split.lengths.mean(), split.num_truncated, config.max_seq_length)
+  for examples, split in ((train_examples, train_split), (eval_examples, eval_split)):
+    log.info("%d examples from %s, mean length %.1f tokens, %d truncated to %d", len(split),
+             examples.source, split.lengths.mean(), split.num_truncated, config.max_seq_length)
 
   order = data_lib.TrainOrder(train_split.lengths, config.batch_size, config.seed,
                               config.length_grouping_window)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else math.ceil(config.num_train_epochs * order.steps_per_epoch))
+  ckpt = checkpoint_lib.Checkpoints(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                    keep_best=config.keep_best_checkpoints)
+  meta = {"label_names": list(exp.label_names) if exp.label_names else None,
+          "task_name": exp.task.name, "total_steps": total_steps,
+          "model_name_or_path": config.model_name_or_path, "best": None,
+          "evals_without_improvement": 0}
+  if ckpt.all_steps() and not config.resume:
+    log.warning("config.resume=False: deleting the checkpoints in %s", ckpt.directory)
+    ckpt.delete_all()
+  resuming = bool(ckpt.all_steps())
   state, state_shardings, tx, schedule = create_train_state(
-      exp, total_steps, hf.resolve(config.model_name_or_path))
-  trainable = optim.path_mask(state.params, optim.freeze_patterns(config))
-  num_frozen = sum(x.size for x, f in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainable))
-                   if f)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  log.info("Parameters: %d (%d trained, %d frozen)\n%s", num_params, num_params - num_frozen,
-           num_frozen, parameter_overview.get_parameter_overview(state.params, include_stats=False))
+      exp, total_steps, None if resuming else hf.resolve(config.model_name_or_path))
+  if resuming:
+    state, saved_meta, restored_step = ckpt.restore(
+        checkpoint_lib.abstract_with_shardings(state, state_shardings))
+    _check_resumable(saved_meta, exp, config, ckpt.directory)
+    meta.update(best=saved_meta.get("best"),
+                evals_without_improvement=saved_meta.get("evals_without_improvement", 0))
+    log.info("Resumed from %s/%d.", ckpt.directory, restored_step)
+  _log_parameters(state.params, config)
 
   jit_train = jax.jit(
       functools.partial(train_step, model=exp.model, tx=tx, schedule=schedule,
                         is_regression=exp.is_regression, dropout_seed=config.seed),
       in_shardings=(state_shardings, exp.batch_sharding),
-      out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh)),
+      out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
+                     sharding_lib.replicated(exp.mesh)),
       donate_argnums=0)
   jit_eval = jax.jit(functools.partial(eval_step, model=exp.model),
                      in_shardings=(state_shardings.params, exp.batch_sharding),
@@ -302,58 +340,121 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
   _save_model_dir(exp, workdir)
-  ckpt = checkpoint_lib.Checkpoints(workdir, max_to_keep=config.max_checkpoints_to_keep)
-  meta = {"label_names": list(exp.label_names) if exp.label_names else None,
-          "task_name": exp.task.name, "total_steps": total_steps,
-          "model_name_or_path": config.model_name_or_path}
-
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                                 asynchronous=False)
+  start_step = int(state.step)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   batches = data_lib.prefetch(
       data_lib.to_global(data_lib.train_batch(train_split, order, step, config.seq_buckets,
                                               config.max_seq_length), exp.batch_sharding)
-      for step in range(total_steps))
+      for step in range(start_step, total_steps))
+  preemption = checkpoint_lib.PreemptionWatcher()
 
-  log.info("Training %d steps (%d per epoch) of %d examples on a %s mesh.", total_steps,
-           order.steps_per_epoch, config.batch_size, dict(exp.mesh.shape))
-  train_losses, train_metrics, eval_metrics = [], None, {}
+  log.info("Training steps %d..%d (%d per epoch) of %d examples on a %s mesh.", start_step + 1,
+           total_steps, order.steps_per_epoch, config.batch_size, dict(exp.mesh.shape))
+  train_log, train_metrics, eval_metrics = [], None, {}
   t_start = t_last = time.time()
-  last_step_logged = 0
-  for step in range(1, total_steps + 1):
-    state, step_metrics = jit_train(state, next(batches))
-    train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-    report(step)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      summary = {k: float(v) for k, v in train_metrics.compute().items()}
-      train_losses.append((step, summary["loss"]))
-      now = time.time()
-      rate = (step - last_step_logged) * config.batch_size / (now - t_last)
-      eta = (total_steps - step) * (now - t_start) / step
-      log.info("step %d/%d  loss %.4f  acc %.4f  %.1f examples/s  ETA %s", step, total_steps,
-               summary["loss"], summary["accuracy"], rate, _format_duration(eta))
-      writer.write_scalars(step, {f"train_{k}": v for k, v in summary.items()}
-                           | {"examples_per_sec": rate})
-      train_metrics, t_last, last_step_logged = None, now, step
-    if (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total_steps:
-      eval_metrics, _ = evaluate(exp, state.params, eval_split, jit_eval)
-      log.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in
-                                                       eval_metrics.items()))
-      writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
-      _write_metrics_jsonl(workdir, {"step": step, "split": "validation", **eval_metrics})
-    if step % config.checkpoint_every_steps == 0 or step == total_steps:
-      ckpt.save(step, state, meta, force=step == total_steps)
-  ckpt.close()
-  writer.flush()
-  log.info("Done in %s. Final %s: %s", _format_duration(time.time() - t_start),
-           exp.task.main_metric, eval_metrics.get(exp.task.main_metric))
-  return {"step": total_steps, "eval": eval_metrics, "train_log": train_losses, "state": state}
+  last_logged, pending_finite = start_step, None
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, step_metrics, finite = jit_train(state, next(batches))
+      # Check the previous step's finiteness now: reading it does not stall the device.
+      if pending_finite is not None:
+        _check_finite(*pending_finite, config, ckpt)
+      pending_finite = (step, finite)
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      report(step)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        _check_finite(*pending_finite, config, ckpt)
+        now = time.time()
+        summary = {k: float(v) for k, v in train_metrics.compute().items()}
+        summary["examples_per_sec"] = (step - last_logged) * config.batch_size / (now - t_last)
+        train_log.append((step, summary["loss"]))
+        log.info("step %d/%d  loss %.4f  acc %.4f  %.1f examples/s  ETA %s", step, total_steps,
+                 summary["loss"], summary["accuracy"], summary["examples_per_sec"],
+                 _format_duration((total_steps - step) * (now - t_start) / (step - start_step)))
+        writer.write_scalars(step, {f"train_{k}": v for k, v in summary.items()})
+        train_metrics, t_last, last_logged = None, now, step
+      stop_early = False
+      main_metric = None
+      if (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total_steps:
+        eval_metrics, _ = evaluate(exp, state.params, eval_split, jit_eval)
+        main_metric = eval_metrics[exp.task.main_metric]
+        stop_early = _update_best(meta, step, eval_metrics, exp.task.main_metric, config)
+        log.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in
+                                                         eval_metrics.items()))
+        writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
+        _write_metrics_jsonl(workdir, {"step": step, "split": "validation", **eval_metrics})
+      preempted = preemption.reached(step)
+      if (step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
+          or stop_early or main_metric is not None):
+        ckpt.save(step, state, meta, main_metric)
+      if preempted:
+        ckpt.wait()
+        log.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
+                    step, ckpt.directory)
+        raise Preempted(f"preempted at step {step}; checkpoint saved")
+      if stop_early:
+        log.info("Early stopping at step %d: %s did not improve for %d evaluations.", step,
+                 exp.task.main_metric, config.early_stopping_patience)
+        break
+  finally:
+    preemption.close()
+    ckpt.close()
+    writer.flush()
+  best = meta["best"]
+  if best:
+    log.info("Best %s %.4f at step %d: %s", exp.task.main_metric,
+             best["metrics"][exp.task.main_metric], best["step"],
+             "  ".join(f"{k} {v:.4f}" for k, v in best["metrics"].items()))
+  log.info("Done in %s.", _format_duration(time.time() - t_start))
+  return {"step": int(state.step), "eval": eval_metrics, "train_log": train_log, "state": state,
+          "best": best}
+
+
+def _update_best(meta: dict[str, Any], step: int, metrics: dict[str, float], main_metric: str,
+                 config: ml_collections.ConfigDict) -> bool:
+  """Tracks the best eval in `meta` (saved with checkpoints); True = stop early."""
+  value = metrics[main_metric]
+  best = meta["best"]
+  if best is None or value > best["metrics"][main_metric]:
+    meta["best"] = {"step": step, "metrics": metrics}
+    meta["evals_without_improvement"] = 0
+    return False
+  meta["evals_without_improvement"] += 1
+  patience = config.early_stopping_patience
+  return patience > 0 and meta["evals_without_improvement"] >= patience
+
+
+def _check_finite(step: int, finite: jax.Array, config: ml_collections.ConfigDict,
+                  ckpt: checkpoint_lib.Checkpoints) -> None:
+  if bool(finite):
+    return
+  if config.nonfinite_policy == "skip":
+    log.warning("step %d: loss or gradient is not finite; the update was skipped", step)
+    return
+  raise UserError(f"step {step}: loss or gradient is not finite (NaN/inf); training stopped. "
+                  f"Checkpoints in {ckpt.directory} are intact (latest: "
+                  f"{ckpt.latest_step()}). Lower learning_rate, or set "
+                  "config.nonfinite_policy='skip'")
+
+
+def _log_parameters(params: Any, config: ml_collections.ConfigDict) -> None:
+  frozen = optim.path_mask(params, optim.freeze_patterns(config))
+  sizes = [(x.size, f) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen))]
+  num_frozen = sum(n for n, f in sizes if f)
+  total = sum(n for n, _ in sizes)
+  log.info("Parameters: %d (%d trained, %d frozen)\n%s", total, total - num_frozen, num_frozen,
+           parameter_overview.get_parameter_overview(params, include_stats=False))
 
 
 def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
-             step: int | None = None, devices: list[jax.Device] | None = None
+             step: int | str | None = None, devices: list[jax.Device] | None = None
              ) -> tuple[Experiment, Any]:
-  """A finished (or checkpointed) run: its experiment and restored parameters."""
+  """A finished (or checkpointed) run: its experiment and restored parameters.
+
+  `step`: None = the latest, 'best' = the best by the task's main metric, or a number.
+  """
   workdir = os.path.abspath(workdir)
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
@@ -363,21 +464,25 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
   if overrides is not None:
     config.update(overrides)
   ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
-  meta = ckpt.read_meta(step)
+  if step == "best":
+    step = ckpt.best_step()
+    if step is None:
+      raise UserError(f"{ckpt.directory}: no checkpoint was saved with eval metrics")
+  meta, _ = ckpt.read_meta(step)
   label_names = tuple(meta["label_names"]) if meta["label_names"] else None
   exp = build_experiment(config, model_dir=os.path.join(workdir, MODEL_SUBDIR),
                          label_names=label_names, devices=devices)
   boxed, _ = exp.abstract_params()
   tx, _ = optim.create_optimizer(config, nn.unbox(boxed), meta["total_steps"])
   abstract_state, state_shardings = abstract_train_state(exp, tx)
-  state, _ = ckpt.restore(
+  state, _, _ = ckpt.restore(
       checkpoint_lib.abstract_with_shardings(nn.unbox(abstract_state), state_shardings), step)
   ckpt.close()
   return exp, state.params
 
 
 def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None = None,
-                     step: int | None = None) -> dict[str, float]:
+                     step: int | str | None = None) -> dict[str, float]:
   """Re-evaluates a run's checkpoint on its validation data (or an overridden file)."""
   exp, params = load_run(workdir, overrides, step)
   examples = data_lib.read_split(exp.config, exp.task, "validation", exp.label_names)

@@ -1,0 +1,7 @@
+"""GLUE RTE (accuracy); small: 5 epochs with bert-base-uncased; see flaxbert_cls.config.glue_config."""
+
+from flaxbert_cls.config import glue_config
+
+
+def get_config():
+  return glue_config("rte", num_train_epochs=5.0)
