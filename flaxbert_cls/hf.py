@@ -1,19 +1,25 @@
 """Hugging Face checkpoints in and out: resolve, config, safetensors, name map, tokenizer.
 
-All knowledge of HF names lives here. Flax paths mirror PyTorch names, so the
-map is mechanical: join the path with '.', and rename the leaf
-(kernel -> weight, transposed; embedding -> weight; scale -> weight).
+All knowledge of HF names lives here. Flax paths mirror PyTorch BERT names, so
+the map is mechanical: join the path with '.', and rename the leaf
+(kernel -> weight, transposed; embedding -> weight; scale -> weight). Other
+families (RoBERTa, DistilBERT, ELECTRA) are one `Family` entry in `FAMILIES`
+each: the HF prefix of the encoder, regex renames of BERT names, and how their
+config fills `model.BertConfig`. Adding a family is adding an entry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from flax import traverse_util
 
+from flaxbert_cls import model as model_lib
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,6 +33,92 @@ _HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "to
 _LEGACY_LEAVES = {"gamma": "weight", "beta": "bias"}
 # Leaves in PyTorch checkpoints that are buffers, not parameters.
 _BUFFERS = ("position_ids", "token_type_ids")
+# The encoder's top-level name in our Flax tree, for every family (see model.py).
+_FLAX_ENCODER = "bert"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How one HF architecture family names its weights and config.
+
+  Attributes:
+    prefix: the encoder's attribute in HF's *ForSequenceClassification (`roberta`).
+    architecture: that class's name, written to config.json `architectures`.
+    renames: (regex, replacement) applied in order to BERT names below the
+      prefix (`encoder.layer.0.attention.self.query.weight`). Head names
+      (`classifier.*`, `pre_classifier.*`) mirror HF already.
+    config: HF config -> `model.BertConfig` fields the family sets or renames.
+  """
+
+  prefix: str
+  architecture: str
+  renames: tuple[tuple[str, str], ...] = ()
+  config: Callable[[Any], dict[str, Any]] = lambda c: {}
+
+
+_DISTILBERT_RENAMES = (
+    (r"^encoder\.", "transformer."),
+    (r"\.attention\.self\.query\.", ".attention.q_lin."),
+    (r"\.attention\.self\.key\.", ".attention.k_lin."),
+    (r"\.attention\.self\.value\.", ".attention.v_lin."),
+    (r"\.attention\.output\.dense\.", ".attention.out_lin."),
+    (r"\.attention\.output\.LayerNorm\.", ".sa_layer_norm."),
+    (r"\.intermediate\.dense\.", ".ffn.lin1."),
+    (r"(layer\.\d+)\.output\.dense\.", r"\1.ffn.lin2."),
+    (r"(layer\.\d+)\.output\.LayerNorm\.", r"\1.output_layer_norm."),
+)
+
+
+def _roberta_config(c: Any) -> dict[str, Any]:
+  return {"classifier_head": "roberta", "position_offset": c.pad_token_id + 1}
+
+
+def _distilbert_config(c: Any) -> dict[str, Any]:
+  # DistilBERT has its own config names, no token types and LayerNorm eps 1e-12.
+  return {"classifier_head": "distilbert", "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
+          "num_attention_heads": c.n_heads, "intermediate_size": c.hidden_dim,
+          "hidden_act": c.activation, "hidden_dropout_prob": c.dropout,
+          "attention_probs_dropout_prob": c.attention_dropout,
+          "classifier_dropout": c.seq_classif_dropout, "type_vocab_size": 0,
+          "layer_norm_eps": 1e-12}
+
+
+# model_type (config.json) -> family. XLM-R and CamemBERT are RoBERTa with another name.
+FAMILIES: dict[str, Family] = {
+    "bert": Family("bert", "BertForSequenceClassification"),
+    "roberta": Family("roberta", "RobertaForSequenceClassification", config=_roberta_config),
+    "xlm-roberta": Family("roberta", "XLMRobertaForSequenceClassification",
+                          config=_roberta_config),
+    "camembert": Family("roberta", "CamembertForSequenceClassification",
+                        config=_roberta_config),
+    "distilbert": Family("distilbert", "DistilBertForSequenceClassification",
+                         _DISTILBERT_RENAMES, _distilbert_config),
+    "electra": Family("electra", "ElectraForSequenceClassification",
+                      config=lambda c: {"classifier_head": "electra",
+                                        "embedding_size": c.embedding_size}),
+}
+
+
+def family(model_type: str, where: str = "config.json") -> Family:
+  """The family of an HF `model_type`; unsupported types are a UserError naming `where`."""
+  if model_type not in FAMILIES:
+    raise UserError(f"{where}: model_type {model_type!r} is not supported; supported: "
+                    f"{', '.join(FAMILIES)}")
+  return FAMILIES[model_type]
+
+
+def model_config(hf_config: Any, **overrides: Any) -> model_lib.BertConfig:
+  """The Flax model config for an HF config of any supported family.
+
+  `overrides` (dtype, attention_impl, classifier_dropout...) win over the
+  checkpoint. The HF config's own `dtype` (a storage dtype) is not our compute
+  dtype: it defaults to float32 unless overridden.
+  """
+  where = os.path.join(getattr(hf_config, "name_or_path", "") or ".", "config.json")
+  fam = family(getattr(hf_config, "model_type", "bert"), where)
+  return model_lib.BertConfig.from_hf(
+      hf_config, **{"dtype": "float32", "attention_impl": None, **fam.config(hf_config),
+                    **overrides})
 
 
 def resolve(name_or_path: str) -> str:
@@ -93,13 +185,27 @@ def load_state_dict(checkpoint_dir: str) -> dict[str, np.ndarray]:
   raise UserError(f"{checkpoint_dir}: no {SAFETENSORS_NAME} or {PYTORCH_NAME}")
 
 
-def _torch_key(path: tuple[str, ...]) -> str:
+def _torch_key(path: tuple[str, ...], fam: Family) -> str:
+  """Flax path -> the family's PyTorch name."""
   *parents, leaf = path
   leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(leaf, leaf)
-  return ".".join((*parents, leaf))
+  if parents[:1] != [_FLAX_ENCODER]:
+    return ".".join((*parents, leaf))  # the head: already HF's names
+  rest = ".".join((*parents[1:], leaf))
+  for pattern, replacement in fam.renames:
+    rest = re.sub(pattern, replacement, rest)
+  return f"{fam.prefix}.{rest}"
 
 
-def _normalize_torch_keys(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+def _torch_keys(paths: Any, fam: Family) -> dict[tuple[str, ...], str]:
+  keys = {path: _torch_key(path, fam) for path in paths}
+  # A rename table that maps two parameters to one name is a bug in FAMILIES.
+  assert len(set(keys.values())) == len(keys), "name map is not one to one"
+  return keys
+
+
+def _normalize_torch_keys(state: Mapping[str, np.ndarray], prefix: str,
+                          encoder_roots: set[str]) -> dict[str, np.ndarray]:
   """Adds the model prefix if the checkpoint is a bare encoder, renames legacy leaves."""
   bare = not any(k.startswith(prefix + ".") for k in state)
   out = {}
@@ -107,25 +213,30 @@ def _normalize_torch_keys(state: Mapping[str, np.ndarray], prefix: str) -> dict[
     parent, _, leaf = key.rpartition(".")
     if "LayerNorm" in parent and leaf in _LEGACY_LEAVES:
       key = f"{parent}.{_LEGACY_LEAVES[leaf]}"
-    if bare and not key.startswith(("classifier.", "cls.")):
+    if bare and key.partition(".")[0] in encoder_roots:
       key = f"{prefix}.{key}"
     out[key] = value
   return out
 
 
 def params_from_state_dict(state: Mapping[str, np.ndarray], target: Mapping[str, Any],
-                           prefix: str = "bert") -> tuple[dict[str, Any], list[str], list[str]]:
+                           model_type: str = "bert"
+                           ) -> tuple[dict[str, Any], list[str], list[str]]:
   """Fills `target` (a Flax params tree or its shapes) from a PyTorch-named state dict.
 
-  Returns (params, new: flax paths not in the checkpoint, unused: checkpoint keys
-  not used). Shapes are checked; a mismatch is an error naming the key.
+  `model_type` (the checkpoint config's) picks the family's names. Returns (params,
+  new: flax paths not in the checkpoint, unused: checkpoint keys not used). Shapes
+  are checked; a mismatch is an error naming the key.
   """
-  state = _normalize_torch_keys(state, prefix)
+  fam = family(model_type)
   flat = traverse_util.flatten_dict(dict(target))
+  keys = _torch_keys(flat, fam)
+  roots = {k.split(".")[1] for k in keys.values() if k.startswith(fam.prefix + ".")}
+  state = _normalize_torch_keys(state, fam.prefix, roots)
   params, new = {}, []
   used = set()
   for path, leaf in flat.items():
-    key = _torch_key(path)
+    key = keys[path]
     if key not in state:
       new.append("/".join(path))
       params[path] = leaf
@@ -142,10 +253,13 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], target: Mapping[str,
   return traverse_util.unflatten_dict(params), new, unused
 
 
-def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def state_dict_from_params(params: Mapping[str, Any], model_type: str = "bert"
+                           ) -> dict[str, np.ndarray]:
   """The inverse map: Flax params -> PyTorch-named float32 NumPy arrays (for export)."""
+  flat = traverse_util.flatten_dict(dict(params))
+  keys = _torch_keys(flat, family(model_type))
   out = {}
-  for path, value in traverse_util.flatten_dict(dict(params)).items():
+  for path, value in flat.items():
     value = np.asarray(value, dtype=np.float32)
-    out[_torch_key(path)] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
+    out[keys[path]] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
   return out

@@ -1,10 +1,15 @@
-"""BERT encoder and classification head in Flax linen.
+"""BERT-family encoder and classification heads in Flax linen.
 
 The parameter tree mirrors Hugging Face `BertModel` names one to one
 (`bert/encoder/layer/3/attention/self/query/kernel` <-> `bert.encoder.layer.3.
 attention.self.query.weight`), so `hf.py` maps checkpoints mechanically. Every
 parameter carries logical axis names; `sharding.py` maps them onto the mesh with
 the rules in the config.
+
+RoBERTa, DistilBERT and ELECTRA are the same encoder with a few switches in
+`BertConfig` (position ids, token types, embedding projection, head); their
+parameters keep the BERT names under `bert/` here, so freezing and weight-decay
+patterns work for every family, and `hf.py` renames them for each family.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   classifier_dropout: float | None = None
   pad_token_id: int = 0
+  # Family switches (set by `hf.model_config` from the checkpoint's model_type).
+  # > 0: RoBERTa position ids, counting non-pad tokens from this id (pad_token_id + 1).
+  position_offset: int = 0
+  embedding_size: int | None = None  # ELECTRA: embeddings narrower than hidden_size
+  classifier_head: str = "bert"  # one of CLASSIFIER_HEADS
   # Not HF fields: how to run it.
   dtype: str = "float32"  # compute dtype; parameters stay float32
   attention_impl: str | None = None  # None/'xla'/'cudnn', for jax.nn.dot_product_attention
@@ -55,9 +65,19 @@ class BertConfig:
     kwargs.update(overrides)
     return cls(**kwargs)
 
+  def __post_init__(self):
+    if self.classifier_head not in CLASSIFIER_HEADS:
+      raise ValueError(f"classifier_head={self.classifier_head!r}; use one of {CLASSIFIER_HEADS}")
+
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
+
+
+# bert: pooler (dense+tanh on [CLS]) -> classifier. roberta / electra: classifier/dense
+# (+tanh / +gelu) -> classifier/out_proj on the first token, no pooler. distilbert:
+# pre_classifier + ReLU -> classifier on the first token, no pooler.
+CLASSIFIER_HEADS = ("bert", "roberta", "electra", "distilbert")
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -128,12 +148,17 @@ class BertEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool):
     cfg = self.config
-    words = Embed(cfg.vocab_size, cfg.hidden_size, (VOCAB, EMBED), name="word_embeddings")(input_ids)
-    positions = Embed(cfg.max_position_embeddings, cfg.hidden_size, (None, EMBED),
+    size = cfg.embedding_size or cfg.hidden_size
+    words = Embed(cfg.vocab_size, size, (VOCAB, EMBED), name="word_embeddings")(input_ids)
+    positions = Embed(cfg.max_position_embeddings, size, (None, EMBED),
                       name="position_embeddings")(position_ids)
     x = words + positions
+    if cfg.type_vocab_size == 1:
+      # RoBERTa has one token type; a BERT-style tokenizer's segment ids of 1 would
+      # index past the table, so every token is type 0 (what HF's buffer gives).
+      token_type_ids = jnp.zeros_like(input_ids)
     if cfg.type_vocab_size > 0:
-      x = x + Embed(cfg.type_vocab_size, cfg.hidden_size, (None, EMBED),
+      x = x + Embed(cfg.type_vocab_size, size, (None, EMBED),
                     name="token_type_embeddings")(token_type_ids)
     x = LayerNorm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(x)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -249,18 +274,49 @@ class BertModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+    cfg = self.config
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-    x = BertEmbeddings(self.config, name="embeddings")(
-        input_ids, token_type_ids, position_ids, deterministic)
-    x = BertEncoder(self.config, name="encoder")(x, attention_mask, deterministic)
-    pooled = BertPooler(self.config, name="pooler")(x) if self.add_pooling_layer else None
+    if cfg.position_offset > 0:
+      # RoBERTa (HF create_position_ids_from_input_ids): real tokens count from
+      # position_offset, pad tokens get position_offset - 1. With right padding the
+      # real tokens' ids do not depend on the pad id, so batches padded with 0 agree.
+      real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+      position_ids = jnp.cumsum(real, axis=-1) * real + (cfg.position_offset - 1)
+    else:
+      position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+    x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids,
+                                               deterministic)
+    if cfg.embedding_size and cfg.embedding_size != cfg.hidden_size:
+      x = Dense(cfg.hidden_size, (None, EMBED), cfg.dtype, name="embeddings_project")(x)
+    x = BertEncoder(cfg, name="encoder")(x, attention_mask, deterministic)
+    pooled = BertPooler(cfg, name="pooler")(x) if self.add_pooling_layer else None
     return x.astype(jnp.float32), None if pooled is None else pooled.astype(jnp.float32)
 
 
+class ClassificationHead(nn.Module):
+  """RoBERTa / ELECTRA head: dropout, dense, activation, dropout, out_proj."""
+
+  config: BertConfig
+  num_labels: int
+  activation: Callable[[jax.Array], jax.Array]
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    x = nn.Dropout(self.rate)(x, deterministic=deterministic)
+    x = self.activation(Dense(self.config.hidden_size, (EMBED, None), jnp.float32,
+                              name="dense")(x))
+    x = nn.Dropout(self.rate)(x, deterministic=deterministic)
+    return Dense(self.num_labels, (None, CLASSES), jnp.float32, name="out_proj")(x)
+
+
 class BertForSequenceClassification(nn.Module):
-  """BERT + dropout + dense on the pooled [CLS] output. num_labels == 1 is regression."""
+  """Encoder + the family's head (`config.classifier_head`). num_labels == 1 is regression.
+
+  bert: dropout + dense on the pooled [CLS] output; the others see the first token's
+  hidden state (see CLASSIFIER_HEADS).
+  """
 
   config: BertConfig
   num_labels: int
@@ -268,9 +324,19 @@ class BertForSequenceClassification(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
     cfg = self.config
-    _, pooled = BertModel(cfg, name="bert")(input_ids, attention_mask, token_type_ids,
-                                            deterministic)
+    head = cfg.classifier_head
+    hidden, pooled = BertModel(cfg, add_pooling_layer=head == "bert", name="bert")(
+        input_ids, attention_mask, token_type_ids, deterministic)
     rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-    pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
-    # The head runs in float32: logits and loss stay exact under bf16 compute.
-    return Dense(self.num_labels, (EMBED, CLASSES), jnp.float32, name="classifier")(pooled)
+    # The heads run in float32: logits and loss stay exact under bf16 compute.
+    if head == "bert":
+      pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+      return Dense(self.num_labels, (EMBED, CLASSES), jnp.float32, name="classifier")(pooled)
+    first = hidden[:, 0]
+    if head == "distilbert":
+      x = nn.relu(Dense(cfg.hidden_size, (EMBED, None), jnp.float32, name="pre_classifier")(first))
+      x = nn.Dropout(rate)(x, deterministic=deterministic)
+      return Dense(self.num_labels, (None, CLASSES), jnp.float32, name="classifier")(x)
+    activation = jnp.tanh if head == "roberta" else _ACTIVATIONS["gelu"]
+    return ClassificationHead(cfg, self.num_labels, activation, rate, name="classifier")(
+        first, deterministic)

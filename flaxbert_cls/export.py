@@ -1,0 +1,121 @@
+"""Export a run's checkpoint as a Hugging Face model directory for PyTorch users.
+
+  flaxbert-cls export --workdir=DIR --output=OUT [--step=latest|best|N]
+
+OUT holds config.json (architectures, id2label/label2id, problem_type),
+model.safetensors (float32, written from NumPy: no torch needed) and the
+tokenizer files, so `AutoModelForSequenceClassification.from_pretrained(OUT)` and
+`AutoTokenizer.from_pretrained(OUT)` load it with no missing or unexpected keys.
+It also holds flaxbert_cls.json (text columns, max_seq_length, ...), which
+`predict` reads to tokenize as the run did; transformers ignores it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from flaxbert_cls import hf
+from flaxbert_cls.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METADATA_NAME = "flaxbert_cls.json"
+
+
+def parse_step(step: int | str | None) -> int | str | None:
+  """--step: None or 'latest' -> None (the latest), 'best', or a step number."""
+  if step is None or step == "latest":
+    return None
+  if isinstance(step, int) or (isinstance(step, str) and step.isdigit()):
+    return int(step)
+  if step == "best":
+    return step
+  raise UserError(f"--step={step!r}: use 'latest', 'best' or a step number")
+
+
+def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None) -> Any:
+  """A copy of `hf_config` for a *ForSequenceClassification with this label map.
+
+  `label_names` None means regression (one output).
+  """
+  fam = hf.family(hf_config.model_type)
+  config = copy.deepcopy(hf_config)
+  config.architectures = [fam.architecture]
+  if label_names is None:
+    config.num_labels = 1
+    config.problem_type = "regression"
+  else:
+    config.num_labels = len(label_names)
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+    config.problem_type = "single_label_classification"
+  # The weights are float32; a pre-trained config saying bfloat16 would make
+  # transformers (dtype='auto') load them rounded.
+  config.dtype = "float32"
+  return config
+
+
+def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
+                  label_names: Sequence[str] | None,
+                  metadata: dict[str, Any] | None = None) -> str:
+  """Writes an HF model directory (config, safetensors, tokenizer) to a new `output`.
+
+  `params` are the Flax classification model's parameters (any arrays); they are
+  written under the names of `hf_config.model_type`'s family. The directory
+  appears whole or not at all: files go to a temporary sibling that is renamed.
+  """
+  output = os.path.abspath(output)
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    raise UserError(f"--output={output}: exists and is not an empty directory; choose a new one")
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  state = hf.state_dict_from_params(jax.tree.map(np.asarray, jax.device_get(params)),
+                                    hf_config.model_type)
+  tmp = f"{output}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    os.makedirs(tmp)
+    hf_config_for_export(hf_config, label_names).save_pretrained(tmp)
+    # "format": "pt" is what transformers writes; readers use it to pick a framework.
+    save_file(state, os.path.join(tmp, hf.SAFETENSORS_NAME), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    if metadata is not None:
+      with open(os.path.join(tmp, METADATA_NAME), "w") as f:
+        json.dump(metadata, f, indent=2)
+    if os.path.isdir(output):
+      os.rmdir(output)  # empty (checked above)
+    os.replace(tmp, output)
+  except OSError as e:
+    raise UserError(f"--output={output}: cannot write: {e}") from None
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return output
+
+
+def export(workdir: str, output: str, step: int | str | None = None) -> str:
+  """Exports the run in `workdir` (checkpoint `step`: latest, 'best' or N) to `output`."""
+  from flaxbert_cls import train  # pylint: disable=g-import-not-at-top  (heavy: orbax, clu)
+  step = parse_step(step)
+  exp, params = train.load_run(workdir, step=step)
+  task = exp.task
+  metadata = {
+      "source_workdir": os.path.abspath(workdir),
+      "step": "latest" if step is None else step,
+      "task_name": task.name,
+      "text_fields": list(task.text_fields),
+      "file_columns": list(task.file_columns) if task.file_columns else None,
+      "max_seq_length": int(exp.config.max_seq_length),
+      "seq_buckets": [int(b) for b in exp.config.seq_buckets],
+  }
+  out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, exp.label_names, metadata)
+  log.info("Exported %s (step %s, %s, %d labels) to %s", workdir, metadata["step"],
+           hf.family(exp.hf_config.model_type).architecture,
+           1 if exp.label_names is None else len(exp.label_names), out)
+  return out

@@ -1,0 +1,152 @@
+"""BERT, RoBERTa, DistilBERT, ELECTRA (and XLM-R): PyTorch checkpoints in, PyTorch models out.
+
+Each family is a small random PyTorch model made by transformers. Our Flax
+encoder must equal it, and a model loaded into Flax, given a classification head
+and exported, must give PyTorch's AutoModelForSequenceClassification the same
+logits. The MiniLM BERT tokenizer serves every family: only token ids matter.
+"""
+
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from flaxbert_cls import export
+from flaxbert_cls import hf
+from flaxbert_cls import model as model_lib
+from flaxbert_cls.errors import UserError
+from model_fixtures import minilm_dir
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+_SIZES = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+FAMILIES = {
+    "bert": lambda: transformers.BertConfig(hidden_size=32, max_position_embeddings=64, **_SIZES),
+    # RoBERTa as published: one token type, pad id 1, positions from pad id + 1.
+    "roberta": lambda: transformers.RobertaConfig(
+        hidden_size=32, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
+        layer_norm_eps=1e-5, **_SIZES),
+    "xlm-roberta": lambda: transformers.XLMRobertaConfig(
+        hidden_size=32, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
+        layer_norm_eps=1e-5, **_SIZES),
+    "distilbert": lambda: transformers.DistilBertConfig(
+        dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+        activation="gelu", dropout=0.0, attention_dropout=0.0),
+    # embedding_size < hidden_size: exercises electra.embeddings_project.
+    "electra": lambda: transformers.ElectraConfig(embedding_size=16, hidden_size=32,
+                                                  max_position_embeddings=64, **_SIZES),
+}
+LABELS = ("neg", "neutral", "pos")
+FIRST = ["a gripping , beautifully shot film .", "dull", "it 's not bad at all , really"]
+SECOND = ["is the film good ?", "was it fun for the whole family ?", "yes"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("tokenizer"))
+  for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    shutil.copy(os.path.join(minilm_dir(), name), directory)
+  return directory
+
+
+def _checkpoint(model_type, directory, tokenizer_files):
+  """A random-init bare encoder saved by transformers (safetensors), with the tokenizer."""
+  config = FAMILIES[model_type]()
+  config.vocab_size = 30522  # the MiniLM tokenizer's
+  torch.manual_seed(0)
+  base = transformers.AutoModel.from_config(config).eval()
+  base.save_pretrained(directory)
+  for name in os.listdir(tokenizer_files):
+    shutil.copy(os.path.join(tokenizer_files, name), directory)
+  return base
+
+
+def _inputs(tokenizer, hf_config):
+  """Padded sentence pairs (token types 0 and 1)."""
+  enc = dict(tokenizer(FIRST, SECOND, padding=True, return_tensors="np"))
+  # Pad with the model's own pad id, as its tokenizer would (RoBERTa: 1, not 0).
+  enc["input_ids"] = np.where(enc["attention_mask"] == 1, enc["input_ids"],
+                              hf_config.pad_token_id)
+  return enc
+
+
+def _torch_kwargs(enc, model_type):
+  if model_type == "distilbert":  # no token types at all
+    enc = {k: v for k, v in enc.items() if k != "token_type_ids"}
+  elif model_type in ("roberta", "xlm-roberta"):  # one token type: what HF's buffer gives
+    enc = dict(enc, token_type_ids=np.zeros_like(enc["input_ids"]))
+  return {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in enc.items()}
+
+
+def _load_flax(directory):
+  """Our model from an HF directory; parameters it lacks (the head) are random."""
+  hf_config = hf.load_config(directory)
+  cfg = hf.model_config(hf_config)
+  module = model_lib.BertForSequenceClassification(cfg, len(LABELS))
+  dummy = np.ones((1, 8), np.int32)
+  shapes = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), dummy, dummy, dummy)))
+  params, new, unused = hf.params_from_state_dict(hf.load_state_dict(directory),
+                                                  shapes["params"], hf_config.model_type)
+  rng = np.random.default_rng(0)  # not module.init: one compile less per family
+  params = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else
+                        rng.normal(0, 0.2, x.shape).astype(np.float32), params)
+  return hf_config, cfg, module, params, new, unused
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_family_encoder_and_export_match_pytorch(model_type, tokenizer_files, tmp_path):
+  base = _checkpoint(model_type, str(tmp_path / "ckpt"), tokenizer_files)
+  hf_config, cfg, module, params, new, unused = _load_flax(str(tmp_path / "ckpt"))
+  assert hf_config.model_type == model_type
+  # Only the head is new; only RoBERTa's pooler (unused by its classifier) is left over.
+  assert new and all(p.startswith(("classifier/", "pre_classifier/")) for p in new), new
+  assert all(k.startswith("pooler.") for k in unused), unused
+  tokenizer = hf.load_tokenizer(str(tmp_path / "ckpt"), hf_config.vocab_size)
+
+  # 1. The encoder: last hidden state on padded sentence pairs (token types 0 and 1).
+  encoder = model_lib.BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert")
+  encode = jax.jit(lambda ids, mask, types: encoder.apply({"params": params["bert"]}, ids, mask,
+                                                          types)[0])
+  enc = _inputs(tokenizer, hf_config)
+  hidden = encode(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+  with torch.no_grad():
+    expected = base(**_torch_kwargs(enc, model_type)).last_hidden_state.numpy()
+  real = enc["attention_mask"].astype(bool)
+  assert not real.all()
+  np.testing.assert_allclose(np.asarray(hidden)[real], expected[real], atol=1e-4, rtol=0)
+  # Our batches pad with id 0 whatever the pad id is: real tokens must not notice.
+  zero_padded = np.where(real, enc["input_ids"], 0)
+  hidden0 = encode(zero_padded, enc["attention_mask"], enc["token_type_ids"])
+  np.testing.assert_allclose(np.asarray(hidden0)[real], np.asarray(hidden)[real], atol=1e-6)
+
+  # 2. Fine-tune-free round trip: loaded encoder + a random head -> export -> PyTorch.
+  out = export.save_hf_model(str(tmp_path / "exported"), params, hf_config, tokenizer, LABELS)
+  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, output_loading_info=True)
+  assert type(model).__name__ == hf.FAMILIES[model_type].architecture
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert model.config.id2label == dict(enumerate(LABELS))
+  assert transformers.AutoTokenizer.from_pretrained(out)("dull")["input_ids"] == \
+      tokenizer("dull")["input_ids"]
+  flax_logits = np.asarray(jax.jit(module.apply)({"params": params}, enc["input_ids"],
+                                                 enc["attention_mask"], enc["token_type_ids"]))
+  with torch.no_grad():
+    torch_logits = model.eval()(**_torch_kwargs(enc, model_type)).logits.numpy()
+  assert np.abs(flax_logits).max() > 1e-3  # the head is not trivially zero
+  np.testing.assert_allclose(flax_logits, torch_logits, atol=1e-4, rtol=0)
+  # And back: the exported directory loads into Flax bit for bit, head included.
+  *_, again, new, unused = _load_flax(out)
+  assert new == [] and unused == []
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+
+
+def test_unsupported_model_type_names_the_file(tmp_path):
+  config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4)
+  config.save_pretrained(str(tmp_path))
+  with pytest.raises(UserError, match=r"config.json: model_type 'gpt2' is not supported"):
+    hf.model_config(hf.load_config(str(tmp_path)))
