@@ -150,7 +150,7 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   if label_names is None and not task.is_regression:
     label_names = data_lib.label_names_for(config, task)
   num_labels = 1 if task.is_regression else len(label_names)
-  bert_config = model_lib.BertConfig.from_hf(
+  bert_config = hf.model_config(  # any supported family (hf.FAMILIES)
       hf_config, dtype=config.dtype, attention_impl=config.attention_impl or None,
       **({"classifier_dropout": config.classifier_dropout} if config.classifier_dropout >= 0
          else {}))
@@ -189,7 +189,7 @@ def create_train_state(exp: Experiment, total_steps: int, pretrained_dir: str | 
   state = jax.jit(lambda r: nn.unbox(_init_state(exp, tx, r)), out_shardings=state_shardings)(rng)
   if pretrained_dir is not None:
     loaded, new, unused = hf.params_from_state_dict(hf.load_state_dict(pretrained_dir),
-                                                    nn.unbox(boxed))
+                                                    nn.unbox(boxed), exp.hf_config.model_type)
     log.info("Loaded %s. Newly initialised: %s. Unused from the checkpoint: %s",
              pretrained_dir, ", ".join(new) or "none", ", ".join(unused) or "none")
     params = jax.tree.map(
