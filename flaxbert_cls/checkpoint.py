@@ -9,6 +9,7 @@ never picked up; a step that fails to restore is skipped for the one before it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -61,12 +62,24 @@ class Checkpoints:
     metrics = None if main_metric is None else {BEST_METRIC_KEY: float(main_metric), "step": step}
     if main_metric is not None:
       meta = dict(meta, main_metric=float(main_metric))
-    try:
+    with self._save_errors():
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                         metrics=metrics, force=True)
-    except OSError as e:
-      raise UserError(f"{self.directory}: cannot save checkpoint {step}: {e}") from None
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """Disk full, permissions...: one line naming the directory (async saves fail late)."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      text = str(e)
+      if isinstance(e, OSError) or "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+        reason = "no space left on device" if ("No space left" in text or getattr(
+            e, "errno", None) == 28) else _one_line(e)[:200]
+        raise UserError(f"{self.directory}: cannot save checkpoint: {reason}; earlier "
+                        f"checkpoints are intact ({self.all_steps()})") from None
+      raise
 
   def restore(self, abstract_state: Any, step: int | None = None
               ) -> tuple[Any, dict[str, Any], int]:
@@ -121,11 +134,14 @@ class Checkpoints:
         self.manager.delete(step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._save_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _best_from_meta(ckpt: Checkpoints) -> int | None:

@@ -1,7 +1,9 @@
-"""`flaxbert-cls train|eval`: parse flags, then call one function.
+"""`flaxbert-cls train|eval|export|predict`: parse flags, then call one function.
 
   flaxbert-cls train --config=configs/sst2.py --workdir=DIR [--config.learning_rate=3e-5]
   flaxbert-cls eval --workdir=DIR [--config=... --config.validation_file=...] [--step=N]
+  flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N]
+  flaxbert-cls predict --model=DIR_OR_HF_DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
 """
 
 from __future__ import annotations
@@ -17,10 +19,26 @@ from ml_collections import config_flags
 
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "export", "predict")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-_STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
+_STEP = flags.DEFINE_string("step", None,
+                            "eval/export/predict: checkpoint step: latest (default), best or N.")
+_OUTPUT = flags.DEFINE_string("output", None, "export: new HF model directory; predict: "
+                              "results file (.csv or .jsonl).")
+_MODEL = flags.DEFINE_string("model", None, "predict: a workdir or an exported HF directory.")
+_INPUT = flags.DEFINE_string("input", None, "predict: texts to classify (.tsv, .csv, .jsonl).")
+_TEXT_COLUMNS = flags.DEFINE_list("text_columns", None,
+                                  "predict: input columns holding the text (default: the run's).")
+# Multi-process runs without a scheduler (SLURM and Cloud TPU pods are detected alone).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0, for a multi-process run (overrides $FLAXBERT_COORDINATOR).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run (overrides $FLAXBERT_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0..num_processes-1 (overrides "
+    "$FLAXBERT_PROCESS_ID).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file in configs/ (train: required; eval: overrides).",
     lock_config=True)
@@ -31,25 +49,52 @@ def _main(argv: list[str]) -> None:
     raise app.UsageError(f"usage: flaxbert-cls {{{'|'.join(COMMANDS)}}} --workdir=DIR "
                          "[--config=FILE] [--config.KEY=VALUE ...]")
   command = argv[1]
-  if not _WORKDIR.value:
+  if command == "predict":
+    for flag in (_MODEL, _INPUT, _OUTPUT):
+      if not flag.value:
+        raise UserError(f"predict needs --{flag.name}")
+  elif not _WORKDIR.value:
     raise UserError("--workdir is required")
+  if command == "export" and not _OUTPUT.value:
+    raise UserError("export needs --output=DIR (a new directory)")
   # Quiet libraries; our own INFO lines are the progress log.
   logging.set_verbosity(logging.INFO)
   std_logging.getLogger("flaxbert_cls").setLevel(std_logging.INFO)
   for noisy in ("absl", "jax", "orbax", "transformers", "datasets", "tensorflow"):
     std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
 
+  from flaxbert_cls import export  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import predict  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import sharding  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import train  # pylint: disable=g-import-not-at-top
-  sharding.initialize_distributed()
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = _loaded_config()
   if command == "train":
-    if _CONFIG.value is None:
+    if config is None:
       raise UserError("train needs --config=configs/<name>.py")
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = train.train_and_evaluate(config, _WORKDIR.value)
     _print_metrics("dev", result["eval"])
   elif command == "eval":
-    results = train.evaluate_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value)
+    results = train.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value))
     _print_metrics("eval", results)
+  elif command == "export":
+    print(f"exported: {export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value)}", flush=True)
+  elif command == "predict":
+    stats = predict.predict_file(_MODEL.value, _INPUT.value, _OUTPUT.value, _STEP.value,
+                                 _TEXT_COLUMNS.value)
+    print(f"predicted: {stats['rows']} rows -> {_OUTPUT.value} "
+          f"({stats['sentences_per_sec']:.1f} sentences/s)", flush=True)
+
+
+def _loaded_config():
+  """The --config value; config_flags loads lazily, so a bad file surfaces here."""
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.keys()  # a file that failed to load raises on first access
+    return config
+  except OSError as e:
+    raise UserError(" ".join(str(e).split())) from None
 
 
 def _print_metrics(name: str, results: dict[str, float]) -> None:
@@ -58,11 +103,28 @@ def _print_metrics(name: str, results: dict[str, float]) -> None:
     print(f"{name}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, with every flag or config-key error turned into one line."""
+  # config_flags defines one `config.KEY` flag per key when it loads the file; drop
+  # those of an earlier parse so `run()` can be called again in one process.
+  for name in [n for n in flags.FLAGS if n.startswith(f"{_CONFIG.name}.")]:
+    delattr(flags.FLAGS, name)
+  flags.FLAGS.unparse_flags()
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise UserError(" ".join(str(e).split())) from None
+  except (AttributeError, KeyError) as e:  # --config.KEY for a KEY the config does not have
+    detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\"").split())
+    raise UserError(f"unknown config key: {detail}") from None
+
+
 def run() -> None:
   """Console-script entry point: bad input is one line on stderr and exit status 2."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF (clu writers) only; quiets its banner
   try:
-    app.run(_main)
+    app.run(_main, flags_parser=_parse_flags)
   except UserError as e:
     print(f"flaxbert-cls: error: {e}", file=sys.stderr)
     sys.exit(2)

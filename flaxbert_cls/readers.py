@@ -404,8 +404,23 @@ def build_label_names(path: str, task: Task) -> tuple[str, ...]:
   if task.is_regression:
     raise ValueError(f'task {task.name!r} is a regression task')
   rows, _ = _read_rows(path, task, require_labels=True)
+  _check_one_label_type(path, rows)
   labels = [_label_string(path, f'line {n}', raw) for n, _, raw in rows]
   return _check_label_count(path, sort_label_names(labels))
+
+
+def _check_one_label_type(path: str, rows: Sequence[_Row]) -> None:
+  """JSON labels mixing numbers and words (1 and "pos") are almost surely a data bug."""
+  first = {}
+  for n, _, raw in rows:
+    kind = 'number' if isinstance(raw, (int, float, np.number)) and not isinstance(
+        raw, bool) else type(raw).__name__
+    first.setdefault(kind, (n, raw))
+  if len(first) > 1:
+    (k1, (n1, v1)), (k2, (n2, v2)) = list(first.items())[:2]
+    raise UserError(
+        f'{path}: label column mixes types: line {n1} has {k1} {v1!r}, line '
+        f'{n2} has {k2} {v2!r}; use one type for every label')
 
 
 def glue_file(data_dir: str, task: Task, split: str) -> str:

@@ -1,0 +1,158 @@
+"""Bad input: one line on stderr naming what and where, exit status 2, checkpoints untouched."""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from flaxbert_cls import cli
+from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
+
+DEV = os.path.join(DEMO_DATA, "dev.tsv")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+  """Runs `flaxbert-cls ARGS` in this process; returns (exit status, stderr)."""
+  err = io.StringIO()
+  sys.argv = ["flaxbert-cls", *args]
+  with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+    cli.run()
+  return exit_info.value.code, err.getvalue()
+
+
+def train_args(workdir, checkpoint, **overrides):
+  settings = dict(model_name_or_path=checkpoint, num_train_steps=2, batch_size=8,
+                  eval_batch_size=8, max_seq_length=32, seq_buckets="(32,)",
+                  train_file=DEV, validation_file=DEV, log_every_steps=1)
+  settings.update(overrides)
+  return ["train", f"--config={REPO}/configs/default.py", f"--workdir={workdir}",
+          *[f"--config.{k}={v}" for k, v in settings.items()]]
+
+
+def _tree_hash(directory) -> str:
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(directory)):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      h.update(path.encode())
+      h.update(open(path, "rb").read())
+  return h.hexdigest()
+
+
+def _write(path, content: bytes | str) -> str:
+  mode = "wb" if isinstance(content, bytes) else "w"
+  with open(path, mode) as f:
+    f.write(content)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_checkpoint, tmp_path_factory):
+  """A workdir holding a finished run: every bad-input case below must leave it intact."""
+  workdir = tmp_path_factory.mktemp("finished")
+  code, err = run_cli(*train_args(workdir, tiny_checkpoint))
+  assert code is None or code == 0, err
+  return workdir
+
+
+def _cases(tmp, checkpoint):
+  """(case, config overrides or CLI args, a regex the one-line message must match)."""
+  not_bert = tmp / "not_bert"
+  not_bert.mkdir(exist_ok=True)
+  _write(not_bert / "notes.txt", "hello")
+  small_vocab = tmp / "small_vocab"
+  shutil.copytree(checkpoint, small_vocab, dirs_exist_ok=True)
+  config = json.load(open(small_vocab / "config.json"))
+  _write(small_vocab / "config.json", json.dumps(dict(config, vocab_size=1000)))
+  tsv = lambda name, text: _write(tmp / name, text)  # pylint: disable=unnecessary-lambda-assignment
+  custom = dict(task_name="custom", text_columns="('text',)", label_column="label")
+  return [
+      ("missing file", dict(train_file=str(tmp / "absent.tsv")), r"absent.tsv: file not found"),
+      ("empty file", dict(train_file=tsv("empty.tsv", "")), r"empty.tsv.*empty"),
+      ("missing text column", dict(train_file=tsv("cols.tsv", "text\tlabel\nfine\t1\n")),
+       r"cols.tsv.*'sentence'.*found.*\['text', 'label'\]"),
+      ("unknown label", dict(train_file=tsv("lab.tsv", "sentence\tlabel\ngood\t1\nbad\t7\n")),
+       r"lab.tsv line 3: label '7' is not one of"),
+      ("empty text", dict(train_file=tsv("et.tsv", "sentence\tlabel\ngood\t1\n \t0\n")),
+       r"et.tsv line 3.*empty"),
+      ("non-UTF-8 bytes", dict(train_file=_write(tmp / "bytes.tsv",
+                                                 b"sentence\tlabel\ngood\t1\nbad \xff\t0\n")),
+       r"bytes.tsv line 3.*UTF-8"),
+      ("wrong field count", dict(train_file=tsv("fc.tsv", "sentence\tlabel\ngood\t1\nx\ty\t0\n")),
+       r"fc.tsv line 3.*fields"),
+      ("mixed label types", dict(custom, train_file=_write(
+          tmp / "mixed.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n')),
+       r"mixed.jsonl: label column mixes types: line 1 has number 1, line 2 has str 'pos'"),
+      ("label_names disagree with data", dict(custom, label_names="('neg', 'pos')",
+                                              train_file=_write(tmp / "l.jsonl",
+                                                                '{"text": "a", "label": "ok"}\n')),
+       r"l.jsonl line 1: label 'ok' is not one of \['neg', 'pos'\]"),
+      ("not a BERT checkpoint", dict(model_name_or_path=str(not_bert)),
+       r"not_bert: not a BERT checkpoint directory \(no config.json\)"),
+      ("tokenizer/vocab mismatch", dict(model_name_or_path=str(small_vocab)),
+       r"small_vocab: tokenizer has 30522 tokens but the model's vocab_size is 1000"),
+      ("unknown config key", dict(learnin_rate=1e-3), r"unknown config key: learnin_rate"),
+      ("zero batch size", dict(batch_size=0), r"config.batch_size=0: must be > 0"),
+      ("negative learning rate", dict(learning_rate=-1.0), r"config.learning_rate=-1.0: must be"),
+      ("zero steps", dict(num_train_steps=0, num_train_epochs=0.0),
+       r"config.num_train_epochs=0.0: must be > 0"),
+      ("batch not divisible by data shards", dict(batch_size=12),
+       r"config.batch_size=12 is not divisible by the 8 data shards"),
+      ("bad value type", dict(batch_size="abc"), r"--config.batch_size=abc"),
+  ]
+
+
+def test_bad_input_table(finished_run, tiny_checkpoint, tmp_path):
+  before = _tree_hash(finished_run / "checkpoints")
+  report = []
+  for name, overrides, pattern in _cases(tmp_path, tiny_checkpoint):
+    code, err = run_cli(*train_args(finished_run, tiny_checkpoint, **overrides))
+    lines = [l for l in err.splitlines() if l.startswith("flaxbert-cls:")]
+    report.append(f"{name}: {lines[-1] if lines else err[-300:]}")
+    assert code == 2, f"{name}: exit {code}: {err[-500:]}"
+    assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err[-500:]}"
+    assert __import__("re").search(pattern, lines[0]), f"{name}: {lines[0]}"
+  print("\n".join(report))  # the table for the issue note (pytest -s)
+  assert _tree_hash(finished_run / "checkpoints") == before
+
+
+def test_unwritable_workdir(tiny_checkpoint, tmp_path):
+  blocker = _write(tmp_path / "a_file", "x")
+  code, err = run_cli(*train_args(os.path.join(blocker, "run"), tiny_checkpoint))
+  assert code == 2 and "a_file/run: cannot create" in err
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_checkpoint, tmp_path):
+  """A real full disk: a tmpfs too small for the second checkpoint."""
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip("needs root to mount a small tmpfs")
+  try:
+    workdir = mount / "run"
+    code, err = run_cli(*train_args(workdir, tiny_checkpoint, checkpoint_every_steps=1,
+                                    max_checkpoints_to_keep=5, keep_best_checkpoints=0,
+                                    num_train_steps=6, cache_dir=str(tmp_path / "cache")))
+    lines = [l for l in err.splitlines() if l.startswith("flaxbert-cls:")]
+    assert code == 2, err[-800:]
+    assert len(lines) == 1 and "cannot save checkpoint" in lines[0], err[-800:]
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert steps, "the checkpoints saved before the disk filled up are kept"
+    from flaxbert_cls import train  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    train.load_run(str(workdir), step=steps[-1], devices=jax.devices()[:1])  # still restores
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
