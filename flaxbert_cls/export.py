@@ -41,6 +41,19 @@ def parse_step(step: int | str | None) -> int | str | None:
   raise UserError(f"--step={step!r}: use 'latest', 'best' or a step number")
 
 
+def check_step(workdir: str, step: int | str | None) -> None:
+  """A step number must name a saved checkpoint; the error lists the ones there are."""
+  if not isinstance(step, int):
+    return
+  from flaxbert_cls import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  if step not in steps:
+    raise UserError(f"--step={step}: {ckpt.directory} has no checkpoint at step {step}; "
+                    f"saved steps: {steps}")
+
+
 def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None) -> Any:
   """A copy of `hf_config` for a *ForSequenceClassification with this label map.
 
@@ -103,6 +116,7 @@ def export(workdir: str, output: str, step: int | str | None = None) -> str:
   """Exports the run in `workdir` (checkpoint `step`: latest, 'best' or N) to `output`."""
   from flaxbert_cls import train  # pylint: disable=g-import-not-at-top  (heavy: orbax, clu)
   step = parse_step(step)
+  check_step(workdir, step)
   exp, params = train.load_run(workdir, step=step)
   task = exp.task
   metadata = {
