@@ -56,6 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_grad_norm = 1.0
   c.freeze = ()  # path regexes of parameters that stay fixed (no optimizer state)
   c.freeze_bottom_layers = 0  # shortcut: embeddings + encoder layers 0..k-1
+  c.layerwise_lr_decay = 1.0  # < 1: lr * decay^(L+1-depth); head 1, embeddings decay^(L+1)
+  c.gradient_accumulation_steps = 1  # k micro-batches of batch_size/k per update
   c.seed = 42
 
   # Loop, evaluation, checkpoints, logging.
@@ -104,6 +106,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
         f"needs one size per axis in mesh_axes={tuple(config.mesh_axes)}")
   check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")
+  check(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", "use 'stop' or 'skip'")
+  for key in ("checkpoint_every_steps", "log_every_steps", "max_checkpoints_to_keep"):
+    check(int(config[key]) > 0, key, "must be > 0")
+  for key in ("eval_every_steps", "keep_best_checkpoints", "early_stopping_patience"):
+    check(int(config[key]) >= 0, key, "must be >= 0")
+  check(0 < config.layerwise_lr_decay <= 1, "layerwise_lr_decay", "must be in (0, 1]")
+  check(config.gradient_accumulation_steps >= 1 and
+        config.batch_size % config.gradient_accumulation_steps == 0,
+        "gradient_accumulation_steps", "must be >= 1 and divide batch_size")
 
 
 def glue_config(task_name: str, **overrides) -> ml_collections.ConfigDict:

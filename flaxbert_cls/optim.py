@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Sequence
 
+import jax
 import optax
 from flax import traverse_util
 from ml_collections import ConfigDict
@@ -63,19 +64,59 @@ def create_learning_rate_schedule(config: ConfigDict, total_steps: int) -> optax
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+_LAYER = re.compile(r"/layer/(\d+)/")
+
+
+def layer_depths(params: Any) -> tuple[Any, int]:
+  """(depth of each parameter, L): embeddings 0, encoder layer i -> i + 1, the rest L + 1."""
+  paths = jax.tree.leaves(param_paths(params))
+  num_layers = 1 + max((int(m.group(1)) for p in paths if (m := _LAYER.search(p))), default=-1)
+
+  def depth(path: str) -> int:
+    match = _LAYER.search(path)
+    if match:
+      return int(match.group(1)) + 1
+    return 0 if "/embeddings/" in f"/{path}" else num_layers + 1
+  return _map_paths(params, depth), num_layers
+
+
+def learning_rate_multipliers(params: Any, config: ConfigDict) -> Any:
+  """Layer-wise LR decay: parameter at depth d trains at lr * decay^(L + 1 - d).
+
+  The head (and pooler) keep the full rate, the top encoder layer gets `decay`,
+  the embeddings `decay^(L+1)`. A decay of 1 gives 1.0 everywhere.
+  """
+  decay = config.layerwise_lr_decay
+  depths, num_layers = layer_depths(params)
+  return jax.tree.map(lambda d: float(decay ** (num_layers + 1 - d)), depths)
+
+
+def _scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
+  """Multiplies each update by a fixed per-parameter factor (no state)."""
+  def update(updates, state, params=None):  # pylint: disable=unused-argument
+    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def create_optimizer(config: ConfigDict, params: Any, total_steps: int
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (HF recipe: eps 1e-6, no decay on biases and LayerNorm) + clipping + freezing.
 
-  Frozen parameters go through optax.set_to_zero, so they get no optimizer state.
+  Built from optax parts so layer-wise LR decay scales the whole AdamW step
+  (decay included), as a per-layer learning rate does. Frozen parameters go
+  through optax.set_to_zero, so they get no optimizer state.
   """
   schedule = create_learning_rate_schedule(config, total_steps)
   decay_mask = _map_paths(params, lambda p: not any(
       re.search(pat, p) for pat in config.weight_decay_exclude))
-  tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                   weight_decay=config.weight_decay, mask=decay_mask)
-  if config.max_grad_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), tx)
+  parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm > 0 else []
+  parts += [optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)]
+  if config.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(config.weight_decay, decay_mask))
+  if config.layerwise_lr_decay != 1.0:
+    parts.append(_scale_by_tree(learning_rate_multipliers(params, config)))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(*parts)
   frozen = freeze_patterns(config)
   if frozen:
     labels = _map_paths(params, lambda p: "frozen" if any(re.search(f, p) for f in frozen)

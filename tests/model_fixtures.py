@@ -25,13 +25,13 @@ def minilm_dir() -> str:
 
 
 def make_tiny_checkpoint(directory: str, hidden: int = 32, layers: int = 2, heads: int = 4,
-                         seed: int = 0) -> str:
+                         seed: int = 0, **config_overrides) -> str:
   """A random-init BERT saved like an HF checkpoint, with the MiniLM tokenizer."""
   os.makedirs(directory, exist_ok=True)
   source = minilm_dir()
   config = json.load(open(os.path.join(source, "config.json")))
   config.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                intermediate_size=4 * hidden, max_position_embeddings=128)
+                intermediate_size=4 * hidden, max_position_embeddings=128, **config_overrides)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f)
   for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
