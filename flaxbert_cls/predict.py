@@ -194,9 +194,10 @@ class Predictor:
                    self.label_names)
     stats = {"rows": len(examples), "seconds": seconds,
              "sentences_per_sec": len(examples) / max(seconds, 1e-9)}
-    log.info("predict: wrote %s: %d rows in %.2f s, %.1f sentences/s (%d truncated to %d "
-             "tokens; the first batches include compilation)", output_path, stats["rows"],
-             seconds, stats["sentences_per_sec"], split.num_truncated, self.max_seq_length)
+    log.info("predict: wrote %s: %d rows in %.2f s, %.1f sentences/s (tokenization and model; "
+             "a first call also compiles). %d rows truncated to %d tokens.", output_path,
+             stats["rows"], seconds, stats["sentences_per_sec"], split.num_truncated,
+             self.max_seq_length)
     return stats
 
 
