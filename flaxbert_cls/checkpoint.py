@@ -200,3 +200,30 @@ class PreemptionWatcher:
     import signal  # pylint: disable=g-import-not-at-top
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class SaveTimer:
+  """Time-based saves, decided on process 0 and broadcast so every process saves together.
+
+  Checked only every `check_every` steps: the broadcast is a (tiny) collective.
+  """
+
+  def __init__(self, minutes: float, check_every: int):
+    import time  # pylint: disable=g-import-not-at-top
+    self._clock = time.monotonic
+    self._seconds = 60.0 * minutes
+    self._check_every = max(check_every, 1)
+    self._last = self._clock()
+
+  def due(self, step: int) -> bool:
+    if self._seconds <= 0 or step % self._check_every:
+      return False
+    due = self._clock() - self._last >= self._seconds
+    if jax.process_count() > 1:
+      import numpy as np  # pylint: disable=g-import-not-at-top
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+    return due
+
+  def saved(self) -> None:
+    self._last = self._clock()

@@ -38,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seq_buckets = (32, 64, 128, 256, 512)
   c.length_grouping_window = 0  # > 0: sort by length within windows of this many batches
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
+  # XLA's persistent compilation cache: a second start of the same config skips compiling.
+  c.compilation_cache_dir = "~/.cache/flaxbert_cls/xla"  # '' = off
 
   # Optimization (HF recipe: AdamW eps 1e-6, linear warmup then linear decay).
   c.batch_size = 32  # global batch, over all devices and processes
@@ -56,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_grad_norm = 1.0
   c.freeze = ()  # path regexes of parameters that stay fixed (no optimizer state)
   c.freeze_bottom_layers = 0  # shortcut: embeddings + encoder layers 0..k-1
+  c.lora_rank = 0  # > 0: LoRA adapters of this rank; only adapters and the head train
+  c.lora_alpha = 16.0  # adapter scale alpha / rank
+  c.lora_targets = ("query", "value")  # attention projections that get adapters
   c.layerwise_lr_decay = 1.0  # < 1: lr * decay^(L+1-depth); head 1, embeddings decay^(L+1)
   c.gradient_accumulation_steps = 1  # k micro-batches of batch_size/k per update
   c.seed = 42
@@ -64,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0 = at the end only
   c.checkpoint_every_steps = 1000
+  c.checkpoint_every_minutes = 0.0  # > 0: also save when this much time has passed
   c.max_checkpoints_to_keep = 2  # latest steps kept for resume
   c.keep_best_checkpoints = 1  # best steps by the task's main metric (0 = none)
   c.early_stopping_patience = 0  # stop after this many evals without improvement (0 = off)
@@ -111,6 +117,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(int(config[key]) > 0, key, "must be > 0")
   for key in ("eval_every_steps", "keep_best_checkpoints", "early_stopping_patience"):
     check(int(config[key]) >= 0, key, "must be >= 0")
+  check(config.lora_rank >= 0, "lora_rank", "must be >= 0")
+  check(set(config.lora_targets) <= {"query", "key", "value"}, "lora_targets",
+        "choose from 'query', 'key', 'value'")
   check(0 < config.layerwise_lr_decay <= 1, "layerwise_lr_decay", "must be in (0, 1]")
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,

@@ -21,6 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxbert_cls import sharding as sharding_lib
+from flaxbert_cls.sharding import ACTIVATION_BATCH, ACTIVATION_HEADS, ACTIVATION_MLP
+
 # Logical axis names used on parameters and activations. Rules in the config map
 # them to mesh axes ('data', 'fsdp', 'tensor').
 EMBED = "embed"  # hidden size
@@ -55,6 +58,13 @@ class BertConfig:
   # Not HF fields: how to run it.
   dtype: str = "float32"  # compute dtype; parameters stay float32
   attention_impl: str | None = None  # None/'xla'/'cudnn', for jax.nn.dot_product_attention
+  lora_rank: int = 0  # > 0: low-rank adapters on lora_targets (base weights frozen by optim)
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("query", "value")
+  # On a mesh, activations are pinned by these rules (sharding.activation_rules): the
+  # batch stays split, so FSDP gathers weights, not activations. None: unconstrained.
+  mesh: Any = None
+  activation_rules: tuple[tuple[str, Any], ...] = ()
 
   @classmethod
   def from_hf(cls, hf_config: Any, **overrides: Any) -> "BertConfig":
@@ -90,16 +100,33 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def constrain(x: jax.Array, axes: tuple[str | None, ...], cfg: BertConfig) -> jax.Array:
+  """Pins an activation's sharding by logical axis names (a no-op without a mesh)."""
+  if cfg.mesh is None:
+    return x
+  return sharding_lib.constrain(x, axes, cfg.mesh, cfg.activation_rules)
+
+
+# [batch, length, hidden]: batch split over data/fsdp; hidden whole on every device.
+HIDDEN_ACTIVATION = (ACTIVATION_BATCH, None, None)
+
+
 def _kernel_init(std: float = 0.02):
   return nn.initializers.truncated_normal(std)
 
 
 class Dense(nn.Module):
-  """A dense layer with logical axis names on kernel and bias; computes in `dtype`."""
+  """A dense layer with logical axis names on kernel and bias; computes in `dtype`.
+
+  With lora_rank = r > 0 it adds a low-rank update (alpha / r) * x @ lora_a @ lora_b;
+  lora_b starts at zero, so the layer starts as the pre-trained one (`merge_lora`).
+  """
 
   features: int
   axes: tuple[str | None, str | None]
   dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,8 +134,30 @@ class Dense(nn.Module):
                         (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
                       (self.features,), jnp.float32)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+    if self.lora_rank:
+      a = self.param("lora_a", nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1.0, "fan_in", "uniform"), (self.axes[0], None)),
+                     (x.shape[-1], self.lora_rank), jnp.float32)
+      b = self.param("lora_b", nn.with_logical_partitioning(
+          nn.initializers.zeros, (None, self.axes[1])), (self.lora_rank, self.features),
+                     jnp.float32)
+      low_rank = jnp.einsum("...i,ir->...r", x, a.astype(self.dtype))
+      y = y + (self.lora_alpha / self.lora_rank) * jnp.einsum("...r,ro->...o", low_rank,
+                                                              b.astype(self.dtype))
     return y + bias.astype(self.dtype)
+
+
+def merge_lora(params: Any, lora_alpha: float) -> Any:
+  """Folds every lora_a/lora_b pair into its kernel: a plain BERT tree, equal outputs."""
+  if isinstance(params, dict) or hasattr(params, "items"):
+    params = dict(params)
+    if "lora_a" in params:
+      a, b = params.pop("lora_a"), params.pop("lora_b")
+      params["kernel"] = params["kernel"] + (lora_alpha / a.shape[-1]) * (a @ b)
+    return {k: merge_lora(v, lora_alpha) for k, v in params.items()}
+  return params
 
 
 class LayerNorm(nn.Module):
@@ -161,6 +210,7 @@ class BertEmbeddings(nn.Module):
       x = x + Embed(cfg.type_vocab_size, size, (None, EMBED),
                     name="token_type_embeddings")(token_type_ids)
     x = LayerNorm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(x)
+    x = constrain(x, HIDDEN_ACTIVATION, cfg)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -173,8 +223,10 @@ class BertSelfAttention(nn.Module):
     batch, length = x.shape[:2]
 
     def project(name):
-      y = Dense(cfg.hidden_size, (EMBED, HEADS), cfg.dtype, name=name)(x)
-      return y.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+      rank = cfg.lora_rank if name in cfg.lora_targets else 0
+      y = Dense(cfg.hidden_size, (EMBED, HEADS), cfg.dtype, rank, cfg.lora_alpha, name=name)(x)
+      y = y.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+      return constrain(y, (ACTIVATION_BATCH, None, ACTIVATION_HEADS, None), cfg)
 
     q, k, v = project("query"), project("key"), project("value")
     mask = attention_mask[:, None, None, :].astype(bool)  # [batch, 1, 1, kv_len]
@@ -212,7 +264,8 @@ class BertOutput(nn.Module):
     cfg = self.config
     h = Dense(cfg.hidden_size, self.axes, cfg.dtype, name="dense")(h)
     h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-    return LayerNorm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(h + residual)
+    h = LayerNorm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(h + residual)
+    return constrain(h, HIDDEN_ACTIVATION, cfg)
 
 
 class BertIntermediate(nn.Module):
@@ -222,7 +275,8 @@ class BertIntermediate(nn.Module):
   def __call__(self, x):
     cfg = self.config
     h = Dense(cfg.intermediate_size, (EMBED, MLP), cfg.dtype, name="dense")(x)
-    return _ACTIVATIONS[cfg.hidden_act](h)
+    return constrain(_ACTIVATIONS[cfg.hidden_act](h), (ACTIVATION_BATCH, None, ACTIVATION_MLP),
+                     cfg)
 
 
 class BertLayer(nn.Module):
@@ -261,7 +315,7 @@ class BertPooler(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    cls = x[:, 0]
+    cls = constrain(x[:, 0], (ACTIVATION_BATCH, None), self.config)
     return jnp.tanh(Dense(self.config.hidden_size, (EMBED, None), self.config.dtype,
                           name="dense")(cls))
 
@@ -289,6 +343,7 @@ class BertModel(nn.Module):
                                                deterministic)
     if cfg.embedding_size and cfg.embedding_size != cfg.hidden_size:
       x = Dense(cfg.hidden_size, (None, EMBED), cfg.dtype, name="embeddings_project")(x)
+      x = constrain(x, HIDDEN_ACTIVATION, cfg)
     x = BertEncoder(cfg, name="encoder")(x, attention_mask, deterministic)
     pooled = BertPooler(cfg, name="pooler")(x) if self.add_pooling_layer else None
     return x.astype(jnp.float32), None if pooled is None else pooled.astype(jnp.float32)
@@ -332,7 +387,7 @@ class BertForSequenceClassification(nn.Module):
     if head == "bert":
       pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
       return Dense(self.num_labels, (EMBED, CLASSES), jnp.float32, name="classifier")(pooled)
-    first = hidden[:, 0]
+    first = constrain(hidden[:, 0], (ACTIVATION_BATCH, None), cfg)
     if head == "distilbert":
       x = nn.relu(Dense(cfg.hidden_size, (EMBED, None), jnp.float32, name="pre_classifier")(first))
       x = nn.Dropout(rate)(x, deterministic=deterministic)

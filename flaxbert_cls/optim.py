@@ -36,6 +36,9 @@ def freeze_patterns(config: ConfigDict) -> tuple[str, ...]:
   k = int(config.get("freeze_bottom_layers", 0))
   if k:
     patterns += ["bert/embeddings/"] + [f"bert/encoder/layer/{i}/" for i in range(k)]
+  if int(config.get("lora_rank", 0)):
+    # LoRA: everything but the adapters and the classification head stays fixed.
+    patterns.append(r"^(?!.*/lora_[ab]$)(?!classifier/|pre_classifier/)")
   return tuple(patterns)
 
 

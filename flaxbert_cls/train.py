@@ -69,19 +69,46 @@ def example_losses(logits: jax.Array, labels: jax.Array, is_regression: bool) ->
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, is_regression: bool,
-               dropout_seed: int) -> tuple[TrainState, TrainMetrics, jax.Array]:
-  """One AdamW step on one global batch; returns (state, metrics, loss-and-grads-finite)."""
+               dropout_seed: int, accumulation_steps: int = 1
+               ) -> tuple[TrainState, TrainMetrics, jax.Array]:
+  """One AdamW step on one global batch; returns (state, metrics, loss-and-grads-finite).
+
+  With accumulation_steps = k the batch runs as k micro-batches (scan) whose summed
+  gradients give exactly the full batch's update, with 1/k of the activations.
+  """
   # Dropout randomness is a pure function of (seed, step): resume needs no RNG state.
   rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
-  weights = batch["weights"]
+  total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
-  def loss_fn(params):
-    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                         batch["token_type_ids"], deterministic=False, rngs={"dropout": rng})
-    losses = example_losses(logits, batch["labels"], is_regression)
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0), (logits, losses)
+  def loss_sum(params, micro, micro_rng):
+    logits = model.apply({"params": params}, micro["input_ids"], micro["attention_mask"],
+                         micro["token_type_ids"], deterministic=False,
+                         rngs={"dropout": micro_rng})
+    losses = example_losses(logits, micro["labels"], is_regression)
+    return jnp.sum(losses * micro["weights"]), (logits, losses)
 
-  (loss, (logits, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  k = accumulation_steps
+  if k == 1:
+    (total_loss, (logits, losses)), grads = grad_fn(state.params, batch, rng)
+  else:
+    # Micro-batch i holds rows i, i+k, ...: every micro-batch stays spread over all
+    # data shards (a [k, B/k] split would put each on a slice of the devices).
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]),
+                                                0, 1), batch)
+
+    def accumulate(carry, inputs):
+      index, micro_batch = inputs
+      (value, aux), g = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
+      return (jax.tree.map(jnp.add, carry[0], g), carry[1] + value), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, total_loss), (logits, losses) = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(k), micro))
+    logits, losses = jax.tree.map(
+        lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), (logits, losses))
+  loss = total_loss / total_weight
+  grads = jax.tree.map(lambda g: g / total_weight, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -150,13 +177,21 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   if label_names is None and not task.is_regression:
     label_names = data_lib.label_names_for(config, task)
   num_labels = 1 if task.is_regression else len(label_names)
+  mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape, devices)
   bert_config = hf.model_config(  # any supported family (hf.FAMILIES)
       hf_config, dtype=config.dtype, attention_impl=config.attention_impl or None,
+      mesh=mesh, activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh),
+      lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+      lora_targets=tuple(config.lora_targets),
       **({"classifier_dropout": config.classifier_dropout} if config.classifier_dropout >= 0
          else {}))
-  mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape, devices)
   if config.batch_size % sharding_lib.data_parallel_size(mesh):
     raise UserError(f"config.batch_size={config.batch_size} is not divisible by the "
+                    f"{sharding_lib.data_parallel_size(mesh)} data shards of the mesh")
+  micro_batch = config.batch_size // config.gradient_accumulation_steps
+  if micro_batch % sharding_lib.data_parallel_size(mesh):
+    raise UserError(f"config.gradient_accumulation_steps={config.gradient_accumulation_steps}: "
+                    f"micro-batches of {micro_batch} do not split over the "
                     f"{sharding_lib.data_parallel_size(mesh)} data shards of the mesh")
   if config.eval_batch_size % sharding_lib.data_parallel_size(mesh):
     raise UserError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
@@ -256,6 +291,15 @@ def _format_duration(seconds: float) -> str:
          f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def enable_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache (every program, however fast to compile)."""
+  if not directory:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _prepare_workdir(workdir: str) -> str:
   workdir = os.path.abspath(workdir)
   try:
@@ -292,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with config.unlocked():
     config.cache_dir = config.cache_dir or os.path.join(workdir, "cache")
 
+  enable_compilation_cache(config.compilation_cache_dir)
   exp = build_experiment(config, devices=devices)
   train_examples = data_lib.read_split(config, exp.task, "train", exp.label_names)
   eval_examples = data_lib.read_split(config, exp.task, "validation", exp.label_names)
@@ -327,7 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   jit_train = jax.jit(
       functools.partial(train_step, model=exp.model, tx=tx, schedule=schedule,
-                        is_regression=exp.is_regression, dropout_seed=config.seed),
+                        is_regression=exp.is_regression, dropout_seed=config.seed,
+                        accumulation_steps=config.gradient_accumulation_steps),
       in_shardings=(state_shardings, exp.batch_sharding),
       out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
                      sharding_lib.replicated(exp.mesh)),
@@ -349,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                               config.max_seq_length), exp.batch_sharding)
       for step in range(start_step, total_steps))
   preemption = checkpoint_lib.PreemptionWatcher()
+  save_timer = checkpoint_lib.SaveTimer(config.checkpoint_every_minutes, config.log_every_steps)
 
   log.info("Training steps %d..%d (%d per epoch) of %d examples on a %s mesh.", start_step + 1,
            total_steps, order.steps_per_epoch, config.batch_size, dict(exp.mesh.shape))
@@ -387,8 +434,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _write_metrics_jsonl(workdir, {"step": step, "split": "validation", **eval_metrics})
       preempted = preemption.reached(step)
       if (step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
-          or stop_early or main_metric is not None):
+          or stop_early or main_metric is not None or save_timer.due(step)):
+        t_save = time.perf_counter()
         ckpt.save(step, state, meta, main_metric)
+        save_timer.saved()
+        log.info("checkpoint %d: the loop waited %.0f ms (the write continues in the background)",
+                 step, 1e3 * (time.perf_counter() - t_save))
       if preempted:
         ckpt.wait()
         log.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
@@ -409,7 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              "  ".join(f"{k} {v:.4f}" for k, v in best["metrics"].items()))
   log.info("Done in %s.", _format_duration(time.time() - t_start))
   return {"step": int(state.step), "eval": eval_metrics, "train_log": train_log, "state": state,
-          "best": best}
+          "best": best, "seconds": time.time() - t_start}
 
 
 def _update_best(meta: dict[str, Any], step: int, metrics: dict[str, float], main_metric: str,
@@ -478,7 +529,12 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
   state, _, _ = ckpt.restore(
       checkpoint_lib.abstract_with_shardings(nn.unbox(abstract_state), state_shardings), step)
   ckpt.close()
-  return exp, state.params
+  params = state.params
+  if exp.model.config.lora_rank:
+    # Eval, predict and export see a plain BERT: adapters folded into the base kernels.
+    params = jax.jit(functools.partial(model_lib.merge_lora, lora_alpha=config.lora_alpha))(params)
+    exp.model = exp.model.clone(config=dataclasses.replace(exp.model.config, lora_rank=0))
+  return exp, params
 
 
 def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None = None,

@@ -132,3 +132,51 @@ def test_same_seed_same_parameters_bitwise(tiny_checkpoint, tmp_path):
                                    str(tmp_path / "other"))["state"].params
   assert not np.array_equal(np.asarray(jax.tree.leaves(other)[-1]),
                             np.asarray(jax.tree.leaves(runs[0])[-1]))
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits(tiny_checkpoint, tmp_path):
+  run = train.train_and_evaluate(small_config(tiny_checkpoint, dtype="bfloat16",
+                                              num_train_steps=3), str(tmp_path),
+                                 devices=jax.devices()[:1])
+  assert {x.dtype for x in jax.tree.leaves(run["state"].params)} == {np.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(run["state"].opt_state)
+          if hasattr(x, "dtype") and x.ndim > 0} == {np.dtype("float32")}
+  exp, params = train.load_run(str(tmp_path), devices=jax.devices()[:1])
+  batch = {k: np.ones((2, 8), np.int32) for k in ("input_ids", "attention_mask",
+                                                  "token_type_ids")}
+  logits = train.eval_step(params, batch, model=exp.model)
+  assert logits.dtype == np.float32 and np.isfinite(np.asarray(logits)).all()
+  assert np.isfinite([l for _, l in run["train_log"]]).all()
+
+
+def test_lora_trains_only_adapters_and_head_and_merges_exactly(tiny_checkpoint, tmp_path):
+  config = small_config(tiny_checkpoint, lora_rank=4, lora_alpha=8.0, num_train_steps=4,
+                        learning_rate=1e-2)
+  run = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  start = _loaded_params(tiny_checkpoint)
+  after = _flat(run["state"].params)
+  adapters = [k for k in after if "/lora_" in k]
+  assert sorted({k.split("/")[-2] for k in adapters}) == ["query", "value"]
+  assert len(adapters) == 2 * 2 * 2  # 2 layers x (query, value) x (lora_a, lora_b)
+  for key, value in after.items():
+    if "/lora_" in key or key.startswith("classifier/"):
+      continue
+    np.testing.assert_array_equal(value, start[key])  # the base model is frozen
+  assert any(np.abs(after[k]).max() > 0 for k in adapters if k.endswith("lora_b"))
+  # Only adapters and head carry Adam moments.
+  trained_bytes = sum(after[k].nbytes for k in after if "/lora_" in k or
+                      k.startswith("classifier/"))
+  assert _opt_state_bytes(run["state"].opt_state) <= 2 * trained_bytes + 64
+  # Merged (plain BERT) logits equal the adapter model's logits.
+  exp, merged = train.load_run(str(tmp_path), devices=jax.devices()[:1])
+  assert exp.model.config.lora_rank == 0
+  assert not any("lora_" in k for k in _flat(merged))
+  rng = np.random.default_rng(0)
+  batch = dict(input_ids=rng.integers(1000, 3000, (4, 16)).astype(np.int32),
+               attention_mask=np.ones((4, 16), np.int32),
+               token_type_ids=np.zeros((4, 16), np.int32))
+  lora_model = exp.model.clone(config=__import__("dataclasses").replace(
+      exp.model.config, lora_rank=4, lora_alpha=8.0))
+  unmerged = train.eval_step(run["state"].params, batch, model=lora_model)
+  np.testing.assert_allclose(train.eval_step(merged, batch, model=exp.model), unmerged,
+                             atol=1e-5)
