@@ -27,12 +27,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_dir = ""  # a GLUE directory with SST-2/train.tsv, ... (used if files are '')
   c.dataset_name = ""  # HF datasets name, e.g. 'nyu-mll/glue' (with dataset_config_name)
   c.dataset_config_name = ""
+  c.tfds_name = ""  # TFDS dataset, e.g. 'glue/sst2' (read with tfds.data_source, no TF)
+  c.tfds_data_dir = ""  # '' = TFDS's default data dir
   c.text_columns = ("sentence",)  # custom task: 1 or 2 text columns
   c.label_column = "label"  # custom task
   c.label_names = ()  # custom task: class names in id order; () = from the training data
   c.is_regression = False  # custom task
   c.metrics = ()  # custom task: () = accuracy (classification) / pearson, spearmanr
   c.main_metric = ""  # custom task: '' = the first of metrics
+  # Multi-task: a tuple of dicts, one per task, each with task_name and any of TASK_KEYS
+  # (those not given come from the keys above, e.g. a shared GLUE data_dir). One shared
+  # encoder, one head per task; () = the single task above. See configs/glue_multitask.py.
+  c.tasks = ()
+  c.mixing = "proportional"  # which task each step trains: proportional | temperature | equal
+  c.mixing_temperature = 2.0  # 'temperature': p(task) ~ weight * size^(1/T)
+  c.selection_metric = "average"  # best-k / early stopping: 'average' of main metrics or a task
   c.max_seq_length = 128
   # Batches are padded to the smallest bucket that fits (bounded compiled shapes).
   c.seq_buckets = (32, 64, 128, 256, 512)
@@ -120,10 +129,66 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.lora_rank >= 0, "lora_rank", "must be >= 0")
   check(set(config.lora_targets) <= {"query", "key", "value"}, "lora_targets",
         "choose from 'query', 'key', 'value'")
+  # .get: a run saved before multi-task existed has no mixing keys.
+  check(config.get("mixing", "proportional") in MIXING, "mixing", f"use one of {MIXING}")
+  check(config.get("mixing_temperature", 1.0) > 0, "mixing_temperature", "must be > 0")
   check(0 < config.layerwise_lr_decay <= 1, "layerwise_lr_decay", "must be in (0, 1]")
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")
+
+
+# Keys a `config.tasks` entry may set (besides task_name, name and weight).
+TASK_KEYS = ("train_file", "validation_file", "data_dir", "dataset_name", "dataset_config_name",
+             "tfds_name", "tfds_data_dir", "text_columns", "label_column", "label_names",
+             "is_regression", "metrics", "main_metric")
+MIXING = ("proportional", "temperature", "equal")
+
+
+def task_configs(config: ml_collections.ConfigDict
+                 ) -> list[tuple[str, float, ml_collections.ConfigDict]]:
+  """(head name, weight, that task's config) per task; one entry for a single-task config.
+
+  A task's config is the run's config with the entry's keys on top, so `task_name`,
+  `data_dir`, ... mean the same as in a single-task run.
+  """
+  from flaxbert_cls.errors import UserError  # pylint: disable=g-import-not-at-top
+  entries = list(config.get("tasks") or ())
+  if not entries:
+    return [("", 1.0, config)]
+  out, names = [], set()
+  for i, entry in enumerate(entries):
+    where = f"config.tasks[{i}]"
+    if not hasattr(entry, "items"):
+      raise UserError(f"{where}={entry!r}: give a dict with task_name (and data keys)")
+    entry = dict(entry.items())
+    unknown = sorted(set(entry) - {"task_name", "name", "weight", *TASK_KEYS})
+    if unknown:
+      raise UserError(f"{where}: unknown key {unknown[0]!r}; known: "
+                      f"{['task_name', 'name', 'weight', *TASK_KEYS]}")
+    if not isinstance(entry.get("task_name"), str) or not entry["task_name"].strip():
+      raise UserError(f"{where}: task_name is not set (a GLUE task or 'custom')")
+    weight = entry.pop("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+      raise UserError(f"{where}.weight={weight!r}: must be a number > 0")
+    name = str(entry.pop("name", "") or entry["task_name"]).strip().lower().replace("-", "")
+    if entry["task_name"].strip().lower() == "custom" and "name" not in dict(entries[i]):
+      raise UserError(f"{where}: a custom task needs a name (its head's name)")
+    if not name.replace("_", "").isalnum():
+      raise UserError(f"{where}.name={name!r}: use letters, digits and '_'")
+    if name in names:
+      raise UserError(f"{where}.name={name!r}: two tasks with this name; set distinct names")
+    names.add(name)
+    task_config = ml_collections.ConfigDict(config.to_dict())
+    with task_config.unlocked():
+      task_config.tasks = ()
+      for key, value in entry.items():
+        try:
+          task_config[key] = tuple(value) if isinstance(value, list) else value
+        except (TypeError, ValueError) as e:
+          raise UserError(f"{where}.{key}={value!r}: {e}") from None
+    out.append((name, float(weight), task_config))
+  return out
 
 
 def glue_config(task_name: str, **overrides) -> ml_collections.ConfigDict:

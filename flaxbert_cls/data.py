@@ -47,10 +47,13 @@ def _hf_dataset(config: Any, task: tasks_lib.Task) -> tuple[str, str | None]:
 
 def read_split(config: Any, task: tasks_lib.Task, split: str,
                label_names: tuple[str, ...] | None) -> readers.Examples:
-  """Reads 'train' or 'validation' from a file, a GLUE dir or HF datasets (in that order)."""
+  """Reads 'train' or 'validation' from a file, a GLUE dir, TFDS or HF datasets (in that order)."""
   path = _split_file(config, task, split)
   if path is not None:
     examples = readers.read_file(path, task, label_names)
+  elif config.get("tfds_name"):
+    examples = readers.read_tfds(config.tfds_name, task.hf_split_name(split), task, label_names,
+                                 data_dir=config.get("tfds_data_dir") or None)
   else:
     name, config_name = _hf_dataset(config, task)
     examples = readers.read_hf_dataset(name, config_name, task.hf_split_name(split), task,
@@ -67,6 +70,9 @@ def label_names_for(config: Any, task: tasks_lib.Task) -> tuple[str, ...]:
   path = _split_file(config, task, "train")
   if path is not None:
     return readers.build_label_names(path, task)
+  if config.get("tfds_name"):
+    return readers.tfds_label_names(config.tfds_name, task.hf_split_name("train"), task,
+                                    data_dir=config.get("tfds_data_dir") or None)
   name, config_name = _hf_dataset(config, task)
   return readers.hf_label_names(name, config_name, task.hf_split_name("train"), task)
 
@@ -224,6 +230,84 @@ class TrainOrder:
   def batch_indices(self, step: int) -> np.ndarray:
     epoch, index = divmod(step, self.steps_per_epoch)
     return self._epoch_batches(epoch)[index]
+
+
+def mixing_probabilities(sizes: Sequence[int], weights: Sequence[float], mixing: str,
+                         temperature: float = 1.0) -> np.ndarray:
+  """p(task) ~ weight * size^(1/T): T=1 'proportional', T 'temperature', T=inf 'equal'."""
+  sizes = np.asarray(sizes, np.float64)
+  exponent = {"proportional": 1.0, "temperature": 1.0 / temperature, "equal": 0.0}[mixing]
+  p = np.asarray(weights, np.float64) * sizes ** exponent
+  return p / p.sum()
+
+
+@dataclasses.dataclass
+class TaskMixture:
+  """Which task and which of its examples form global batch `step`: pure in (seed, step).
+
+  Each step trains one task, drawn with `probabilities`; a task's k-th draw takes batch k
+  of its own `TrainOrder` (epochs of that task's data). Draws come in blocks seeded by
+  (seed, block); per-task counts at block starts are cached, so any step is cheap to
+  reach on resume. One task is the single-task run: every step is that task's step.
+  """
+
+  orders: Sequence[TrainOrder]
+  probabilities: np.ndarray
+  seed: int
+  block: int = 1024
+
+  def __post_init__(self):
+    self._blocks: dict[int, np.ndarray] = {}
+    self._counts = [np.zeros(len(self.orders), np.int64)]  # draws before block b
+
+  def _draws(self, b: int) -> np.ndarray:
+    if b not in self._blocks:
+      if len(self._blocks) > 8:
+        self._blocks.clear()
+      rng = np.random.default_rng([self.seed, 0x6D6978, b])  # 'mix': apart from data seeds
+      self._blocks[b] = rng.choice(len(self.orders), size=self.block, p=self.probabilities)
+    return self._blocks[b]
+
+  def task_for_step(self, step: int) -> int:
+    if len(self.orders) == 1:
+      return 0
+    return int(self._draws(step // self.block)[step % self.block])
+
+  def task_steps(self, step: int) -> tuple[int, int]:
+    """(task, how many earlier steps trained that task)."""
+    if len(self.orders) == 1:
+      return 0, step
+    b, i = divmod(step, self.block)
+    while len(self._counts) <= b:
+      n = len(self._counts) - 1
+      self._counts.append(self._counts[n] + np.bincount(self._draws(n),
+                                                        minlength=len(self.orders)))
+    draws = self._draws(b)
+    task = int(draws[i])
+    return task, int(self._counts[b][task] + np.count_nonzero(draws[:i] == task))
+
+  def batch_indices(self, step: int) -> tuple[int, np.ndarray]:
+    task, k = self.task_steps(step)
+    return task, self.orders[task].batch_indices(k)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return sum(o.steps_per_epoch for o in self.orders)
+
+
+def mixture_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: int,
+                  buckets: Sequence[int], max_seq_length: int,
+                  labels_dtype: Any = None) -> dict[str, np.ndarray]:
+  """`train_batch` of the step's task; with several tasks, also `task_ids` per row."""
+  task, rows = mixture.batch_indices(step)
+  split = splits[task]
+  seq_len = bucket_for(int(split.lengths[rows].max()), buckets, max_seq_length)
+  batch = pad_rows(split, process_rows(rows), seq_len)
+  if len(splits) > 1:
+    batch["task_ids"] = np.full(len(batch["weights"]), task, np.int32)
+    if labels_dtype is not None and "labels" in batch:
+      batch["labels"] = batch["labels"].astype(labels_dtype)  # one jit signature for all tasks
+  return batch
 
 
 def process_rows(global_rows: np.ndarray) -> np.ndarray:

@@ -8,6 +8,9 @@ tokenizer files, so `AutoModelForSequenceClassification.from_pretrained(OUT)` an
 `AutoTokenizer.from_pretrained(OUT)` load it with no missing or unexpected keys.
 It also holds flaxbert_cls.json (text columns, max_seq_length, ...), which
 `predict` reads to tokenize as the run did; transformers ignores it.
+
+A multi-task run (config.tasks) exports one such directory per task, OUT/<task>/:
+the shared encoder with that task's head, named as a single-task model's.
 """
 
 from __future__ import annotations
@@ -118,7 +121,22 @@ def export(workdir: str, output: str, step: int | str | None = None) -> str:
   step = parse_step(step)
   check_step(workdir, step)
   exp, params = train.load_run(workdir, step=step)
-  task = exp.task
+  if not exp.multitask:
+    return _export_head(exp, exp.heads[0], params, workdir, output, step)
+  output = os.path.abspath(output)
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    raise UserError(f"--output={output}: exists and is not an empty directory; choose a new one")
+  from flaxbert_cls import model as model_lib  # pylint: disable=g-import-not-at-top
+  for head in exp.heads:
+    _export_head(exp, head, model_lib.task_params(params, head.name), workdir,
+                 os.path.join(output, head.name), step)
+  return output
+
+
+def _export_head(exp: Any, head: Any, params: Any, workdir: str, output: str,
+                 step: int | str | None) -> str:
+  """One task's HF directory; `params` named as BertForSequenceClassification's."""
+  task = head.task
   metadata = {
       "source_workdir": os.path.abspath(workdir),
       "step": "latest" if step is None else step,
@@ -128,8 +146,8 @@ def export(workdir: str, output: str, step: int | str | None = None) -> str:
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
-  out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, exp.label_names, metadata)
-  log.info("Exported %s (step %s, %s, %d labels) to %s", workdir, metadata["step"],
-           hf.family(exp.hf_config.model_type).architecture,
-           1 if exp.label_names is None else len(exp.label_names), out)
+  out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, head.label_names, metadata)
+  log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
+           task.name, hf.family(exp.hf_config.model_type).architecture,
+           1 if head.label_names is None else len(head.label_names), out)
   return out

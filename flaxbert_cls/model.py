@@ -379,19 +379,73 @@ class BertForSequenceClassification(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
     cfg = self.config
-    head = cfg.classifier_head
-    hidden, pooled = BertModel(cfg, add_pooling_layer=head == "bert", name="bert")(
+    hidden, pooled = BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert", name="bert")(
         input_ids, attention_mask, token_type_ids, deterministic)
-    rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-    # The heads run in float32: logits and loss stay exact under bf16 compute.
-    if head == "bert":
-      pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
-      return Dense(self.num_labels, (EMBED, CLASSES), jnp.float32, name="classifier")(pooled)
-    first = constrain(hidden[:, 0], (ACTIVATION_BATCH, None), cfg)
-    if head == "distilbert":
-      x = nn.relu(Dense(cfg.hidden_size, (EMBED, None), jnp.float32, name="pre_classifier")(first))
-      x = nn.Dropout(rate)(x, deterministic=deterministic)
-      return Dense(self.num_labels, (None, CLASSES), jnp.float32, name="classifier")(x)
-    activation = jnp.tanh if head == "roberta" else _ACTIVATIONS["gelu"]
-    return ClassificationHead(cfg, self.num_labels, activation, rate, name="classifier")(
-        first, deterministic)
+    return _head_logits(cfg, self.num_labels, hidden, pooled, deterministic)
+
+
+def _head_logits(cfg: BertConfig, num_labels: int, hidden: jax.Array, pooled: jax.Array | None,
+                 deterministic: bool) -> jax.Array:
+  """The family's head; called inside a compact method, so its params nest under the caller."""
+  head = cfg.classifier_head
+  rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+  # The heads run in float32: logits and loss stay exact under bf16 compute.
+  if head == "bert":
+    pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+    return Dense(num_labels, (EMBED, CLASSES), jnp.float32, name="classifier")(pooled)
+  first = constrain(hidden[:, 0], (ACTIVATION_BATCH, None), cfg)
+  if head == "distilbert":
+    x = nn.relu(Dense(cfg.hidden_size, (EMBED, None), jnp.float32, name="pre_classifier")(first))
+    x = nn.Dropout(rate)(x, deterministic=deterministic)
+    return Dense(num_labels, (None, CLASSES), jnp.float32, name="classifier")(x)
+  activation = jnp.tanh if head == "roberta" else _ACTIVATIONS["gelu"]
+  return ClassificationHead(cfg, num_labels, activation, rate, name="classifier")(
+      first, deterministic)
+
+
+class TaskHead(nn.Module):
+  """One task's head of a multi-task model: the same layers (and HF names) as a single task."""
+
+  config: BertConfig
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, hidden, pooled, deterministic: bool):
+    return _head_logits(self.config, self.num_labels, hidden, pooled, deterministic)
+
+
+class MultiTaskClassifier(nn.Module):
+  """One shared encoder, one head per task: params `bert/...` and `heads/<task>/classifier/...`.
+
+  Returns a tuple of logits, one [batch, num_labels[t]] array per task. Every head runs
+  on every batch (a head is one or two small matmuls), so one program serves all tasks;
+  the loss picks each example's head by its task id.
+  """
+
+  config: BertConfig
+  num_labels: tuple[int, ...]
+  task_names: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+    cfg = self.config
+    hidden, pooled = BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert", name="bert")(
+        input_ids, attention_mask, token_type_ids, deterministic)
+    heads = _Heads(cfg, self.num_labels, self.task_names, name="heads")
+    return heads(hidden, pooled, deterministic)
+
+
+class _Heads(nn.Module):
+  config: BertConfig
+  num_labels: tuple[int, ...]
+  task_names: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, hidden, pooled, deterministic: bool):
+    return tuple(TaskHead(self.config, n, name=name)(hidden, pooled, deterministic)
+                 for n, name in zip(self.num_labels, self.task_names))
+
+
+def task_params(params: Any, task_name: str) -> Any:
+  """A multi-task model's params for one task, as BertForSequenceClassification names them."""
+  return {"bert": params["bert"], **params["heads"][task_name]}

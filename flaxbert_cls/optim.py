@@ -38,7 +38,7 @@ def freeze_patterns(config: ConfigDict) -> tuple[str, ...]:
     patterns += ["bert/embeddings/"] + [f"bert/encoder/layer/{i}/" for i in range(k)]
   if int(config.get("lora_rank", 0)):
     # LoRA: everything but the adapters and the classification head stays fixed.
-    patterns.append(r"^(?!.*/lora_[ab]$)(?!classifier/|pre_classifier/)")
+    patterns.append(r"^(?!.*/lora_[ab]$)(?!classifier/|pre_classifier/|heads/)")
   return tuple(patterns)
 
 

@@ -97,6 +97,9 @@ class Predictor:
     from flaxbert_cls import train  # pylint: disable=g-import-not-at-top  (orbax, clu)
     export_lib.check_step(workdir, step)
     exp, params = train.load_run(workdir, step=step)
+    if exp.multitask:
+      raise UserError(f"{workdir}: a multi-task run ({', '.join(h.name for h in exp.heads)}); "
+                      "export it (flaxbert-cls export --output=OUT) and predict with OUT/<task>")
     return cls(exp.model, params, exp.tokenizer, exp.label_names, _unlabelled(exp.task),
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
                int(exp.config.eval_batch_size), exp.batch_sharding, workdir)

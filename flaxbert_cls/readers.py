@@ -50,7 +50,7 @@ class Examples:
 
   def where(self, i: int) -> str:
     """'<source> line N' for row i, for messages."""
-    unit = 'row' if self.source.startswith('hf:') else 'line'
+    unit = 'row' if self.source.startswith(('hf:', 'tfds:')) else 'line'
     return f'{self.source} {unit} {self.line_numbers[i]}'
 
 
@@ -489,9 +489,20 @@ def read_hf_dataset(name: str, config_name: str | None, split: str,
   """
   source = _hf_source(name, config_name, split, data_files)
   ds = _load_hf(name, config_name, split, data_files, cache_dir, source)
-
   own_dataset = task.hf_dataset is not None and name in (
       task.hf_dataset[0], task.hf_dataset[0].split('/')[-1])
+  return _examples_from_table(ds, source, own_dataset, task, label_names,
+                              require_labels)
+
+
+def _examples_from_table(ds: Any, source: str, own_dataset: bool, task: Task,
+                         label_names: Sequence[str] | None,
+                         require_labels: bool) -> Examples:
+  """Rows of a column table (`datasets.Dataset` or `_TfdsTable`) as Examples.
+
+  `own_dataset`: the table is the task's own GLUE dataset, whose columns are
+  `hf_text_fields` / `hf_label_field`.
+  """
   text_fields = (task.hf_text_fields or task.text_fields
                  ) if own_dataset else task.text_fields
   label_field = (task.hf_label_field or task.label_field
@@ -606,4 +617,82 @@ def hf_label_names(name: str, config_name: str | None, split: str,
     return _check_label_count(source, tuple(str(c) for c in class_names))
   labels = [_label_string(source, f'row {i}', v)
             for i, v in enumerate(ds[task.label_field])]
+  return _check_label_count(source, sort_label_names(labels))
+
+
+class _TfdsTable:
+  """A TFDS split held as columns: what `_examples_from_table` reads of a Dataset."""
+
+  def __init__(self, rows: Sequence[dict[str, Any]], features: Any):
+    self.features = features
+    self.column_names = list(features.keys())
+    self._rows = rows
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, column: str) -> list[Any]:
+    values = [row[column] for row in self._rows]
+    # TFDS gives text as bytes (numpy object arrays) and scalars as 0-d arrays.
+    return [v.decode('utf-8') if isinstance(v, bytes)
+            else v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
+            for v in values]
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None,
+               source: str) -> _TfdsTable:
+  """`tfds.data_source` (array_record, no TensorFlow) read into memory."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # Slow import.
+  try:
+    ds = tfds.data_source(name, split=split, data_dir=data_dir)
+    features = tfds.builder(name, data_dir=data_dir).info.features
+    rows = [ds[i] for i in range(len(ds))]
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(
+        f'{source}: could not load TFDS dataset {name!r} (data_dir '
+        f'{data_dir!r}; prepare it once with `tfds build`): {_one_line(e)}'
+    ) from None
+  if not rows:
+    raise UserError(f'{source}: the split has no rows')
+  return _TfdsTable(rows, features)
+
+
+def _tfds_own_dataset(name: str, task: Task) -> bool:
+  # 'glue/sst2' (or 'glue/sst2:2.0.0') has the HF glue column names.
+  return task.hf_dataset is not None and name.split(':')[0] == (
+      f'glue/{task.hf_dataset[1]}')
+
+
+def read_tfds(name: str, split: str, task: Task,
+              label_names: Sequence[str] | None = None,
+              data_dir: str | None = None, *,
+              require_labels: bool = True) -> Examples:
+  """Reads one split of a TFDS dataset ('glue/sst2') with `tfds.data_source`.
+
+  GLUE datasets use the same columns as the HF ones (`hf_text_fields`); other
+  datasets are read by `text_fields` / `label_field`. ClassLabel columns map
+  to label names as for HF datasets.
+  """
+  source = f'tfds:{name}:{split}'
+  table = _load_tfds(name, split, data_dir, source)
+  return _examples_from_table(table, source, _tfds_own_dataset(name, task),
+                              task, label_names, require_labels)
+
+
+def tfds_label_names(name: str, split: str, task: Task,
+                     data_dir: str | None = None) -> tuple[str, ...]:
+  """The label map of a custom task from a TFDS split (ClassLabel names or values)."""
+  if task.is_regression:
+    raise ValueError(f'task {task.name!r} is a regression task')
+  source = f'tfds:{name}:{split}'
+  table = _load_tfds(name, split, data_dir, source)
+  if task.label_field not in table.column_names:
+    raise UserError(
+        f'{source} columns: no column {task.label_field!r}; found columns '
+        f'{table.column_names}')
+  class_names = getattr(table.features[task.label_field], 'names', None)
+  if class_names is not None:
+    return _check_label_count(source, tuple(str(c) for c in class_names))
+  labels = [_label_string(source, f'row {i}', v)
+            for i, v in enumerate(table[task.label_field])]
   return _check_label_count(source, sort_label_names(labels))

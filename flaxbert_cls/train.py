@@ -67,14 +67,43 @@ def example_losses(logits: jax.Array, labels: jax.Array, is_regression: bool) ->
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def head_losses(outputs: jax.Array | tuple[jax.Array, ...], labels: jax.Array,
+                task_ids: jax.Array | None, is_regression: bool | tuple[bool, ...]
+                ) -> tuple[jax.Array, jax.Array]:
+  """(per-example loss, per-example correct) from each example's own task head.
+
+  `outputs` is one logits array (single task) or one per task (MultiTaskClassifier),
+  with `task_ids` naming each row's task; other heads' values are masked out with
+  `where`, so they get no gradient and a wrong-range label cannot leak a NaN.
+  """
+  if not isinstance(outputs, tuple):
+    outputs, is_regression = (outputs,), (is_regression,)
+  losses = correct = None
+  for t, (logits, regression) in enumerate(zip(outputs, is_regression)):
+    task_labels = labels
+    if task_ids is not None:
+      task_labels = (labels.astype(jnp.float32) if regression
+                     else jnp.clip(labels.astype(jnp.int32), 0, logits.shape[-1] - 1))
+    loss_t = example_losses(logits, task_labels, regression)
+    correct_t = (jnp.zeros_like(loss_t) if regression
+                 else (jnp.argmax(logits, -1) == task_labels).astype(jnp.float32))
+    if task_ids is None:
+      return loss_t, correct_t
+    mine = task_ids == t
+    losses = jnp.where(mine, loss_t, 0.0 if losses is None else losses)
+    correct = jnp.where(mine, correct_t, 0.0 if correct is None else correct)
+  return losses, correct
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, is_regression: bool,
-               dropout_seed: int, accumulation_steps: int = 1
-               ) -> tuple[TrainState, TrainMetrics, jax.Array]:
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               is_regression: bool | tuple[bool, ...], dropout_seed: int,
+               accumulation_steps: int = 1) -> tuple[TrainState, TrainMetrics, jax.Array]:
   """One AdamW step on one global batch; returns (state, metrics, loss-and-grads-finite).
 
   With accumulation_steps = k the batch runs as k micro-batches (scan) whose summed
   gradients give exactly the full batch's update, with 1/k of the activations.
+  Multi-task: `is_regression` has one entry per head and the batch holds `task_ids`.
   """
   # Dropout randomness is a pure function of (seed, step): resume needs no RNG state.
   rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
@@ -84,13 +113,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     logits = model.apply({"params": params}, micro["input_ids"], micro["attention_mask"],
                          micro["token_type_ids"], deterministic=False,
                          rngs={"dropout": micro_rng})
-    losses = example_losses(logits, micro["labels"], is_regression)
-    return jnp.sum(losses * micro["weights"]), (logits, losses)
+    losses, correct = head_losses(logits, micro["labels"], micro.get("task_ids"), is_regression)
+    return jnp.sum(losses * micro["weights"]), (correct, losses)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
   k = accumulation_steps
   if k == 1:
-    (total_loss, (logits, losses)), grads = grad_fn(state.params, batch, rng)
+    (total_loss, (correct, losses)), grads = grad_fn(state.params, batch, rng)
   else:
     # Micro-batch i holds rows i, i+k, ...: every micro-batch stays spread over all
     # data shards (a [k, B/k] split would put each on a slice of the devices).
@@ -103,10 +132,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       return (jax.tree.map(jnp.add, carry[0], g), carry[1] + value), aux
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, total_loss), (logits, losses) = jax.lax.scan(
+    (grads, total_loss), (correct, losses) = jax.lax.scan(
         accumulate, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(k), micro))
-    logits, losses = jax.tree.map(
-        lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), (logits, losses))
+    correct, losses = jax.tree.map(
+        lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), (correct, losses))
   loss = total_loss / total_weight
   grads = jax.tree.map(lambda g: g / total_weight, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -117,8 +146,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                    (params, opt_state), (state.params, state.opt_state))
-  correct = (jnp.zeros_like(losses) if is_regression
-             else (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32))
   metrics = TrainMetrics.single_from_model_output(
       loss=losses, accuracy=correct, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
       learning_rate=schedule(state.step))
@@ -126,9 +153,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
+  """Logits [batch, classes]; for a multi-task model [batch, task, max classes] (zero-padded)."""
   logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                        batch["token_type_ids"], deterministic=True)
+  if isinstance(logits, tuple):  # every head in one program: one compile per length bucket
+    width = max(x.shape[-1] for x in logits)
+    logits = jnp.stack([jnp.pad(x, ((0, 0), (0, width - x.shape[-1]))) for x in logits], 1)
   return logits.astype(jnp.float32)
+
+
+@dataclasses.dataclass
+class TaskHead:
+  """One task of a run: its head's name, task, label map, data config and mixing weight."""
+
+  name: str
+  task: tasks_lib.Task
+  label_names: tuple[str, ...] | None
+  config: ml_collections.ConfigDict  # the run's config with this task's keys on top
+  weight: float = 1.0
+
+  @property
+  def num_labels(self) -> int:
+    return 1 if self.task.is_regression else len(self.label_names)
 
 
 @dataclasses.dataclass
@@ -143,10 +189,37 @@ class Experiment:
   model: model_lib.BertForSequenceClassification
   mesh: jax.sharding.Mesh
   batch_sharding: jax.sharding.NamedSharding
+  heads: tuple[TaskHead, ...] = ()  # one per task; () = the single `task`
+
+  def __post_init__(self):
+    if not self.heads:
+      self.heads = (TaskHead(self.task.name if self.task else "", self.task, self.label_names,
+                             self.config),)
 
   @property
   def is_regression(self) -> bool:
     return self.task.is_regression
+
+  @property
+  def multitask(self) -> bool:
+    """A MultiTaskClassifier (config.tasks set): params bert/... and heads/<task>/..."""
+    return bool(self.config.get("tasks"))
+
+  def selection_key(self) -> str:
+    """The eval metric that picks best checkpoints and stops early."""
+    if not self.multitask:
+      return self.task.main_metric
+    if self.config.selection_metric == "average":
+      return "average"
+    head = {h.name: h for h in self.heads}[self.config.selection_metric]
+    return f"{head.name}/{head.task.main_metric}"
+
+  def run_identity(self) -> tuple[str, Any]:
+    """(task name, label map) as checkpoints record them (resume checks they match)."""
+    if not self.multitask:
+      return self.task.name, list(self.label_names) if self.label_names else None
+    return ("+".join(h.name for h in self.heads),
+            {h.name: list(h.label_names) if h.label_names else None for h in self.heads})
 
   def abstract_params(self) -> tuple[Any, Any]:
     """(boxed abstract params, their NamedShardings), without allocating anything."""
@@ -163,20 +236,42 @@ class Experiment:
                                     self.config.max_seq_length, self.config.cache_dir or None)
 
 
+def _build_heads(config: ml_collections.ConfigDict, label_names: Any) -> tuple[TaskHead, ...]:
+  """The run's tasks; `label_names`: a tuple (single task) or {head: names} (multi-task)."""
+  heads = []
+  multitask = bool(config.get("tasks"))
+  for i, (name, weight, task_config) in enumerate(config_lib.task_configs(config)):
+    where = f"config.tasks[{i}] ({name}): " if multitask else ""
+    try:
+      task = tasks_lib.get_task(task_config)
+      names = (label_names or {}).get(name) if multitask else label_names
+      if names is None and not task.is_regression:
+        names = data_lib.label_names_for(task_config, task)
+    except UserError as e:
+      raise UserError(f"{where}{e}") from None
+    heads.append(TaskHead(name or task.name, task, tuple(names) if names else None, task_config,
+                          weight))
+  if multitask and config.selection_metric not in ("average", *(h.name for h in heads)):
+    raise UserError(f"config.selection_metric={config.selection_metric!r}: use 'average' or a "
+                    f"task name {[h.name for h in heads]}")
+  return tuple(heads)
+
+
 def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = None,
-                     label_names: tuple[str, ...] | None = None,
+                     label_names: Any = None,
                      devices: list[jax.Device] | None = None) -> Experiment:
-  """Resolves the checkpoint (or a run's saved `model_dir`), task, labels and mesh."""
+  """Resolves the checkpoint (or a run's saved `model_dir`), task(s), labels and mesh.
+
+  `label_names`: a tuple (single task) or {task: names} (multi-task); None = from the data.
+  """
   config_lib.validate(config)
-  task = tasks_lib.get_task(config)
+  heads = _build_heads(config, label_names)
+  task, label_names = heads[0].task, heads[0].label_names
   source = model_dir or hf.resolve(config.model_name_or_path)
   hf_config = hf.load_config(source)
   tokenizer_source = model_dir or (hf.resolve(config.tokenizer_name) if config.tokenizer_name
                                    else source)
   tokenizer = hf.load_tokenizer(tokenizer_source, vocab_size=hf_config.vocab_size)
-  if label_names is None and not task.is_regression:
-    label_names = data_lib.label_names_for(config, task)
-  num_labels = 1 if task.is_regression else len(label_names)
   mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape, devices)
   bert_config = hf.model_config(  # any supported family (hf.FAMILIES)
       hf_config, dtype=config.dtype, attention_impl=config.attention_impl or None,
@@ -196,9 +291,13 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   if config.eval_batch_size % sharding_lib.data_parallel_size(mesh):
     raise UserError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
                     f"{sharding_lib.data_parallel_size(mesh)} data shards of the mesh")
-  return Experiment(config, task, label_names, hf_config, tokenizer,
-                    model_lib.BertForSequenceClassification(bert_config, num_labels),
-                    mesh, sharding_lib.batch_sharding(mesh))
+  if config.get("tasks"):
+    model = model_lib.MultiTaskClassifier(bert_config, tuple(h.num_labels for h in heads),
+                                          tuple(h.name for h in heads))
+  else:
+    model = model_lib.BertForSequenceClassification(bert_config, heads[0].num_labels)
+  return Experiment(config, task, label_names, hf_config, tokenizer, model, mesh,
+                    sharding_lib.batch_sharding(mesh), heads)
 
 
 def _init_state(exp: Experiment, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -235,21 +334,27 @@ def create_train_state(exp: Experiment, total_steps: int, pretrained_dir: str | 
   return state, state_shardings, tx, schedule
 
 
-def evaluate(exp: Experiment, params: Any, split: data_lib.TokenizedSplit, jit_eval: Any
-             ) -> tuple[dict[str, float], np.ndarray]:
-  """Exact metrics over every example once; returns (metrics, per-example logits)."""
+def evaluate(exp: Experiment, params: Any, split: data_lib.TokenizedSplit, jit_eval: Any,
+             head: int = 0) -> tuple[dict[str, float], np.ndarray]:
+  """Exact metrics over every example once; returns (metrics, per-example logits).
+
+  `head`: which task of a multi-task run `split` belongs to.
+  """
   cfg = exp.config
+  task = exp.heads[head].task
   logits_out = None
   for rows, batch in data_lib.eval_batches(split, cfg.eval_batch_size, cfg.seq_buckets,
                                            cfg.max_seq_length):
     logits = jit_eval(params, data_lib.to_global(batch, exp.batch_sharding))
     logits = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
+    if logits.ndim == 3:  # multi-task: [batch, task, max classes]
+      logits = logits[:, head, :exp.heads[head].num_labels]
     if logits_out is None:
       logits_out = np.zeros((len(split), logits.shape[-1]), np.float32)
     real = rows >= 0
     logits_out[rows[real]] = logits[real]
   labels = split.labels
-  if exp.is_regression:
+  if task.is_regression:
     predictions = logits_out[:, 0]
     loss = float(np.mean(np.square(predictions - labels)))
   else:
@@ -257,8 +362,43 @@ def evaluate(exp: Experiment, params: Any, split: data_lib.TokenizedSplit, jit_e
     shifted = logits_out - logits_out.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     loss = float(-np.mean(log_probs[np.arange(len(labels)), labels]))
-  results = {"loss": loss, **metrics_lib.compute_metrics(exp.task.metrics, predictions, labels)}
+  results = {"loss": loss, **metrics_lib.compute_metrics(task.metrics, predictions, labels)}
   return results, logits_out
+
+
+def evaluate_tasks(exp: Experiment, params: Any, splits: list[data_lib.TokenizedSplit],
+                   jit_eval: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+  """Every task on its own dev set: (flat metrics, metrics.jsonl records without 'step').
+
+  Single task: the task's metrics, one record. Multi-task: '<task>/<metric>' keys plus
+  'average' (the mean of the tasks' main metrics); a record per task and an 'average' one.
+  """
+  if not exp.multitask:
+    metrics, _ = evaluate(exp, params, splits[0], jit_eval)
+    return metrics, [{"split": "validation", **metrics}]
+  flat, records, main = {}, [], []
+  for i, (head, split) in enumerate(zip(exp.heads, splits)):
+    metrics, _ = evaluate(exp, params, split, jit_eval, head=i)
+    flat.update({f"{head.name}/{k}": v for k, v in metrics.items()})
+    main.append(metrics[head.task.main_metric])
+    records.append({"split": "validation", "task": head.name, **metrics})
+  flat["average"] = float(np.mean(main))
+  records.append({"split": "validation", "task": "average", "score": flat["average"],
+                  "tasks": {h.name: m for h, m in zip(exp.heads, main)}})
+  return flat, records
+
+
+def read_tokenized(exp: Experiment, split: str) -> list[data_lib.TokenizedSplit]:
+  """Each task's `split` ('train' / 'validation'), read and tokenized (cached on disk)."""
+  out = []
+  for head in exp.heads:
+    examples = data_lib.read_split(head.config, head.task, split, head.label_names)
+    tokenized = exp.tokenize(examples)
+    log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d",
+             head.name, len(tokenized), examples.source, tokenized.lengths.mean(),
+             tokenized.num_truncated, exp.config.max_seq_length)
+    out.append(tokenized)
+  return out
 
 
 def _write_metrics_jsonl(workdir: str, record: dict[str, Any]) -> None:
@@ -273,14 +413,17 @@ def _save_model_dir(exp: Experiment, workdir: str) -> None:
     return
   out = os.path.join(workdir, MODEL_SUBDIR)
   hf_config = exp.hf_config
-  if exp.label_names is not None:
+  if exp.multitask:  # the shared encoder's config; export writes one per task
+    pass
+  elif exp.label_names is not None:
     hf_config.num_labels = len(exp.label_names)
     hf_config.id2label = dict(enumerate(exp.label_names))
     hf_config.label2id = {n: i for i, n in enumerate(exp.label_names)}
   else:
     hf_config.num_labels = 1
-  hf_config.problem_type = ("regression" if exp.is_regression
-                            else "single_label_classification")
+  if not exp.multitask:
+    hf_config.problem_type = ("regression" if exp.is_regression
+                              else "single_label_classification")
   hf_config.save_pretrained(out)
   exp.tokenizer.save_pretrained(out)
 
@@ -314,8 +457,9 @@ def _prepare_workdir(workdir: str) -> str:
 def _check_resumable(meta: dict[str, Any], exp: Experiment, config: ml_collections.ConfigDict,
                      directory: str) -> None:
   """Refuses to resume a checkpoint made for another model or label set."""
-  mine = {"model_name_or_path": config.model_name_or_path, "task_name": exp.task.name,
-          "label_names": list(exp.label_names) if exp.label_names else None}
+  task_name, label_names = exp.run_identity()
+  mine = {"model_name_or_path": config.model_name_or_path, "task_name": task_name,
+          "label_names": label_names}
   for key, value in mine.items():
     if meta.get(key) != value:
       raise UserError(
@@ -338,21 +482,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   enable_compilation_cache(config.compilation_cache_dir)
   exp = build_experiment(config, devices=devices)
-  train_examples = data_lib.read_split(config, exp.task, "train", exp.label_names)
-  eval_examples = data_lib.read_split(config, exp.task, "validation", exp.label_names)
-  train_split, eval_split = exp.tokenize(train_examples), exp.tokenize(eval_examples)
-  for examples, split in ((train_examples, train_split), (eval_examples, eval_split)):
-    log.info("%d examples from %s, mean length %.1f tokens, %d truncated to %d", len(split),
-             examples.source, split.lengths.mean(), split.num_truncated, config.max_seq_length)
-
-  order = data_lib.TrainOrder(train_split.lengths, config.batch_size, config.seed,
-                              config.length_grouping_window)
+  train_splits, eval_splits = read_tokenized(exp, "train"), read_tokenized(exp, "validation")
+  # One task is the 1-task mixture: every step is its step, exactly the single-task order.
+  orders = []
+  for i, (head, split) in enumerate(zip(exp.heads, train_splits)):
+    try:
+      orders.append(data_lib.TrainOrder(split.lengths, config.batch_size, config.seed + i,
+                                        config.length_grouping_window))
+    except UserError as e:
+      raise UserError(f"task {head.name}: {e}" if exp.multitask else str(e)) from None
+  mixture = data_lib.TaskMixture(
+      orders, data_lib.mixing_probabilities([len(s) for s in train_splits],
+                                            [h.weight for h in exp.heads], config.mixing,
+                                            config.mixing_temperature), config.seed)
+  if exp.multitask:
+    log.info("Mixing (%s): %s", config.mixing, "  ".join(
+        f"{h.name} {p:.3f}" for h, p in zip(exp.heads, mixture.probabilities)))
+  # Every task's labels in one dtype: one jit signature whichever task a step draws.
+  labels_dtype = (np.float32 if any(h.task.is_regression for h in exp.heads) else np.int32)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else math.ceil(config.num_train_epochs * order.steps_per_epoch))
+                 else math.ceil(config.num_train_epochs * mixture.steps_per_epoch))
   ckpt = checkpoint_lib.Checkpoints(workdir, max_to_keep=config.max_checkpoints_to_keep,
                                     keep_best=config.keep_best_checkpoints)
-  meta = {"label_names": list(exp.label_names) if exp.label_names else None,
-          "task_name": exp.task.name, "total_steps": total_steps,
+  run_task_name, run_label_names = exp.run_identity()
+  meta = {"label_names": run_label_names, "task_name": run_task_name, "total_steps": total_steps,
           "model_name_or_path": config.model_name_or_path, "best": None,
           "evals_without_improvement": 0}
   if ckpt.all_steps() and not config.resume:
@@ -372,7 +525,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   jit_train = jax.jit(
       functools.partial(train_step, model=exp.model, tx=tx, schedule=schedule,
-                        is_regression=exp.is_regression, dropout_seed=config.seed,
+                        is_regression=(tuple(h.task.is_regression for h in exp.heads)
+                                       if exp.multitask else exp.is_regression),
+                        dropout_seed=config.seed,
                         accumulation_steps=config.gradient_accumulation_steps),
       in_shardings=(state_shardings, exp.batch_sharding),
       out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
@@ -391,14 +546,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(state.step)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   batches = data_lib.prefetch(
-      data_lib.to_global(data_lib.train_batch(train_split, order, step, config.seq_buckets,
-                                              config.max_seq_length), exp.batch_sharding)
+      data_lib.to_global(data_lib.mixture_batch(train_splits, mixture, step, config.seq_buckets,
+                                                config.max_seq_length, labels_dtype),
+                         exp.batch_sharding)
       for step in range(start_step, total_steps))
   preemption = checkpoint_lib.PreemptionWatcher()
   save_timer = checkpoint_lib.SaveTimer(config.checkpoint_every_minutes, config.log_every_steps)
 
+  selection = exp.selection_key()
   log.info("Training steps %d..%d (%d per epoch) of %d examples on a %s mesh.", start_step + 1,
-           total_steps, order.steps_per_epoch, config.batch_size, dict(exp.mesh.shape))
+           total_steps, mixture.steps_per_epoch, config.batch_size, dict(exp.mesh.shape))
   train_log, train_metrics, eval_metrics = [], None, {}
   t_start = t_last = time.time()
   last_logged, pending_finite = start_step, None
@@ -425,13 +582,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       stop_early = False
       main_metric = None
       if (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total_steps:
-        eval_metrics, _ = evaluate(exp, state.params, eval_split, jit_eval)
-        main_metric = eval_metrics[exp.task.main_metric]
-        stop_early = _update_best(meta, step, eval_metrics, exp.task.main_metric, config)
+        eval_metrics, records = evaluate_tasks(exp, state.params, eval_splits, jit_eval)
+        main_metric = eval_metrics[selection]
+        stop_early = _update_best(meta, step, eval_metrics, selection, config)
         log.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in
                                                          eval_metrics.items()))
         writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
-        _write_metrics_jsonl(workdir, {"step": step, "split": "validation", **eval_metrics})
+        for record in records:
+          _write_metrics_jsonl(workdir, {"step": step, **record})
       preempted = preemption.reached(step)
       if (step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
           or stop_early or main_metric is not None or save_timer.due(step)):
@@ -447,7 +605,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise Preempted(f"preempted at step {step}; checkpoint saved")
       if stop_early:
         log.info("Early stopping at step %d: %s did not improve for %d evaluations.", step,
-                 exp.task.main_metric, config.early_stopping_patience)
+                 selection, config.early_stopping_patience)
         break
   finally:
     preemption.close()
@@ -455,8 +613,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.flush()
   best = meta["best"]
   if best:
-    log.info("Best %s %.4f at step %d: %s", exp.task.main_metric,
-             best["metrics"][exp.task.main_metric], best["step"],
+    log.info("Best %s %.4f at step %d: %s", selection,
+             best["metrics"][selection], best["step"],
              "  ".join(f"{k} {v:.4f}" for k, v in best["metrics"].items()))
   log.info("Done in %s.", _format_duration(time.time() - t_start))
   return {"step": int(state.step), "eval": eval_metrics, "train_log": train_log, "state": state,
@@ -520,7 +678,9 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
     if step is None:
       raise UserError(f"{ckpt.directory}: no checkpoint was saved with eval metrics")
   meta, _ = ckpt.read_meta(step)
-  label_names = tuple(meta["label_names"]) if meta["label_names"] else None
+  label_names = meta["label_names"]  # {task: names} for a multi-task run
+  if isinstance(label_names, list):
+    label_names = tuple(label_names)
   exp = build_experiment(config, model_dir=os.path.join(workdir, MODEL_SUBDIR),
                          label_names=label_names, devices=devices)
   boxed, _ = exp.abstract_params()
@@ -541,10 +701,7 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
                      step: int | str | None = None) -> dict[str, float]:
   """Re-evaluates a run's checkpoint on its validation data (or an overridden file)."""
   exp, params = load_run(workdir, overrides, step)
-  examples = data_lib.read_split(exp.config, exp.task, "validation", exp.label_names)
-  split = exp.tokenize(examples)
   jit_eval = jax.jit(functools.partial(eval_step, model=exp.model))
-  results, _ = evaluate(exp, params, split, jit_eval)
-  log.info("eval of %s on %s: %s", workdir, examples.source,
-           "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+  results, _ = evaluate_tasks(exp, params, read_tokenized(exp, "validation"), jit_eval)
+  log.info("eval of %s: %s", workdir, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
   return results
