@@ -20,10 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
 from clu import metrics as clu_metrics
 from clu import parameter_overview
-from clu import periodic_actions
 from jax.experimental import multihost_utils
 
 from flaxbert_cls import checkpoint as checkpoint_lib
@@ -541,6 +539,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
   _save_model_dir(exp, workdir)
+  # clu's writers import TensorFlow (~0.7 GB resident): only this loop needs them,
+  # not importers of train_step (bench, export, predict).
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                                 asynchronous=False)
   start_step = int(state.step)

@@ -1,0 +1,85 @@
+"""Attention paths agree: jax.nn.dot_product_attention (eval) vs the explicit one (training).
+
+BertSelfAttention runs jax.nn.dot_product_attention (config.attention_impl) when
+deterministic, and einsum + softmax + dropout when training. Both must equal a
+NumPy reference, padded keys masked; the hash dropout keeps its rate.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxbert_cls import model as model_lib
+
+B, L, H, HEADS = 3, 7, 16, 4
+
+
+def _setup(attention_impl=None, dropout=1e-9):
+  cfg = model_lib.BertConfig(hidden_size=H, num_attention_heads=HEADS, intermediate_size=32,
+                             num_hidden_layers=1, attention_probs_dropout_prob=dropout,
+                             attention_impl=attention_impl)
+  module = model_lib.BertSelfAttention(cfg)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, L, H)).astype(np.float32)
+  lengths = np.array([7, 4, 1])  # one full row, one padded, one with only [CLS]
+  mask = (np.arange(L)[None, :] < lengths[:, None]).astype(np.int32)
+  params = nn.unbox(module.init(jax.random.key(1), x, mask, True))["params"]
+  return module, params, x, mask
+
+
+def _reference(params, x, mask):
+  """Scaled dot-product attention in float64 NumPy, padded keys excluded."""
+  def proj(name):
+    p = params[name]
+    y = x.astype(np.float64) @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"])
+    return y.reshape(B, L, HEADS, H // HEADS)
+  q, k, v = proj("query"), proj("key"), proj("value")
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(H // HEADS)
+  scores = np.where(mask[:, None, None, :] > 0, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, L, H)
+
+
+@pytest.mark.parametrize("attention_impl", [None, "xla"])
+def test_dot_product_attention_path_matches_reference(attention_impl):
+  module, params, x, mask = _setup(attention_impl)
+  out = module.apply({"params": params}, x, mask, True)
+  np.testing.assert_allclose(np.asarray(out), _reference(params, x, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_training_path_matches_fused_path():
+  # A dropout rate of 1e-9 takes the explicit einsum/softmax/dropout branch while
+  # dropping (almost surely) nothing: it must equal the fused path and the reference.
+  module, params, x, mask = _setup()
+  fused = module.apply({"params": params}, x, mask, True)
+  explicit = module.apply({"params": params}, x, mask, False, rngs={"dropout": jax.random.key(2)})
+  np.testing.assert_allclose(np.asarray(explicit), np.asarray(fused), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(explicit), _reference(params, x, mask), atol=1e-5,
+                             rtol=1e-5)
+
+
+def test_padded_keys_do_not_change_real_outputs():
+  module, params, x, mask = _setup()
+  noisy = x.copy()
+  noisy[mask == 0] = 100.0  # garbage in padded positions
+  for deterministic in (True, False):
+    rngs = {} if deterministic else {"dropout": jax.random.key(2)}
+    a = module.apply({"params": params}, x, mask, deterministic, rngs=rngs)
+    b = module.apply({"params": params}, noisy, mask, deterministic, rngs=rngs)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(a)[real], np.asarray(b)[real], atol=1e-5)
+
+
+def test_hash_dropout_rate_scale_and_keys():
+  x = jnp.ones((64, 8, 128), jnp.float32)
+  drop = model_lib.Dropout(0.1)
+  y = drop.apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+  kept = np.asarray(y) != 0
+  assert abs(kept.mean() - 0.9) < 0.005
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+  other = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(1)})) != 0
+  assert abs((kept == other).mean() - (0.9 ** 2 + 0.1 ** 2)) < 0.005  # independent masks
+  assert np.array_equal(np.asarray(drop.apply({}, x, True)), np.asarray(x))
