@@ -203,3 +203,22 @@ def test_tfds_reader_with_mock_data(tmp_path):
     with pytest.raises(UserError, match="tfds:glue/sst2:validation columns: no column"):
       readers.read_tfds("glue/sst2", "validation", tasks_lib.GLUE_TASKS["mrpc"],
                         data_dir=str(tmp_path))
+
+
+def test_glue_multitask_config_resolves_four_heads(glue_dir, tiny_checkpoint):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "glue_multitask.py")
+  spec = importlib.util.spec_from_file_location("glue_multitask", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model_name_or_path, config.data_dir = tiny_checkpoint, glue_dir
+  exp = train.build_experiment(config, devices=jax.devices()[:1])
+  assert [h.name for h in exp.heads] == ["sst2", "cola", "mrpc", "rte"]
+  assert exp.selection_key() == "average"
+  assert data_lib._split_file(exp.heads[2].config, exp.heads[2].task, "validation") == (
+      os.path.join(glue_dir, "MRPC", "dev.tsv"))
+  boxed, _ = exp.abstract_params()
+  heads = boxed["heads"]
+  assert heads["rte"]["classifier"]["kernel"].value.shape == (32, 2)
