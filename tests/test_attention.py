@@ -83,3 +83,26 @@ def test_hash_dropout_rate_scale_and_keys():
   other = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(1)})) != 0
   assert abs((kept == other).mean() - (0.9 ** 2 + 0.1 ** 2)) < 0.005  # independent masks
   assert np.array_equal(np.asarray(drop.apply({}, x, True)), np.asarray(x))
+
+
+def test_softmax_dropout_values_gradients_match_autodiff():
+  rng = np.random.default_rng(3)
+  scores = jnp.asarray(rng.normal(size=(2, 3, 5, 5)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)[:, None, None, :]
+  seeds = jnp.asarray([7, 11], jnp.uint32)
+  rate = 0.3
+
+  def plain(scores, v):  # the composition autodiff differentiates
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    keep = model_lib._hash_bits(seeds, probs.shape) >= model_lib._drop_threshold(rate)  # pylint: disable=protected-access
+    return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, probs / (1 - rate), 0.0), v)
+
+  def fused(scores, v):
+    return model_lib.softmax_dropout_values(scores, mask, seeds, v, rate)
+
+  np.testing.assert_allclose(fused(scores, v), plain(scores, v), rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.grad(lambda s, x: jnp.sum(fused(s, x) * w), (0, 1))(scores, v),
+                  jax.grad(lambda s, x: jnp.sum(plain(s, x) * w), (0, 1))(scores, v)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
