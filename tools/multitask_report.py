@@ -81,8 +81,9 @@ def main():
   parser.add_argument("--workdir", default="/tmp/multitask_report")
   args = parser.parse_args()
   logging.basicConfig(level=logging.WARNING)
-  shutil.rmtree(args.workdir, ignore_errors=True)
-  os.makedirs(args.workdir)
+  for name in ("multi", *TASKS):  # fresh runs; the token cache is kept for the next call
+    shutil.rmtree(os.path.join(args.workdir, name), ignore_errors=True)
+  os.makedirs(args.workdir, exist_ok=True)
 
   sizes = {}
   for name in TASKS:
