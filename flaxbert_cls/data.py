@@ -149,7 +149,8 @@ def cached_tokenize(tokenizer: Any, texts: Sequence[tuple[str, ...]], labels: np
                 offsets=split.offsets, num_truncated=np.asarray(split.num_truncated))
   if labels is not None:
     arrays["labels"] = labels
-  tmp = f"{path}.{os.getpid()}.tmp.npz"
+  # Unique per host too: on a shared file system two hosts' writers can share a pid.
+  tmp = f"{path}.{jax.process_index()}.{os.getpid()}.tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
   return split
