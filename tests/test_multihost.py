@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -114,9 +115,10 @@ def _launch(config_file: str, workdir: str, out: str, num_processes: int,
     procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, start_new_session=True))
   outputs = []
+  deadline = time.monotonic() + TIMEOUT_S  # one budget for all: a hang in any fails fast
   try:
     for p in procs:
-      outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
+      outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
   except subprocess.TimeoutExpired:
     for p in procs:
       os.killpg(p.pid, signal.SIGKILL)
