@@ -411,11 +411,16 @@ def build_label_names(path: str, task: Task) -> tuple[str, ...]:
 
 def _check_one_label_type(path: str, rows: Sequence[_Row]) -> None:
   """JSON labels mixing numbers and words (1 and "pos") are almost surely a data bug."""
+  def kind(raw: Any) -> str:
+    if isinstance(raw, (int, float, np.number)) and not isinstance(raw, bool):
+      return 'number'
+    if isinstance(raw, str) and re.fullmatch(r'\s*-?\d+\s*', raw):
+      return 'number'  # "1" and 1 are the same label
+    return type(raw).__name__
+
   first = {}
   for n, _, raw in rows:
-    kind = 'number' if isinstance(raw, (int, float, np.number)) and not isinstance(
-        raw, bool) else type(raw).__name__
-    first.setdefault(kind, (n, raw))
+    first.setdefault(kind(raw), (n, raw))
   if len(first) > 1:
     (k1, (n1, v1)), (k2, (n2, v2)) = list(first.items())[:2]
     raise UserError(
