@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ class Checkpoints:
 
   def __init__(self, workdir: str, max_to_keep: int = 2, keep_best: int = 0,
                async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
-    if read_only and not os.path.isdir(self.directory):
+    self.directory = workdir_lib.join(workdir_lib.resolve(workdir), CHECKPOINT_SUBDIR)
+    if read_only and not workdir_lib.exists(self.directory):
       raise UserError(f"{self.directory}: no checkpoints (is the workdir right?)")
     policies = [checkpoint_managers.LatestN(max(max_to_keep, 1))]
     if keep_best > 0:

@@ -6,10 +6,12 @@ Reads like Flax's lm1b: `train_and_evaluate(config, workdir)` is the whole run.
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -33,6 +35,7 @@ from flaxbert_cls import model as model_lib
 from flaxbert_cls import optim
 from flaxbert_cls import sharding as sharding_lib
 from flaxbert_cls import tasks as tasks_lib
+from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import Preempted, UserError
 
 log = logging.getLogger(__name__)
@@ -401,15 +404,13 @@ def read_tokenized(exp: Experiment, split: str) -> list[data_lib.TokenizedSplit]
 
 def _write_metrics_jsonl(workdir: str, record: dict[str, Any]) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, METRICS_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    workdir_lib.append_line(workdir_lib.join(workdir, METRICS_FILE), json.dumps(record))
 
 
 def _save_model_dir(exp: Experiment, workdir: str) -> None:
   """workdir/model: HF config with the label map + tokenizer, so eval/export need no hub."""
   if jax.process_index() != 0:
     return
-  out = os.path.join(workdir, MODEL_SUBDIR)
   hf_config = exp.hf_config
   if exp.multitask:  # the shared encoder's config; export writes one per task
     pass
@@ -422,8 +423,10 @@ def _save_model_dir(exp: Experiment, workdir: str) -> None:
   if not exp.multitask:
     hf_config.problem_type = ("regression" if exp.is_regression
                               else "single_label_classification")
-  hf_config.save_pretrained(out)
-  exp.tokenizer.save_pretrained(out)
+  with tempfile.TemporaryDirectory() as staging:  # save_pretrained writes local files only
+    hf_config.save_pretrained(staging)
+    exp.tokenizer.save_pretrained(staging)
+    workdir_lib.upload_dir(staging, workdir_lib.join(workdir, MODEL_SUBDIR))
 
 
 def _format_duration(seconds: float) -> str:
@@ -439,17 +442,6 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def _prepare_workdir(workdir: str) -> str:
-  workdir = os.path.abspath(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)  # the user's umask applies: nothing world-writable
-  except OSError as e:
-    raise UserError(f"workdir {workdir}: cannot create: {e.strerror}") from None
-  if not os.access(workdir, os.W_OK):
-    raise UserError(f"workdir {workdir}: not writable")
-  return workdir
 
 
 def _check_resumable(meta: dict[str, Any], exp: Experiment, config: ml_collections.ConfigDict,
@@ -473,10 +465,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns {'step', 'eval': last eval metrics, 'train_log': [(step, loss)], 'state',
   'best_step'}.
   """
-  workdir = _prepare_workdir(workdir)
+  workdir = workdir_lib.prepare(workdir)
   config = ml_collections.ConfigDict(config)
   with config.unlocked():
-    config.cache_dir = config.cache_dir or os.path.join(workdir, "cache")
+    # Token caches are local files: a remote workdir caches in the user's cache dir.
+    config.cache_dir = config.cache_dir or (
+        os.path.expanduser("~/.cache/flaxbert_cls/tokens") if workdir_lib.is_remote(workdir)
+        else os.path.join(workdir, "cache"))
 
   enable_compilation_cache(config.compilation_cache_dir)
   exp = build_experiment(config, devices=devices)
@@ -536,8 +531,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      out_shardings=exp.batch_sharding)
 
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+    workdir_lib.write_text(workdir_lib.join(workdir, "config.json"), config.to_json(indent=2))
   _save_model_dir(exp, workdir)
   # clu's writers import TensorFlow (~0.7 GB resident): only this loop needs them,
   # not importers of train_step (bench, export, predict).
@@ -665,11 +659,11 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
 
   `step`: None = the latest, 'best' = the best by the task's main metric, or a number.
   """
-  workdir = os.path.abspath(workdir)
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
+  workdir = workdir_lib.resolve(workdir)
+  config_path = workdir_lib.join(workdir, "config.json")
+  if not workdir_lib.exists(config_path):
     raise UserError(f"{workdir}: not a flaxbert-cls workdir (no config.json)")
-  with open(config_path) as f:
+  with io.StringIO(workdir_lib.read_text(config_path)) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if overrides is not None:
     config.update(overrides)
@@ -682,7 +676,7 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
   label_names = meta["label_names"]  # {task: names} for a multi-task run
   if isinstance(label_names, list):
     label_names = tuple(label_names)
-  exp = build_experiment(config, model_dir=os.path.join(workdir, MODEL_SUBDIR),
+  exp = build_experiment(config, model_dir=workdir_lib.local_dir(workdir_lib.join(workdir, MODEL_SUBDIR)),
                          label_names=label_names, devices=devices)
   boxed, _ = exp.abstract_params()
   tx, _ = optim.create_optimizer(config, nn.unbox(boxed), meta["total_steps"])

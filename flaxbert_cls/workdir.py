@@ -1,0 +1,87 @@
+"""The run's files in a local or remote workdir (gs://bucket/run on Cloud TPU), via etils.epath.
+
+Orbax writes checkpoints to either kind itself; this module covers the rest
+(config.json, metrics.jsonl, the model/ directory). Files that libraries must
+read from a local directory (tokenizer, HF config) are staged through a temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from etils import epath
+
+from flaxbert_cls.errors import UserError
+
+
+def is_remote(path: str) -> bool:
+  return "://" in str(path)
+
+
+def resolve(workdir: str) -> str:
+  """An absolute local path, or the URL unchanged."""
+  return str(workdir) if is_remote(workdir) else os.path.abspath(workdir)
+
+
+def prepare(workdir: str) -> str:
+  """Creates the workdir (the user's umask applies); a clear error if it cannot."""
+  workdir = resolve(workdir)
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"workdir {workdir}: cannot create: {e.strerror or e}") from None
+  except Exception as e:  # pylint: disable=broad-except  (remote file systems raise their own)
+    raise UserError(f"workdir {workdir}: cannot create: {e}") from None
+  if not is_remote(workdir) and not os.access(workdir, os.W_OK):
+    raise UserError(f"workdir {workdir}: not writable")
+  return workdir
+
+
+def join(workdir: str, *parts: str) -> str:
+  return str(epath.Path(workdir).joinpath(*parts))
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def read_text(path: str) -> str:
+  return epath.Path(path).read_text()
+
+
+def write_text(path: str, text: str) -> None:
+  epath.Path(path).write_text(text)
+
+
+def append_line(path: str, line: str) -> None:
+  """Appends one line. Object stores cannot append: there the file is rewritten."""
+  if not is_remote(path):
+    with open(path, "a") as f:
+      f.write(line + "\n")
+    return
+  p = epath.Path(path)
+  p.write_text((p.read_text() if p.exists() else "") + line + "\n")
+
+
+def upload_dir(local_dir: str, destination: str) -> None:
+  """Copies a flat local directory (config + tokenizer files) into the workdir."""
+  if not is_remote(destination) and os.path.abspath(local_dir) == os.path.abspath(destination):
+    return
+  target = epath.Path(destination)
+  target.mkdir(parents=True, exist_ok=True)
+  for name in os.listdir(local_dir):
+    source = os.path.join(local_dir, name)
+    if os.path.isfile(source):
+      epath.Path(source).copy(target / name, overwrite=True)
+
+
+def local_dir(path: str) -> str:
+  """`path` itself if local, else a local temp copy (for libraries that need a local dir)."""
+  if not is_remote(path):
+    return path
+  copy = tempfile.mkdtemp(prefix="flaxbert_cls_")
+  for item in epath.Path(path).iterdir():
+    if item.is_file():
+      item.copy(epath.Path(copy) / item.name, overwrite=True)
+  return copy
