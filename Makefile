@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/flaxbert-cls train --config=configs/demo.py --workdir=workdirs/demo
 
 test: install-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: install-test
 	$(BIN)/python tools/bench.py
