@@ -24,6 +24,7 @@ VARIANTS = {
     "head-only": {"freeze": ("^bert/",)},
     "lora-r8": {"lora_rank": 8, "lora_alpha": 16.0, "learning_rate": 5e-4},
     "bf16": {"dtype": "bfloat16"},
+    "full-3-epochs": {"num_train_epochs": 3.0},
 }
 
 
