@@ -99,7 +99,8 @@ def head_losses(outputs: jax.Array | tuple[jax.Array, ...], labels: jax.Array,
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                is_regression: bool | tuple[bool, ...], dropout_seed: int,
-               accumulation_steps: int = 1) -> tuple[TrainState, TrainMetrics, jax.Array]:
+               accumulation_steps: int = 1, frozen: Any | None = None
+               ) -> tuple[TrainState, TrainMetrics, jax.Array]:
   """One AdamW step on one global batch; returns (state, metrics, loss-and-grads-finite).
 
   With accumulation_steps = k the batch runs as k micro-batches (scan) whose summed
@@ -139,6 +140,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
         lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), (correct, losses))
   loss = total_loss / total_weight
   grads = jax.tree.map(lambda g: g / total_weight, grads)
+  if frozen is not None:
+    # Frozen parameters' gradients are never used; zeroing them statically lets XLA skip
+    # computing them (the gradient norm below would otherwise keep them alive).
+    grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -521,7 +526,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         is_regression=(tuple(h.task.is_regression for h in exp.heads)
                                        if exp.multitask else exp.is_regression),
                         dropout_seed=config.seed,
-                        accumulation_steps=config.gradient_accumulation_steps),
+                        accumulation_steps=config.gradient_accumulation_steps,
+                        frozen=_frozen_mask(state.params, config)),
       in_shardings=(state_shardings, exp.batch_sharding),
       out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
                      sharding_lib.replicated(exp.mesh)),
@@ -641,6 +647,12 @@ def _check_finite(step: int, finite: jax.Array, config: ml_collections.ConfigDic
                   f"Checkpoints in {ckpt.directory} are intact (latest: "
                   f"{ckpt.latest_step()}). Lower learning_rate, or set "
                   "config.nonfinite_policy='skip'")
+
+
+def _frozen_mask(params: Any, config: ml_collections.ConfigDict) -> Any | None:
+  """Static True/False per parameter (None when nothing is frozen)."""
+  patterns = optim.freeze_patterns(config)
+  return optim.path_mask(params, patterns) if patterns else None
 
 
 def _log_parameters(params: Any, config: ml_collections.ConfigDict) -> None:
