@@ -49,6 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
   # XLA's persistent compilation cache: a second start of the same config skips compiling.
   c.compilation_cache_dir = "~/.cache/flaxbert_cls/xla"  # '' = off
+  # XLA's instruction scheduler for the train step on CPU: 'memory' (lower peak memory,
+  # docs/design.md) or 'concurrency' (XLA's default). Ignored on GPU/TPU.
+  c.cpu_scheduler = "memory"
 
   # Optimization (HF recipe: AdamW eps 1e-6, linear warmup then linear decay).
   c.batch_size = 32  # global batch, over all devices and processes
@@ -118,6 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.dtype in ("float32", "bfloat16", "float16"), "dtype",
         "use 'float32', 'bfloat16' or 'float16'")
   check(config.attention_impl in ("", "xla", "cudnn"), "attention_impl", "use '', 'xla' or 'cudnn'")
+  check(config.cpu_scheduler in ("memory", "concurrency"), "cpu_scheduler",
+        "use 'memory' or 'concurrency'")
   check(len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
         f"needs one size per axis in mesh_axes={tuple(config.mesh_axes)}")
   check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")

@@ -174,11 +174,38 @@ class LayerNorm(nn.Module):
                        (x.shape[-1],), jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
                       (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-    return y.astype(self.dtype)
+    return layer_norm(x.astype(jnp.float32), scale, bias, self.eps).astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm over the last axis whose backward keeps x_hat and 1/std only.
+
+  Autodiff of the plain formula keeps three [batch, length, hidden] arrays per
+  LayerNorm (x - mean, its square's factor, x_hat); this keeps one. Same values and
+  gradients (tests/test_model.py).
+  """
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  centered = x - x.mean(-1, keepdims=True)
+  inv_std = jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + eps)
+  x_hat, inv_std = jax.lax.optimization_barrier((centered * inv_std, inv_std))
+  return x_hat * scale + bias, (x_hat, inv_std, scale)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  del eps
+  x_hat, inv_std, scale = residuals
+  g_hat = g * scale
+  g_x = inv_std * (g_hat - g_hat.mean(-1, keepdims=True)
+                   - x_hat * (g_hat * x_hat).mean(-1, keepdims=True))
+  batch_axes = tuple(range(g.ndim - 1))
+  return g_x, jnp.sum(g * x_hat, batch_axes), jnp.sum(g, batch_axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -219,50 +246,97 @@ class Dropout(nn.Module):
       return x
     if self.rate == 1.0:
       return jnp.zeros_like(x)
-    keep = _hash_bits(jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32), x.shape
-                      ) >= _drop_threshold(self.rate)
-    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
+    return hash_dropout(x, jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32),
+                        self.rate)
 
 
 def _drop_threshold(rate: float) -> jax.Array:
   return jnp.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def softmax_dropout_values(scores: jax.Array, mask: jax.Array, seeds: jax.Array, v: jax.Array,
-                           rate: float) -> jax.Array:
-  """dropout(softmax(scores, keys where mask)) @ v: [b,h,q,k] x [b,k,h,d] -> [b,q,h,d].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def hash_dropout(x: jax.Array, seeds: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout with a hash mask; backward regenerates the mask from `seeds`.
 
-  Autodiff of the plain composition keeps ~4 [b,h,q,k] float32 arrays per layer for
-  backward (masked scores, exp, probabilities, dropped probabilities); this keeps the
-  probabilities only and regenerates the (hash) dropout mask from `seeds`. With the
-  GELU remat, XLA's temp memory of a MiniLM grad at batch 32, seq 128 goes 1.46 -> 1.19
-  GB. Same values and gradients as the composition (tests/test_attention.py).
+  Autodiff would keep the boolean mask and XLA the dropped output per dropout
+  (1.25 x the activation's bytes); the hash is ~10 integer ops to recompute.
   """
-  return _softmax_dropout_values_fwd(scores, mask, seeds, v, rate)[0]
+  return _apply_hash_dropout(x, seeds, rate)
 
 
-def _softmax_dropout_values_fwd(scores, mask, seeds, v, rate):
-  probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1)
+def _apply_hash_dropout(x, seeds, rate):
+  keep = _hash_bits(seeds, x.shape) >= _drop_threshold(rate)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _hash_dropout_fwd(x, seeds, rate):
+  return _apply_hash_dropout(x, seeds, rate), seeds
+
+
+def _hash_dropout_bwd(rate, seeds, g):
+  return _apply_hash_dropout(g, seeds, rate), np.zeros(seeds.shape, jax.dtypes.float0)
+
+
+hash_dropout.defvjp(_hash_dropout_fwd, _hash_dropout_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                           seeds: jax.Array, rate: float) -> jax.Array:
+  """dropout(softmax(q k^T / sqrt(d), keys where mask)) v for [batch, length, heads, dim].
+
+  Autodiff of the plain composition keeps ~4 [b,h,q,k] float32 arrays per layer
+  (masked scores, exp, probabilities, dropped probabilities); this keeps the
+  probabilities only and regenerates the (hash) dropout mask from `seeds`. q, k and v
+  are moved to [b,h,len,d] once, so all six batched matmuls of forward and backward
+  run head-major (XLA's CPU dots on [b,q,h,d] operands insert a transpose each).
+  Same values and gradients as the composition (tests/test_attention.py).
+  """
+  return _attention_with_dropout_fwd(q, k, v, mask, seeds, rate)[0]
+
+
+def _heads_major(x: jax.Array) -> jax.Array:  # [b,len,h,d] <-> [b,h,len,d]
+  return jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _dropped_probs(probs, seeds, rate, dtype):
   keep = _hash_bits(seeds, probs.shape) >= _drop_threshold(rate)
-  dropped = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", dropped, v), (probs, mask, seeds, v)
+  return keep, jnp.where(keep, probs / (1.0 - rate), 0.0).astype(dtype)
 
 
-def _softmax_dropout_values_bwd(rate, residuals, g):
-  probs, mask, seeds, v = residuals
+def _attention_with_dropout_fwd(q, k, v, mask, seeds, rate):
+  scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
+  qh, kh, vh = _heads_major(q * scale), _heads_major(k), _heads_major(v)
+  scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh).astype(jnp.float32)
+  probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+  probs = jax.lax.optimization_barrier(probs)
+  _, dropped = _dropped_probs(probs, seeds, rate, v.dtype)
+  out = _heads_major(jnp.einsum("bhqk,bhkd->bhqd", dropped, vh))
+  return out, (qh, kh, vh, probs, mask, seeds)
+
+
+def _attention_with_dropout_bwd(rate, residuals, g):
+  qh, kh, vh, probs, mask, seeds = residuals
+  gh = _heads_major(g)
+  # Written differently from the forward's (where, then scale): XLA's CSE would merge
+  # equal expressions and keep the forward's dropped probabilities alive until here.
   keep = _hash_bits(seeds, probs.shape) >= _drop_threshold(rate)
-  dropped = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
-  g_v = jnp.einsum("bhqk,bqhd->bkhd", dropped, g)
-  g_probs = jnp.where(keep, jnp.einsum("bqhd,bkhd->bhqk", g, v).astype(probs.dtype)
+  dropped = (jnp.where(keep, probs, 0.0) * (1.0 / (1.0 - rate))).astype(vh.dtype)
+  g_v = jnp.einsum("bhqk,bhqd->bhkd", dropped, gh)
+  g_probs = jnp.where(keep, jnp.einsum("bhqd,bhkd->bhqk", gh, vh).astype(jnp.float32)
                       / (1.0 - rate), 0.0)
   # Softmax backward; masked keys have probability 0, so their score gradient is 0.
-  g_scores = probs * (g_probs - jnp.sum(g_probs * probs, axis=-1, keepdims=True))
+  g_scores = (probs * (g_probs - jnp.sum(g_probs * probs, axis=-1, keepdims=True))
+              ).astype(qh.dtype)
+  scale = jnp.asarray(1.0 / np.sqrt(qh.shape[-1]), qh.dtype)
+  g_q = jnp.einsum("bhqk,bhkd->bhqd", g_scores, kh) * scale
+  g_k = jnp.einsum("bhqk,bhqd->bhkd", g_scores, qh)  # qh already carries the scale
   no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  return g_scores, no_grad(mask), no_grad(seeds), g_v
+  return (_heads_major(g_q), _heads_major(g_k), _heads_major(g_v), no_grad(mask),
+          no_grad(seeds))
 
 
-softmax_dropout_values.defvjp(_softmax_dropout_values_fwd, _softmax_dropout_values_bwd)
+attention_with_dropout.defvjp(_attention_with_dropout_fwd, _attention_with_dropout_bwd)
 
 
 class Embed(nn.Module):
@@ -321,9 +395,8 @@ class BertSelfAttention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
     else:
       # Attention-probability dropout needs the probabilities, which fused kernels hide.
-      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
       seeds = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-      out = softmax_dropout_values(scores, mask, seeds, v, dropout)
+      out = attention_with_dropout(q, k, v, mask, seeds, dropout)
     return out.reshape(batch, length, cfg.hidden_size)
 
 

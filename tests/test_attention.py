@@ -85,24 +85,49 @@ def test_hash_dropout_rate_scale_and_keys():
   assert np.array_equal(np.asarray(drop.apply({}, x, True)), np.asarray(x))
 
 
-def test_softmax_dropout_values_gradients_match_autodiff():
+def test_attention_with_dropout_gradients_match_autodiff():
   rng = np.random.default_rng(3)
-  scores = jnp.asarray(rng.normal(size=(2, 3, 5, 5)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+  q, k, v, w = (jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32) for _ in range(4))
   mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)[:, None, None, :]
   seeds = jnp.asarray([7, 11], jnp.uint32)
   rate = 0.3
 
-  def plain(scores, v):  # the composition autodiff differentiates
+  def plain(q, k, v):  # the composition autodiff differentiates
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(4.0)
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
     keep = model_lib._hash_bits(seeds, probs.shape) >= model_lib._drop_threshold(rate)  # pylint: disable=protected-access
     return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, probs / (1 - rate), 0.0), v)
 
-  def fused(scores, v):
-    return model_lib.softmax_dropout_values(scores, mask, seeds, v, rate)
+  def fused(q, k, v):
+    return model_lib.attention_with_dropout(q, k, v, mask, seeds, rate)
 
-  np.testing.assert_allclose(fused(scores, v), plain(scores, v), rtol=1e-6, atol=1e-6)
-  for a, b in zip(jax.grad(lambda s, x: jnp.sum(fused(s, x) * w), (0, 1))(scores, v),
-                  jax.grad(lambda s, x: jnp.sum(plain(s, x) * w), (0, 1))(scores, v)):
+  np.testing.assert_allclose(fused(q, k, v), plain(q, k, v), rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.grad(lambda *x: jnp.sum(fused(*x) * w), (0, 1, 2))(q, k, v),
+                  jax.grad(lambda *x: jnp.sum(plain(*x) * w), (0, 1, 2))(q, k, v)):
+    assert np.abs(np.asarray(b)).max() > 1e-3  # a real gradient, not zeros on both sides
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_and_dropout_gradients_match_autodiff():
+  rng = np.random.default_rng(4)
+  x, w = (jnp.asarray(rng.normal(size=(3, 7, 16)) * 3 + 1, jnp.float32) for _ in range(2))
+  scale, bias = (jnp.asarray(rng.normal(size=16), jnp.float32) for _ in range(2))
+
+  def plain_ln(x, scale, bias):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-12) * scale + bias
+
+  ours = lambda x, s, b: model_lib.layer_norm(x, s, b, 1e-12)
+  np.testing.assert_allclose(ours(x, scale, bias), plain_ln(x, scale, bias), rtol=1e-5,
+                             atol=1e-5)
+  for a, b in zip(jax.grad(lambda *p: jnp.sum(ours(*p) * w), (0, 1, 2))(x, scale, bias),
+                  jax.grad(lambda *p: jnp.sum(plain_ln(*p) * w), (0, 1, 2))(x, scale, bias)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+  seeds = jnp.asarray([1, 2], jnp.uint32)
+  dropped = model_lib.hash_dropout(x, seeds, 0.25)
+  g = jax.grad(lambda x: jnp.sum(model_lib.hash_dropout(x, seeds, 0.25) * w))(x)
+  # d/dx of x -> mask * x / (1 - rate) is the same mask and scale applied to w.
+  np.testing.assert_allclose(np.asarray(g), np.where(np.asarray(dropped) != 0,
+                                                     np.asarray(w) / 0.75, 0.0), rtol=1e-6)

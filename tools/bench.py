@@ -156,7 +156,8 @@ def _jax_setup(args):
   state, state_shardings, tx, schedule = train.create_train_state(exp, 1000, None)
   step = jax.jit(functools.partial(train.train_step, model=exp.model, tx=tx, schedule=schedule,
                                    is_regression=False, dropout_seed=0),
-                 in_shardings=(state_shardings, exp.batch_sharding), donate_argnums=0)
+                 in_shardings=(state_shardings, exp.batch_sharding), donate_argnums=0,
+                 compiler_options=train.train_step_compiler_options(mesh, args.cpu_scheduler))
   return exp, step, state
 
 
@@ -404,7 +405,7 @@ def apply_config(args) -> None:
   model = c.model_name_or_path
   args.model = "minilm" if "minilm" in model.lower() and not os.path.isdir(model) else model
   args.batch, args.seq, args.dtype = c.batch_size, c.max_seq_length, c.dtype
-  args.attention_impl = c.attention_impl
+  args.attention_impl, args.cpu_scheduler = c.attention_impl, c.cpu_scheduler
   args.mesh = ",".join(str(x) for x in c.mesh_shape)
   args.buckets = ",".join(str(b) for b in c.seq_buckets)
   args.grouping_window = c.length_grouping_window or args.grouping_window
@@ -456,6 +457,7 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention_impl", default="", choices=["", "xla", "cudnn"])
   parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes")
+  parser.add_argument("--cpu_scheduler", default="memory", choices=["memory", "concurrency"])
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--rounds", type=int, default=1, help="alternate the workers N times")
