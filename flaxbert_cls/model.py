@@ -297,8 +297,8 @@ def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
   Autodiff of the plain composition keeps ~4 [b,h,q,k] float32 arrays per layer
   (masked scores, exp, probabilities, dropped probabilities); this keeps the
   probabilities only and regenerates the (hash) dropout mask from `seeds`. q, k and v
-  are moved to [b,h,len,d] once, so all six batched matmuls of forward and backward
-  run head-major (XLA's CPU dots on [b,q,h,d] operands insert a transpose each).
+  are moved head-major for the batched matmuls (XLA's CPU dots on [b,q,h,d] operands
+  insert a transpose each).
   Same values and gradients as the composition (tests/test_attention.py).
   """
   return _attention_with_dropout_fwd(q, k, v, mask, seeds, rate)[0]
@@ -314,34 +314,36 @@ def _dropped_probs(probs, seeds, rate, dtype):
 
 
 def _attention_with_dropout_fwd(q, k, v, mask, seeds, rate):
-  scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
-  qh, kh, vh = _heads_major(q * scale), _heads_major(k), _heads_major(v)
-  scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh).astype(jnp.float32)
+  q = q * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
+  scores = jnp.einsum("bhqd,bhkd->bhqk", _heads_major(q), _heads_major(k)).astype(jnp.float32)
   probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-  probs = jax.lax.optimization_barrier(probs)
   _, dropped = _dropped_probs(probs, seeds, rate, v.dtype)
-  out = _heads_major(jnp.einsum("bhqk,bhkd->bhqd", dropped, vh))
-  return out, (qh, kh, vh, probs, mask, seeds)
+  out = _heads_major(jnp.einsum("bhqk,bhkd->bhqd", dropped, _heads_major(v)))
+  return out, (q, k, v, probs, mask, seeds)
 
 
 def _attention_with_dropout_bwd(rate, residuals, g):
-  qh, kh, vh, probs, mask, seeds = residuals
-  gh = _heads_major(g)
+  q, k, v, probs, mask, seeds = residuals  # q carries the 1/sqrt(d) scale
+  # Every matmul below is row-major x row-major ([..., m, k] @ [..., k, n]): XLA's CPU
+  # dots contracting two leading dims ([q,k]^T @ [q,d]) fall back to a ~2x slower kernel,
+  # so the operands are transposed (cheap, [b,h,len,d]) instead of the probabilities.
+  dims_major = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # [b,len,h,d] -> [b,h,d,len]
   # Written differently from the forward's (where, then scale): XLA's CSE would merge
   # equal expressions and keep the forward's dropped probabilities alive until here.
   keep = _hash_bits(seeds, probs.shape) >= _drop_threshold(rate)
-  dropped = (jnp.where(keep, probs, 0.0) * (1.0 / (1.0 - rate))).astype(vh.dtype)
-  g_v = jnp.einsum("bhqk,bhqd->bhkd", dropped, gh)
-  g_probs = jnp.where(keep, jnp.einsum("bhqd,bhkd->bhqk", gh, vh).astype(jnp.float32)
-                      / (1.0 - rate), 0.0)
+  dropped = (jnp.where(keep, probs, 0.0) * (1.0 / (1.0 - rate))).astype(v.dtype)
+  g_v = jnp.einsum("bhdq,bhqk->bhdk", dims_major(g), dropped)
+  g_probs = jnp.where(keep, jnp.einsum("bhqd,bhdk->bhqk", _heads_major(g), dims_major(v)
+                                       ).astype(jnp.float32) / (1.0 - rate), 0.0)
   # Softmax backward; masked keys have probability 0, so their score gradient is 0.
   g_scores = (probs * (g_probs - jnp.sum(g_probs * probs, axis=-1, keepdims=True))
-              ).astype(qh.dtype)
-  scale = jnp.asarray(1.0 / np.sqrt(qh.shape[-1]), qh.dtype)
-  g_q = jnp.einsum("bhqk,bhkd->bhqd", g_scores, kh) * scale
-  g_k = jnp.einsum("bhqk,bhqd->bhkd", g_scores, qh)  # qh already carries the scale
+              ).astype(q.dtype)
+  g_q = jnp.einsum("bhqk,bhkd->bhqd", g_scores, _heads_major(k)) * jnp.asarray(
+      1.0 / np.sqrt(q.shape[-1]), q.dtype)
+  g_k = jnp.einsum("bhdq,bhqk->bhdk", dims_major(q), g_scores)
+  from_dims_major = lambda x: jnp.transpose(x, (0, 3, 1, 2))  # [b,h,d,len] -> [b,len,h,d]
   no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  return (_heads_major(g_q), _heads_major(g_k), _heads_major(g_v), no_grad(mask),
+  return (_heads_major(g_q), from_dims_major(g_k), from_dims_major(g_v), no_grad(mask),
           no_grad(seeds))
 
 
