@@ -156,17 +156,24 @@ def _tsv_rows(path: str, text: str, task: Task, require_labels: bool
   text_idx, label_idx = _column_indices(
       path, columns, task, require_labels,
       where='line 1' if has_header else '(header-less file)')
+  records = [(n, line.split('\t')) for n, line in (lines[1:] if has_header else lines)]
+  return _rows_from_fields(path, records, columns, text_idx, label_idx, task,
+                           'tab-separated'), label_idx is not None
+
+
+def _rows_from_fields(path: str, records: list[tuple[int, list[str]]], columns: list[str],
+                      text_idx: list[int], label_idx: int | None, task: Task, kind: str,
+                      hint: str = '') -> list[_Row]:
+  """(line, texts, raw label) per record; a record with the wrong field count names its line."""
   rows = []
-  for n, line in lines[1:] if has_header else lines:
-    fields = line.split('\t')
+  for n, fields in records:
     if len(fields) != len(columns):
-      raise UserError(
-          f'{path} line {n}: {len(fields)} tab-separated fields, expected '
-          f'{len(columns)} ({columns})')
+      raise UserError(f'{path} line {n}: {len(fields)} {kind} fields, expected '
+                      f'{len(columns)} ({columns}){hint}')
     rows.append((n, _texts(path, f'line {n}', [fields[i] for i in text_idx],
                            task.text_fields),
                  None if label_idx is None else fields[label_idx]))
-  return rows, label_idx is not None
+  return rows
 
 
 def _csv_rows(path: str, text: str, task: Task, require_labels: bool
@@ -186,19 +193,13 @@ def _csv_rows(path: str, text: str, task: Task, require_labels: bool
   text_idx, label_idx = _column_indices(
       path, [c.strip() for c in columns], task, require_labels,
       where=f'line {header_line}')
-  rows = []
   for n, fields in records[1:]:
     if not any(f.strip() for f in fields):
       raise UserError(f'{path} line {n}: blank line between data rows; '
                       'remove it')
-    if len(fields) != len(columns):
-      raise UserError(
-          f'{path} line {n}: {len(fields)} comma-separated fields, expected '
-          f'{len(columns)} ({columns}); quote fields that hold commas')
-    rows.append((n, _texts(path, f'line {n}', [fields[i] for i in text_idx],
-                           task.text_fields),
-                 None if label_idx is None else fields[label_idx]))
-  return rows, label_idx is not None
+  return _rows_from_fields(path, records[1:], columns, text_idx, label_idx, task,
+                           'comma-separated', '; quote fields that hold commas'
+                           ), label_idx is not None
 
 
 def _jsonl_rows(path: str, text: str, task: Task, require_labels: bool
