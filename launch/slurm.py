@@ -24,6 +24,8 @@ import shlex
 import subprocess
 import sys
 
+import launcher_args  # launch/ is on sys.path: these run as scripts
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREEMPTED_EXIT_CODE = 75  # flaxbert_cls.errors: the run saved a checkpoint and stopped
 
@@ -82,12 +84,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  train_args: list[str] = []
-  if "--" in argv:
-    i = argv.index("--")
-    argv, train_args = argv[:i], argv[i + 1:]
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              epilog="Arguments after -- go to `flaxbert-cls train`.")
+  p = launcher_args.parser(__doc__)
   p.add_argument("--job_name", default="flaxbert-cls")
   p.add_argument("--nodes", type=int, default=1)
   p.add_argument("--gpus_per_node", type=int, default=8)
@@ -111,10 +108,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  "(default: WORKDIR/flaxbert-cls.sbatch)")
   p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                  help="print the script and the sbatch command, submit nothing")
-  args = p.parse_args(argv)
-  if {"--dry-run", "--dry_run"} & set(train_args):
-    p.error("--dry-run goes before --: after it, arguments belong to the trainer")
-  args.train_args = train_args
+  args = launcher_args.parse(p, argv)
   args.workdir = os.path.abspath(args.workdir)
   args.script = args.script or os.path.join(args.workdir, "flaxbert-cls.sbatch")
   if args.nodes < 1 or args.gpus_per_node < 1:

@@ -22,6 +22,8 @@ import os
 import shlex
 import subprocess
 import sys
+
+import launcher_args  # launch/ is on sys.path: these run as scripts
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,12 +123,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  train_args: list[str] = []
-  if "--" in argv:
-    i = argv.index("--")
-    argv, train_args = argv[:i], argv[i + 1:]
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              epilog="Arguments after -- go to `flaxbert-cls train`.")
+  p = launcher_args.parser(__doc__)
   p.add_argument("--name", required=True, help="TPU (and queued resource) name")
   p.add_argument("--zone", required=True, help="e.g. us-central2-b (v4), us-east5-a (v5p)")
   p.add_argument("--project", default="", help="GCP project (default: gcloud's)")
@@ -150,10 +147,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  help="queued resource: give up waiting for ACTIVE after this long")
   p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                  help="print the commands, run nothing")
-  args = p.parse_args(argv)
-  if {"--dry-run", "--dry_run"} & set(train_args):
-    p.error("--dry-run goes before --: after it, arguments belong to the trainer")
-  args.train_args = train_args
+  args = launcher_args.parse(p, argv)
   if not args.workdir.startswith("gs://"):
     p.error("--workdir must be gs://...: a pod's workers share nothing else")
   args.runtime_version = args.runtime_version or default_runtime_version(args.accelerator_type)
