@@ -49,9 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
   # XLA's persistent compilation cache: a second start of the same config skips compiling.
   c.compilation_cache_dir = "~/.cache/flaxbert_cls/xla"  # '' = off
-  # XLA's instruction scheduler for the train step on CPU: 'memory' (lower peak memory at
-  # batch >= 16 per device, docs/design.md) or 'concurrency' (XLA's default; can be lower
-  # for small batches). Ignored on GPU/TPU.
+  # XLA's instruction scheduler for the train step on CPU: 'memory' (lower peak memory,
+  # docs/design.md) or 'concurrency' (XLA's default). Ignored on GPU/TPU.
   c.cpu_scheduler = "memory"
 
   # Optimization (HF recipe: AdamW eps 1e-6, linear warmup then linear decay).
