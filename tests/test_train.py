@@ -135,6 +135,7 @@ def test_memory_scheduler_lowers_train_step_temp_memory():
     assert options == {"xla_cpu_scheduler_type": train._CPU_SCHEDULERS[scheduler]}  # pylint: disable=protected-access
     step = jax.jit(functools.partial(train.train_step, model=exp.model, tx=tx, schedule=schedule,
                                      is_regression=False, dropout_seed=0),
-                   in_shardings=(shardings, exp.batch_sharding), compiler_options=options)
+                   in_shardings=(shardings, exp.batch_sharding), donate_argnums=0,
+                   compiler_options=options)  # donated, as training compiles it
     temp[scheduler] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
-  assert temp["memory"] < 0.95 * temp["concurrency"], temp  # measured 103 vs 115 MB
+  assert temp["memory"] < 0.95 * temp["concurrency"], temp  # measured 87 vs 102 MB
