@@ -237,9 +237,12 @@ def hash_random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return _hash_bits(jax.random.bits(key, (2,), jnp.uint32), shape)
 
 
-def _hash_bits(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def _hash_bits(seeds: jax.Array, shape: tuple[int, ...],
+               full_shape: tuple[int, ...] | None = None) -> jax.Array:
+  """full_shape: `shape` is the corner [:shape[0], :shape[1], ...] of an array that shape,
+  and gets that array's bits there (a first-token-only layer drops what the full one would)."""
   index = jnp.zeros(shape, jnp.uint32)
-  for d, size in enumerate(shape):
+  for d, size in enumerate(full_shape or shape):
     index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, shape, d)
   return _mix32(_mix32(index ^ seeds[0]) ^ seeds[1])
 
@@ -250,40 +253,43 @@ class Dropout(nn.Module):
   rate: float
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool,
+               full_shape: tuple[int, ...] | None = None) -> jax.Array:
     if deterministic or self.rate == 0.0:
       return x
     if self.rate == 1.0:
       return jnp.zeros_like(x)
     return hash_dropout(x, jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32),
-                        self.rate)
+                        self.rate, full_shape)
 
 
 def _drop_threshold(rate: float) -> jax.Array:
   return jnp.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def hash_dropout(x: jax.Array, seeds: jax.Array, rate: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def hash_dropout(x: jax.Array, seeds: jax.Array, rate: float,
+                 full_shape: tuple[int, ...] | None = None) -> jax.Array:
   """Inverted dropout with a hash mask; backward regenerates the mask from `seeds`.
 
   Autodiff would keep the boolean mask and XLA the dropped output per dropout
   (1.25 x the activation's bytes); the hash is ~10 integer ops to recompute.
   """
-  return _apply_hash_dropout(x, seeds, rate)
+  return _apply_hash_dropout(x, seeds, rate, full_shape)
 
 
-def _apply_hash_dropout(x, seeds, rate):
-  keep = _hash_bits(seeds, x.shape) >= _drop_threshold(rate)
+def _apply_hash_dropout(x, seeds, rate, full_shape=None):
+  keep = _hash_bits(seeds, x.shape, full_shape) >= _drop_threshold(rate)
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
-def _hash_dropout_fwd(x, seeds, rate):
-  return _apply_hash_dropout(x, seeds, rate), seeds
+def _hash_dropout_fwd(x, seeds, rate, full_shape):
+  return _apply_hash_dropout(x, seeds, rate, full_shape), seeds
 
 
-def _hash_dropout_bwd(rate, seeds, g):
-  return _apply_hash_dropout(g, seeds, rate), np.zeros(seeds.shape, jax.dtypes.float0)
+def _hash_dropout_bwd(rate, full_shape, seeds, g):
+  return (_apply_hash_dropout(g, seeds, rate, full_shape),
+          np.zeros(seeds.shape, jax.dtypes.float0))
 
 
 hash_dropout.defvjp(_hash_dropout_fwd, _hash_dropout_bwd)
@@ -304,6 +310,11 @@ def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
   return _attention_with_dropout_fwd(q, k, v, mask, seeds, rate)[0]
 
 
+def _self_attention_shape(probs: jax.Array) -> tuple[int, ...]:
+  """[b, h, kv, kv]: fewer queries (first_token_only) are the first rows of self-attention."""
+  return (*probs.shape[:2], probs.shape[3], probs.shape[3])
+
+
 def _heads_major(x: jax.Array) -> jax.Array:  # [b,len,h,d] <-> [b,h,len,d]
   return jnp.transpose(x, (0, 2, 1, 3))
 
@@ -312,7 +323,8 @@ def _attention_with_dropout_fwd(q, k, v, mask, seeds, rate):
   q = q * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
   scores = jnp.einsum("bhqd,bhkd->bhqk", _heads_major(q), _heads_major(k)).astype(jnp.float32)
   probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-  dropped = _apply_hash_dropout(probs, seeds, rate).astype(v.dtype)  # = hash_dropout's mask
+  dropped = _apply_hash_dropout(probs, seeds, rate, _self_attention_shape(probs)
+                                ).astype(v.dtype)  # = hash_dropout's mask
   out = _heads_major(jnp.einsum("bhqk,bhkd->bhqd", dropped, _heads_major(v)))
   return out, (q, k, v, probs, mask, seeds)
 
@@ -325,7 +337,7 @@ def _attention_with_dropout_bwd(rate, residuals, g):
   dims_major = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # [b,len,h,d] -> [b,h,d,len]
   # Written differently from the forward's (where, then scale): XLA's CSE would merge
   # equal expressions and keep the forward's dropped probabilities alive until here.
-  keep = _hash_bits(seeds, probs.shape) >= _drop_threshold(rate)
+  keep = _hash_bits(seeds, probs.shape, _self_attention_shape(probs)) >= _drop_threshold(rate)
   dropped = (jnp.where(keep, probs, 0.0) * (1.0 / (1.0 - rate))).astype(v.dtype)
   g_v = jnp.einsum("bhdq,bhqk->bhdk", dims_major(g), dropped)
   g_probs = jnp.where(keep, jnp.einsum("bhqd,bhdk->bhqk", _heads_major(g), dims_major(v)
@@ -432,8 +444,8 @@ class BertAttention(nn.Module):
   def __call__(self, x, attention_mask, deterministic: bool, first_token_only: bool = False):
     cfg = self.config
     h = BertSelfAttention(cfg, name="self")(x, attention_mask, deterministic, first_token_only)
-    residual = x[:, :1] if first_token_only else x
-    return BertOutput(cfg, (HEADS, EMBED), name="output")(h, residual, deterministic)
+    residual, full_length = (x[:, :1], x.shape[1]) if first_token_only else (x, None)
+    return BertOutput(cfg, (HEADS, EMBED), name="output")(h, residual, deterministic, full_length)
 
 
 class BertOutput(nn.Module):
@@ -443,10 +455,11 @@ class BertOutput(nn.Module):
   axes: tuple[str, str]
 
   @nn.compact
-  def __call__(self, h, residual, deterministic: bool):
+  def __call__(self, h, residual, deterministic: bool, full_length: int | None = None):
     cfg = self.config
     h = Dense(cfg.hidden_size, self.axes, cfg.dtype, name="dense")(h)
-    h = Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    full_shape = None if full_length is None else (h.shape[0], full_length, h.shape[2])
+    h = Dropout(cfg.hidden_dropout_prob)(h, deterministic, full_shape)
     h = LayerNorm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(h + residual)
     return constrain(h, HIDDEN_ACTIVATION, cfg)
 
@@ -470,9 +483,10 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool, first_token_only: bool = False):
     cfg = self.config
+    full_length = x.shape[1] if first_token_only else None  # dropout masks as the full layer's
     x = BertAttention(cfg, name="attention")(x, attention_mask, deterministic, first_token_only)
     h = BertIntermediate(cfg, name="intermediate")(x)
-    return BertOutput(cfg, (MLP, EMBED), name="output")(h, x, deterministic)
+    return BertOutput(cfg, (MLP, EMBED), name="output")(h, x, deterministic, full_length)
 
 
 class BertLayerCollection(nn.Module):

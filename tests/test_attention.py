@@ -135,10 +135,11 @@ def test_layer_norm_and_dropout_gradients_match_autodiff():
 
 @pytest.mark.parametrize("lora_rank", [0, 2])
 def test_first_token_only_last_layer_equals_full_model(lora_rank):
-  """Classifiers run the last layer on [CLS] only: same output and gradients as all tokens."""
+  """Classifiers run the last layer on [CLS] only: same output and gradients as all tokens,
+  dropout included (the first token's masks are the full layer's)."""
   cfg = model_lib.BertConfig(vocab_size=50, hidden_size=H, num_attention_heads=HEADS,
                              intermediate_size=32, num_hidden_layers=2, lora_rank=lora_rank,
-                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                             hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
   ids = np.random.default_rng(0).integers(1, 50, size=(B, L)).astype(np.int32)
   mask = (np.arange(L)[None, :] < np.array([7, 4, 1])[:, None]).astype(np.int32)
   full = model_lib.BertModel(cfg)
