@@ -361,11 +361,16 @@ class Embed(nn.Module):
   num_embeddings: int
   features: int
   axes: tuple[str | None, str | None]
+  config: BertConfig
 
   @nn.compact
   def __call__(self, ids: jax.Array) -> jax.Array:
     table = self.param("embedding", nn.with_logical_partitioning(_kernel_init(), self.axes),
                        (self.num_embeddings, self.features), jnp.float32)
+    # Features gathered before the lookup (as FSDP does for every kernel): a lookup into a
+    # feature-sharded table gives feature-sharded rows, which the SPMD partitioner can
+    # only turn into batch-sharded ones by replicating them (a full rematerialization).
+    table = constrain(table, (self.axes[0], None), self.config)
     return jnp.take(table, ids, axis=0)
 
 
@@ -376,8 +381,8 @@ class BertEmbeddings(nn.Module):
   def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool):
     cfg = self.config
     size = cfg.embedding_size or cfg.hidden_size
-    words = Embed(cfg.vocab_size, size, (VOCAB, EMBED), name="word_embeddings")(input_ids)
-    positions = Embed(cfg.max_position_embeddings, size, (None, EMBED),
+    words = Embed(cfg.vocab_size, size, (VOCAB, EMBED), cfg, name="word_embeddings")(input_ids)
+    positions = Embed(cfg.max_position_embeddings, size, (None, EMBED), cfg,
                       name="position_embeddings")(position_ids)
     x = words + positions
     if cfg.type_vocab_size == 1:
@@ -385,7 +390,7 @@ class BertEmbeddings(nn.Module):
       # index past the table, so every token is type 0 (what HF's buffer gives).
       token_type_ids = jnp.zeros_like(input_ids)
     if cfg.type_vocab_size > 0:
-      x = x + Embed(cfg.type_vocab_size, size, (None, EMBED),
+      x = x + Embed(cfg.type_vocab_size, size, (None, EMBED), cfg,
                     name="token_type_embeddings")(token_type_ids)
     x = LayerNorm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(x)
     x = constrain(x, HIDDEN_ACTIVATION, cfg)
