@@ -77,16 +77,20 @@ def _tiny_experiment(tmp_path, mesh_shape):
   return train.build_experiment(config)
 
 
-def test_fsdp_gathers_weights_not_activations(tmp_path):
-  """With the batch pinned, XLA all-gathers weights; unpinned it gathered the whole batch."""
-  exp = _tiny_experiment(tmp_path, (1, 8, 1))
+def _compiled_eval_step(exp) -> str:
+  """The eval step's optimized HLO for a 16 x 16 batch on the experiment's mesh."""
   boxed, shardings = exp.abstract_params()
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nn.unbox(boxed), shardings)
   batch = {k: jax.ShapeDtypeStruct((16, 16), np.int32, sharding=exp.batch_sharding)
            for k in ("input_ids", "attention_mask", "token_type_ids")}
   forward = jax.jit(functools.partial(train.eval_step, model=exp.model))
-  hlo = forward.lower(params, batch).compile().as_text()
+  return forward.lower(params, batch).compile().as_text()
+
+
+def test_fsdp_gathers_weights_not_activations(tmp_path):
+  """With the batch pinned, XLA all-gathers weights; unpinned it gathered the whole batch."""
+  hlo = _compiled_eval_step(_tiny_experiment(tmp_path, (1, 8, 1)))
   gathered = re.findall(r"= (f32\[[\d,]*\])\S* all-gather", hlo)
   assert "f32[64,64]" in gathered  # attention weights, gathered for use
   # No activation of the global batch (16 x 16 tokens x 64, or the pooled 16 x 64);
@@ -161,13 +165,7 @@ def test_mixed_mesh_partitions_without_full_rematerialization(tmp_path, capfd):
   no way to batch-shard the rows but replicating them (it logs a warning per case).
   """
   exp = _tiny_experiment(tmp_path, (2, 2, 2))
-  boxed, shardings = exp.abstract_params()
-  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.unbox(boxed), shardings)
-  batch = {k: jax.ShapeDtypeStruct((16, 16), np.int32, sharding=exp.batch_sharding)
-           for k in ("input_ids", "attention_mask", "token_type_ids")}
   capfd.readouterr()
-  hlo = jax.jit(functools.partial(train.eval_step, model=exp.model)).lower(
-      params, batch).compile().as_text()
+  hlo = _compiled_eval_step(exp)
   assert "all-gather" in hlo  # the mesh did partition the step
   assert "Involuntary full rematerialization" not in capfd.readouterr().err
