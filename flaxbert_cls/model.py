@@ -239,8 +239,8 @@ def hash_random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def _hash_bits(seeds: jax.Array, shape: tuple[int, ...],
                full_shape: tuple[int, ...] | None = None) -> jax.Array:
-  """full_shape: `shape` is the corner [:shape[0], :shape[1], ...] of an array that shape,
-  and gets that array's bits there (a first-token-only layer drops what the full one would)."""
+  """full_shape: `shape` is the corner [:shape[0], :shape[1], ...] of a full_shape array and
+  gets that array's bits there (a first-token-only layer drops what the full one would)."""
   index = jnp.zeros(shape, jnp.uint32)
   for d, size in enumerate(full_shape or shape):
     index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, shape, d)
