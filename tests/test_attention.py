@@ -133,31 +133,30 @@ def test_layer_norm_and_dropout_gradients_match_autodiff():
                                                      np.asarray(w) / 0.75, 0.0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("lora_rank", [0, 2])
-def test_first_token_only_last_layer_equals_full_model(lora_rank):
+def test_first_token_only_last_layer_equals_full_model():
   """Classifiers run the last layer on [CLS] only: same output and gradients as all tokens,
-  dropout included (the first token's masks are the full layer's)."""
+  dropout included (the first token's masks are the full layer's). LoRA on query and
+  value, not key: both projection paths."""
   cfg = model_lib.BertConfig(vocab_size=50, hidden_size=H, num_attention_heads=HEADS,
-                             intermediate_size=32, num_hidden_layers=2, lora_rank=lora_rank,
+                             intermediate_size=32, num_hidden_layers=2, lora_rank=2,
                              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
   ids = np.random.default_rng(0).integers(1, 50, size=(B, L)).astype(np.int32)
   mask = (np.arange(L)[None, :] < np.array([7, 4, 1])[:, None]).astype(np.int32)
   full = model_lib.BertModel(cfg)
   pruned = model_lib.BertModel(cfg, first_token_only=True)
   params = nn.unbox(full.init(jax.random.key(1), ids, mask))["params"]
-  if lora_rank:  # lora_b starts at zero; make the adapters count
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.1 if "lora_b" in jax.tree_util.keystr(p) else x, params)
+  params = jax.tree_util.tree_map_with_path(  # lora_b starts at zero: make the adapters count
+      lambda p, x: x + 0.1 if "lora_b" in jax.tree_util.keystr(p) else x, params)
 
   def pooled_loss(module, p):
     hidden, pooled = module.apply({"params": p}, ids, mask, deterministic=False,
                                   rngs={"dropout": jax.random.key(2)})
     return jnp.sum(pooled ** 2) + jnp.sum(hidden[:, 0] ** 3), hidden
 
-  (loss_full, hidden_full), grads_full = jax.value_and_grad(
-      lambda p: pooled_loss(full, p), has_aux=True)(params)
-  (loss_pruned, hidden_pruned), grads_pruned = jax.value_and_grad(
-      lambda p: pooled_loss(pruned, p), has_aux=True)(params)
+  (loss_full, hidden_full), grads_full = jax.jit(jax.value_and_grad(
+      lambda p: pooled_loss(full, p), has_aux=True))(params)
+  (loss_pruned, hidden_pruned), grads_pruned = jax.jit(jax.value_and_grad(
+      lambda p: pooled_loss(pruned, p), has_aux=True))(params)
   assert hidden_pruned.shape == (B, 1, H)
   np.testing.assert_allclose(hidden_pruned, hidden_full[:, :1], atol=1e-5)
   np.testing.assert_allclose(loss_pruned, loss_full, rtol=1e-5)
