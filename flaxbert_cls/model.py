@@ -133,7 +133,7 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel, bias, lora = self.weights(x.shape[-1])
     y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
-    return y + self.low_rank(x, lora) + bias.astype(self.dtype)
+    return self.add_low_rank(y, x, lora) + bias.astype(self.dtype)
 
   @nn.compact
   def weights(self, in_features: int) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
@@ -152,11 +152,12 @@ class Dense(nn.Module):
                    jnp.float32)
     return kernel, bias, (a, b)
 
-  def low_rank(self, x: jax.Array, lora: tuple[jax.Array, ...]) -> jax.Array | float:
+  def add_low_rank(self, y: jax.Array, x: jax.Array, lora: tuple[jax.Array, ...]) -> jax.Array:
+    """y + the LoRA update of x (y itself without adapters)."""
     if not lora:
-      return 0.0
+      return y
     a, b = (w.astype(self.dtype) for w in lora)
-    return (self.lora_alpha / self.lora_rank) * jnp.einsum(
+    return y + (self.lora_alpha / self.lora_rank) * jnp.einsum(
         "...r,ro->...o", jnp.einsum("...i,ir->...r", x.astype(self.dtype), a), b)
 
 
@@ -426,7 +427,7 @@ class BertSelfAttention(nn.Module):
       parts = [qkv[:, :, i] for i in range(3)]
 
     def split(i):
-      y = parts[i] + layers[i].low_rank(x_q if i == 0 else x, weights[i][2])
+      y = layers[i].add_low_rank(parts[i], x_q if i == 0 else x, weights[i][2])
       y = y.reshape(batch, y.shape[1], cfg.num_attention_heads, cfg.head_dim)
       return constrain(y, (ACTIVATION_BATCH, None, ACTIVATION_HEADS, None), cfg)
 
