@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -539,18 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     log.info("Resumed from %s/%d.", ckpt.directory, restored_step)
   _log_parameters(state.params, config)
 
-  jit_train = jax.jit(
-      functools.partial(train_step, model=exp.model, tx=tx, schedule=schedule,
-                        is_regression=(tuple(h.task.is_regression for h in exp.heads)
-                                       if exp.multitask else exp.is_regression),
-                        dropout_seed=config.seed,
-                        accumulation_steps=config.gradient_accumulation_steps,
-                        frozen=_frozen_mask(state.params, config)),
-      in_shardings=(state_shardings, exp.batch_sharding),
-      out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
-                     sharding_lib.replicated(exp.mesh)),
-      donate_argnums=0,
-      compiler_options=train_step_compiler_options(exp.mesh, config.cpu_scheduler))
+  jit_train = jit_train_step(exp, state.params, state_shardings, tx, schedule)
   jit_eval = jax.jit(functools.partial(eval_step, model=exp.model),
                      in_shardings=(state_shardings.params, exp.batch_sharding),
                      out_shardings=exp.batch_sharding)
@@ -666,6 +655,28 @@ def _check_finite(step: int, finite: jax.Array, config: ml_collections.ConfigDic
                   f"Checkpoints in {ckpt.directory} are intact (latest: "
                   f"{ckpt.latest_step()}). Lower learning_rate, or set "
                   "config.nonfinite_policy='skip'")
+
+
+def jit_train_step(exp: Experiment, params: Any, state_shardings: Any,
+                   tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+  """The train step as training compiles it: (state, batch) -> (state, metrics, finite).
+
+  The state is donated; shardings, freezing, accumulation and the CPU scheduler come
+  from exp.config (tools/bench.py times this same program).
+  """
+  config = exp.config
+  return jax.jit(
+      functools.partial(train_step, model=exp.model, tx=tx, schedule=schedule,
+                        is_regression=(tuple(h.task.is_regression for h in exp.heads)
+                                       if exp.multitask else exp.is_regression),
+                        dropout_seed=config.seed,
+                        accumulation_steps=config.gradient_accumulation_steps,
+                        frozen=_frozen_mask(params, config)),
+      in_shardings=(state_shardings, exp.batch_sharding),
+      out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
+                     sharding_lib.replicated(exp.mesh)),
+      donate_argnums=0,
+      compiler_options=train_step_compiler_options(exp.mesh, config.cpu_scheduler))
 
 
 def _frozen_mask(params: Any, config: ml_collections.ConfigDict) -> Any | None:

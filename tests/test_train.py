@@ -109,15 +109,14 @@ def test_real_sst2_finetune_beats_majority(glue_dir, tmp_path):
 
 def test_memory_scheduler_lowers_train_step_temp_memory():
   """config.cpu_scheduler='memory' reaches XLA and lowers the step's temp buffer."""
-  import functools  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import model as model_lib, sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import model as model_lib, sharding as sharding_lib, tasks  # pylint: disable=g-import-not-at-top
   config = default_config()  # mesh (-1, 1, 1): data parallel over the 8 CPU devices
   mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape)
   bert = model_lib.BertConfig.from_hf(
       dict(vocab_size=5000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
            intermediate_size=512, max_position_embeddings=128, type_vocab_size=2), mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh))
-  exp = train.Experiment(config, None, ("0", "1"), None, None,
+  exp = train.Experiment(config, tasks.GLUE_TASKS["sst2"], ("0", "1"), None, None,
                          model_lib.BertForSequenceClassification(bert, 2), mesh,
                          sharding_lib.batch_sharding(mesh))
   state, shardings, tx, schedule = train.create_train_state(exp, 100, None)
@@ -133,9 +132,7 @@ def test_memory_scheduler_lowers_train_step_temp_memory():
   for scheduler in ("memory", "concurrency"):
     options = train.train_step_compiler_options(mesh, scheduler)
     assert options == {"xla_cpu_scheduler_type": train._CPU_SCHEDULERS[scheduler]}  # pylint: disable=protected-access
-    step = jax.jit(functools.partial(train.train_step, model=exp.model, tx=tx, schedule=schedule,
-                                     is_regression=False, dropout_seed=0),
-                   in_shardings=(shardings, exp.batch_sharding), donate_argnums=0,
-                   compiler_options=options)  # donated, as training compiles it
+    config.cpu_scheduler = scheduler
+    step = train.jit_train_step(exp, state.params, shardings, tx, schedule)  # as training does
     temp[scheduler] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   assert temp["memory"] < 0.95 * temp["concurrency"], temp  # measured 87 vs 102 MB

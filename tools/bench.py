@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import json
 import os
 import resource
@@ -134,9 +133,9 @@ def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
 
 def _jax_setup(args):
   """(experiment, jitted step, state) for args' model, dtype and mesh."""
-  import jax  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import model as model_lib, train  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
 
   if args.compilation_cache_dir:
@@ -150,15 +149,12 @@ def _jax_setup(args):
   bert_config = model_lib.BertConfig.from_hf(
       cfg, dtype=args.dtype, attention_impl=args.attention_impl or None, mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh))
-  exp = train.Experiment(config, None, ("0", "1"), None, None,
+  config.cpu_scheduler = args.cpu_scheduler
+  exp = train.Experiment(config, tasks_lib.GLUE_TASKS["sst2"], ("0", "1"), None, None,
                          model_lib.BertForSequenceClassification(bert_config, 2), mesh,
                          sharding_lib.batch_sharding(mesh))
   state, state_shardings, tx, schedule = train.create_train_state(exp, 1000, None)
-  step = jax.jit(functools.partial(train.train_step, model=exp.model, tx=tx, schedule=schedule,
-                                   is_regression=False, dropout_seed=0),
-                 in_shardings=(state_shardings, exp.batch_sharding), donate_argnums=0,
-                 compiler_options=train.train_step_compiler_options(mesh, args.cpu_scheduler))
-  return exp, step, state
+  return exp, train.jit_train_step(exp, state.params, state_shardings, tx, schedule), state
 
 
 def run_jax(args) -> dict:
