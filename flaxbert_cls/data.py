@@ -296,10 +296,14 @@ class TaskMixture:
     return sum(o.steps_per_epoch for o in self.orders)
 
 
-def mixture_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: int,
-                  buckets: Sequence[int], max_seq_length: int,
-                  labels_dtype: Any = None) -> dict[str, np.ndarray]:
-  """`train_batch` of the step's task; with several tasks, also `task_ids` per row."""
+def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: int,
+                buckets: Sequence[int], max_seq_length: int,
+                labels_dtype: Any = None) -> dict[str, np.ndarray]:
+  """This process's rows of global batch `step`, padded to the global batch's bucket.
+
+  The step's task comes from `mixture` (one task: every step); with several tasks the
+  batch also holds `task_ids` per row.
+  """
   task, rows = mixture.batch_indices(step)
   split = splits[task]
   seq_len = bucket_for(int(split.lengths[rows].max()), buckets, max_seq_length)
@@ -316,14 +320,6 @@ def process_rows(global_rows: np.ndarray) -> np.ndarray:
   per_process = len(global_rows) // jax.process_count()
   start = jax.process_index() * per_process
   return global_rows[start:start + per_process]
-
-
-def train_batch(split: TokenizedSplit, order: TrainOrder, step: int, buckets: Sequence[int],
-                max_seq_length: int) -> dict[str, np.ndarray]:
-  """This process's part of global batch `step`, padded to the global batch's bucket."""
-  rows = order.batch_indices(step)
-  seq_len = bucket_for(int(split.lengths[rows].max()), buckets, max_seq_length)
-  return pad_rows(split, process_rows(rows), seq_len)
 
 
 def eval_batches(split: TokenizedSplit, batch_size: int, buckets: Sequence[int],

@@ -555,7 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(state.step)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   batches = data_lib.prefetch(
-      data_lib.to_global(data_lib.mixture_batch(train_splits, mixture, step, config.seq_buckets,
+      data_lib.to_global(data_lib.train_batch(train_splits, mixture, step, config.seq_buckets,
                                                 config.max_seq_length, labels_dtype),
                          exp.batch_sharding)
       for step in range(start_step, total_steps))

@@ -215,11 +215,12 @@ def run_data_only(args) -> dict:
 
   split, buckets = _load_split(args), _buckets(args)
   order = data_lib.TrainOrder(split.lengths, args.batch, 0, args.grouping_window)
+  mixture = data_lib.TaskMixture([order], np.ones(1), 0)  # one task: training's batching path
   exp, step, state = _jax_setup(args)
   sharding = exp.batch_sharding
 
   def make(i):
-    return data_lib.to_global(data_lib.train_batch(split, order, i, buckets, args.seq), sharding)
+    return data_lib.to_global(data_lib.train_batch([split], mixture, i, buckets, args.seq), sharding)
   n = args.data_steps
   t = time.perf_counter()
   for i in range(n):

@@ -99,7 +99,7 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
 
   Uses train.py's pieces as its loop does: the experiment and mesh, the state created
   on its shardings with the pre-trained weights, the jitted train_step with the same
-  in/out shardings, and the global batches of data.train_batch. Returns the per-step
+  in/out shardings, and the global batches of data.train_batch (training's batching path). Returns the per-step
   losses, the final parameters (on the host), the per-device bytes of parameters +
   optimizer state, every state array's PartitionSpec, the wall and CPU time and, with
   `evaluate`, the dev metrics.
@@ -111,6 +111,7 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
   split = _train_split(exp)
   order = data_lib.TrainOrder(split.lengths, config.batch_size, config.seed,
                               config.length_grouping_window)
+  mixture = data_lib.TaskMixture([order], np.ones(1), config.seed)
   state, shardings, tx, schedule = train.create_train_state(
       exp, steps, hf.resolve(config.model_name_or_path))
 
@@ -124,7 +125,7 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
                      donate_argnums=0)
   losses = []
   for step in range(steps):
-    batch = data_lib.train_batch(split, order, step, config.seq_buckets, config.max_seq_length)
+    batch = data_lib.train_batch([split], mixture, step, config.seq_buckets, config.max_seq_length)
     state, metrics = jit_step(state, data_lib.to_global(batch, exp.batch_sharding))
     losses.append(float(metrics.compute()["loss"]))
   result = {"losses": np.array(losses), "params": jax.device_get(state.params),
