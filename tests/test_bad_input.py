@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from flaxbert_cls import experiment
 from flaxbert_cls import cli
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 
@@ -155,6 +156,6 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_checkpoint, t
     assert steps, "the checkpoints saved before the disk filled up are kept"
     from flaxbert_cls import train  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
-    train.load_run(str(workdir), step=steps[-1], devices=jax.devices()[:1])  # still restores
+    experiment.load_run(str(workdir), step=steps[-1], devices=jax.devices()[:1])  # still restores
   finally:
     subprocess.run(["umount", "-l", str(mount)], check=False)

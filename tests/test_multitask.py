@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 
+from flaxbert_cls import evaluate
+from flaxbert_cls import experiment
 from flaxbert_cls import data as data_lib
 from flaxbert_cls import export
 from flaxbert_cls import readers
@@ -105,10 +107,10 @@ def test_tasks_config_errors_name_the_entry(tiny_checkpoint, small_dev):
   ]
   for entry, message in bad:
     with pytest.raises(UserError, match=message):
-      train.build_experiment(two_task_config(tiny_checkpoint, small_dev, tasks=(entry,)),
+      experiment.build_experiment(two_task_config(tiny_checkpoint, small_dev, tasks=(entry,)),
                              devices=jax.devices()[:1])
   with pytest.raises(UserError, match="config.selection_metric='cola'"):
-    train.build_experiment(two_task_config(tiny_checkpoint, small_dev, selection_metric="cola"),
+    experiment.build_experiment(two_task_config(tiny_checkpoint, small_dev, selection_metric="cola"),
                            devices=jax.devices()[:1])
 
 
@@ -132,11 +134,11 @@ def test_two_task_run_writes_per_task_metrics(two_task_run):
   assert result["eval"]["sst2/accuracy"] == sst2["accuracy"]
   assert result["best"]["metrics"]["average"] == max(r["score"] for r in records
                                                      if r["task"] == "average")
-  exp, params = train.load_run(workdir, devices=jax.devices()[:1])
+  exp, params = experiment.load_run(workdir, devices=jax.devices()[:1])
   assert set(params["heads"]) == {"sst2", "score"} and "classifier" not in params
   assert params["heads"]["score"]["classifier"]["kernel"].shape[-1] == 1
   # Re-evaluating the checkpoint gives the same per-task numbers.
-  again = train.evaluate_workdir(workdir)
+  again = evaluate.evaluate_workdir(workdir)
   assert again["sst2/accuracy"] == sst2["accuracy"]
   assert again["average"] == pytest.approx(average["score"], abs=1e-5)  # 8 devices here
 
@@ -146,7 +148,7 @@ def test_multitask_resume_is_bit_exact(tiny_checkpoint, small_dev, two_task_run,
   _, full = two_task_run
   config = two_task_config(tiny_checkpoint, small_dev)
   with monkeypatch.context() as patch:  # preempted after step 3 (saved), then rerun
-    patch.setattr(train.checkpoint_lib.PreemptionWatcher, "reached", lambda _, step: step == 3)
+    patch.setattr(experiment.checkpoint_lib.PreemptionWatcher, "reached", lambda _, step: step == 3)
     with pytest.raises(Preempted):
       train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   resumed = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
@@ -162,8 +164,8 @@ def test_each_task_exports_to_an_hf_directory_with_equal_logits(two_task_run, sm
   workdir, _ = two_task_run
   out = export.export(workdir, str(tmp_path / "out"))
   assert sorted(os.listdir(out)) == ["score", "sst2"]
-  exp, params = train.load_run(workdir, devices=jax.devices()[:1])
-  split = exp.tokenize(readers.read_file(small_dev, exp.heads[0].task, exp.heads[0].label_names))
+  exp, params = experiment.load_run(workdir, devices=jax.devices()[:1])
+  split = exp.tokenize(readers.read_file(small_dev, exp.tasks[0].task, exp.tasks[0].label_names))
   batch = data_lib.pad_rows(split, np.arange(len(split)), 32)
   flax_logits = exp.model.apply({"params": jax.device_get(params)}, batch["input_ids"],
                                 batch["attention_mask"], batch["token_type_ids"])
@@ -214,10 +216,10 @@ def test_glue_multitask_config_resolves_four_heads(glue_dir, tiny_checkpoint):
   spec.loader.exec_module(module)
   config = module.get_config()
   config.model_name_or_path, config.data_dir = tiny_checkpoint, glue_dir
-  exp = train.build_experiment(config, devices=jax.devices()[:1])
-  assert [h.name for h in exp.heads] == ["sst2", "cola", "mrpc", "rte"]
+  exp = experiment.build_experiment(config, devices=jax.devices()[:1])
+  assert [h.name for h in exp.tasks] == ["sst2", "cola", "mrpc", "rte"]
   assert exp.selection_key() == "average"
-  assert data_lib._split_file(exp.heads[2].config, exp.heads[2].task, "validation") == (
+  assert data_lib._split_file(exp.tasks[2].config, exp.tasks[2].task, "validation") == (
       os.path.join(glue_dir, "MRPC", "dev.tsv"))
   boxed, _ = exp.abstract_params()
   heads = boxed["heads"]
