@@ -1,4 +1,8 @@
-"""Reads labelled text (TSV, CSV, JSON Lines, Hugging Face datasets) into memory.
+"""Reads labelled text files (TSV, CSV, JSON Lines) into memory.
+
+Also the label handling every source shares (raw label -> id or target, label
+maps), and where GLUE keeps a split's file. Named datasets (Hugging Face
+`datasets`, TFDS) are read by `dataset_sources.py` into the same `Examples`.
 
 Every problem with the input raises `UserError` with one line naming the file
 (or dataset) and the line (or row) and column. Nothing is skipped silently:
@@ -24,8 +28,6 @@ from flaxbert_cls.errors import UserError
 from flaxbert_cls.tasks import Task
 
 SUPPORTED_EXTENSIONS = ('.tsv', '.csv', '.jsonl', '.json')
-# `datasets` builders that read local files (`data_files=`), not the Hub.
-_LOCAL_BUILDERS = ('csv', 'json', 'text', 'parquet', 'arrow', 'pandas')
 
 
 @dataclasses.dataclass
@@ -55,7 +57,7 @@ class Examples:
 
 
 # A row before label conversion: (line number, texts, raw label or None).
-_Row = tuple[int, tuple[str, ...], Any]
+Row = tuple[int, tuple[str, ...], Any]
 
 
 def _read_text(path: str) -> str:
@@ -99,9 +101,9 @@ def _split_lines(path: str, text: str) -> list[tuple[int, str]]:
   return out
 
 
-def _column_indices(source: str, columns: Sequence[str], task: Task,
-                    require_labels: bool, where: str = 'line 1'
-                    ) -> tuple[list[int], int | None]:
+def column_indices(source: str, columns: Sequence[str], task: Task,
+                   require_labels: bool, where: str = 'line 1'
+                   ) -> tuple[list[int], int | None]:
   """Finds the text and label columns; label index None = no labels."""
   found = list(columns)
 
@@ -129,8 +131,8 @@ def _column_indices(source: str, columns: Sequence[str], task: Task,
   return text_idx, label_idx
 
 
-def _texts(source: str, where: str, values: Sequence[Any],
-           names: Sequence[str]) -> tuple[str, ...]:
+def row_texts(source: str, where: str, values: Sequence[Any],
+              names: Sequence[str]) -> tuple[str, ...]:
   out = []
   for value, name in zip(values, names):
     if value is None:
@@ -145,7 +147,7 @@ def _texts(source: str, where: str, values: Sequence[Any],
 
 
 def _tsv_rows(path: str, text: str, task: Task, require_labels: bool
-              ) -> tuple[list[_Row], bool]:
+              ) -> tuple[list[Row], bool]:
   lines = _split_lines(path, text)
   # Quote handling is off: GLUE rows hold unbalanced '"' (MRPC, RTE).
   first = lines[0][1].split('\t')
@@ -153,7 +155,7 @@ def _tsv_rows(path: str, text: str, task: Task, require_labels: bool
   has_header = (task.file_columns is None
                 or set(task.text_fields) <= set(first))
   columns = first if has_header else list(task.file_columns)
-  text_idx, label_idx = _column_indices(
+  text_idx, label_idx = column_indices(
       path, columns, task, require_labels,
       where='line 1' if has_header else '(header-less file)')
   records = [(n, line.split('\t')) for n, line in (lines[1:] if has_header else lines)]
@@ -163,21 +165,21 @@ def _tsv_rows(path: str, text: str, task: Task, require_labels: bool
 
 def _rows_from_fields(path: str, records: list[tuple[int, list[str]]], columns: list[str],
                       text_idx: list[int], label_idx: int | None, task: Task, kind: str,
-                      hint: str = '') -> list[_Row]:
+                      hint: str = '') -> list[Row]:
   """(line, texts, raw label) per record; a record with the wrong field count names its line."""
   rows = []
   for n, fields in records:
     if len(fields) != len(columns):
       raise UserError(f'{path} line {n}: {len(fields)} {kind} fields, expected '
                       f'{len(columns)} ({columns}){hint}')
-    rows.append((n, _texts(path, f'line {n}', [fields[i] for i in text_idx],
-                           task.text_fields),
+    rows.append((n, row_texts(path, f'line {n}', [fields[i] for i in text_idx],
+                              task.text_fields),
                  None if label_idx is None else fields[label_idx]))
   return rows
 
 
 def _csv_rows(path: str, text: str, task: Task, require_labels: bool
-              ) -> tuple[list[_Row], bool]:
+              ) -> tuple[list[Row], bool]:
   reader = csv.reader(io.StringIO(text, newline=''), strict=True)
   records = []  # (start line, fields)
   start = 1
@@ -190,7 +192,7 @@ def _csv_rows(path: str, text: str, task: Task, require_labels: bool
   while records and not any(f.strip() for f in records[-1][1]):
     records.pop()  # Blank lines at the end.
   header_line, columns = records[0]
-  text_idx, label_idx = _column_indices(
+  text_idx, label_idx = column_indices(
       path, [c.strip() for c in columns], task, require_labels,
       where=f'line {header_line}')
   for n, fields in records[1:]:
@@ -203,7 +205,7 @@ def _csv_rows(path: str, text: str, task: Task, require_labels: bool
 
 
 def _jsonl_rows(path: str, text: str, task: Task, require_labels: bool
-                ) -> tuple[list[_Row], bool]:
+                ) -> tuple[list[Row], bool]:
   lines = _split_lines(path, text)
   if lines[0][1].lstrip().startswith('['):
     raise UserError(
@@ -240,14 +242,14 @@ def _jsonl_rows(path: str, text: str, task: Task, require_labels: bool
       raise UserError(
           f'{path} {where}: has key {task.label_field!r} but the first row '
           'has no label; give labels on every row or on none')
-    rows.append((n, _texts(path, where, [obj[k] for k in task.text_fields],
-                           task.text_fields),
+    rows.append((n, row_texts(path, where, [obj[k] for k in task.text_fields],
+                              task.text_fields),
                  obj[task.label_field] if has_labels else None))
   return rows, bool(has_labels)
 
 
 def _read_rows(path: str, task: Task, require_labels: bool
-               ) -> tuple[list[_Row], bool]:
+               ) -> tuple[list[Row], bool]:
   """Returns the rows of a file and whether it has labels."""
   if not os.path.exists(path):
     raise UserError(f'{path}: file not found')
@@ -267,7 +269,7 @@ def _read_rows(path: str, task: Task, require_labels: bool
   return rows, has_labels
 
 
-def _label_string(source: str, where: str, raw: Any) -> str:
+def label_string(source: str, where: str, raw: Any) -> str:
   """A classification label as a string; JSON / pandas ints become '1'."""
   if isinstance(raw, (bool, np.bool_)):
     raise UserError(
@@ -311,18 +313,18 @@ def _normalize_label_names(label_names: Iterable[Any]) -> tuple[str, ...]:
   return names
 
 
-def _label_array(source: str, rows: Sequence[_Row], task: Task,
-                 label_names: Sequence[Any] | None, unit: str) -> np.ndarray:
+def label_array(source: str, rows: Sequence[Row], task: Task,
+                label_names: Sequence[Any] | None, unit: str) -> np.ndarray:
   """Converts raw labels to int32 ids or float32 targets."""
   if task.is_regression:
     return np.array(
         [_regression_target(source, f'{unit} {n}', raw) for n, _, raw in rows],
         dtype=np.float32)
-  names = _resolve_label_names(task, label_names)
+  names = resolve_label_names(task, label_names)
   index = {name: i for i, name in enumerate(names)}
   ids = np.empty(len(rows), dtype=np.int32)
   for k, (n, _, raw) in enumerate(rows):
-    label = _label_string(source, f'{unit} {n}', raw)
+    label = label_string(source, f'{unit} {n}', raw)
     if label not in index:
       raise UserError(
           f'{source} {unit} {n}: label {label!r} is not one of {list(names)}')
@@ -330,8 +332,9 @@ def _label_array(source: str, rows: Sequence[_Row], task: Task,
   return ids
 
 
-def _resolve_label_names(task: Task, label_names: Sequence[Any] | None
-                         ) -> tuple[str, ...]:
+def resolve_label_names(task: Task, label_names: Sequence[Any] | None
+                        ) -> tuple[str, ...]:
+  """`label_names`, else the task's, as stripped strings."""
   names = label_names if label_names is not None else task.label_names
   if names is None:
     raise ValueError(
@@ -359,7 +362,7 @@ def read_file(path: str, task: Task,
   rows, has_labels = _read_rows(path, task, require_labels)
   labels = None
   if has_labels:
-    labels = _label_array(path, rows, task, label_names, 'line')
+    labels = label_array(path, rows, task, label_names, 'line')
   return Examples(texts=[r[1] for r in rows], labels=labels, source=path,
                   line_numbers=[r[0] for r in rows])
 
@@ -373,7 +376,7 @@ def _natural_key(name: str) -> tuple[Any, ...]:
 def sort_label_names(labels: Iterable[Any]) -> tuple[str, ...]:
   """Unique label strings, sorted numerically if all are numbers ('2' < '10'),
   else in natural order ('class2' < 'class10'), else alphabetically."""
-  names = {_label_string('labels', 'value', l) for l in labels}
+  names = {label_string('labels', 'value', l) for l in labels}
   numbers = {}
   for name in names:
     try:
@@ -388,7 +391,8 @@ def sort_label_names(labels: Iterable[Any]) -> tuple[str, ...]:
   return tuple(sorted(names, key=_natural_key))
 
 
-def _check_label_count(source: str, names: tuple[str, ...]) -> tuple[str, ...]:
+def check_label_count(source: str, names: tuple[str, ...]) -> tuple[str, ...]:
+  """Returns `names`; fewer than 2 classes is an error naming `source`."""
   if len(names) < 2:
     raise UserError(
         f'{source}: found only the label(s) {list(names)}; a classifier '
@@ -406,11 +410,11 @@ def build_label_names(path: str, task: Task) -> tuple[str, ...]:
     raise ValueError(f'task {task.name!r} is a regression task')
   rows, _ = _read_rows(path, task, require_labels=True)
   _check_one_label_type(path, rows)
-  labels = [_label_string(path, f'line {n}', raw) for n, _, raw in rows]
-  return _check_label_count(path, sort_label_names(labels))
+  labels = [label_string(path, f'line {n}', raw) for n, _, raw in rows]
+  return check_label_count(path, sort_label_names(labels))
 
 
-def _check_one_label_type(path: str, rows: Sequence[_Row]) -> None:
+def _check_one_label_type(path: str, rows: Sequence[Row]) -> None:
   """JSON labels mixing numbers and words (1 and "pos") are almost surely a data bug."""
   def kind(raw: Any) -> str:
     if isinstance(raw, (int, float, np.number)) and not isinstance(raw, bool):
@@ -451,254 +455,3 @@ def glue_file(data_dir: str, task: Task, split: str) -> str:
         f'{path}: file not found (GLUE data dir {data_dir!r}, task '
         f'{task.name!r}, split {split!r})')
   return path
-
-
-def _hf_offline() -> bool:
-  truthy = ('1', 'true', 'yes', 'on')
-  return any(os.environ.get(v, '').strip().lower() in truthy
-             for v in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'))
-
-
-def _hf_source(name, config_name, split, data_files) -> str:
-  source = f'hf:{name}' + (f'/{config_name}' if config_name else '')
-  if data_files is not None:
-    source += f'[{data_files}]'
-  return f'{source}:{split}'
-
-
-def _one_line(e: BaseException) -> str:
-  return ' '.join(f'{type(e).__name__}: {e}'.split())
-
-
-def read_hf_dataset(name: str, config_name: str | None, split: str,
-                    task: Task, label_names: Sequence[str] | None = None,
-                    data_files: Any = None, *, require_labels: bool = True,
-                    cache_dir: str | None = None) -> Examples:
-  """Reads one split of a Hugging Face dataset with `datasets.load_dataset`.
-
-  Args:
-    name: hub name ('nyu-mll/glue') or a local builder ('csv', 'json') with
-      `data_files`.
-    config_name: dataset config ('sst2'), or None.
-    split: split name as the dataset spells it (see `Task.hf_split_name`).
-    task: which columns hold text and label. For the task's own hub dataset
-      (`task.hf_dataset`) the `hf_text_fields` / `hf_label_field` columns are
-      read, otherwise `text_fields` / `label_field`.
-    label_names: the label map; None = `task.label_names`.
-    data_files: passed to `load_dataset` (local csv / json files).
-    require_labels: if False, a dataset without labels (a GLUE test split,
-      labels -1) gives `labels=None`.
-    cache_dir: the `datasets` cache, default the user's.
-
-  Returns:
-    The rows; `line_numbers` holds row indices.
-  """
-  source = _hf_source(name, config_name, split, data_files)
-  ds = _load_hf(name, config_name, split, data_files, cache_dir, source)
-  own_dataset = task.hf_dataset is not None and name in (
-      task.hf_dataset[0], task.hf_dataset[0].split('/')[-1])
-  return _examples_from_table(ds, source, own_dataset, task, label_names,
-                              require_labels)
-
-
-def _examples_from_table(ds: Any, source: str, own_dataset: bool, task: Task,
-                         label_names: Sequence[str] | None,
-                         require_labels: bool) -> Examples:
-  """Rows of a column table (`datasets.Dataset` or `_TfdsTable`) as Examples.
-
-  `own_dataset`: the table is the task's own GLUE dataset, whose columns are
-  `hf_text_fields` / `hf_label_field`.
-  """
-  text_fields = (task.hf_text_fields or task.text_fields
-                 ) if own_dataset else task.text_fields
-  label_field = (task.hf_label_field or task.label_field
-                 ) if own_dataset else task.label_field
-  hf_task = dataclasses.replace(task, text_fields=tuple(text_fields),
-                                label_field=label_field)
-  text_idx, label_idx = _column_indices(
-      source, ds.column_names, hf_task, require_labels, where='columns')
-  del text_idx
-  columns = [list(ds[c]) for c in text_fields]
-  rows: list[_Row] = []
-  for i, values in enumerate(zip(*columns)):
-    rows.append((i, _texts(source, f'row {i}', values, text_fields), None))
-
-  labels = None
-  if label_idx is not None:
-    raw = list(ds[label_field])
-    feature = ds.features[label_field]
-    class_names = getattr(feature, 'names', None)
-    if class_names is not None:
-      # GLUE test splits carry -1 for "no label".
-      if all(v == -1 for v in raw) and not require_labels:
-        raw = None
-      else:
-        raw, label_names = _map_class_label(source, raw, class_names, task,
-                                            label_names)
-    if raw is not None:
-      rows = [(i, t, r) for (i, t, _), r in zip(rows, raw)]
-      labels = _label_array(source, rows, task, label_names, 'row')
-  return Examples(texts=[r[1] for r in rows], labels=labels, source=source,
-                  line_numbers=[r[0] for r in rows])
-
-
-def _load_hf(name, config_name, split, data_files, cache_dir, source):
-  """`datasets.load_dataset` with its failures turned into one-line errors."""
-  import datasets  # pylint: disable=g-import-not-at-top  # Slow import.
-  try:
-    ds = datasets.load_dataset(name, config_name, split=split,
-                               data_files=data_files, cache_dir=cache_dir)
-  except Exception as e:  # pylint: disable=broad-except
-    # `datasets` raises many types (ConnectionError, FileNotFoundError,
-    # DatasetNotFoundError, ValueError for a bad split...): name the dataset.
-    if _hf_offline() and name not in _LOCAL_BUILDERS:
-      raise UserError(
-          f'{source}: Hugging Face dataset {name!r} could not be loaded '
-          'offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and is not '
-          f'in the local cache; download it once online, or use local files '
-          f'({_one_line(e)})') from None
-    raise UserError(
-        f'{source}: could not load Hugging Face dataset {name!r}: '
-        f'{_one_line(e)}') from None
-  if not isinstance(ds, datasets.Dataset):
-    raise UserError(f'{source}: expected one split, got {type(ds).__name__}')
-  if len(ds) == 0:
-    raise UserError(f'{source}: the split has no rows')
-  return ds
-
-
-def _map_class_label(source: str, ids: Sequence[int],
-                     class_names: Sequence[str], task: Task,
-                     label_names: Sequence[Any] | None
-                     ) -> tuple[list[str], tuple[str, ...]]:
-  """Maps ClassLabel ids to label strings of `label_names`.
-
-  By name where the ClassLabel names are the task's label names; by id where
-  the order is known to agree (GLUE tasks, whose label_names follow the HF
-  ClassLabel order, or label names '0', '1', ...).
-  """
-  if task.is_regression:
-    raise UserError(f'{source}: the label column holds classes '
-                    f'{list(class_names)} but the task is a regression task')
-  if label_names is None and task.label_names is None:
-    # Custom task without a label map: the ClassLabel names are the map.
-    label_names = tuple(class_names)
-  names = _resolve_label_names(task, label_names)
-  class_names = [str(c) for c in class_names]
-  if set(class_names) <= set(names):
-    table = class_names
-  elif len(class_names) == len(names) and (
-      task.name != 'custom' or names == tuple(map(str, range(len(names))))):
-    table = list(names)
-  else:
-    raise UserError(
-        f'{source}: the dataset\'s classes {class_names} do not match the '
-        f'label names {list(names)}')
-  out = []
-  for i, v in enumerate(ids):
-    if v is None or not 0 <= v < len(table):
-      raise UserError(f'{source} row {i}: no label (class id {v!r})')
-    out.append(table[v])
-  return out, names
-
-
-def hf_label_names(name: str, config_name: str | None, split: str,
-                   task: Task, data_files: Any = None,
-                   cache_dir: str | None = None) -> tuple[str, ...]:
-  """The label map of a custom task from a Hugging Face dataset split.
-
-  A ClassLabel column gives its own names in id order; other columns give
-  their distinct values sorted by `sort_label_names`.
-  """
-  if task.is_regression:
-    raise ValueError(f'task {task.name!r} is a regression task')
-  source = _hf_source(name, config_name, split, data_files)
-  ds = _load_hf(name, config_name, split, data_files, cache_dir, source)
-  if task.label_field not in ds.column_names:
-    raise UserError(
-        f'{source} columns: no column {task.label_field!r}; found columns '
-        f'{ds.column_names}')
-  class_names = getattr(ds.features[task.label_field], 'names', None)
-  if class_names is not None:
-    return _check_label_count(source, tuple(str(c) for c in class_names))
-  labels = [_label_string(source, f'row {i}', v)
-            for i, v in enumerate(ds[task.label_field])]
-  return _check_label_count(source, sort_label_names(labels))
-
-
-class _TfdsTable:
-  """A TFDS split held as columns: what `_examples_from_table` reads of a Dataset."""
-
-  def __init__(self, rows: Sequence[dict[str, Any]], features: Any):
-    self.features = features
-    self.column_names = list(features.keys())
-    self._rows = rows
-
-  def __len__(self) -> int:
-    return len(self._rows)
-
-  def __getitem__(self, column: str) -> list[Any]:
-    values = [row[column] for row in self._rows]
-    # TFDS gives text as bytes (numpy object arrays) and scalars as 0-d arrays.
-    return [v.decode('utf-8') if isinstance(v, bytes)
-            else v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
-            for v in values]
-
-
-def _load_tfds(name: str, split: str, data_dir: str | None,
-               source: str) -> _TfdsTable:
-  """`tfds.data_source` (array_record, no TensorFlow) read into memory."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # Slow import.
-  try:
-    ds = tfds.data_source(name, split=split, data_dir=data_dir)
-    features = tfds.builder(name, data_dir=data_dir).info.features
-    rows = [ds[i] for i in range(len(ds))]
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(
-        f'{source}: could not load TFDS dataset {name!r} (data_dir '
-        f'{data_dir!r}; prepare it once with `tfds build`): {_one_line(e)}'
-    ) from None
-  if not rows:
-    raise UserError(f'{source}: the split has no rows')
-  return _TfdsTable(rows, features)
-
-
-def _tfds_own_dataset(name: str, task: Task) -> bool:
-  # 'glue/sst2' (or 'glue/sst2:2.0.0') has the HF glue column names.
-  return task.hf_dataset is not None and name.split(':')[0] == (
-      f'glue/{task.hf_dataset[1]}')
-
-
-def read_tfds(name: str, split: str, task: Task,
-              label_names: Sequence[str] | None = None,
-              data_dir: str | None = None, *,
-              require_labels: bool = True) -> Examples:
-  """Reads one split of a TFDS dataset ('glue/sst2') with `tfds.data_source`.
-
-  GLUE datasets use the same columns as the HF ones (`hf_text_fields`); other
-  datasets are read by `text_fields` / `label_field`. ClassLabel columns map
-  to label names as for HF datasets.
-  """
-  source = f'tfds:{name}:{split}'
-  table = _load_tfds(name, split, data_dir, source)
-  return _examples_from_table(table, source, _tfds_own_dataset(name, task),
-                              task, label_names, require_labels)
-
-
-def tfds_label_names(name: str, split: str, task: Task,
-                     data_dir: str | None = None) -> tuple[str, ...]:
-  """The label map of a custom task from a TFDS split (ClassLabel names or values)."""
-  if task.is_regression:
-    raise ValueError(f'task {task.name!r} is a regression task')
-  source = f'tfds:{name}:{split}'
-  table = _load_tfds(name, split, data_dir, source)
-  if task.label_field not in table.column_names:
-    raise UserError(
-        f'{source} columns: no column {task.label_field!r}; found columns '
-        f'{table.column_names}')
-  class_names = getattr(table.features[task.label_field], 'names', None)
-  if class_names is not None:
-    return _check_label_count(source, tuple(str(c) for c in class_names))
-  labels = [_label_string(source, f'row {i}', v)
-            for i, v in enumerate(table[task.label_field])]
-  return _check_label_count(source, sort_label_names(labels))
