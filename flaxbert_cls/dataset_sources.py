@@ -6,7 +6,7 @@ The rows become `readers.Examples`, checked as file rows are: every problem rais
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import os
 from typing import Any
@@ -32,6 +32,10 @@ def _hf_source(name, config_name, split, data_files) -> str:
   if data_files is not None:
     source += f'[{data_files}]'
   return f'{source}:{split}'
+
+
+def _tfds_source(name: str, split: str) -> str:
+  return f'tfds:{name}:{split}'
 
 
 def _one_line(e: BaseException) -> str:
@@ -95,8 +99,7 @@ def _examples_from_table(ds: Any, source: str, own_dataset: bool, task: Task,
   labels = None
   if label_idx is not None:
     raw = list(ds[label_field])
-    feature = ds.features[label_field]
-    class_names = getattr(feature, 'names', None)
+    class_names = _class_names(ds, label_field)
     if class_names is not None:
       # GLUE test splits carry -1 for "no label".
       if all(v == -1 for v in raw) and not require_labels:
@@ -171,6 +174,34 @@ def _map_class_label(source: str, ids: Sequence[int],
   return out, names
 
 
+def _class_names(table: Any, column: str) -> Sequence[str] | None:
+  """The names of a ClassLabel column, in id order; None for any other column."""
+  return getattr(table.features[column], 'names', None)
+
+
+def _label_names_from_table(source: str, task: Task,
+                            load: Callable[[], Any]) -> tuple[str, ...]:
+  """`hf_label_names` and `tfds_label_names` for the table `load()` returns.
+
+  A ClassLabel column gives its own names in id order; other columns give
+  their distinct values sorted by `readers.sort_label_names`. A regression
+  task fails before the (slow) load.
+  """
+  if task.is_regression:
+    raise ValueError(f'task {task.name!r} is a regression task')
+  table = load()
+  if task.label_field not in table.column_names:
+    raise UserError(
+        f'{source} columns: no column {task.label_field!r}; found columns '
+        f'{table.column_names}')
+  class_names = _class_names(table, task.label_field)
+  if class_names is not None:
+    return readers.check_label_count(source, tuple(str(c) for c in class_names))
+  labels = [readers.label_string(source, f'row {i}', v)
+            for i, v in enumerate(table[task.label_field])]
+  return readers.check_label_count(source, readers.sort_label_names(labels))
+
+
 def hf_label_names(name: str, config_name: str | None, split: str,
                    task: Task, data_files: Any = None,
                    cache_dir: str | None = None) -> tuple[str, ...]:
@@ -179,20 +210,10 @@ def hf_label_names(name: str, config_name: str | None, split: str,
   A ClassLabel column gives its own names in id order; other columns give
   their distinct values sorted by `readers.sort_label_names`.
   """
-  if task.is_regression:
-    raise ValueError(f'task {task.name!r} is a regression task')
   source = _hf_source(name, config_name, split, data_files)
-  ds = _load_hf(name, config_name, split, data_files, cache_dir, source)
-  if task.label_field not in ds.column_names:
-    raise UserError(
-        f'{source} columns: no column {task.label_field!r}; found columns '
-        f'{ds.column_names}')
-  class_names = getattr(ds.features[task.label_field], 'names', None)
-  if class_names is not None:
-    return readers.check_label_count(source, tuple(str(c) for c in class_names))
-  labels = [readers.label_string(source, f'row {i}', v)
-            for i, v in enumerate(ds[task.label_field])]
-  return readers.check_label_count(source, readers.sort_label_names(labels))
+  return _label_names_from_table(
+      source, task,
+      lambda: _load_hf(name, config_name, split, data_files, cache_dir, source))
 
 
 class _TfdsTable:
@@ -248,7 +269,7 @@ def read_tfds(name: str, split: str, task: Task,
   datasets are read by `text_fields` / `label_field`. ClassLabel columns map
   to label names as for HF datasets.
   """
-  source = f'tfds:{name}:{split}'
+  source = _tfds_source(name, split)
   table = _load_tfds(name, split, data_dir, source)
   return _examples_from_table(table, source, _tfds_own_dataset(name, task),
                               task, label_names, require_labels)
@@ -257,17 +278,6 @@ def read_tfds(name: str, split: str, task: Task,
 def tfds_label_names(name: str, split: str, task: Task,
                      data_dir: str | None = None) -> tuple[str, ...]:
   """The label map of a custom task from a TFDS split (ClassLabel names or values)."""
-  if task.is_regression:
-    raise ValueError(f'task {task.name!r} is a regression task')
-  source = f'tfds:{name}:{split}'
-  table = _load_tfds(name, split, data_dir, source)
-  if task.label_field not in table.column_names:
-    raise UserError(
-        f'{source} columns: no column {task.label_field!r}; found columns '
-        f'{table.column_names}')
-  class_names = getattr(table.features[task.label_field], 'names', None)
-  if class_names is not None:
-    return readers.check_label_count(source, tuple(str(c) for c in class_names))
-  labels = [readers.label_string(source, f'row {i}', v)
-            for i, v in enumerate(table[task.label_field])]
-  return readers.check_label_count(source, readers.sort_label_names(labels))
+  source = _tfds_source(name, split)
+  return _label_names_from_table(
+      source, task, lambda: _load_tfds(name, split, data_dir, source))
