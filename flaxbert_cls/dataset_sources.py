@@ -18,28 +18,28 @@ from flaxbert_cls.errors import UserError
 from flaxbert_cls.tasks import Task
 
 # `datasets` builders that read local files (`data_files=`), not the Hub.
-_LOCAL_BUILDERS = ('csv', 'json', 'text', 'parquet', 'arrow', 'pandas')
+_LOCAL_BUILDERS = ("csv", "json", "text", "parquet", "arrow", "pandas")
 
 
 def _hf_offline() -> bool:
-  truthy = ('1', 'true', 'yes', 'on')
-  return any(os.environ.get(v, '').strip().lower() in truthy
-             for v in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'))
+  truthy = ("1", "true", "yes", "on")
+  return any(os.environ.get(v, "").strip().lower() in truthy
+             for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _hf_source(name, config_name, split, data_files) -> str:
-  source = f'hf:{name}' + (f'/{config_name}' if config_name else '')
+  source = f"hf:{name}" + (f"/{config_name}" if config_name else "")
   if data_files is not None:
-    source += f'[{data_files}]'
-  return f'{source}:{split}'
+    source += f"[{data_files}]"
+  return f"{source}:{split}"
 
 
 def _tfds_source(name: str, split: str) -> str:
-  return f'tfds:{name}:{split}'
+  return f"tfds:{name}:{split}"
 
 
 def _one_line(e: BaseException) -> str:
-  return ' '.join(f'{type(e).__name__}: {e}'.split())
+  return " ".join(f"{type(e).__name__}: {e}".split())
 
 
 def read_hf_dataset(name: str, config_name: str | None, split: str,
@@ -68,7 +68,7 @@ def read_hf_dataset(name: str, config_name: str | None, split: str,
   source = _hf_source(name, config_name, split, data_files)
   ds = _load_hf(name, config_name, split, data_files, cache_dir, source)
   own_dataset = task.hf_dataset is not None and name in (
-      task.hf_dataset[0], task.hf_dataset[0].split('/')[-1])
+      task.hf_dataset[0], task.hf_dataset[0].split("/")[-1])
   return _examples_from_table(ds, source, own_dataset, task, label_names,
                               require_labels)
 
@@ -88,12 +88,12 @@ def _examples_from_table(ds: Any, source: str, own_dataset: bool, task: Task,
   hf_task = dataclasses.replace(task, text_fields=tuple(text_fields),
                                 label_field=label_field)
   text_idx, label_idx = readers.column_indices(
-      source, ds.column_names, hf_task, require_labels, where='columns')
+      source, ds.column_names, hf_task, require_labels, where="columns")
   del text_idx
   columns = [list(ds[c]) for c in text_fields]
   rows: list[readers.Row] = []
   for i, values in enumerate(zip(*columns)):
-    rows.append((i, readers.row_texts(source, f'row {i}', values, text_fields),
+    rows.append((i, readers.row_texts(source, f"row {i}", values, text_fields),
                  None))
 
   labels = None
@@ -109,7 +109,7 @@ def _examples_from_table(ds: Any, source: str, own_dataset: bool, task: Task,
                                             label_names)
     if raw is not None:
       rows = [(i, t, r) for (i, t, _), r in zip(rows, raw)]
-      labels = readers.label_array(source, rows, task, label_names, 'row')
+      labels = readers.label_array(source, rows, task, label_names, "row")
   return readers.Examples(texts=[r[1] for r in rows], labels=labels,
                           source=source, line_numbers=[r[0] for r in rows])
 
@@ -125,17 +125,17 @@ def _load_hf(name, config_name, split, data_files, cache_dir, source):
     # DatasetNotFoundError, ValueError for a bad split...): name the dataset.
     if _hf_offline() and name not in _LOCAL_BUILDERS:
       raise UserError(
-          f'{source}: Hugging Face dataset {name!r} could not be loaded '
-          'offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and is not '
-          f'in the local cache; download it once online, or use local files '
-          f'({_one_line(e)})') from None
+          f"{source}: Hugging Face dataset {name!r} could not be loaded "
+          "offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and is not "
+          f"in the local cache; download it once online, or use local files "
+          f"({_one_line(e)})") from None
     raise UserError(
-        f'{source}: could not load Hugging Face dataset {name!r}: '
-        f'{_one_line(e)}') from None
+        f"{source}: could not load Hugging Face dataset {name!r}: "
+        f"{_one_line(e)}") from None
   if not isinstance(ds, datasets.Dataset):
-    raise UserError(f'{source}: expected one split, got {type(ds).__name__}')
+    raise UserError(f"{source}: expected one split, got {type(ds).__name__}")
   if len(ds) == 0:
-    raise UserError(f'{source}: the split has no rows')
+    raise UserError(f"{source}: the split has no rows")
   return ds
 
 
@@ -150,8 +150,8 @@ def _map_class_label(source: str, ids: Sequence[int],
   ClassLabel order, or label names '0', '1', ...).
   """
   if task.is_regression:
-    raise UserError(f'{source}: the label column holds classes '
-                    f'{list(class_names)} but the task is a regression task')
+    raise UserError(f"{source}: the label column holds classes "
+                    f"{list(class_names)} but the task is a regression task")
   if label_names is None and task.label_names is None:
     # Custom task without a label map: the ClassLabel names are the map.
     label_names = tuple(class_names)
@@ -160,23 +160,23 @@ def _map_class_label(source: str, ids: Sequence[int],
   if set(class_names) <= set(names):
     table = class_names
   elif len(class_names) == len(names) and (
-      task.name != 'custom' or names == tuple(map(str, range(len(names))))):
+      task.name != "custom" or names == tuple(map(str, range(len(names))))):
     table = list(names)
   else:
     raise UserError(
-        f'{source}: the dataset\'s classes {class_names} do not match the '
-        f'label names {list(names)}')
+        f"{source}: the dataset's classes {class_names} do not match the "
+        f"label names {list(names)}")
   out = []
   for i, v in enumerate(ids):
     if v is None or not 0 <= v < len(table):
-      raise UserError(f'{source} row {i}: no label (class id {v!r})')
+      raise UserError(f"{source} row {i}: no label (class id {v!r})")
     out.append(table[v])
   return out, names
 
 
 def _class_names(table: Any, column: str) -> Sequence[str] | None:
   """The names of a ClassLabel column, in id order; None for any other column."""
-  return getattr(table.features[column], 'names', None)
+  return getattr(table.features[column], "names", None)
 
 
 def _label_names_from_table(source: str, task: Task,
@@ -188,16 +188,16 @@ def _label_names_from_table(source: str, task: Task,
   task fails before the (slow) load.
   """
   if task.is_regression:
-    raise ValueError(f'task {task.name!r} is a regression task')
+    raise ValueError(f"task {task.name!r} is a regression task")
   table = load()
   if task.label_field not in table.column_names:
     raise UserError(
-        f'{source} columns: no column {task.label_field!r}; found columns '
-        f'{table.column_names}')
+        f"{source} columns: no column {task.label_field!r}; found columns "
+        f"{table.column_names}")
   class_names = _class_names(table, task.label_field)
   if class_names is not None:
     return readers.check_label_count(source, tuple(str(c) for c in class_names))
-  labels = [readers.label_string(source, f'row {i}', v)
+  labels = [readers.label_string(source, f"row {i}", v)
             for i, v in enumerate(table[task.label_field])]
   return readers.check_label_count(source, readers.sort_label_names(labels))
 
@@ -230,7 +230,7 @@ class _TfdsTable:
   def __getitem__(self, column: str) -> list[Any]:
     values = [row[column] for row in self._rows]
     # TFDS gives text as bytes (numpy object arrays) and scalars as 0-d arrays.
-    return [v.decode('utf-8') if isinstance(v, bytes)
+    return [v.decode("utf-8") if isinstance(v, bytes)
             else v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
             for v in values]
 
@@ -245,18 +245,18 @@ def _load_tfds(name: str, split: str, data_dir: str | None,
     rows = [ds[i] for i in range(len(ds))]
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(
-        f'{source}: could not load TFDS dataset {name!r} (data_dir '
-        f'{data_dir!r}; prepare it once with `tfds build`): {_one_line(e)}'
+        f"{source}: could not load TFDS dataset {name!r} (data_dir "
+        f"{data_dir!r}; prepare it once with `tfds build`): {_one_line(e)}"
     ) from None
   if not rows:
-    raise UserError(f'{source}: the split has no rows')
+    raise UserError(f"{source}: the split has no rows")
   return _TfdsTable(rows, features)
 
 
 def _tfds_own_dataset(name: str, task: Task) -> bool:
   # 'glue/sst2' (or 'glue/sst2:2.0.0') has the HF glue column names.
-  return task.hf_dataset is not None and name.split(':')[0] == (
-      f'glue/{task.hf_dataset[1]}')
+  return task.hf_dataset is not None and name.split(":")[0] == (
+      f"glue/{task.hf_dataset[1]}")
 
 
 def read_tfds(name: str, split: str, task: Task,

@@ -27,7 +27,7 @@ import numpy as np
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.tasks import Task
 
-SUPPORTED_EXTENSIONS = ('.tsv', '.csv', '.jsonl', '.json')
+SUPPORTED_EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
 
 
 @dataclasses.dataclass
@@ -52,8 +52,8 @@ class Examples:
 
   def where(self, i: int) -> str:
     """'<source> line N' for row i, for messages."""
-    unit = 'row' if self.source.startswith(('hf:', 'tfds:')) else 'line'
-    return f'{self.source} {unit} {self.line_numbers[i]}'
+    unit = "row" if self.source.startswith(("hf:", "tfds:")) else "line"
+    return f"{self.source} {unit} {self.line_numbers[i]}"
 
 
 # A row before label conversion: (line number, texts, raw label or None).
@@ -62,21 +62,21 @@ Row = tuple[int, tuple[str, ...], Any]
 
 def _read_text(path: str) -> str:
   """Returns the file's text; UTF-8 with an optional BOM (MRPC has one)."""
-  with open(path, 'rb') as f:
+  with open(path, "rb") as f:
     data = f.read()
   # Same as the 'utf-8-sig' codec, but error offsets stay relative to `data`.
   if data.startswith(codecs.BOM_UTF8):
     data = data[len(codecs.BOM_UTF8):]
   try:
-    text = data.decode('utf-8')
+    text = data.decode("utf-8")
   except UnicodeDecodeError as e:
-    line = data.count(b'\n', 0, e.start) + 1
-    column = e.start - (data.rfind(b'\n', 0, e.start) + 1) + 1
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
     raise UserError(
-        f'{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at '
-        f'byte column {column}); save the file as UTF-8') from None
+        f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+        f"byte column {column}); save the file as UTF-8") from None
   if not text.strip():
-    raise UserError(f'{path}: file is empty')
+    raise UserError(f"{path}: file is empty")
   return text
 
 
@@ -86,23 +86,23 @@ def _split_lines(path: str, text: str) -> list[tuple[int, str]]:
   Splits on '\\n' only (and drops a '\\r' before it): str.splitlines() would
   also break lines at characters such as '\\x0c' or '\\u2028' inside text.
   """
-  lines = text.split('\n')
-  if lines and lines[-1] == '':
+  lines = text.split("\n")
+  if lines and lines[-1] == "":
     lines.pop()  # The file ends with a newline (CoLA dev does not).
-  lines = [l[:-1] if l.endswith('\r') else l for l in lines]
+  lines = [l[:-1] if l.endswith("\r") else l for l in lines]
   while lines and not lines[-1].strip():
     lines.pop()
   out = []
   for i, line in enumerate(lines, start=1):
     if not line.strip():
       raise UserError(
-          f'{path} line {i}: blank line between data rows; remove it')
+          f"{path} line {i}: blank line between data rows; remove it")
     out.append((i, line))
   return out
 
 
 def column_indices(source: str, columns: Sequence[str], task: Task,
-                   require_labels: bool, where: str = 'line 1'
+                   require_labels: bool, where: str = "line 1"
                    ) -> tuple[list[int], int | None]:
   """Finds the text and label columns; label index None = no labels."""
   found = list(columns)
@@ -111,8 +111,8 @@ def column_indices(source: str, columns: Sequence[str], task: Task,
     hits = [i for i, c in enumerate(found) if c == name]
     if len(hits) > 1:
       raise UserError(
-          f'{source} {where}: column {name!r} appears {len(hits)} times; '
-          f'found columns {found}')
+          f"{source} {where}: column {name!r} appears {len(hits)} times; "
+          f"found columns {found}")
     return hits[0] if hits else None
 
   text_idx = []
@@ -120,14 +120,14 @@ def column_indices(source: str, columns: Sequence[str], task: Task,
     i = index(name)
     if i is None:
       raise UserError(
-          f'{source} {where}: no column {name!r} (text column of task '
-          f'{task.name!r}); found columns {found}')
+          f"{source} {where}: no column {name!r} (text column of task "
+          f"{task.name!r}); found columns {found}")
     text_idx.append(i)
   label_idx = index(task.label_field)
   if label_idx is None and require_labels:
     raise UserError(
-        f'{source} {where}: no column {task.label_field!r} (label column of '
-        f'task {task.name!r}); found columns {found}')
+        f"{source} {where}: no column {task.label_field!r} (label column of "
+        f"task {task.name!r}); found columns {found}")
   return text_idx, label_idx
 
 
@@ -136,12 +136,12 @@ def row_texts(source: str, where: str, values: Sequence[Any],
   out = []
   for value, name in zip(values, names):
     if value is None:
-      value = ''
+      value = ""
     if not isinstance(value, str):
       raise UserError(
-          f'{source} {where}: column {name!r} holds {value!r}, expected text')
+          f"{source} {where}: column {name!r} holds {value!r}, expected text")
     if not value.strip():
-      raise UserError(f'{source} {where}: column {name!r} is empty')
+      raise UserError(f"{source} {where}: column {name!r} is empty")
     out.append(value)
   return tuple(out)
 
@@ -150,29 +150,29 @@ def _tsv_rows(path: str, text: str, task: Task, require_labels: bool
               ) -> tuple[list[Row], bool]:
   lines = _split_lines(path, text)
   # Quote handling is off: GLUE rows hold unbalanced '"' (MRPC, RTE).
-  first = lines[0][1].split('\t')
+  first = lines[0][1].split("\t")
   # CoLA train/dev have no header, but CoLA's test.tsv does ('index sentence').
   has_header = (task.file_columns is None
                 or set(task.text_fields) <= set(first))
   columns = first if has_header else list(task.file_columns)
   text_idx, label_idx = column_indices(
       path, columns, task, require_labels,
-      where='line 1' if has_header else '(header-less file)')
-  records = [(n, line.split('\t')) for n, line in (lines[1:] if has_header else lines)]
+      where="line 1" if has_header else "(header-less file)")
+  records = [(n, line.split("\t")) for n, line in (lines[1:] if has_header else lines)]
   return _rows_from_fields(path, records, columns, text_idx, label_idx, task,
-                           'tab-separated'), label_idx is not None
+                           "tab-separated"), label_idx is not None
 
 
 def _rows_from_fields(path: str, records: list[tuple[int, list[str]]], columns: list[str],
                       text_idx: list[int], label_idx: int | None, task: Task, kind: str,
-                      hint: str = '') -> list[Row]:
+                      hint: str = "") -> list[Row]:
   """(line, texts, raw label) per record; a record with the wrong field count names its line."""
   rows = []
   for n, fields in records:
     if len(fields) != len(columns):
-      raise UserError(f'{path} line {n}: {len(fields)} {kind} fields, expected '
-                      f'{len(columns)} ({columns}){hint}')
-    rows.append((n, row_texts(path, f'line {n}', [fields[i] for i in text_idx],
+      raise UserError(f"{path} line {n}: {len(fields)} {kind} fields, expected "
+                      f"{len(columns)} ({columns}){hint}")
+    rows.append((n, row_texts(path, f"line {n}", [fields[i] for i in text_idx],
                               task.text_fields),
                  None if label_idx is None else fields[label_idx]))
   return rows
@@ -180,7 +180,7 @@ def _rows_from_fields(path: str, records: list[tuple[int, list[str]]], columns: 
 
 def _csv_rows(path: str, text: str, task: Task, require_labels: bool
               ) -> tuple[list[Row], bool]:
-  reader = csv.reader(io.StringIO(text, newline=''), strict=True)
+  reader = csv.reader(io.StringIO(text, newline=""), strict=True)
   records = []  # (start line, fields)
   start = 1
   try:
@@ -188,28 +188,28 @@ def _csv_rows(path: str, text: str, task: Task, require_labels: bool
       records.append((start, fields))
       start = reader.line_num + 1
   except csv.Error as e:
-    raise UserError(f'{path} line {reader.line_num}: bad CSV: {e}') from None
+    raise UserError(f"{path} line {reader.line_num}: bad CSV: {e}") from None
   while records and not any(f.strip() for f in records[-1][1]):
     records.pop()  # Blank lines at the end.
   header_line, columns = records[0]
   text_idx, label_idx = column_indices(
       path, [c.strip() for c in columns], task, require_labels,
-      where=f'line {header_line}')
+      where=f"line {header_line}")
   for n, fields in records[1:]:
     if not any(f.strip() for f in fields):
-      raise UserError(f'{path} line {n}: blank line between data rows; '
-                      'remove it')
+      raise UserError(f"{path} line {n}: blank line between data rows; "
+                      "remove it")
   return _rows_from_fields(path, records[1:], columns, text_idx, label_idx, task,
-                           'comma-separated', '; quote fields that hold commas'
+                           "comma-separated", "; quote fields that hold commas"
                            ), label_idx is not None
 
 
 def _jsonl_rows(path: str, text: str, task: Task, require_labels: bool
                 ) -> tuple[list[Row], bool]:
   lines = _split_lines(path, text)
-  if lines[0][1].lstrip().startswith('['):
+  if lines[0][1].lstrip().startswith("["):
     raise UserError(
-        f'{path} line {lines[0][0]}: found a JSON array; expected JSON Lines '
+        f"{path} line {lines[0][0]}: found a JSON array; expected JSON Lines "
         "(one object per line), e.g. convert with: jq -c '.[]'")
   has_labels = None
   rows = []
@@ -218,30 +218,30 @@ def _jsonl_rows(path: str, text: str, task: Task, require_labels: bool
       obj = json.loads(line)
     except json.JSONDecodeError as e:
       raise UserError(
-          f'{path} line {n} column {e.colno}: not valid JSON: {e.msg}'
+          f"{path} line {n} column {e.colno}: not valid JSON: {e.msg}"
       ) from None
     if not isinstance(obj, dict):
       raise UserError(
-          f'{path} line {n}: expected a JSON object, got '
-          f'{type(obj).__name__}')
-    where = f'line {n}'
+          f"{path} line {n}: expected a JSON object, got "
+          f"{type(obj).__name__}")
+    where = f"line {n}"
     keys = list(obj)
     for name in task.text_fields:
       if name not in obj:
         raise UserError(
-            f'{path} {where}: no key {name!r} (text column of task '
-            f'{task.name!r}); found keys {keys}')
+            f"{path} {where}: no key {name!r} (text column of task "
+            f"{task.name!r}); found keys {keys}")
     if has_labels is None:
       # Unlabelled prediction input: no label in the first row -> none at all.
       has_labels = task.label_field in obj or require_labels
     if has_labels and task.label_field not in obj:
       raise UserError(
-          f'{path} {where}: no key {task.label_field!r} (label column of '
-          f'task {task.name!r}); found keys {keys}')
+          f"{path} {where}: no key {task.label_field!r} (label column of "
+          f"task {task.name!r}); found keys {keys}")
     if not has_labels and task.label_field in obj:
       raise UserError(
-          f'{path} {where}: has key {task.label_field!r} but the first row '
-          'has no label; give labels on every row or on none')
+          f"{path} {where}: has key {task.label_field!r} but the first row "
+          "has no label; give labels on every row or on none")
     rows.append((n, row_texts(path, where, [obj[k] for k in task.text_fields],
                               task.text_fields),
                  obj[task.label_field] if has_labels else None))
@@ -252,20 +252,20 @@ def _read_rows(path: str, task: Task, require_labels: bool
                ) -> tuple[list[Row], bool]:
   """Returns the rows of a file and whether it has labels."""
   if not os.path.exists(path):
-    raise UserError(f'{path}: file not found')
+    raise UserError(f"{path}: file not found")
   if os.path.isdir(path):
-    raise UserError(f'{path}: is a directory, expected a data file')
+    raise UserError(f"{path}: is a directory, expected a data file")
   ext = os.path.splitext(path)[1].lower()
-  readers = {'.tsv': _tsv_rows, '.csv': _csv_rows, '.jsonl': _jsonl_rows,
-             '.json': _jsonl_rows}
+  readers = {".tsv": _tsv_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows,
+             ".json": _jsonl_rows}
   if ext not in readers:
     raise UserError(
-        f'{path}: unknown file type {ext!r}; use one of '
-        f'{list(SUPPORTED_EXTENSIONS)}')
+        f"{path}: unknown file type {ext!r}; use one of "
+        f"{list(SUPPORTED_EXTENSIONS)}")
   rows, has_labels = readers[ext](path, _read_text(path), task,
                                   require_labels)
   if not rows:
-    raise UserError(f'{path}: no data rows (only a header line)')
+    raise UserError(f"{path}: no data rows (only a header line)")
   return rows, has_labels
 
 
@@ -273,20 +273,20 @@ def label_string(source: str, where: str, raw: Any) -> str:
   """A classification label as a string; JSON / pandas ints become '1'."""
   if isinstance(raw, (bool, np.bool_)):
     raise UserError(
-        f'{source} {where}: label {raw!r} is a boolean; use a string or an '
-        'integer')
+        f"{source} {where}: label {raw!r} is a boolean; use a string or an "
+        "integer")
   if isinstance(raw, (int, np.integer)):
     return str(int(raw))
   if isinstance(raw, str):
     label = raw.strip()
     if not label:
-      raise UserError(f'{source} {where}: label is empty')
+      raise UserError(f"{source} {where}: label is empty")
     return label
   if raw is None or isinstance(raw, float) and math.isnan(raw):
-    raise UserError(f'{source} {where}: label is missing')
+    raise UserError(f"{source} {where}: label is missing")
   raise UserError(
-      f'{source} {where}: label {raw!r} ({type(raw).__name__}) must be a '
-      'string or an integer')
+      f"{source} {where}: label {raw!r} ({type(raw).__name__}) must be a "
+      "string or an integer")
 
 
 def _regression_target(source: str, where: str, raw: Any) -> float:
@@ -297,19 +297,19 @@ def _regression_target(source: str, where: str, raw: Any) -> float:
       value = float(raw.strip() if isinstance(raw, str) else raw)
     except (TypeError, ValueError):
       raise UserError(
-          f'{source} {where}: label {raw!r} is not a number (regression '
-          'task)') from None
+          f"{source} {where}: label {raw!r} is not a number (regression "
+          "task)") from None
   if not math.isfinite(value):
     raise UserError(
-        f'{source} {where}: label {raw!r} is not a finite number (regression '
-        'task)')
+        f"{source} {where}: label {raw!r} is not a finite number (regression "
+        "task)")
   return value
 
 
 def _normalize_label_names(label_names: Iterable[Any]) -> tuple[str, ...]:
   names = tuple(str(n).strip() for n in label_names)
   if len(set(names)) != len(names):
-    raise ValueError(f'repeated label names in {list(names)}')
+    raise ValueError(f"repeated label names in {list(names)}")
   return names
 
 
@@ -318,16 +318,16 @@ def label_array(source: str, rows: Sequence[Row], task: Task,
   """Converts raw labels to int32 ids or float32 targets."""
   if task.is_regression:
     return np.array(
-        [_regression_target(source, f'{unit} {n}', raw) for n, _, raw in rows],
+        [_regression_target(source, f"{unit} {n}", raw) for n, _, raw in rows],
         dtype=np.float32)
   names = resolve_label_names(task, label_names)
   index = {name: i for i, name in enumerate(names)}
   ids = np.empty(len(rows), dtype=np.int32)
   for k, (n, _, raw) in enumerate(rows):
-    label = label_string(source, f'{unit} {n}', raw)
+    label = label_string(source, f"{unit} {n}", raw)
     if label not in index:
       raise UserError(
-          f'{source} {unit} {n}: label {label!r} is not one of {list(names)}')
+          f"{source} {unit} {n}: label {label!r} is not one of {list(names)}")
     ids[k] = index[label]
   return ids
 
@@ -338,8 +338,8 @@ def resolve_label_names(task: Task, label_names: Sequence[Any] | None
   names = label_names if label_names is not None else task.label_names
   if names is None:
     raise ValueError(
-        f'task {task.name!r} has no label names: build them with '
-        'build_label_names() from the training data first')
+        f"task {task.name!r} has no label names: build them with "
+        "build_label_names() from the training data first")
   return _normalize_label_names(names)
 
 
@@ -362,21 +362,21 @@ def read_file(path: str, task: Task,
   rows, has_labels = _read_rows(path, task, require_labels)
   labels = None
   if has_labels:
-    labels = label_array(path, rows, task, label_names, 'line')
+    labels = label_array(path, rows, task, label_names, "line")
   return Examples(texts=[r[1] for r in rows], labels=labels, source=path,
                   line_numbers=[r[0] for r in rows])
 
 
 def _natural_key(name: str) -> tuple[Any, ...]:
   # Odd chunks of re.split with a group are the digit runs: 'c10' > 'c2'.
-  parts = re.split(r'([0-9]+)', name)
+  parts = re.split(r"([0-9]+)", name)
   return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name
 
 
 def sort_label_names(labels: Iterable[Any]) -> tuple[str, ...]:
   """Unique label strings, sorted numerically if all are numbers ('2' < '10'),
   else in natural order ('class2' < 'class10'), else alphabetically."""
-  names = {label_string('labels', 'value', l) for l in labels}
+  names = {label_string("labels", "value", l) for l in labels}
   numbers = {}
   for name in names:
     try:
@@ -395,8 +395,8 @@ def check_label_count(source: str, names: tuple[str, ...]) -> tuple[str, ...]:
   """Returns `names`; fewer than 2 classes is an error naming `source`."""
   if len(names) < 2:
     raise UserError(
-        f'{source}: found only the label(s) {list(names)}; a classifier '
-        'needs at least 2 classes')
+        f"{source}: found only the label(s) {list(names)}; a classifier "
+        "needs at least 2 classes")
   return names
 
 
@@ -407,10 +407,10 @@ def build_label_names(path: str, task: Task) -> tuple[str, ...]:
   other names in natural order), so the ids do not depend on row order.
   """
   if task.is_regression:
-    raise ValueError(f'task {task.name!r} is a regression task')
+    raise ValueError(f"task {task.name!r} is a regression task")
   rows, _ = _read_rows(path, task, require_labels=True)
   _check_one_label_type(path, rows)
-  labels = [label_string(path, f'line {n}', raw) for n, _, raw in rows]
+  labels = [label_string(path, f"line {n}", raw) for n, _, raw in rows]
   return check_label_count(path, sort_label_names(labels))
 
 
@@ -418,9 +418,9 @@ def _check_one_label_type(path: str, rows: Sequence[Row]) -> None:
   """JSON labels mixing numbers and words (1 and "pos") are almost surely a data bug."""
   def kind(raw: Any) -> str:
     if isinstance(raw, (int, float, np.number)) and not isinstance(raw, bool):
-      return 'number'
-    if isinstance(raw, str) and re.fullmatch(r'\s*-?\d+\s*', raw):
-      return 'number'  # "1" and 1 are the same label
+      return "number"
+    if isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
+      return "number"  # "1" and 1 are the same label
     return type(raw).__name__
 
   first = {}
@@ -429,8 +429,8 @@ def _check_one_label_type(path: str, rows: Sequence[Row]) -> None:
   if len(first) > 1:
     (k1, (n1, v1)), (k2, (n2, v2)) = list(first.items())[:2]
     raise UserError(
-        f'{path}: label column mixes types: line {n1} has {k1} {v1!r}, line '
-        f'{n2} has {k2} {v2!r}; use one type for every label')
+        f"{path}: label column mixes types: line {n1} has {k1} {v1!r}, line "
+        f"{n2} has {k2} {v2!r}; use one type for every label")
 
 
 def glue_file(data_dir: str, task: Task, split: str) -> str:
@@ -440,18 +440,18 @@ def glue_file(data_dir: str, task: Task, split: str) -> str:
   """
   if task.glue_dir is None or not task.glue_files:
     raise UserError(
-        f'task {task.name!r} is not a GLUE task: give its data files directly')
+        f"task {task.name!r} is not a GLUE task: give its data files directly")
   if split not in task.glue_files:
     raise UserError(
-        f'GLUE task {task.name!r} has no split {split!r}; known splits: '
-        f'{sorted(task.glue_files)}')
+        f"GLUE task {task.name!r} has no split {split!r}; known splits: "
+        f"{sorted(task.glue_files)}")
   path = os.path.join(data_dir, task.glue_dir, task.glue_files[split])
-  nested = os.path.join(data_dir, 'glue', task.glue_dir,
+  nested = os.path.join(data_dir, "glue", task.glue_dir,
                         task.glue_files[split])
   if not os.path.isfile(path) and os.path.isfile(nested):
     return nested
   if not os.path.isfile(path):
     raise UserError(
-        f'{path}: file not found (GLUE data dir {data_dir!r}, task '
-        f'{task.name!r}, split {split!r})')
+        f"{path}: file not found (GLUE data dir {data_dir!r}, task "
+        f"{task.name!r}, split {split!r})")
   return path
