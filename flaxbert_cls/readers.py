@@ -1,12 +1,9 @@
-"""Reads labelled text files (TSV, CSV, JSON Lines) into memory.
+"""Reads labelled text files (TSV, CSV, JSON Lines) into memory; labels to ids.
 
-Also the label handling every source shares (raw label -> id or target, label
-maps), and where GLUE keeps a split's file. Named datasets (Hugging Face
-`datasets`, TFDS) are read by `dataset_sources.py` into the same `Examples`.
-
-Every problem with the input raises `UserError` with one line naming the file
-(or dataset) and the line (or row) and column. Nothing is skipped silently:
-a bad row stops the read.
+Named datasets (Hugging Face `datasets`, TFDS) are read into the same `Examples`
+by `dataset_sources.py`. Every problem with the input raises `UserError` with one
+line naming the file (or dataset), the line (or row) and the column. Nothing is
+skipped silently: a bad row stops the read. GLUE file lookup is `glue_file`.
 """
 
 from __future__ import annotations
