@@ -10,6 +10,7 @@ import pytest
 from flaxbert_cls import evaluate
 from flaxbert_cls import experiment
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import dataset_sources
 from flaxbert_cls import export
 from flaxbert_cls import readers
 from flaxbert_cls import tasks as tasks_lib
@@ -187,8 +188,8 @@ def test_each_task_exports_to_an_hf_directory_with_equal_logits(two_task_run, sm
 def test_tfds_reader_with_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-    mrpc = readers.read_tfds("glue/mrpc", "validation", tasks_lib.GLUE_TASKS["mrpc"],
-                             data_dir=str(tmp_path))
+    mrpc = dataset_sources.read_tfds("glue/mrpc", "validation", tasks_lib.GLUE_TASKS["mrpc"],
+                                     data_dir=str(tmp_path))
     assert len(mrpc) == 12 and all(len(t) == 2 and isinstance(t[0], str) for t in mrpc.texts)
     assert mrpc.labels.dtype == np.int32 and set(mrpc.labels) <= {0, 1}
     assert mrpc.source == "tfds:glue/mrpc:validation"
@@ -199,12 +200,12 @@ def test_tfds_reader_with_mock_data(tmp_path):
     task = tasks_lib.get_task(c)
     mnli = data_lib.read_split(c, task, "validation", task.label_names)
     assert len(mnli) == 12 and set(mnli.labels) <= {0, 1, 2}
-    stsb = readers.read_tfds("glue/stsb", "train", tasks_lib.GLUE_TASKS["stsb"],
-                             data_dir=str(tmp_path))
+    stsb = dataset_sources.read_tfds("glue/stsb", "train", tasks_lib.GLUE_TASKS["stsb"],
+                                     data_dir=str(tmp_path))
     assert stsb.labels.dtype == np.float32
     with pytest.raises(UserError, match="tfds:glue/sst2:validation columns: no column"):
-      readers.read_tfds("glue/sst2", "validation", tasks_lib.GLUE_TASKS["mrpc"],
-                        data_dir=str(tmp_path))
+      dataset_sources.read_tfds("glue/sst2", "validation", tasks_lib.GLUE_TASKS["mrpc"],
+                                data_dir=str(tmp_path))
 
 
 def test_glue_multitask_config_resolves_four_heads(glue_dir, tiny_checkpoint):

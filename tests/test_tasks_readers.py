@@ -1,4 +1,4 @@
-"""Tests for tasks.py, readers.py, metrics.py and the shipped demo data."""
+"""Tests for tasks.py, readers.py, dataset_sources.py, metrics.py and the shipped demo data."""
 
 import collections
 import math
@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from flaxbert_cls import dataset_sources
 from flaxbert_cls import metrics
 from flaxbert_cls import readers
 from flaxbert_cls import tasks
@@ -388,10 +389,10 @@ def test_hf_csv_and_json(tmp_path):
   task = custom_task()
   csv_path = write(tmp_path, 'd.csv',
                    'text,label\n"hello, world",pos\nbad,neg\nok,pos\n')
-  assert readers.hf_label_names('csv', None, 'train', task, data_files=csv_path,
-                                cache_dir=cache) == ('neg', 'pos')
-  ex = readers.read_hf_dataset('csv', None, 'train', task, ('neg', 'pos'),
-                               data_files=csv_path, cache_dir=cache)
+  assert dataset_sources.hf_label_names('csv', None, 'train', task, data_files=csv_path,
+                                        cache_dir=cache) == ('neg', 'pos')
+  ex = dataset_sources.read_hf_dataset('csv', None, 'train', task, ('neg', 'pos'),
+                                       data_files=csv_path, cache_dir=cache)
   assert ex.texts == [('hello, world',), ('bad',), ('ok',)]
   assert ex.labels.tolist() == [1, 0, 1]
   assert ex.line_numbers == [0, 1, 2]
@@ -400,37 +401,37 @@ def test_hf_csv_and_json(tmp_path):
   json_path = write(tmp_path, 'd.jsonl',
                     '{"sentence": "a", "label": 1}\n'
                     '{"sentence": "b", "label": 0}\n')
-  ex = readers.read_hf_dataset('json', None, 'train', SST2,
-                               data_files=json_path, cache_dir=cache)
+  ex = dataset_sources.read_hf_dataset('json', None, 'train', SST2,
+                                       data_files=json_path, cache_dir=cache)
   assert ex.labels.tolist() == [1, 0]
   bad = write(tmp_path, 'bad.jsonl', '{"sentence": "a", "label": 7}\n')
   with pytest.raises(UserError, match=r"row 0: label '7' is not one of"):
-    readers.read_hf_dataset('json', None, 'train', SST2, data_files=bad,
-                            cache_dir=cache)
+    dataset_sources.read_hf_dataset('json', None, 'train', SST2, data_files=bad,
+                                    cache_dir=cache)
   with pytest.raises(UserError, match=r"no column 'sentence'.*found columns"):
-    readers.read_hf_dataset('csv', None, 'train', SST2, data_files=csv_path,
-                            cache_dir=cache)
+    dataset_sources.read_hf_dataset('csv', None, 'train', SST2, data_files=csv_path,
+                                    cache_dir=cache)
 
 
 def test_hf_class_label_mapping():
   wnli = tasks.GLUE_TASKS['wnli']
   # HF: 0 = not_entailment, 1 = entailment; files: '0', '1'. Map by id.
-  labels, names = readers._map_class_label(  # pylint: disable=protected-access
+  labels, names = dataset_sources._map_class_label(  # pylint: disable=protected-access
       'hf:x', [1, 0], ['not_entailment', 'entailment'], wnli, None)
   assert labels == ['1', '0'] and names == ('0', '1')
   mnli = tasks.GLUE_TASKS['mnli']
-  labels, _ = readers._map_class_label(  # pylint: disable=protected-access
+  labels, _ = dataset_sources._map_class_label(  # pylint: disable=protected-access
       'hf:x', [2, 0], ['entailment', 'neutral', 'contradiction'], mnli, None)
   assert labels == ['contradiction', 'entailment']
   # Custom task: by name, whatever the order of label_names.
-  labels, _ = readers._map_class_label(  # pylint: disable=protected-access
+  labels, _ = dataset_sources._map_class_label(  # pylint: disable=protected-access
       'hf:x', [0, 1], ['neg', 'pos'], custom_task(), ('pos', 'neg'))
   assert labels == ['neg', 'pos']
   with pytest.raises(UserError, match='do not match the label names'):
-    readers._map_class_label(  # pylint: disable=protected-access
+    dataset_sources._map_class_label(  # pylint: disable=protected-access
         'hf:x', [0], ['negative', 'positive'], custom_task(), ('pos', 'neg'))
   with pytest.raises(UserError, match=r'row 1: no label \(class id -1\)'):
-    readers._map_class_label(  # pylint: disable=protected-access
+    dataset_sources._map_class_label(  # pylint: disable=protected-access
         'hf:x', [0, -1], ['neg', 'pos'], custom_task(), None)
 
 
@@ -439,8 +440,8 @@ def test_hf_hub_offline_error(tmp_path, monkeypatch):
   monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
   start = time.time()
   with pytest.raises(UserError) as e:
-    readers.read_hf_dataset('nyu-mll/glue', 'sst2', 'train', SST2,
-                            cache_dir=str(tmp_path / 'cache'))
+    dataset_sources.read_hf_dataset('nyu-mll/glue', 'sst2', 'train', SST2,
+                                    cache_dir=str(tmp_path / 'cache'))
   assert time.time() - start < 20
   message = str(e.value)
   assert '\n' not in message
