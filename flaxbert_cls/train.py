@@ -5,8 +5,6 @@ experiment (model, tasks, mesh, state) comes from `experiment.py`, evaluation fr
 `evaluate.py`, log lines and scalars from `progress.py`.
 """
 
-from __future__ import annotations
-
 import functools
 import logging
 import math

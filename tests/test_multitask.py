@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls import evaluate
-from flaxbert_cls import experiment
 from flaxbert_cls import data as data_lib
 from flaxbert_cls import dataset_sources
+from flaxbert_cls import evaluate
+from flaxbert_cls import experiment
 from flaxbert_cls import export
 from flaxbert_cls import readers
 from flaxbert_cls import tasks as tasks_lib

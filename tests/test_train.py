@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
+from flaxbert_cls import data as data_lib
 from flaxbert_cls import evaluate
 from flaxbert_cls import experiment
-from flaxbert_cls import data as data_lib
 from flaxbert_cls import train
 from flaxbert_cls.config import default_config
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint, minilm_dir
