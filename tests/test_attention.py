@@ -109,7 +109,7 @@ def test_attention_with_dropout_gradients_match_autodiff():
   for a, b in zip(jax.grad(lambda *x: jnp.sum(fused(*x) * w), (0, 1, 2))(q, k, v),
                   jax.grad(lambda *x: jnp.sum(plain(*x) * w), (0, 1, 2))(q, k, v)):
     assert np.abs(np.asarray(b)).max() > 1e-3  # a real gradient, not zeros on both sides
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert_close(a, b, 1e-5, "attention gradient")
 
 
 def test_layer_norm_and_dropout_gradients_match_autodiff():
@@ -127,7 +127,7 @@ def test_layer_norm_and_dropout_gradients_match_autodiff():
                              atol=1e-5)
   for a, b in zip(jax.grad(lambda *p: jnp.sum(ours(*p) * w), (0, 1, 2))(x, scale, bias),
                   jax.grad(lambda *p: jnp.sum(plain_ln(*p) * w), (0, 1, 2))(x, scale, bias)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert_close(a, b, 1e-5, "LayerNorm gradient")
 
   seeds = jnp.asarray([1, 2], jnp.uint32)
   dropped = ops.hash_dropout(x, seeds, 0.25)
