@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC_KEY = "main_metric"  # the value BestN ranks by (higher is better)
+
+_T = TypeVar("_T")
 
 
 class Checkpoints:
@@ -89,43 +91,62 @@ class Checkpoints:
     Without `step`: the latest step that restores; a damaged step is skipped with a
     warning naming it. Returns (state, meta, step).
     """
-    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-    if not steps:
-      raise UserError(f"{self.directory}: no checkpoint to restore")
     if step is not None and step not in self.all_steps():
       raise UserError(f"{self.directory}: no checkpoint at step {step}; have {self.all_steps()}")
-    for candidate in steps:
-      try:
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored.state, dict(restored.meta), candidate
-      except Exception as e:  # pylint: disable=broad-except  (any damage: try the one before)
-        if "do not match" in str(e) or "shape" in str(e).lower():
-          raise UserError(f"{self.directory}/{candidate}: checkpoint does not fit this config's "
-                          f"model or optimizer ({_one_line(e)[:160]}); use the run's original "
-                          "config, or --config.resume=False to start over") from None
-        if step is not None:
-          raise UserError(f"{self.directory}/{candidate}: checkpoint is damaged: "
-                          f"{_one_line(e)}") from None
-        log.warning("Checkpoint %s/%d is damaged (%s); falling back to an earlier step.",
-                    self.directory, candidate, _one_line(e))
-    raise UserError(f"{self.directory}: every checkpoint {steps} is damaged; none can be "
-                    "restored")
+
+    def load(candidate: int) -> tuple[Any, dict[str, Any]]:
+      restored = self.manager.restore(candidate, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      return restored.state, dict(restored.meta)
+
+    def on_error(candidate: int, e: Exception) -> None:
+      if "do not match" in str(e) or "shape" in str(e).lower():
+        raise UserError(f"{self.directory}/{candidate}: checkpoint does not fit this config's "
+                        f"model or optimizer ({_one_line(e)[:160]}); use the run's original "
+                        "config, or --config.resume=False to start over") from None
+      if step is not None:
+        raise UserError(f"{self.directory}/{candidate}: checkpoint is damaged: "
+                        f"{_one_line(e)}") from None
+      log.warning("Checkpoint %s/%d is damaged (%s); falling back to an earlier step.",
+                  self.directory, candidate, _one_line(e))
+
+    (state, meta), candidate = self._newest_that_loads(
+        step, load, on_error, "no checkpoint to restore",
+        lambda steps: f"every checkpoint {steps} is damaged; none can be restored")
+    return state, meta, candidate
 
   def read_meta(self, step: int | None = None) -> tuple[dict[str, Any], int]:
     """The metadata of `step` (default: the latest readable one) and its step."""
+
+    def load(candidate: int) -> dict[str, Any]:
+      return dict(self.manager.restore(candidate, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta)
+
+    def on_error(candidate: int, e: Exception) -> None:
+      log.warning("Checkpoint %s/%d: unreadable metadata (%s)", self.directory, candidate,
+                  _one_line(e))
+
+    return self._newest_that_loads(
+        step, load, on_error, "no checkpoint",
+        lambda steps: f"no checkpoint with readable metadata among {steps}")
+
+  def _newest_that_loads(self, step: int | None, load: Callable[[int], _T],
+                         on_error: Callable[[int, Exception], None], none_message: str,
+                         all_failed_message: Callable[[list[int]], str]) -> tuple[_T, int]:
+    """`load(step)`; without `step`, the newest step that loads, trying older ones in turn.
+
+    `on_error(step, error)` raises to stop, or returns (after a warning) to try the step
+    before. Messages name the directory. Returns (what `load` returned, its step).
+    """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
-      raise UserError(f"{self.directory}: no checkpoint")
+      raise UserError(f"{self.directory}: {none_message}")
     for candidate in steps:
       try:
-        meta = self.manager.restore(candidate, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta
-        return dict(meta), candidate
-      except Exception as e:  # pylint: disable=broad-except
-        log.warning("Checkpoint %s/%d: unreadable metadata (%s)", self.directory, candidate,
-                    _one_line(e))
-    raise UserError(f"{self.directory}: no checkpoint with readable metadata among {steps}")
+        return load(candidate), candidate
+      except Exception as e:  # pylint: disable=broad-except  (any damage: try the one before)
+        on_error(candidate, e)
+    raise UserError(f"{self.directory}: {all_failed_message(steps)}")
 
   def delete_all(self) -> None:
     """Starts over (only when the user asked for it: config.resume=False)."""

@@ -63,6 +63,7 @@ def _main(argv: list[str]) -> None:
   for noisy in ("absl", "jax", "orbax", "transformers", "datasets", "tensorflow"):
     std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
 
+  from flaxbert_cls import evaluate  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import export  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import predict  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import sharding  # pylint: disable=g-import-not-at-top
@@ -75,7 +76,7 @@ def _main(argv: list[str]) -> None:
     result = train.train_and_evaluate(config, _WORKDIR.value)
     _print_metrics("dev", result["eval"])
   elif command == "eval":
-    results = train.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value))
+    results = evaluate.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value))
     _print_metrics("eval", results)
   elif command == "export":
     print(f"exported: {export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value)}", flush=True)

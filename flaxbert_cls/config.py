@@ -15,7 +15,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.model_name_or_path = "bert-base-uncased"
   c.tokenizer_name = ""  # '' = the tokenizer saved with the model
   c.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
-  c.attention_impl = ""  # '' = jax default (XLA); 'cudnn' for cuDNN flash attention on GPU
+  # '' = auto: cuDNN flash attention on a GPU with bfloat16 (head size <= 128, multiple of
+  # 8), XLA elsewhere; 'xla' or 'cudnn' force one (ops.attention_implementation).
+  c.attention_impl = ""
+  # < 0: the checkpoint's attention_probs_dropout_prob. 0 trains through the fused
+  # attention kernel (cuDNN on GPU); > 0 needs the explicit probabilities (ops.py).
+  c.attention_dropout = -1.0
   c.classifier_dropout = -1.0  # < 0: the checkpoint's hidden_dropout_prob
 
   # Task and data. task_name: a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli,
@@ -118,9 +123,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "must be > 0 (or set num_train_steps > 0)")
   check(0 <= config.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
   check(config.weight_decay >= 0, "weight_decay", "must be >= 0")
-  check(config.dtype in ("float32", "bfloat16", "float16"), "dtype",
-        "use 'float32', 'bfloat16' or 'float16'")
+  check(config.dtype != "float16", "dtype", "float16 needs loss scaling, which this trainer "
+        "does not do; use 'bfloat16' (same speed on GPU/TPU, float32's range)")
+  check(config.dtype in ("float32", "bfloat16"), "dtype", "use 'float32' or 'bfloat16'")
   check(config.attention_impl in ("", "xla", "cudnn"), "attention_impl", "use '', 'xla' or 'cudnn'")
+  check(config.attention_impl != "cudnn" or config.dtype == "bfloat16", "attention_impl",
+        f"cuDNN flash attention has no {config.dtype} kernel; set dtype='bfloat16' (or "
+        "attention_impl='' to pick by itself)")
+  check(config.get("attention_dropout", -1.0) < 1, "attention_dropout",
+        "must be < 1 (< 0: the checkpoint's)")
   check(config.cpu_scheduler in ("memory", "concurrency"), "cpu_scheduler",
         "use 'memory' or 'concurrency'")
   check(len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
@@ -141,6 +152,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")
+
+
+def validate_for_platform(config: ml_collections.ConfigDict, platform: str) -> None:
+  """What the devices decide: cuDNN attention needs a GPU."""
+  from flaxbert_cls.errors import UserError  # pylint: disable=g-import-not-at-top
+  if config.attention_impl == "cudnn" and platform != "gpu":
+    raise UserError(f"config.attention_impl='cudnn': needs a GPU, this run's devices are "
+                    f"{platform}; use attention_impl='' (auto) or 'xla'")
 
 
 # Keys a `config.tasks` entry may set (besides task_name, name and weight).

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
+from flaxbert_cls import dataset_sources
 from flaxbert_cls import readers
 from flaxbert_cls import tasks as tasks_lib
 from flaxbert_cls.errors import UserError
@@ -52,12 +53,12 @@ def read_split(config: Any, task: tasks_lib.Task, split: str,
   if path is not None:
     examples = readers.read_file(path, task, label_names)
   elif config.get("tfds_name"):
-    examples = readers.read_tfds(config.tfds_name, task.hf_split_name(split), task, label_names,
-                                 data_dir=config.get("tfds_data_dir") or None)
+    examples = dataset_sources.read_tfds(config.tfds_name, task.hf_split_name(split), task,
+                                         label_names, data_dir=config.get("tfds_data_dir") or None)
   else:
     name, config_name = _hf_dataset(config, task)
-    examples = readers.read_hf_dataset(name, config_name, task.hf_split_name(split), task,
-                                       label_names)
+    examples = dataset_sources.read_hf_dataset(name, config_name, task.hf_split_name(split),
+                                               task, label_names)
   if not len(examples):
     raise UserError(f"{examples.source}: no examples")
   return examples
@@ -71,10 +72,10 @@ def label_names_for(config: Any, task: tasks_lib.Task) -> tuple[str, ...]:
   if path is not None:
     return readers.build_label_names(path, task)
   if config.get("tfds_name"):
-    return readers.tfds_label_names(config.tfds_name, task.hf_split_name("train"), task,
-                                    data_dir=config.get("tfds_data_dir") or None)
+    return dataset_sources.tfds_label_names(config.tfds_name, task.hf_split_name("train"), task,
+                                            data_dir=config.get("tfds_data_dir") or None)
   name, config_name = _hf_dataset(config, task)
-  return readers.hf_label_names(name, config_name, task.hf_split_name("train"), task)
+  return dataset_sources.hf_label_names(name, config_name, task.hf_split_name("train"), task)
 
 
 @dataclasses.dataclass

@@ -117,26 +117,26 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
 
 def export(workdir: str, output: str, step: int | str | None = None) -> str:
   """Exports the run in `workdir` (checkpoint `step`: latest, 'best' or N) to `output`."""
-  from flaxbert_cls import train  # pylint: disable=g-import-not-at-top  (heavy: orbax, clu)
+  from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top  (orbax)
   step = parse_step(step)
   check_step(workdir, step)
-  exp, params = train.load_run(workdir, step=step)
+  exp, params = experiment_lib.load_run(workdir, step=step)
   if not exp.multitask:
-    return _export_head(exp, exp.heads[0], params, workdir, output, step)
+    return _export_head(exp, exp.tasks[0], params, workdir, output, step)
   output = os.path.abspath(output)
   if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
     raise UserError(f"--output={output}: exists and is not an empty directory; choose a new one")
   from flaxbert_cls import model as model_lib  # pylint: disable=g-import-not-at-top
-  for head in exp.heads:
-    _export_head(exp, head, model_lib.task_params(params, head.name), workdir,
-                 os.path.join(output, head.name), step)
+  for run_task in exp.tasks:
+    _export_head(exp, run_task, model_lib.task_params(params, run_task.name), workdir,
+                 os.path.join(output, run_task.name), step)
   return output
 
 
-def _export_head(exp: Any, head: Any, params: Any, workdir: str, output: str,
+def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str,
                  step: int | str | None) -> str:
-  """One task's HF directory; `params` named as BertForSequenceClassification's."""
-  task = head.task
+  """One task's HF directory; `params` named as a one-task model's."""
+  task = run_task.task
   metadata = {
       "source_workdir": os.path.abspath(workdir),
       "step": "latest" if step is None else step,
@@ -146,8 +146,8 @@ def _export_head(exp: Any, head: Any, params: Any, workdir: str, output: str,
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
-  out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, head.label_names, metadata)
+  out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata)
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
            task.name, hf.family(exp.hf_config.model_type).architecture,
-           1 if head.label_names is None else len(head.label_names), out)
+           1 if run_task.label_names is None else len(run_task.label_names), out)
   return out

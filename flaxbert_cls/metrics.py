@@ -11,9 +11,9 @@ from sklearn import metrics as skm
 
 from flaxbert_cls.errors import UserError
 
-METRIC_NAMES = ('accuracy', 'f1', 'f1_macro', 'matthews_correlation',
-                'pearson', 'spearmanr')
-REGRESSION_METRICS = ('pearson', 'spearmanr')
+METRIC_NAMES = ("accuracy", "f1", "f1_macro", "matthews_correlation",
+                "pearson", "spearmanr")
+REGRESSION_METRICS = ("pearson", "spearmanr")
 
 
 def _accuracy(p, y):
@@ -27,12 +27,12 @@ def _f1(p, y):
         "'f1' is binary F1 (positive class 1) but the labels/predictions "
         f"hold classes {classes.tolist()}; use 'f1_macro'")
   # zero_division=0: no positive prediction or label gives 0, not a warning.
-  return float(skm.f1_score(y, p, pos_label=1, average='binary',
+  return float(skm.f1_score(y, p, pos_label=1, average="binary",
                             zero_division=0))
 
 
 def _f1_macro(p, y):
-  return float(skm.f1_score(y, p, average='macro', zero_division=0))
+  return float(skm.f1_score(y, p, average="macro", zero_division=0))
 
 
 def _mcc(p, y):
@@ -50,19 +50,19 @@ def _correlation(fn):
 
 def _class_ids(x: np.ndarray, what: str) -> np.ndarray:
   # Guard against passing logits or scores where class ids are expected.
-  if x.dtype.kind not in 'iub' and not np.all(x == np.round(x)):
-    raise ValueError(f'{what} must be class ids (integers), got {x.dtype} '
-                     f'values such as {x[0]!r}')
+  if x.dtype.kind not in "iub" and not np.all(x == np.round(x)):
+    raise ValueError(f"{what} must be class ids (integers), got {x.dtype} "
+                     f"values such as {x[0]!r}")
   return x.astype(np.int64)
 
 
 _METRICS = {
-    'accuracy': _accuracy,
-    'f1': _f1,
-    'f1_macro': _f1_macro,
-    'matthews_correlation': _mcc,
-    'pearson': _correlation(stats.pearsonr),
-    'spearmanr': _correlation(stats.spearmanr),
+    "accuracy": _accuracy,
+    "f1": _f1,
+    "f1_macro": _f1_macro,
+    "matthews_correlation": _mcc,
+    "pearson": _correlation(stats.pearsonr),
+    "spearmanr": _correlation(stats.spearmanr),
 }
 
 
@@ -78,19 +78,19 @@ def compute_metrics(metric_names: Sequence[str], predictions: np.ndarray,
   unknown = [m for m in metric_names if m not in _METRICS]
   if unknown:
     raise UserError(
-        f'unknown metric(s) {unknown}; known: {list(METRIC_NAMES)}')
+        f"unknown metric(s) {unknown}; known: {list(METRIC_NAMES)}")
   predictions = np.asarray(predictions).reshape(-1)
   labels = np.asarray(labels).reshape(-1)
   if predictions.shape != labels.shape:
     raise ValueError(
-        f'{predictions.shape[0]} predictions for {labels.shape[0]} labels')
+        f"{predictions.shape[0]} predictions for {labels.shape[0]} labels")
   if predictions.size == 0:
-    raise ValueError('no examples to compute metrics on')
+    raise ValueError("no examples to compute metrics on")
   out = {}
   for name in metric_names:
     if name in REGRESSION_METRICS:
       p, y = predictions.astype(np.float64), labels.astype(np.float64)
     else:
-      p, y = _class_ids(predictions, 'predictions'), _class_ids(labels, 'labels')
+      p, y = _class_ids(predictions, "predictions"), _class_ids(labels, "labels")
     out[name] = float(_METRICS[name](p, y))
   return out

@@ -7,7 +7,7 @@
   flaxbert-cls predict --model=DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
 
 Tokenization and batching are the evaluation's (`data.tokenize`, length-sorted
-`data.eval_batches` padded to the config's buckets, the jitted `train.eval_step`),
+`data.eval_batches` padded to the config's buckets, `evaluate.gather_logits`),
 so a workdir predicts exactly what `eval` scored. Results come back in input order.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ import jax
 import numpy as np
 
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import evaluate as evaluate_lib
+from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import export as export_lib
 from flaxbert_cls import hf
 from flaxbert_cls import model as model_lib
@@ -94,11 +95,10 @@ class Predictor:
 
   @classmethod
   def _from_workdir(cls, workdir: str, step: int | str | None) -> "Predictor":
-    from flaxbert_cls import train  # pylint: disable=g-import-not-at-top  (orbax, clu)
     export_lib.check_step(workdir, step)
-    exp, params = train.load_run(workdir, step=step)
+    exp, params = experiment_lib.load_run(workdir, step=step)
     if exp.multitask:
-      raise UserError(f"{workdir}: a multi-task run ({', '.join(h.name for h in exp.heads)}); "
+      raise UserError(f"{workdir}: a multi-task run ({', '.join(t.name for t in exp.tasks)}); "
                       "export it (flaxbert-cls export --output=OUT) and predict with OUT/<task>")
     return cls(exp.model, params, exp.tokenizer, exp.label_names, _unlabelled(exp.task),
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
@@ -152,24 +152,16 @@ class Predictor:
   def logits(self, split: data_lib.TokenizedSplit, progress: bool = False) -> np.ndarray:
     """float32 [n, num_labels] logits of every example of `split`, in its order."""
     if self._jit_eval is None:
-      from flaxbert_cls import train  # pylint: disable=g-import-not-at-top
-      self._jit_eval = jax.jit(functools.partial(train.eval_step, model=self.model))
-    out = None
-    num_batches = -(-len(split) // self.batch_size)
-    every = max(1, num_batches // 10)
-    for i, (rows, batch) in enumerate(data_lib.eval_batches(
-        split, self.batch_size, self.seq_buckets, self.max_seq_length)):
-      if self.batch_sharding is not None:
-        batch = data_lib.to_global(batch, self.batch_sharding)
-      logits = np.asarray(jax.device_get(self._jit_eval(self.params, batch)))
-      if out is None:
-        out = np.zeros((len(split), logits.shape[-1]), np.float32)
-      real = rows >= 0
-      out[rows[real]] = logits[real]
-      if progress and ((i + 1) % every == 0 or i + 1 == num_batches):
-        log.info("predict: batch %d/%d (%d/%d rows)", i + 1, num_batches,
-                 min((i + 1) * self.batch_size, len(split)), len(split))
-    return out
+      self._jit_eval = evaluate_lib.jit_eval_step(self.model)
+
+    def log_progress(done: int, total: int) -> None:
+      if done % max(1, total // 10) == 0 or done == total:
+        log.info("predict: batch %d/%d (%d/%d rows)", done, total,
+                 min(done * self.batch_size, len(split)), len(split))
+
+    return evaluate_lib.gather_logits(self._jit_eval, self.params, split, self.batch_size,
+                                      self.seq_buckets, self.max_seq_length, self.batch_sharding,
+                                      log_progress if progress else None)
 
   def _results(self, logits: np.ndarray) -> list[dict[str, Any]]:
     if self.is_regression:

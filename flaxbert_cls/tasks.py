@@ -15,12 +15,12 @@ from flaxbert_cls.errors import UserError
 
 # Kept in sync with `metrics.METRIC_NAMES`; duplicated here so that building a
 # task does not import scikit-learn / scipy.
-_KNOWN_METRICS = ('accuracy', 'f1', 'f1_macro', 'matthews_correlation',
-                  'pearson', 'spearmanr')
-_REGRESSION_METRICS = ('pearson', 'spearmanr')
+_KNOWN_METRICS = ("accuracy", "f1", "f1_macro", "matthews_correlation",
+                  "pearson", "spearmanr")
+_REGRESSION_METRICS = ("pearson", "spearmanr")
 
 _DEFAULT_GLUE_FILES = {
-    'train': 'train.tsv', 'validation': 'dev.tsv', 'test': 'test.tsv'}
+    "train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,8 @@ class Task:
   label_field: str
   label_names: tuple[str, ...] | None
   is_regression: bool = False
-  metrics: tuple[str, ...] = ('accuracy',)
-  main_metric: str = 'accuracy'
+  metrics: tuple[str, ...] = ("accuracy",)
+  main_metric: str = "accuracy"
   hf_dataset: tuple[str, str] | None = None
   hf_text_fields: tuple[str, ...] | None = None
   hf_label_field: str | None = None
@@ -74,8 +74,8 @@ class Task:
       return 1
     if self.label_names is None:
       raise ValueError(
-          f'task {self.name!r} has no label names yet: build them with '
-          'readers.build_label_names() and tasks.with_label_names()')
+          f"task {self.name!r} has no label names yet: build them with "
+          "readers.build_label_names() and tasks.with_label_names()")
     return len(self.label_names)
 
   @property
@@ -88,18 +88,18 @@ class Task:
 
 
 def _glue(name, text_fields, label_field, label_names, glue_dir, *,
-          hf_config=None, hf_text_fields=None, hf_label_field='label',
+          hf_config=None, hf_text_fields=None, hf_label_field="label",
           **kwargs) -> Task:
   return Task(
       name=name,
       text_fields=tuple(text_fields),
       label_field=label_field,
       label_names=None if label_names is None else tuple(label_names),
-      hf_dataset=('nyu-mll/glue', hf_config or name),
+      hf_dataset=("nyu-mll/glue", hf_config or name),
       hf_text_fields=None if hf_text_fields is None else tuple(hf_text_fields),
       hf_label_field=hf_label_field,
       glue_dir=glue_dir,
-      glue_files=kwargs.pop('glue_files', dict(_DEFAULT_GLUE_FILES)),
+      glue_files=kwargs.pop("glue_files", dict(_DEFAULT_GLUE_FILES)),
       **kwargs)
 
 
@@ -109,52 +109,52 @@ def _glue(name, text_fields, label_field, label_names, glue_dir, *,
 # sources give the same label ids ('0' -> 0, 'not_entailment' -> 1 in RTE...).
 GLUE_TASKS: dict[str, Task] = {
     t.name: t for t in [
-        _glue('cola', ['sentence'], 'label', ['0', '1'], 'CoLA',
+        _glue("cola", ["sentence"], "label", ["0", "1"], "CoLA",
               # CoLA train/dev have no header line (its test.tsv does).
-              file_columns=('source', 'label', 'mark', 'sentence'),
-              metrics=('matthews_correlation', 'accuracy'),
-              main_metric='matthews_correlation'),
-        _glue('sst2', ['sentence'], 'label', ['0', '1'], 'SST-2'),
-        _glue('mrpc', ['#1 String', '#2 String'], 'Quality', ['0', '1'],
-              'MRPC', hf_text_fields=['sentence1', 'sentence2'],
-              metrics=('f1', 'accuracy'), main_metric='f1'),
+              file_columns=("source", "label", "mark", "sentence"),
+              metrics=("matthews_correlation", "accuracy"),
+              main_metric="matthews_correlation"),
+        _glue("sst2", ["sentence"], "label", ["0", "1"], "SST-2"),
+        _glue("mrpc", ["#1 String", "#2 String"], "Quality", ["0", "1"],
+              "MRPC", hf_text_fields=["sentence1", "sentence2"],
+              metrics=("f1", "accuracy"), main_metric="f1"),
         # GLUE reports accuracy and F1 for QQP; accuracy is the main metric,
         # as in BERT's paper (Table 1) and most fine-tuning recipes.
-        _glue('qqp', ['question1', 'question2'], 'is_duplicate', ['0', '1'],
-              'QQP', metrics=('accuracy', 'f1'), main_metric='accuracy'),
-        _glue('stsb', ['sentence1', 'sentence2'], 'score', None, 'STS-B',
-              is_regression=True, metrics=('pearson', 'spearmanr'),
-              main_metric='pearson'),
-        _glue('mnli', ['sentence1', 'sentence2'], 'gold_label',
-              ['entailment', 'neutral', 'contradiction'], 'MNLI',
-              hf_text_fields=['premise', 'hypothesis'],
-              hf_splits={'validation': 'validation_matched',
-                         'validation_mismatched': 'validation_mismatched',
-                         'test': 'test_matched'},
-              glue_files={'train': 'train.tsv',
-                          'validation': 'dev_matched.tsv',
-                          'validation_mismatched': 'dev_mismatched.tsv',
-                          'test': 'test_matched.tsv',
-                          'test_mismatched': 'test_mismatched.tsv'}),
-        _glue('qnli', ['question', 'sentence'], 'label',
-              ['entailment', 'not_entailment'], 'QNLI'),
-        _glue('rte', ['sentence1', 'sentence2'], 'label',
-              ['entailment', 'not_entailment'], 'RTE'),
+        _glue("qqp", ["question1", "question2"], "is_duplicate", ["0", "1"],
+              "QQP", metrics=("accuracy", "f1"), main_metric="accuracy"),
+        _glue("stsb", ["sentence1", "sentence2"], "score", None, "STS-B",
+              is_regression=True, metrics=("pearson", "spearmanr"),
+              main_metric="pearson"),
+        _glue("mnli", ["sentence1", "sentence2"], "gold_label",
+              ["entailment", "neutral", "contradiction"], "MNLI",
+              hf_text_fields=["premise", "hypothesis"],
+              hf_splits={"validation": "validation_matched",
+                         "validation_mismatched": "validation_mismatched",
+                         "test": "test_matched"},
+              glue_files={"train": "train.tsv",
+                          "validation": "dev_matched.tsv",
+                          "validation_mismatched": "dev_mismatched.tsv",
+                          "test": "test_matched.tsv",
+                          "test_mismatched": "test_mismatched.tsv"}),
+        _glue("qnli", ["question", "sentence"], "label",
+              ["entailment", "not_entailment"], "QNLI"),
+        _glue("rte", ["sentence1", "sentence2"], "label",
+              ["entailment", "not_entailment"], "RTE"),
         # The files say '0'/'1' (1 = entailment); HF has 0 = not_entailment.
-        _glue('wnli', ['sentence1', 'sentence2'], 'label', ['0', '1'],
-              'WNLI'),
+        _glue("wnli", ["sentence1", "sentence2"], "label", ["0", "1"],
+              "WNLI"),
     ]
 }
 
 # Spellings people use for the same task: 'SST-2', 'sts-b', 'mnli-m'...
-_ALIASES = {'mnli-m': 'mnli', 'mnli_matched': 'mnli'}
+_ALIASES = {"mnli-m": "mnli", "mnli_matched": "mnli"}
 
 
 def _normalize(name: str) -> str:
   key = name.strip().lower()
   if key in _ALIASES:
     return _ALIASES[key]
-  return key.replace('-', '').replace('_', '')
+  return key.replace("-", "").replace("_", "")
 
 
 def _get(config: Any, key: str, default: Any) -> Any:
@@ -170,12 +170,12 @@ def _str_tuple(value: Any, key: str) -> tuple[str, ...]:
   if isinstance(value, str):
     return (value,)
   if not isinstance(value, Sequence):
-    raise UserError(f'config.{key}: expected a list of names, got {value!r}')
+    raise UserError(f"config.{key}: expected a list of names, got {value!r}")
   out = []
   for v in value:
     if isinstance(v, bool) or not isinstance(v, (str, int)):
       raise UserError(
-          f'config.{key}: {v!r} is not a string (or an integer label)')
+          f"config.{key}: {v!r} is not a string (or an integer label)")
     out.append(str(v).strip())
   return tuple(out)
 
@@ -188,83 +188,83 @@ def get_task(config: Any) -> Task:
   training data), `is_regression`, and optionally `metrics` and
   `main_metric`.
   """
-  raw_name = _get(config, 'task_name', '')
+  raw_name = _get(config, "task_name", "")
   if not isinstance(raw_name, str) or not raw_name.strip():
     raise UserError(
-        'config.task_name is not set: use one of '
+        "config.task_name is not set: use one of "
         f"{sorted(GLUE_TASKS)} or 'custom'")
   name = _normalize(raw_name)
   if name in GLUE_TASKS:
     return GLUE_TASKS[name]
-  if name != 'custom':
+  if name != "custom":
     raise UserError(
-        f'config.task_name: unknown task {raw_name!r}; known tasks: '
+        f"config.task_name: unknown task {raw_name!r}; known tasks: "
         f"{sorted(GLUE_TASKS) + ['custom']}")
   return _custom_task(config)
 
 
 def _custom_task(config: Any) -> Task:
   """Builds a custom task from the config, checking every key."""
-  text_columns = _str_tuple(_get(config, 'text_columns', ()), 'text_columns')
+  text_columns = _str_tuple(_get(config, "text_columns", ()), "text_columns")
   if len(text_columns) not in (1, 2) or not all(text_columns):
     raise UserError(
-        'config.text_columns: give 1 or 2 column names, got '
-        f'{list(text_columns)}')
+        "config.text_columns: give 1 or 2 column names, got "
+        f"{list(text_columns)}")
   if len(set(text_columns)) != len(text_columns):
     raise UserError(
-        f'config.text_columns: the same column twice: {list(text_columns)}')
+        f"config.text_columns: the same column twice: {list(text_columns)}")
 
-  label_column = _get(config, 'label_column', '')
+  label_column = _get(config, "label_column", "")
   if not isinstance(label_column, str) or not label_column.strip():
-    raise UserError('config.label_column: give the name of the label column')
+    raise UserError("config.label_column: give the name of the label column")
   label_column = label_column.strip()
   if label_column in text_columns:
     raise UserError(
-        f'config.label_column: {label_column!r} is also a text column')
+        f"config.label_column: {label_column!r} is also a text column")
 
-  is_regression = bool(_get(config, 'is_regression', False))
-  label_names = _str_tuple(_get(config, 'label_names', ()), 'label_names')
+  is_regression = bool(_get(config, "is_regression", False))
+  label_names = _str_tuple(_get(config, "label_names", ()), "label_names")
   if is_regression and label_names:
     raise UserError(
-        'config.label_names: a regression task (is_regression=True) has no '
-        f'label names, got {list(label_names)}')
+        "config.label_names: a regression task (is_regression=True) has no "
+        f"label names, got {list(label_names)}")
   if not is_regression:
     if any(not n for n in label_names):
       raise UserError(
-          f'config.label_names: empty label name in {list(label_names)}')
+          f"config.label_names: empty label name in {list(label_names)}")
     duplicates = sorted({n for n in label_names if label_names.count(n) > 1})
     if duplicates:
       raise UserError(
-          f'config.label_names: repeated label(s) {duplicates}')
+          f"config.label_names: repeated label(s) {duplicates}")
     if len(label_names) == 1:
       raise UserError(
-          'config.label_names: a classification task needs at least 2 '
-          f'labels, got {list(label_names)}')
+          "config.label_names: a classification task needs at least 2 "
+          f"labels, got {list(label_names)}")
 
-  default_metrics = (_REGRESSION_METRICS if is_regression else ('accuracy',))
-  metrics = _str_tuple(_get(config, 'metrics', ()), 'metrics') or (
+  default_metrics = (_REGRESSION_METRICS if is_regression else ("accuracy",))
+  metrics = _str_tuple(_get(config, "metrics", ()), "metrics") or (
       default_metrics)
   for m in metrics:
     if m not in _KNOWN_METRICS:
       raise UserError(
-          f'config.metrics: unknown metric {m!r}; known: '
-          f'{list(_KNOWN_METRICS)}')
+          f"config.metrics: unknown metric {m!r}; known: "
+          f"{list(_KNOWN_METRICS)}")
     if is_regression != (m in _REGRESSION_METRICS):
-      kind = 'regression' if is_regression else 'classification'
+      kind = "regression" if is_regression else "classification"
       raise UserError(
-          f'config.metrics: {m!r} does not apply to a {kind} task')
-  if 'f1' in metrics and label_names and len(label_names) != 2:
+          f"config.metrics: {m!r} does not apply to a {kind} task")
+  if "f1" in metrics and label_names and len(label_names) != 2:
     raise UserError(
         "config.metrics: 'f1' is binary F1 (positive class = label id 1); "
         f'with {len(label_names)} labels use \'f1_macro\'')
-  main_metric = _get(config, 'main_metric', '') or metrics[0]
+  main_metric = _get(config, "main_metric", "") or metrics[0]
   if main_metric not in metrics:
     raise UserError(
-        f'config.main_metric: {main_metric!r} is not in config.metrics '
-        f'{list(metrics)}')
+        f"config.main_metric: {main_metric!r} is not in config.metrics "
+        f"{list(metrics)}")
 
   return Task(
-      name='custom',
+      name="custom",
       text_fields=text_columns,
       label_field=label_column,
       label_names=None if is_regression or not label_names else label_names,
@@ -276,5 +276,5 @@ def _custom_task(config: Any) -> Task:
 def with_label_names(task: Task, label_names: Sequence[str]) -> Task:
   """Returns `task` with its label map set (custom tasks built from data)."""
   if task.is_regression:
-    raise ValueError(f'task {task.name!r} is a regression task')
+    raise ValueError(f"task {task.name!r} is a regression task")
   return dataclasses.replace(task, label_names=tuple(label_names))

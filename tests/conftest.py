@@ -4,21 +4,21 @@ import os
 
 # Before anything imports jax / datasets: 8 fake CPU devices for sharding
 # tests, and no network access to the Hugging Face Hub.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
-os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope="session")
 def glue_dir() -> str:
   """$FLAXBERT_DATA/glue (holding SST-2/, CoLA/, MRPC/, RTE/)."""
-  path = os.path.join(os.environ.get('FLAXBERT_DATA', ''), 'glue')
-  if not os.environ.get('FLAXBERT_DATA') or not os.path.isdir(path):
-    message = ('GLUE data not found: set FLAXBERT_DATA=... (the directory '
-               f'holding glue/SST-2/train.tsv); looked in {path!r}')
-    if os.environ.get('FLAXBERT_REQUIRE_DATA') == '1':
+  path = os.path.join(os.environ.get("FLAXBERT_DATA", ""), "glue")
+  if not os.environ.get("FLAXBERT_DATA") or not os.path.isdir(path):
+    message = ("GLUE data not found: set FLAXBERT_DATA=... (the directory "
+               f"holding glue/SST-2/train.tsv); looked in {path!r}")
+    if os.environ.get("FLAXBERT_REQUIRE_DATA") == "1":
       pytest.fail(message)
     pytest.skip(message)
   return path

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from flaxbert_cls import evaluate
+from flaxbert_cls import experiment
 from flaxbert_cls import export
 from flaxbert_cls import readers
 from flaxbert_cls import train
@@ -65,7 +67,7 @@ class Run:
   exp: Any
   params: Any  # NumPy
   sentences: list[str]  # DEV, in file order
-  logits: np.ndarray  # `train.evaluate` on DEV, [872, 2]
+  logits: np.ndarray  # `evaluate.evaluate` on DEV, [872, 2]
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,10 +84,10 @@ def trained_run() -> Run:
   one_device = jax.devices()[:1]
   train.train_and_evaluate(tiny_run_config(checkpoint, validation_file=few), workdir,
                            devices=one_device)
-  exp, params = train.load_run(workdir, devices=one_device)
+  exp, params = experiment.load_run(workdir, devices=one_device)
   examples = readers.read_file(DEV, exp.task, exp.label_names)
-  jit_eval = jax.jit(lambda p, b: train.eval_step(p, b, model=exp.model))
-  _, logits = train.evaluate(exp, params, exp.tokenize(examples), jit_eval)
+  jit_eval = jax.jit(lambda p, b: evaluate.eval_step(p, b, model=exp.model))
+  _, logits = evaluate.evaluate(exp, params, exp.tokenize(examples), jit_eval)
   exported = export.export(workdir, os.path.join(root, "exported"))
   return Run(workdir, exported, exp, jax.tree.map(np.asarray, jax.device_get(params)),
              [t[0] for t in examples.texts], logits)

@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxbert_cls import layers
 from flaxbert_cls import model as model_lib
+from flaxbert_cls import ops
+from numerics import assert_close
 
 B, L, H, HEADS = 3, 7, 16, 4
 
@@ -75,7 +78,7 @@ def test_padded_keys_do_not_change_real_outputs():
 
 def test_hash_dropout_rate_scale_and_keys():
   x = jnp.ones((64, 8, 128), jnp.float32)
-  drop = model_lib.Dropout(0.1)
+  drop = layers.Dropout(0.1)
   y = drop.apply({}, x, False, rngs={"dropout": jax.random.key(0)})
   kept = np.asarray(y) != 0
   assert abs(kept.mean() - 0.9) < 0.005
@@ -88,24 +91,25 @@ def test_hash_dropout_rate_scale_and_keys():
 def test_attention_with_dropout_gradients_match_autodiff():
   rng = np.random.default_rng(3)
   q, k, v, w = (jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32) for _ in range(4))
-  mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)[:, None, None, :]
+  lengths = jnp.asarray([3, 5], jnp.int32)
+  mask = (jnp.arange(5)[None, :] < lengths[:, None])[:, None, None, :]
   seeds = jnp.asarray([7, 11], jnp.uint32)
   rate = 0.3
 
   def plain(q, k, v):  # the composition autodiff differentiates
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(4.0)
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-    keep = model_lib._hash_bits(seeds, probs.shape) >= model_lib._drop_threshold(rate)  # pylint: disable=protected-access
+    keep = ops.hash_bits(seeds, probs.shape) >= ops.drop_threshold(rate)
     return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, probs / (1 - rate), 0.0), v)
 
   def fused(q, k, v):
-    return model_lib.attention_with_dropout(q, k, v, mask, seeds, rate)
+    return ops.attention_with_dropout(q, k, v, lengths, seeds, rate)
 
   np.testing.assert_allclose(fused(q, k, v), plain(q, k, v), rtol=1e-6, atol=1e-6)
   for a, b in zip(jax.grad(lambda *x: jnp.sum(fused(*x) * w), (0, 1, 2))(q, k, v),
                   jax.grad(lambda *x: jnp.sum(plain(*x) * w), (0, 1, 2))(q, k, v)):
     assert np.abs(np.asarray(b)).max() > 1e-3  # a real gradient, not zeros on both sides
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert_close(a, b, 1e-5, "attention gradient")
 
 
 def test_layer_norm_and_dropout_gradients_match_autodiff():
@@ -118,16 +122,16 @@ def test_layer_norm_and_dropout_gradients_match_autodiff():
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + 1e-12) * scale + bias
 
-  ours = lambda x, s, b: model_lib.layer_norm(x, s, b, 1e-12)
+  ours = lambda x, s, b: ops.layer_norm(x, s, b, 1e-12)
   np.testing.assert_allclose(ours(x, scale, bias), plain_ln(x, scale, bias), rtol=1e-5,
                              atol=1e-5)
   for a, b in zip(jax.grad(lambda *p: jnp.sum(ours(*p) * w), (0, 1, 2))(x, scale, bias),
                   jax.grad(lambda *p: jnp.sum(plain_ln(*p) * w), (0, 1, 2))(x, scale, bias)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert_close(a, b, 1e-5, "LayerNorm gradient")
 
   seeds = jnp.asarray([1, 2], jnp.uint32)
-  dropped = model_lib.hash_dropout(x, seeds, 0.25)
-  g = jax.grad(lambda x: jnp.sum(model_lib.hash_dropout(x, seeds, 0.25) * w))(x)
+  dropped = ops.hash_dropout(x, seeds, 0.25)
+  g = jax.grad(lambda x: jnp.sum(ops.hash_dropout(x, seeds, 0.25) * w))(x)
   # d/dx of x -> mask * x / (1 - rate) is the same mask and scale applied to w.
   np.testing.assert_allclose(np.asarray(g), np.where(np.asarray(dropped) != 0,
                                                      np.asarray(w) / 0.75, 0.0), rtol=1e-6)
@@ -158,10 +162,13 @@ def test_first_token_only_last_layer_equals_full_model():
   (loss_pruned, hidden_pruned), grads_pruned = jax.jit(jax.value_and_grad(
       lambda p: pooled_loss(pruned, p), has_aux=True))(params)
   assert hidden_pruned.shape == (B, 1, H)
-  np.testing.assert_allclose(hidden_pruned, hidden_full[:, :1], atol=1e-5)
-  np.testing.assert_allclose(loss_pruned, loss_full, rtol=1e-5)
+  # Relative to each tensor's largest entry (some gradients reach ~800: summation order
+  # differs between CPUs), and at least 1e-4 of the largest gradient overall (key biases'
+  # gradients are zero in exact arithmetic, rounding noise here).
+  assert_close(hidden_pruned, hidden_full[:, :1], 1e-5, "hidden")
+  assert_close(loss_pruned, loss_full, 1e-5, "loss")
   flat_full = dict(jax.tree_util.tree_leaves_with_path(grads_full))
+  overall = max(float(np.abs(g).max()) for g in flat_full.values())
   for path, g in jax.tree_util.tree_leaves_with_path(grads_pruned):
-    np.testing.assert_allclose(g, flat_full[path], rtol=1e-5, atol=1e-5,
-                               err_msg=jax.tree_util.keystr(path))
+    assert_close(g, flat_full[path], 1e-5, jax.tree_util.keystr(path), floor=1e-4 * overall)
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads_pruned))

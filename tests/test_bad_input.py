@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from flaxbert_cls import cli
+from flaxbert_cls import experiment
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 
 DEV = os.path.join(DEMO_DATA, "dev.tsv")
@@ -113,6 +114,14 @@ def _cases(tmp, checkpoint):
       ("bad value type", dict(batch_size="abc"), r"--config.batch_size=abc"),
       ("unknown CPU scheduler", dict(cpu_scheduler="fast"),
        r"config.cpu_scheduler='fast': use 'memory' or 'concurrency'"),
+      ("float16 without loss scaling", dict(dtype="float16"),
+       r"config.dtype='float16': float16 needs loss scaling.*use 'bfloat16'"),
+      ("cuDNN attention in float32", dict(attention_impl="cudnn"),
+       r"config.attention_impl='cudnn': cuDNN flash attention has no float32 kernel"),
+      ("cuDNN attention without a GPU", dict(attention_impl="cudnn", dtype="bfloat16"),
+       r"config.attention_impl='cudnn': needs a GPU, this run's devices are cpu"),
+      ("unknown attention implementation", dict(attention_impl="flash"),
+       r"config.attention_impl='flash': use '', 'xla' or 'cudnn'"),
   ]
 
 
@@ -155,6 +164,6 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_checkpoint, t
     assert steps, "the checkpoints saved before the disk filled up are kept"
     from flaxbert_cls import train  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
-    train.load_run(str(workdir), step=steps[-1], devices=jax.devices()[:1])  # still restores
+    experiment.load_run(str(workdir), step=steps[-1], devices=jax.devices()[:1])  # still restores
   finally:
     subprocess.run(["umount", "-l", str(mount)], check=False)

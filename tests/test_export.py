@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from flaxbert_cls import experiment
 from flaxbert_cls import export
 from flaxbert_cls import hf
 from flaxbert_cls import train
@@ -54,9 +55,9 @@ def test_exported_directory_imports_back_bit_for_bit(run):
   """The export as model_name_or_path of a new run: every parameter, head included, is equal."""
   exp, params, out = run.exp, run.params, run.exported
   config = export_fixtures.tiny_run_config(out)
-  new_exp = train.build_experiment(config)
+  new_exp = experiment.build_experiment(config)
   assert new_exp.label_names == exp.label_names
-  state, *_ = train.create_train_state(new_exp, 10, hf.resolve(out))
+  state, *_ = experiment.create_train_state(new_exp, 10, hf.resolve(out))
   flat_new = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
   flat_old = jax.tree_util.tree_leaves_with_path(params)
   assert [p for p, _ in flat_new] == [p for p, _ in flat_old]

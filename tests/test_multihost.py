@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from flaxbert_cls import experiment
 from flaxbert_cls import train
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 
@@ -165,7 +166,7 @@ def test_two_processes_match_one_process(config_file, tmp_path):
 
   # The checkpoint both processes wrote (FSDP shards from each) restores in one
   # process and equals the single-process run's.
-  _, params_two = train.load_run(str(tmp_path / "two"))
-  _, params_one = train.load_run(str(tmp_path / "one"))
+  _, params_two = experiment.load_run(str(tmp_path / "two"))
+  _, params_one = experiment.load_run(str(tmp_path / "one"))
   for a, b in zip(jax.tree.leaves(params_two), jax.tree.leaves(params_one)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import dataset_sources
+from flaxbert_cls import evaluate
+from flaxbert_cls import experiment
 from flaxbert_cls import export
 from flaxbert_cls import readers
 from flaxbert_cls import tasks as tasks_lib
@@ -105,10 +108,10 @@ def test_tasks_config_errors_name_the_entry(tiny_checkpoint, small_dev):
   ]
   for entry, message in bad:
     with pytest.raises(UserError, match=message):
-      train.build_experiment(two_task_config(tiny_checkpoint, small_dev, tasks=(entry,)),
+      experiment.build_experiment(two_task_config(tiny_checkpoint, small_dev, tasks=(entry,)),
                              devices=jax.devices()[:1])
   with pytest.raises(UserError, match="config.selection_metric='cola'"):
-    train.build_experiment(two_task_config(tiny_checkpoint, small_dev, selection_metric="cola"),
+    experiment.build_experiment(two_task_config(tiny_checkpoint, small_dev, selection_metric="cola"),
                            devices=jax.devices()[:1])
 
 
@@ -132,11 +135,11 @@ def test_two_task_run_writes_per_task_metrics(two_task_run):
   assert result["eval"]["sst2/accuracy"] == sst2["accuracy"]
   assert result["best"]["metrics"]["average"] == max(r["score"] for r in records
                                                      if r["task"] == "average")
-  exp, params = train.load_run(workdir, devices=jax.devices()[:1])
+  exp, params = experiment.load_run(workdir, devices=jax.devices()[:1])
   assert set(params["heads"]) == {"sst2", "score"} and "classifier" not in params
   assert params["heads"]["score"]["classifier"]["kernel"].shape[-1] == 1
   # Re-evaluating the checkpoint gives the same per-task numbers.
-  again = train.evaluate_workdir(workdir)
+  again = evaluate.evaluate_workdir(workdir)
   assert again["sst2/accuracy"] == sst2["accuracy"]
   assert again["average"] == pytest.approx(average["score"], abs=1e-5)  # 8 devices here
 
@@ -146,7 +149,7 @@ def test_multitask_resume_is_bit_exact(tiny_checkpoint, small_dev, two_task_run,
   _, full = two_task_run
   config = two_task_config(tiny_checkpoint, small_dev)
   with monkeypatch.context() as patch:  # preempted after step 3 (saved), then rerun
-    patch.setattr(train.checkpoint_lib.PreemptionWatcher, "reached", lambda _, step: step == 3)
+    patch.setattr(experiment.checkpoint_lib.PreemptionWatcher, "reached", lambda _, step: step == 3)
     with pytest.raises(Preempted):
       train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   resumed = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
@@ -162,8 +165,8 @@ def test_each_task_exports_to_an_hf_directory_with_equal_logits(two_task_run, sm
   workdir, _ = two_task_run
   out = export.export(workdir, str(tmp_path / "out"))
   assert sorted(os.listdir(out)) == ["score", "sst2"]
-  exp, params = train.load_run(workdir, devices=jax.devices()[:1])
-  split = exp.tokenize(readers.read_file(small_dev, exp.heads[0].task, exp.heads[0].label_names))
+  exp, params = experiment.load_run(workdir, devices=jax.devices()[:1])
+  split = exp.tokenize(readers.read_file(small_dev, exp.tasks[0].task, exp.tasks[0].label_names))
   batch = data_lib.pad_rows(split, np.arange(len(split)), 32)
   flax_logits = exp.model.apply({"params": jax.device_get(params)}, batch["input_ids"],
                                 batch["attention_mask"], batch["token_type_ids"])
@@ -185,8 +188,8 @@ def test_each_task_exports_to_an_hf_directory_with_equal_logits(two_task_run, sm
 def test_tfds_reader_with_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-    mrpc = readers.read_tfds("glue/mrpc", "validation", tasks_lib.GLUE_TASKS["mrpc"],
-                             data_dir=str(tmp_path))
+    mrpc = dataset_sources.read_tfds("glue/mrpc", "validation", tasks_lib.GLUE_TASKS["mrpc"],
+                                     data_dir=str(tmp_path))
     assert len(mrpc) == 12 and all(len(t) == 2 and isinstance(t[0], str) for t in mrpc.texts)
     assert mrpc.labels.dtype == np.int32 and set(mrpc.labels) <= {0, 1}
     assert mrpc.source == "tfds:glue/mrpc:validation"
@@ -197,12 +200,12 @@ def test_tfds_reader_with_mock_data(tmp_path):
     task = tasks_lib.get_task(c)
     mnli = data_lib.read_split(c, task, "validation", task.label_names)
     assert len(mnli) == 12 and set(mnli.labels) <= {0, 1, 2}
-    stsb = readers.read_tfds("glue/stsb", "train", tasks_lib.GLUE_TASKS["stsb"],
-                             data_dir=str(tmp_path))
+    stsb = dataset_sources.read_tfds("glue/stsb", "train", tasks_lib.GLUE_TASKS["stsb"],
+                                     data_dir=str(tmp_path))
     assert stsb.labels.dtype == np.float32
     with pytest.raises(UserError, match="tfds:glue/sst2:validation columns: no column"):
-      readers.read_tfds("glue/sst2", "validation", tasks_lib.GLUE_TASKS["mrpc"],
-                        data_dir=str(tmp_path))
+      dataset_sources.read_tfds("glue/sst2", "validation", tasks_lib.GLUE_TASKS["mrpc"],
+                                data_dir=str(tmp_path))
 
 
 def test_glue_multitask_config_resolves_four_heads(glue_dir, tiny_checkpoint):
@@ -214,10 +217,10 @@ def test_glue_multitask_config_resolves_four_heads(glue_dir, tiny_checkpoint):
   spec.loader.exec_module(module)
   config = module.get_config()
   config.model_name_or_path, config.data_dir = tiny_checkpoint, glue_dir
-  exp = train.build_experiment(config, devices=jax.devices()[:1])
-  assert [h.name for h in exp.heads] == ["sst2", "cola", "mrpc", "rte"]
+  exp = experiment.build_experiment(config, devices=jax.devices()[:1])
+  assert [h.name for h in exp.tasks] == ["sst2", "cola", "mrpc", "rte"]
   assert exp.selection_key() == "average"
-  assert data_lib._split_file(exp.heads[2].config, exp.heads[2].task, "validation") == (
+  assert data_lib._split_file(exp.tasks[2].config, exp.tasks[2].task, "validation") == (
       os.path.join(glue_dir, "MRPC", "dev.tsv"))
   boxed, _ = exp.abstract_params()
   heads = boxed["heads"]

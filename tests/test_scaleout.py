@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from flaxbert_cls import evaluate
+from flaxbert_cls import experiment
 from flaxbert_cls import sharding
 from flaxbert_cls import train
 from flaxbert_cls.errors import UserError
@@ -74,7 +76,7 @@ def test_params_and_adam_moments_are_sharded_by_the_rules(runs):
 def _tiny_experiment(tmp_path, mesh_shape):
   config = report.scaleout_config(mesh_shape, os.path.join(report.DEMO_DATA, "dev.tsv"))
   config.model_name_or_path = make_tiny_checkpoint(str(tmp_path / "tiny"), hidden=64, heads=4)
-  return train.build_experiment(config)
+  return experiment.build_experiment(config)
 
 
 def _compiled_eval_step(exp) -> str:
@@ -84,7 +86,7 @@ def _compiled_eval_step(exp) -> str:
                         nn.unbox(boxed), shardings)
   batch = {k: jax.ShapeDtypeStruct((16, 16), np.int32, sharding=exp.batch_sharding)
            for k in ("input_ids", "attention_mask", "token_type_ids")}
-  forward = jax.jit(functools.partial(train.eval_step, model=exp.model))
+  forward = jax.jit(functools.partial(evaluate.eval_step, model=exp.model))
   return forward.lower(params, batch).compile().as_text()
 
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import evaluate
+from flaxbert_cls import experiment
 from flaxbert_cls import train
 from flaxbert_cls.config import default_config
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint, minilm_dir
@@ -60,7 +62,7 @@ def test_eval_counts_every_example_once(tiny_checkpoint, tmp_path):
   config = small_config(tiny_checkpoint, validation_file=str(dev), num_train_steps=3,
                         eval_batch_size=16)
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
-  exp, params = train.load_run(str(tmp_path / "run"))
+  exp, params = experiment.load_run(str(tmp_path / "run"))
   split = exp.tokenize(data_lib.read_split(exp.config, exp.task, "validation", exp.label_names))
   assert len(split) == 101
   logits = []
@@ -72,12 +74,12 @@ def test_eval_counts_every_example_once(tiny_checkpoint, tmp_path):
   logits = np.stack(logits)
   expected_accuracy = float(np.mean(logits.argmax(-1) == split.labels))
   assert result["eval"]["accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
-  jit_eval = jax.jit(lambda p, b: train.eval_step(p, b, model=exp.model))
-  metrics, eval_logits = train.evaluate(exp, params, split, jit_eval)
+  jit_eval = jax.jit(lambda p, b: evaluate.eval_step(p, b, model=exp.model))
+  metrics, eval_logits = evaluate.evaluate(exp, params, split, jit_eval)
   np.testing.assert_allclose(eval_logits, logits, atol=1e-5)
   assert metrics["accuracy"] == result["eval"]["accuracy"]
   # Re-evaluating the saved checkpoint gives the same numbers.
-  assert train.evaluate_workdir(str(tmp_path / "run"))["accuracy"] == result["eval"]["accuracy"]
+  assert evaluate.evaluate_workdir(str(tmp_path / "run"))["accuracy"] == result["eval"]["accuracy"]
 
 
 def test_metrics_file_and_workdir_layout(tiny_checkpoint, tmp_path):
@@ -116,10 +118,11 @@ def test_memory_scheduler_lowers_train_step_temp_memory():
       dict(vocab_size=5000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
            intermediate_size=512, max_position_embeddings=128, type_vocab_size=2), mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh))
-  exp = train.Experiment(config, tasks.GLUE_TASKS["sst2"], ("0", "1"), None, None,
-                         model_lib.BertForSequenceClassification(bert, 2), mesh,
-                         sharding_lib.batch_sharding(mesh))
-  state, shardings, tx, schedule = train.create_train_state(exp, 100, None)
+  sst2 = experiment.RunTask("sst2", tasks.GLUE_TASKS["sst2"], ("0", "1"), config)
+  exp = experiment.Experiment(config, (sst2,), None, None,
+                              model_lib.BertForSequenceClassification(bert, 2), mesh,
+                              sharding_lib.batch_sharding(mesh))
+  state, shardings, tx, schedule = experiment.create_train_state(exp, 100, None)
   rng = np.random.default_rng(0)
   rows, length = 128, 128  # 16 rows per device
   batch = data_lib.to_global(dict(

@@ -6,6 +6,8 @@ import optax
 import pytest
 from flax import traverse_util
 
+from flaxbert_cls import evaluate
+from flaxbert_cls import experiment
 from flaxbert_cls import optim
 from flaxbert_cls import train
 from flaxbert_cls.config import default_config
@@ -31,8 +33,8 @@ def _flat(params):
 
 def _loaded_params(checkpoint):
   """The parameters a run starts from (pre-trained encoder + the seeded new head)."""
-  exp = train.build_experiment(small_config(checkpoint), devices=jax.devices()[:1])
-  return _flat(train.create_train_state(exp, 1, checkpoint)[0].params)
+  exp = experiment.build_experiment(small_config(checkpoint), devices=jax.devices()[:1])
+  return _flat(experiment.create_train_state(exp, 1, checkpoint)[0].params)
 
 
 def _opt_state_bytes(opt_state):
@@ -141,10 +143,10 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits(tiny_checkpoint, t
   assert {x.dtype for x in jax.tree.leaves(run["state"].params)} == {np.dtype("float32")}
   assert {x.dtype for x in jax.tree.leaves(run["state"].opt_state)
           if hasattr(x, "dtype") and x.ndim > 0} == {np.dtype("float32")}
-  exp, params = train.load_run(str(tmp_path), devices=jax.devices()[:1])
+  exp, params = experiment.load_run(str(tmp_path), devices=jax.devices()[:1])
   batch = {k: np.ones((2, 8), np.int32) for k in ("input_ids", "attention_mask",
                                                   "token_type_ids")}
-  logits = train.eval_step(params, batch, model=exp.model)
+  logits = evaluate.eval_step(params, batch, model=exp.model)
   assert logits.dtype == np.float32 and np.isfinite(np.asarray(logits)).all()
   assert np.isfinite([l for _, l in run["train_log"]]).all()
 
@@ -168,7 +170,7 @@ def test_lora_trains_only_adapters_and_head_and_merges_exactly(tiny_checkpoint, 
                       k.startswith("classifier/"))
   assert _opt_state_bytes(run["state"].opt_state) <= 2 * trained_bytes + 64
   # Merged (plain BERT) logits equal the adapter model's logits.
-  exp, merged = train.load_run(str(tmp_path), devices=jax.devices()[:1])
+  exp, merged = experiment.load_run(str(tmp_path), devices=jax.devices()[:1])
   assert exp.model.config.lora_rank == 0
   assert not any("lora_" in k for k in _flat(merged))
   rng = np.random.default_rng(0)
@@ -177,6 +179,6 @@ def test_lora_trains_only_adapters_and_head_and_merges_exactly(tiny_checkpoint, 
                token_type_ids=np.zeros((4, 16), np.int32))
   lora_model = exp.model.clone(config=__import__("dataclasses").replace(
       exp.model.config, lora_rank=4, lora_alpha=8.0))
-  unmerged = train.eval_step(run["state"].params, batch, model=lora_model)
-  np.testing.assert_allclose(train.eval_step(merged, batch, model=exp.model), unmerged,
+  unmerged = evaluate.eval_step(run["state"].params, batch, model=lora_model)
+  np.testing.assert_allclose(evaluate.eval_step(merged, batch, model=exp.model), unmerged,
                              atol=1e-5)

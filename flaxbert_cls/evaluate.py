@@ -1,0 +1,167 @@
+"""Evaluation: the eval step, logits gathering (shared with predict), metrics per task.
+
+Eval is exact: batches sorted by length (less padding), the last one padded with
+weight-0 rows, logits gathered from every process and metrics computed on the host
+with scikit-learn / scipy (`metrics.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from flaxbert_cls import data as data_lib
+from flaxbert_cls import experiment as experiment_lib
+from flaxbert_cls import metrics as metrics_lib
+
+log = logging.getLogger(__name__)
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
+  """Logits [batch, classes]; for a multi-task model [batch, task, max classes] (zero-padded)."""
+  logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                       batch["token_type_ids"], deterministic=True)
+  if isinstance(logits, tuple):  # every head in one program: one compile per length bucket
+    width = max(x.shape[-1] for x in logits)
+    logits = jnp.stack([jnp.pad(x, ((0, 0), (0, width - x.shape[-1]))) for x in logits], 1)
+  return logits.astype(jnp.float32)
+
+
+def jit_eval_step(model: nn.Module, param_shardings: Any = None,
+                  batch_sharding: jax.sharding.Sharding | None = None) -> Callable:
+  """eval_step jitted for `model`; with shardings, as training places params and batches."""
+  step = functools.partial(eval_step, model=model)
+  if batch_sharding is None:
+    return jax.jit(step)
+  return jax.jit(step, in_shardings=(param_shardings, batch_sharding),
+                 out_shardings=batch_sharding)
+
+
+def gather_logits(jit_eval: Callable, params: Any, split: data_lib.TokenizedSplit,
+                  batch_size: int, buckets: tuple[int, ...], max_seq_length: int,
+                  batch_sharding: jax.sharding.Sharding | None = None,
+                  on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+  """float32 logits of every example of `split` in its order, from every process.
+
+  [n, classes], or [n, task, max classes] for a multi-task model. `on_batch(done, total)`
+  is called after each batch (progress).
+  """
+  out = None
+  num_batches = -(-len(split) // batch_size)
+  for i, (rows, batch) in enumerate(data_lib.eval_batches(split, batch_size, buckets,
+                                                          max_seq_length)):
+    if batch_sharding is not None:
+      batch = data_lib.to_global(batch, batch_sharding)
+    logits = np.asarray(multihost_utils.process_allgather(jit_eval(params, batch), tiled=True))
+    if out is None:
+      out = np.zeros((len(split), *logits.shape[1:]), np.float32)
+    real = rows >= 0
+    out[rows[real]] = logits[real]
+    if on_batch is not None:
+      on_batch(i + 1, num_batches)
+  return out
+
+
+def evaluate(exp: experiment_lib.Experiment, params: Any, split: data_lib.TokenizedSplit,
+             jit_eval: Callable, task_index: int = 0) -> tuple[dict[str, float], np.ndarray]:
+  """Exact metrics of one task over every example once; returns (metrics, logits).
+
+  `task_index`: which task of a multi-task run `split` belongs to.
+  """
+  cfg = exp.config
+  run_task = exp.tasks[task_index]
+  logits = gather_logits(jit_eval, params, split, cfg.eval_batch_size, cfg.seq_buckets,
+                         cfg.max_seq_length, exp.batch_sharding)
+  if logits.ndim == 3:  # multi-task: [n, task, max classes]
+    logits = logits[:, task_index, :run_task.num_labels]
+  labels = split.labels
+  if run_task.task.is_regression:
+    predictions = logits[:, 0]
+    loss = float(np.mean(np.square(predictions - labels)))
+  else:
+    predictions = logits.argmax(-1)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    loss = float(-np.mean(log_probs[np.arange(len(labels)), labels]))
+  results = {"loss": loss,
+             **metrics_lib.compute_metrics(run_task.task.metrics, predictions, labels)}
+  return results, logits
+
+
+def evaluate_tasks(exp: experiment_lib.Experiment, params: Any,
+                   splits: list[data_lib.TokenizedSplit], jit_eval: Callable
+                   ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+  """Every task on its own dev set: (flat metrics, metrics.jsonl records without 'step').
+
+  Single task: the task's metrics, one record. Multi-task: '<task>/<metric>' keys plus
+  'average' (the mean of the tasks' main metrics); a record per task and an 'average' one.
+  """
+  if not exp.multitask:
+    metrics, _ = evaluate(exp, params, splits[0], jit_eval)
+    return metrics, [{"split": "validation", **metrics}]
+  flat, records, main = {}, [], []
+  for i, (run_task, split) in enumerate(zip(exp.tasks, splits)):
+    metrics, _ = evaluate(exp, params, split, jit_eval, task_index=i)
+    flat.update({f"{run_task.name}/{k}": v for k, v in metrics.items()})
+    main.append(metrics[run_task.task.main_metric])
+    records.append({"split": "validation", "task": run_task.name, **metrics})
+  flat["average"] = float(np.mean(main))
+  records.append({"split": "validation", "task": "average", "score": flat["average"],
+                  "tasks": {t.name: m for t, m in zip(exp.tasks, main)}})
+  return flat, records
+
+
+@dataclasses.dataclass
+class BestTracker:
+  """The best eval so far by `key` (higher is better) and early stopping; saved in checkpoints.
+
+  A NaN metric (e.g. Pearson of constant predictions) is never best: no improvement.
+  """
+
+  key: str
+  patience: int
+  best: dict[str, Any] | None = None  # {'step', 'metrics'}
+  evals_without_improvement: int = 0
+  should_stop: bool = False
+
+  def update(self, step: int, metrics: dict[str, float]) -> None:
+    value = metrics[self.key]
+    if math.isfinite(value) and (self.best is None or value > self.best["metrics"][self.key]):
+      self.best, self.evals_without_improvement = {"step": step, "metrics": metrics}, 0
+    else:
+      self.evals_without_improvement += 1
+    self.should_stop = 0 < self.patience <= self.evals_without_improvement
+    if self.should_stop:
+      log.info("Early stopping at step %d: %s did not improve for %d evaluations.", step,
+               self.key, self.patience)
+
+  def state(self) -> dict[str, Any]:
+    return {"best": self.best, "evals_without_improvement": self.evals_without_improvement}
+
+  def restore(self, meta: dict[str, Any]) -> None:
+    self.best = meta.get("best")
+    self.evals_without_improvement = meta.get("evals_without_improvement", 0)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+  return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None = None,
+                     step: int | str | None = None) -> dict[str, float]:
+  """Re-evaluates a run's checkpoint on its validation data (or an overridden file)."""
+  exp, params = experiment_lib.load_run(workdir, overrides, step)
+  results, _ = evaluate_tasks(exp, params, experiment_lib.read_tokenized(exp, "validation"),
+                              jit_eval_step(exp.model))
+  log.info("eval of %s: %s", workdir, format_metrics(results))
+  return results

@@ -1,0 +1,306 @@
+"""What a config resolves to: tasks, labels, model, tokenizer, mesh, shardings, train state.
+
+`build_experiment(config)` is everything a run is made of; `create_train_state` puts the
+state on its shardings with the pre-trained weights; `load_run(workdir)` rebuilds a saved
+run's experiment and parameters for eval, predict and export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import logging
+import tempfile
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from flaxbert_cls import checkpoint as checkpoint_lib
+from flaxbert_cls import config as config_lib
+from flaxbert_cls import data as data_lib
+from flaxbert_cls import hf
+from flaxbert_cls import layers
+from flaxbert_cls import model as model_lib
+from flaxbert_cls import ops
+from flaxbert_cls import optim
+from flaxbert_cls import sharding as sharding_lib
+from flaxbert_cls import tasks as tasks_lib
+from flaxbert_cls import workdir as workdir_lib
+from flaxbert_cls.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODEL_SUBDIR = "model"  # HF config.json (with the label map) + tokenizer files
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass
+class RunTask:
+  """One task of a run: its head's name, task, label map, data config and mixing weight."""
+
+  name: str
+  task: tasks_lib.Task
+  label_names: tuple[str, ...] | None
+  config: ml_collections.ConfigDict  # the run's config with this task's keys on top
+  weight: float = 1.0
+
+  @property
+  def num_labels(self) -> int:
+    return 1 if self.task.is_regression else len(self.label_names)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A resolved config: its tasks (one or many), model, tokenizer, mesh and batch sharding."""
+
+  config: ml_collections.ConfigDict
+  tasks: tuple[RunTask, ...]
+  hf_config: Any
+  tokenizer: Any
+  model: model_lib.BertForSequenceClassification
+  mesh: jax.sharding.Mesh
+  batch_sharding: jax.sharding.NamedSharding
+
+  @property
+  def task(self) -> tasks_lib.Task:
+    """The first (for a single-task run, the) task."""
+    return self.tasks[0].task
+
+  @property
+  def label_names(self) -> tuple[str, ...] | None:
+    return self.tasks[0].label_names
+
+  @property
+  def is_regression(self) -> bool | tuple[bool, ...]:
+    """Per head for a multi-task run (the train step's loss picks each row's head)."""
+    if self.multitask:
+      return tuple(t.task.is_regression for t in self.tasks)
+    return self.task.is_regression
+
+  @property
+  def multitask(self) -> bool:
+    """Several heads (config.tasks set): params bert/... and heads/<task>/..."""
+    return bool(self.config.get("tasks"))
+
+  def selection_key(self) -> str:
+    """The eval metric that picks best checkpoints and stops early."""
+    if not self.multitask:
+      return self.task.main_metric
+    if self.config.selection_metric == "average":
+      return "average"
+    task = {t.name: t for t in self.tasks}[self.config.selection_metric]
+    return f"{task.name}/{task.task.main_metric}"
+
+  def run_identity(self) -> tuple[str, Any]:
+    """(task name, label map) as checkpoints record them (resume checks they match)."""
+    if not self.multitask:
+      return self.task.name, list(self.label_names) if self.label_names else None
+    return ("+".join(t.name for t in self.tasks),
+            {t.name: list(t.label_names) if t.label_names else None for t in self.tasks})
+
+  def init_params(self, rng: jax.Array) -> Any:
+    """Boxed (logically partitioned) random-init parameters."""
+    dummy = jnp.ones((1, 8), jnp.int32)
+    return self.model.init({"params": rng}, dummy, dummy, dummy)["params"]
+
+  def abstract_params(self) -> tuple[Any, Any]:
+    """(boxed abstract params, their NamedShardings), without allocating anything."""
+    boxed = jax.eval_shape(self.init_params, jax.random.key(0))
+    shardings = sharding_lib.logical_to_shardings(boxed, self.mesh, self.config.logical_axis_rules)
+    return boxed, shardings
+
+  def tokenize(self, examples: Any) -> data_lib.TokenizedSplit:
+    return data_lib.cached_tokenize(self.tokenizer, examples.texts, examples.labels,
+                                    self.config.max_seq_length, self.config.cache_dir or None)
+
+
+def _run_tasks(config: ml_collections.ConfigDict, label_names: Any) -> tuple[RunTask, ...]:
+  """The run's tasks; `label_names`: a tuple (single task) or {task: names} (multi-task)."""
+  tasks = []
+  multitask = bool(config.get("tasks"))
+  for i, (name, weight, task_config) in enumerate(config_lib.task_configs(config)):
+    where = f"config.tasks[{i}] ({name}): " if multitask else ""
+    try:
+      task = tasks_lib.get_task(task_config)
+      names = (label_names or {}).get(name) if multitask else label_names
+      if names is None and not task.is_regression:
+        names = data_lib.label_names_for(task_config, task)
+    except UserError as e:
+      raise UserError(f"{where}{e}") from None
+    tasks.append(RunTask(name or task.name, task, tuple(names) if names else None, task_config,
+                         weight))
+  if multitask and config.selection_metric not in ("average", *(t.name for t in tasks)):
+    raise UserError(f"config.selection_metric={config.selection_metric!r}: use 'average' or a "
+                    f"task name {[t.name for t in tasks]}")
+  return tuple(tasks)
+
+
+def _check_batch_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Every batch (train, micro, eval) splits evenly over the mesh's data shards."""
+  shards = sharding_lib.data_parallel_size(mesh)
+  micro_batch = config.batch_size // config.gradient_accumulation_steps
+  for key, size, what in (("batch_size", config.batch_size, "is not divisible by"),
+                          ("gradient_accumulation_steps", micro_batch,
+                           f"gives micro-batches of {micro_batch}, which do not split over"),
+                          ("eval_batch_size", config.eval_batch_size, "is not divisible by")):
+    if size % shards:
+      raise UserError(f"config.{key}={config[key]} {what} the {shards} data shards of the mesh")
+
+
+def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = None,
+                     label_names: Any = None,
+                     devices: list[jax.Device] | None = None) -> Experiment:
+  """Resolves the checkpoint (or a run's saved `model_dir`), task(s), labels and mesh.
+
+  `label_names`: a tuple (single task) or {task: names} (multi-task); None = from the data.
+  """
+  config_lib.validate(config)
+  mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape, devices)
+  platform = mesh.devices.flat[0].platform
+  config_lib.validate_for_platform(config, platform)
+  tasks = _run_tasks(config, label_names)
+  source = model_dir or hf.resolve(config.model_name_or_path)
+  hf_config = hf.load_config(source)
+  tokenizer_source = model_dir or (hf.resolve(config.tokenizer_name) if config.tokenizer_name
+                                   else source)
+  tokenizer = hf.load_tokenizer(tokenizer_source, vocab_size=hf_config.vocab_size)
+  overrides = {}
+  if config.classifier_dropout >= 0:
+    overrides["classifier_dropout"] = config.classifier_dropout
+  if config.get("attention_dropout", -1.0) >= 0:
+    overrides["attention_probs_dropout_prob"] = config.attention_dropout
+  bert_config = hf.model_config(  # any supported family (hf.FAMILIES)
+      hf_config, dtype=config.dtype, mesh=mesh,
+      activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh),
+      lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+      lora_targets=tuple(config.lora_targets), **overrides)
+  bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
+      config.attention_impl, platform, config.dtype, bert_config.head_dim))
+  _check_batch_splits(config, mesh)
+  if config.get("tasks"):
+    model = model_lib.BertForSequenceClassification(
+        bert_config, tuple(t.num_labels for t in tasks), tuple(t.name for t in tasks))
+  else:
+    model = model_lib.BertForSequenceClassification(bert_config, tasks[0].num_labels)
+  return Experiment(config, tasks, hf_config, tokenizer, model, mesh,
+                    sharding_lib.batch_sharding(mesh))
+
+
+def read_tokenized(exp: Experiment, split: str) -> list[data_lib.TokenizedSplit]:
+  """Each task's `split` ('train' / 'validation'), read and tokenized (cached on disk)."""
+  out = []
+  for run_task in exp.tasks:
+    examples = data_lib.read_split(run_task.config, run_task.task, split, run_task.label_names)
+    tokenized = exp.tokenize(examples)
+    log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d",
+             run_task.name, len(tokenized), examples.source, tokenized.lengths.mean(),
+             tokenized.num_truncated, exp.config.max_seq_length)
+    out.append(tokenized)
+  return out
+
+
+def _init_state(exp: Experiment, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  params = exp.init_params(rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_train_state(exp: Experiment, tx: optax.GradientTransformation) -> tuple[Any, Any]:
+  """(boxed abstract TrainState, its NamedShardings from the config's logical axis rules)."""
+  abstract = jax.eval_shape(functools.partial(_init_state, exp, tx), jax.random.key(0))
+  return abstract, sharding_lib.logical_to_shardings(abstract, exp.mesh,
+                                                     exp.config.logical_axis_rules)
+
+
+def create_train_state(exp: Experiment, total_steps: int, pretrained_dir: str | None
+                       ) -> tuple[TrainState, Any, optax.GradientTransformation, optax.Schedule]:
+  """The train state, created directly on its shardings; pre-trained weights loaded onto them."""
+  boxed, param_shardings = exp.abstract_params()
+  tx, schedule = optim.create_optimizer(exp.config, nn.unbox(boxed), total_steps)
+
+  _, state_shardings = abstract_train_state(exp, tx)
+  rng = jax.random.key(exp.config.seed)
+  state = jax.jit(lambda r: nn.unbox(_init_state(exp, tx, r)), out_shardings=state_shardings)(rng)
+  if pretrained_dir is not None:
+    loaded, new, unused = hf.params_from_state_dict(hf.load_state_dict(pretrained_dir),
+                                                    nn.unbox(boxed), exp.hf_config.model_type)
+    log.info("Loaded %s. Newly initialised: %s. Unused from the checkpoint: %s",
+             pretrained_dir, ", ".join(new) or "none", ", ".join(unused) or "none")
+    params = jax.tree.map(
+        lambda cur, pre, sh: cur if isinstance(pre, jax.ShapeDtypeStruct)
+        else jax.make_array_from_callback(pre.shape, sh, lambda idx, pre=pre: pre[idx]),
+        state.params, loaded, param_shardings)
+    state = state.replace(params=params)
+  return state, state_shardings, tx, schedule
+
+
+def save_model_dir(exp: Experiment, workdir: str) -> None:
+  """workdir/model: HF config with the label map + tokenizer, so eval/export need no hub."""
+  if jax.process_index() != 0:
+    return
+  hf_config = exp.hf_config
+  if not exp.multitask:  # a multi-task run saves the shared encoder's; export writes one per task
+    names = exp.label_names
+    hf_config.num_labels = 1 if names is None else len(names)
+    if names is not None:
+      hf_config.id2label = dict(enumerate(names))
+      hf_config.label2id = {n: i for i, n in enumerate(names)}
+    hf_config.problem_type = ("regression" if exp.is_regression
+                              else "single_label_classification")
+  with tempfile.TemporaryDirectory() as staging:  # save_pretrained writes local files only
+    hf_config.save_pretrained(staging)
+    exp.tokenizer.save_pretrained(staging)
+    workdir_lib.upload_dir(staging, workdir_lib.join(workdir, MODEL_SUBDIR))
+
+
+def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
+             step: int | str | None = None, devices: list[jax.Device] | None = None
+             ) -> tuple[Experiment, Any]:
+  """A finished (or checkpointed) run: its experiment and restored parameters.
+
+  `step`: None = the latest, 'best' = the best by the task's main metric, or a number.
+  LoRA adapters come back folded into the base kernels: eval, predict and export only
+  ever see a plain BERT.
+  """
+  workdir = workdir_lib.resolve(workdir)
+  config_path = workdir_lib.join(workdir, "config.json")
+  if not workdir_lib.exists(config_path):
+    raise UserError(f"{workdir}: not a flaxbert-cls workdir (no config.json)")
+  with io.StringIO(workdir_lib.read_text(config_path)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if overrides is not None:
+    config.update(overrides)
+  ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  if step == "best":
+    step = ckpt.best_step()
+    if step is None:
+      raise UserError(f"{ckpt.directory}: no checkpoint was saved with eval metrics")
+  meta, _ = ckpt.read_meta(step)
+  label_names = meta["label_names"]  # {task: names} for a multi-task run
+  if isinstance(label_names, list):
+    label_names = tuple(label_names)
+  exp = build_experiment(config, label_names=label_names, devices=devices,
+                         model_dir=workdir_lib.local_dir(workdir_lib.join(workdir, MODEL_SUBDIR)))
+  boxed, _ = exp.abstract_params()
+  tx, _ = optim.create_optimizer(config, nn.unbox(boxed), meta["total_steps"])
+  abstract_state, state_shardings = abstract_train_state(exp, tx)
+  state, _, _ = ckpt.restore(
+      checkpoint_lib.abstract_with_shardings(nn.unbox(abstract_state), state_shardings), step)
+  ckpt.close()
+  params = state.params
+  if exp.model.config.lora_rank:
+    params = jax.jit(functools.partial(layers.merge_lora, lora_alpha=config.lora_alpha))(params)
+    exp.model = exp.model.clone(config=dataclasses.replace(exp.model.config, lora_rank=0))
+  return exp, params

@@ -1,0 +1,245 @@
+"""Custom kernels of the encoder, and which backend each is for.
+
+- `attention`: BERT's padded self-attention through `jax.nn.dot_product_attention`,
+  padding given as key lengths (cuDNN's native padding mode; XLA builds the same mask
+  from them). `attention_implementation` picks cuDNN flash attention on a GPU with
+  bf16 and a head size it supports, XLA elsewhere (every backend).
+- `attention_with_dropout`: attention-probability dropout needs the probabilities,
+  which fused kernels hide. Explicit einsums with a custom VJP that keeps only the
+  probabilities and regenerates the dropout mask (all backends; the default when
+  training with attention dropout > 0).
+- `hash_dropout`: dropout masks from a keyed integer hash of each element's global
+  index instead of threefry (~10 integer ops; on CPU threefry's masks were ~30% of a
+  step); identical under any sharding; backward regenerates the mask (all backends).
+- `layer_norm`: backward keeps x_hat and 1/std only, instead of autodiff's three
+  [batch, length, hidden] arrays (all backends: memory, not speed).
+
+Every kernel computes softmax, LayerNorm and dropout scaling in float32 whatever the
+compute dtype; matmuls accumulate in float32 (`preferred_element_type`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ATTENTION_IMPLEMENTATIONS = ("", "xla", "cudnn")  # '' = auto (attention_implementation)
+
+
+def attention_implementation(requested: str, platform: str, dtype: str, head_dim: int) -> str:
+  """'xla' or 'cudnn' for `jax.nn.dot_product_attention`; '' picks by itself.
+
+  JAX's own default (None) means XLA. cuDNN's flash attention runs on GPUs in
+  bf16/fp16 with head sizes that are multiples of 8 up to 128 (256 from Hopper on;
+  128 is the bound every GPU meets): there auto picks it.
+  """
+  if requested:
+    return requested
+  if platform == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0 \
+      and head_dim <= 128:
+    return "cudnn"
+  return "xla"
+
+
+def key_lengths(attention_mask: jax.Array) -> jax.Array:
+  """int32 [batch] real-token counts of a right-padded attention mask (ours always is)."""
+  return jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
+              implementation: str) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v over the first kv_lengths[b] keys; [batch, len, heads, dim].
+
+  The same arguments reach cuDNN (its padding mode) and XLA (a mask built from them),
+  so the plumbing tested on CPU is the one a GPU runs. Queries are not length-masked:
+  padded positions attend as in Hugging Face's BERT (their outputs are never read).
+  """
+  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths,
+                                      implementation=implementation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm over the last axis (x float32) whose backward keeps x_hat and 1/std only."""
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  centered = x - x.mean(-1, keepdims=True)
+  inv_std = jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + eps)
+  x_hat = centered * inv_std
+  return x_hat * scale + bias, (x_hat, inv_std, scale)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  del eps
+  x_hat, inv_std, scale = residuals
+  g_hat = g * scale
+  g_x = inv_std * (g_hat - g_hat.mean(-1, keepdims=True)
+                   - x_hat * (g_hat * x_hat).mean(-1, keepdims=True))
+  batch_axes = tuple(range(g.ndim - 1))
+  return g_x, jnp.sum(g * x_hat, batch_axes), jnp.sum(g, batch_axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A bijective 32-bit integer hash (lowbias32); _mix32(0) == 0."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _flat_index(shape: tuple[int, ...], full_shape: tuple[int, ...], dims: range) -> jax.Array:
+  """Row-major index over `dims` of full_shape, for the corner `shape` (uint32, wrapping)."""
+  index = jnp.zeros(shape, jnp.uint32)
+  for d in dims:
+    index = index * jnp.uint32(full_shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, shape, d)
+  return index
+
+
+def hash_bits(seeds: jax.Array, shape: tuple[int, ...],
+              full_shape: tuple[int, ...] | None = None) -> jax.Array:
+  """uint32 bits: two keyed hash rounds over each element's global index.
+
+  full_shape: `shape` is the corner [:shape[0], :shape[1], ...] of a full_shape array and
+  gets that array's bits there (a first-token-only layer drops what the full one would).
+  The index is two 32-bit words (high, low): arrays of 2^32 elements or more (BERT-large
+  attention at 512 tokens and a large batch) get distinct bits everywhere, and arrays
+  below that get exactly the one-word hash (high word 0, and _mix32(0) == 0).
+  """
+  full_shape = tuple(full_shape or shape)
+  if math.prod(full_shape) < 2 ** 32:
+    return _mix32(_mix32(_flat_index(shape, full_shape, range(len(shape))) ^ seeds[0]) ^ seeds[1])
+  # Leading dims (index `outer`) over trailing blocks of `inner` elements each, inner < 2^32:
+  # global index = outer * inner + i = high * 2^32 + low with per_word outers per low word.
+  split = next(d for d in range(1, len(full_shape) + 1) if math.prod(full_shape[d:]) < 2 ** 32)
+  if math.prod(full_shape[:split]) >= 2 ** 32:
+    raise ValueError(f"dropout over shape {full_shape}: more than 2^64 elements")
+  inner = math.prod(full_shape[split:])
+  per_word = 2 ** 32 // inner
+  outer = _flat_index(shape, full_shape, range(split))
+  low = (outer % jnp.uint32(per_word)) * jnp.uint32(inner) + _flat_index(
+      shape, full_shape, range(split, len(shape)))
+  word = _mix32(outer // jnp.uint32(per_word))
+  return _mix32(_mix32(low ^ seeds[0] ^ word) ^ seeds[1] ^ _mix32(word))
+
+
+def hash_random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 dropout bits for `shape` from a JAX key. Not for anything cryptographic."""
+  return hash_bits(jax.random.bits(key, (2,), jnp.uint32), shape)
+
+
+def drop_threshold(rate: float) -> jax.Array:
+  """Bits below this are dropped: P(drop) = rate."""
+  return jnp.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def hash_dropout(x: jax.Array, seeds: jax.Array, rate: float,
+                 full_shape: tuple[int, ...] | None = None) -> jax.Array:
+  """Inverted dropout with a hash mask; backward regenerates the mask from `seeds`.
+
+  Autodiff would keep the boolean mask and XLA the dropped output per dropout
+  (1.25 x the activation's bytes); the hash is ~10 integer ops to recompute.
+  """
+  return _apply_hash_dropout(x, seeds, rate, full_shape)
+
+
+def _apply_hash_dropout(x, seeds, rate, full_shape=None):
+  keep = hash_bits(seeds, x.shape, full_shape) >= drop_threshold(rate)
+  # Scaled in float32: bf16(1 - 0.1) would make the scale 1.1130 instead of 1.1111.
+  scaled = (x.astype(jnp.float32) / jnp.float32(1.0 - rate)).astype(x.dtype)
+  return jnp.where(keep, scaled, jnp.zeros((), x.dtype))
+
+
+def _hash_dropout_fwd(x, seeds, rate, full_shape):
+  return _apply_hash_dropout(x, seeds, rate, full_shape), seeds
+
+
+def _hash_dropout_bwd(rate, full_shape, seeds, g):
+  return (_apply_hash_dropout(g, seeds, rate, full_shape),
+          np.zeros(seeds.shape, jax.dtypes.float0))
+
+
+hash_dropout.defvjp(_hash_dropout_fwd, _hash_dropout_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
+                           seeds: jax.Array, rate: float) -> jax.Array:
+  """dropout(softmax(q k^T / sqrt(d), first kv_lengths keys)) v for [batch, len, heads, dim].
+
+  Autodiff of the plain composition keeps ~4 [b,h,q,k] float32 arrays per layer
+  (masked scores, exp, probabilities, dropped probabilities); this keeps the
+  probabilities only, in the compute dtype, and regenerates the (hash) dropout mask
+  from `seeds`. Scores and their gradients accumulate in float32 and the softmax runs in
+  float32. q, k and v are moved head-major for the batched matmuls (XLA's CPU dots on
+  [b,q,h,d] operands insert a transpose each).
+  """
+  return _attention_with_dropout_fwd(q, k, v, kv_lengths, seeds, rate)[0]
+
+
+def _self_attention_shape(probs: jax.Array) -> tuple[int, ...]:
+  """[b, h, kv, kv]: fewer queries (first_token_only) are the first rows of self-attention."""
+  return (*probs.shape[:2], probs.shape[3], probs.shape[3])
+
+
+def _heads_major(x: jax.Array) -> jax.Array:  # [b,len,h,d] <-> [b,h,len,d]
+  return jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _key_mask(kv_lengths: jax.Array, num_keys: int) -> jax.Array:
+  return (jnp.arange(num_keys)[None, :] < kv_lengths[:, None])[:, None, None, :]
+
+
+def _einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _attention_with_dropout_fwd(q, k, v, kv_lengths, seeds, rate):
+  # Scaled in float32 and rounded once to the compute dtype (exact for float32 inputs).
+  q = (q.astype(jnp.float32) * np.float32(1.0 / np.sqrt(q.shape[-1]))).astype(q.dtype)
+  scores = _einsum32("bhqd,bhkd->bhqk", _heads_major(q), _heads_major(k))
+  mask = _key_mask(kv_lengths, k.shape[1])
+  probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+  dropped = _apply_hash_dropout(probs, seeds, rate, _self_attention_shape(probs)
+                                ).astype(v.dtype)  # = hash_dropout's mask
+  out = _heads_major(_einsum32("bhqk,bhkd->bhqd", dropped, _heads_major(v))).astype(v.dtype)
+  return out, (q, k, v, probs.astype(v.dtype), kv_lengths, seeds)
+
+
+def _attention_with_dropout_bwd(rate, residuals, g):
+  q, k, v, probs, kv_lengths, seeds = residuals  # q carries the 1/sqrt(d) scale
+  probs = probs.astype(jnp.float32)
+  # Every matmul below is row-major x row-major ([..., m, k] @ [..., k, n]): XLA's CPU
+  # dots contracting two leading dims ([q,k]^T @ [q,d]) fall back to a ~2x slower kernel,
+  # so the operands are transposed (cheap, [b,h,len,d]) instead of the probabilities.
+  dims_major = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # [b,len,h,d] -> [b,h,d,len]
+  # Written differently from the forward's (where, then scale): XLA's CSE would merge
+  # equal expressions and keep the forward's dropped probabilities alive until here.
+  keep = hash_bits(seeds, probs.shape, _self_attention_shape(probs)) >= drop_threshold(rate)
+  dropped = (jnp.where(keep, probs, 0.0) * (1.0 / (1.0 - rate))).astype(v.dtype)
+  g_v = _einsum32("bhdq,bhqk->bhdk", dims_major(g), dropped)
+  g_probs = jnp.where(keep, _einsum32("bhqd,bhdk->bhqk", _heads_major(g), dims_major(v))
+                      / (1.0 - rate), 0.0)
+  # Softmax backward; masked keys have probability 0, so their score gradient is 0.
+  g_scores = (probs * (g_probs - jnp.sum(g_probs * probs, axis=-1, keepdims=True))
+              ).astype(q.dtype)
+  g_q = _einsum32("bhqk,bhkd->bhqd", g_scores, _heads_major(k)) * np.float32(
+      1.0 / np.sqrt(q.shape[-1]))
+  g_k = _einsum32("bhdq,bhqk->bhdk", dims_major(q), g_scores)
+  from_dims_major = lambda x: jnp.transpose(x, (0, 3, 1, 2))  # [b,h,d,len] -> [b,len,h,d]
+  no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  return (_heads_major(g_q).astype(q.dtype), from_dims_major(g_k).astype(k.dtype),
+          from_dims_major(g_v).astype(v.dtype), no_grad(kv_lengths), no_grad(seeds))
+
+
+attention_with_dropout.defvjp(_attention_with_dropout_fwd, _attention_with_dropout_bwd)
