@@ -30,6 +30,7 @@ and the time the training loop waits for it with the model running (prefetch).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -50,8 +51,9 @@ import bench_torch
 
 
 def _jax_setup(args):
-  """(experiment, jitted step, state) for args' model, dtype and mesh."""
-  from flaxbert_cls import model as model_lib, train  # pylint: disable=g-import-not-at-top
+  """(experiment, jitted step, state) for args' model, dtype, attention and mesh."""
+  from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import model as model_lib, ops, train  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
@@ -63,15 +65,19 @@ def _jax_setup(args):
   config.dtype = args.dtype
   config.attention_impl = args.attention_impl
   config.mesh_shape = tuple(int(x) for x in args.mesh.split(","))
+  config.cpu_scheduler = args.cpu_scheduler
   mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape)
   bert_config = model_lib.BertConfig.from_hf(
-      cfg, dtype=args.dtype, attention_impl=args.attention_impl or None, mesh=mesh,
+      cfg, dtype=args.dtype, mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh))
-  config.cpu_scheduler = args.cpu_scheduler
-  exp = train.Experiment(config, tasks_lib.GLUE_TASKS["sst2"], ("0", "1"), None, None,
-                         model_lib.BertForSequenceClassification(bert_config, 2), mesh,
-                         sharding_lib.batch_sharding(mesh))
-  state, state_shardings, tx, schedule = train.create_train_state(exp, 1000, None)
+  # '' (auto) resolves as training resolves it: cuDNN on a GPU in bf16, XLA elsewhere.
+  bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
+      args.attention_impl, mesh.devices.flat[0].platform, args.dtype, bert_config.head_dim))
+  task = experiment_lib.RunTask("sst2", tasks_lib.GLUE_TASKS["sst2"], ("0", "1"), config)
+  exp = experiment_lib.Experiment(config, (task,), None, None,
+                                  model_lib.BertForSequenceClassification(bert_config, 2), mesh,
+                                  sharding_lib.batch_sharding(mesh))
+  state, state_shardings, tx, schedule = experiment_lib.create_train_state(exp, 1000, None)
   return exp, train.jit_train_step(exp, state.params, state_shardings, tx, schedule), state
 
 
@@ -80,12 +86,13 @@ def run_jax(args) -> dict[str, Any]:
   return run_jax_batches(args, [args.batch])[0]
 
 
-def run_jax_batches(args, batches: Sequence[int], deadline: float | None = None
-                    ) -> list[dict[str, Any]]:
+def run_jax_batches(args, batches: Sequence[int], deadline: float | None = None,
+                    progress: Callable[[list], None] | None = None) -> list[dict[str, Any]]:
   """One result per batch size, in order, until one fails or the next would pass `deadline`.
 
   The state is made once. jax keeps one peak for the process: with batch sizes in
   increasing order, each result's peak_device_bytes is that batch size's own.
+  `progress(results so far)` after each batch size.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -115,7 +122,8 @@ def run_jax_batches(args, batches: Sequence[int], deadline: float | None = None
     except Exception as e:  # pylint: disable=broad-except
       results.append(bench_lib.batch_error(batch_size, e))
       break
-    result = dict(framework=f"flaxbert-cls (jax {jax.__version__})", batch=batch_size,
+    result = dict(framework=f"flaxbert-cls (jax {jax.__version__}, "
+                  f"{exp.model.config.attention_impl} attention)", batch=batch_size,
                   per_seq=per_seq, setup_s=setup_s, peak_host_bytes=bench_lib.peak_rss_bytes(),
                   device=f"{device.platform}:{getattr(device, 'device_kind', '')}",
                   num_devices=jax.device_count(), **peak)
@@ -124,6 +132,8 @@ def run_jax_batches(args, batches: Sequence[int], deadline: float | None = None
       result["peak_device_bytes"] = stats["peak_bytes_in_use"]
     results.append(result)
     last = time.perf_counter() - start
+    if progress:
+      progress(results)
   return results
 
 

@@ -7,7 +7,7 @@ its explicit softmax), bf16 via autocast on CUDA, gradient clipping as ours.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import bench_lib
 
@@ -17,11 +17,12 @@ def run_torch(args) -> dict[str, Any]:
   return run_torch_batches(args, [args.batch])[0]
 
 
-def run_torch_batches(args, batches: Sequence[int], deadline: float | None = None
-                      ) -> list[dict[str, Any]]:
+def run_torch_batches(args, batches: Sequence[int], deadline: float | None = None,
+                      progress: Callable[[list], None] | None = None) -> list[dict[str, Any]]:
   """One result per batch size, in order, until one fails or the next would pass `deadline`.
 
   The model and optimizer are made once; peak device memory is each batch size's own.
+  `progress(results so far)` after each batch size.
   """
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -60,6 +61,8 @@ def run_torch_batches(args, batches: Sequence[int], deadline: float | None = Non
       result["peak_flops_source"] = "table (bf16 dense)"
     results.append(result)
     last = time.perf_counter() - start
+    if progress:
+      progress(results)
   return results
 
 

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 
 from common import DEMO_DATA, short_run_config
+from flaxbert_cls import evaluate as evaluate_lib
+from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import export
 from flaxbert_cls import predict
 from flaxbert_cls import readers
@@ -76,11 +78,11 @@ def main():
   train_seconds = time.perf_counter() - t0
   export.export(workdir, exported)
 
-  exp, params = train.load_run(workdir)
+  exp, params = experiment_lib.load_run(workdir)
   examples = readers.read_file(DEV, exp.task, exp.label_names)
   sentences = [t[0] for t in examples.texts]
-  jit_eval = jax.jit(lambda p, b: train.eval_step(p, b, model=exp.model))
-  metrics, flax_logits = train.evaluate(exp, params, exp.tokenize(examples), jit_eval)
+  jit_eval = evaluate_lib.jit_eval_step(exp.model)
+  metrics, flax_logits = evaluate_lib.evaluate(exp, params, exp.tokenize(examples), jit_eval)
   torch_logits, info, torch_rate, torch_threads = _torch_logits(exported, sentences, 64)
   labels = examples.labels
 

@@ -6,8 +6,8 @@ r"""One-GPU check: numerics against the CPU, the CLI end to end, speed against P
 Sections, each in its own subprocess with its own timeout (numerics and cli side by
 side, then bench alone); a failure is recorded in the JSON and the others still run:
 
-  numerics  gpu_numerics.py: random-init BERT-base, bf16 (cuDNN attention) on the GPU
-            against float32 on the CPU: logits, gradients, loss after 50 train steps
+  numerics  gpu_numerics.py: random-init BERT-base, bf16 (auto attention: cuDNN) on the
+            GPU against float32 on the CPU: logits, gradients, loss after 50 train steps
   cli       `python -m flaxbert_cls.cli` train, eval and predict on a tiny random BERT
             (with the carried MiniLM tokenizer) and synthetic sentences, with
             --config.dtype=bfloat16 --config.attention_impl=cudnn --config.attention_dropout=0.0
@@ -29,6 +29,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -47,12 +48,13 @@ import gpu_numerics
 TOKENIZER_DIR = os.path.join(common.REPO, ".gpu_check", "tokenizer")  # gpu_check.sh --prepare
 MODES = {
     "gpu": dict(
-        numerics=dict(model="bert-base", batch=8, seq=64, steps=50, attention_impl="cudnn"),
+        numerics=dict(model="bert-base", batch=8, seq=32, steps=50),  # CPU: 0.13 TFLOP/step
         cli=dict(steps=60, hidden=128, heads=2, min_accuracy=0.75),  # head dim 64: cuDNN's
         bench=dict(model="bert-base", seq=128, batches=(32, 128, 256, 64), steps=20, warmup=3),
-        timeouts=dict(numerics=110, cli=110, bench_jax=85, bench_torch=35), budget=235),
+        # Worst case 105 + 80 + 35 s; with the wheels' install, under 4 minutes.
+        timeouts=dict(numerics=105, cli=105, bench_jax=80, bench_torch=35), budget=225),
     "smoke": dict(
-        numerics=dict(model="bert-tiny", batch=4, seq=16, steps=3, attention_impl=None),
+        numerics=dict(model="bert-tiny", batch=4, seq=16, steps=3),
         cli=dict(steps=3, hidden=32, heads=2, min_accuracy=0.0),
         bench=dict(model="bert-tiny", seq=32, batches=(8,), steps=2, warmup=1),  # 1 compile
         timeouts=dict(numerics=120, cli=300, bench_jax=120, bench_torch=90), budget=600),
@@ -66,7 +68,7 @@ PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "
 
 
 def environment() -> dict[str, Any]:
-  """Versions, missing imports and the card, without starting jax (bench needs it whole)."""
+  """Versions, missing imports and the card, without starting jax here (bench needs the GPU)."""
   versions = {}
   for name in PACKAGES:
     try:
@@ -95,35 +97,32 @@ def environment() -> dict[str, Any]:
 
 
 def section_numerics(settings: dict, args) -> dict[str, Any]:
-  """gpu_numerics.run; cuDNN attention where asked, XLA's if cuDNN fails (both recorded)."""
+  """gpu_numerics.run with the auto attention (cuDNN on a GPU); XLA's if that fails."""
   import jax  # pylint: disable=g-import-not-at-top
-  s = dict(settings["numerics"])
-  if jax.devices()[0].platform != "gpu":
-    s["attention_impl"] = None
+  s = settings["numerics"]
   try:
     return gpu_numerics.run(**s)
   except Exception as e:  # pylint: disable=broad-except
-    if not s["attention_impl"]:
+    if jax.devices()[0].platform != "gpu":
       raise
     error = f"{type(e).__name__}: {str(e)[:1500]}"
-  result = gpu_numerics.run(**dict(s, attention_impl=None))
-  result["passed"] = False  # the cuDNN path is the one bf16 training uses on a GPU
-  return dict(result, cudnn_error=error)
+  result = gpu_numerics.run(**s, attention_impl="xla")
+  result["passed"] = False  # cuDNN is what bf16 training picks on a GPU: it has to work
+  return dict(result, auto_attention_error=error)
 
 
-SENTENCES = (("good", "great", "wonderful", "moving", "superb", "charming"),
-             ("bad", "awful", "boring", "dull", "clumsy", "tedious"))
+WORDS = (("bad", "awful", "boring", "dull", "clumsy", "tedious"),  # label 0, as SST-2's
+         ("good", "great", "wonderful", "moving", "superb", "charming"))
 NOUNS = ("film", "story", "cast", "plot", "ending", "score", "script", "director")
 
 
 def write_sentences(path: str, rows: int, seed: int) -> str:
   """An SST-2-style TSV (sentence, label): the label is the adjectives' sentiment."""
-  import random  # pylint: disable=g-import-not-at-top
   rng = random.Random(seed)
   lines = ["sentence\tlabel"]
   for _ in range(rows):
     label = rng.randint(0, 1)
-    words = rng.sample(SENTENCES[label], 2)
+    words = rng.sample(WORDS[label], 2)
     lines.append(f"the {rng.choice(NOUNS)} is {words[0]} and the {rng.choice(NOUNS)} "
                  f"feels {words[1]}\t{label}")
   with open(path, "w") as f:
@@ -164,9 +163,14 @@ def section_cli(settings: dict, args) -> dict[str, Any]:
       [common.REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   for name, argv in commands.items():
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "flaxbert_cls.cli", *argv], cwd=common.REPO,
-                         env=env, capture_output=True, text=True, check=False,
-                         timeout=max(5.0, args.deadline - time.time()))
+    try:
+      out = subprocess.run([sys.executable, "-m", "flaxbert_cls.cli", *argv], cwd=common.REPO,
+                           env=env, capture_output=True, text=True, check=False,
+                           timeout=max(5.0, args.deadline - time.time()))
+    except subprocess.TimeoutExpired as e:  # the section's time is up: keep what ran
+      text = [x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+              for x in (e.stdout, e.stderr)]  # bytes even with text=True
+      out = subprocess.CompletedProcess(e.cmd, "timeout", *text)
     record = dict(exit_code=out.returncode, seconds=round(time.perf_counter() - start, 1))
     prefix = {"train": "dev:", "eval": "eval:", "predict": "predicted:"}[name]
     lines = [l for l in out.stdout.splitlines() if l.startswith(prefix)]
@@ -205,7 +209,8 @@ def _bench_args(settings: dict, batches: str = "") -> argparse.Namespace:
 
 def section_bench_jax(settings: dict, args) -> dict[str, Any]:
   bench_args = _bench_args(settings)
-  return dict(results=bench.run_jax_batches(bench_args, bench_args.batches, args.deadline))
+  return dict(results=bench.run_jax_batches(bench_args, bench_args.batches, args.deadline,
+                                            lambda r: args.save(dict(results=r))))
 
 
 def section_bench_torch(settings: dict, args) -> dict[str, Any]:
@@ -214,7 +219,8 @@ def section_bench_torch(settings: dict, args) -> dict[str, Any]:
     return dict(status="skipped", reason=f"torch {torch.__version__} has no CUDA")
   bench_args = _bench_args(settings, args.batches)
   return dict(results=bench_torch.run_torch_batches(bench_args, bench_args.batches,
-                                                    args.deadline))
+                                                    args.deadline,
+                                                    lambda r: args.save(dict(results=r))))
 
 
 SECTIONS: dict[str, Callable[[dict, Any], dict]] = {
@@ -278,11 +284,15 @@ def run_bench(args, settings: dict, budget_end: float) -> dict[str, Any]:
     torch_part = Child("bench_torch", args, min(timeouts["bench_torch"], left),
                        (f"--batches={','.join(map(str, done))}",)
                        + (("--torch_on_cpu",) if args.torch_on_cpu else ())).finish()
-  out = dict(jax=_without(jax_part, "results"), torch=_without(torch_part, "results"))
+  out = dict(status=jax_part["status"], jax=_without(jax_part, "results"),
+             torch=_without(torch_part, "results"))
   out.update(compare(settings, jax_part.get("results", []), torch_part.get("results", [])))
-  # A smoke run may skip torch (no CUDA); the GPU run needs both frameworks' figures.
-  torch_fine = torch_part["status"] == "ok" or (args.smoke and torch_part["status"] == "skipped")
-  out["passed"] = jax_part["status"] == "ok" and bool(done) and torch_fine
+  # Batch 32 (the first) measured by both is a pass, also when a larger one ran out of
+  # time; a smoke run may skip torch (no CUDA).
+  first = settings["bench"]["batches"][0]
+  torch_done = [r["batch"] for r in torch_part.get("results", []) if "error" not in r]
+  out["passed"] = first in done and (first in torch_done or (
+      args.smoke and torch_part["status"] == "skipped"))
   return out
 
 
@@ -300,7 +310,7 @@ def compare(settings: dict, ours: list[dict], theirs: list[dict]) -> dict[str, A
   torch_by_batch = {r["batch"]: r for r in theirs if "error" not in r}
   rows, largest = {}, 0
   for r in ours:
-    row = rows.setdefault(str(r["batch"]), {})
+    row = rows.setdefault(str(r["batch"]), {"ours": None})
     if "error" not in r:
       pair = [r] + ([torch_by_batch[r["batch"]]] if r["batch"] in torch_by_batch else [])
       bench.summarize(types.SimpleNamespace(model=b["model"], batch=r["batch"], seq=b["seq"],
@@ -350,8 +360,7 @@ def run_all(args) -> int:
     save()
   if "bench" in wanted:
     report["bench"] = run_bench(args, settings, budget_end)
-  report["passed"] = all(bool(report[s].get("passed")) and report[s].get("status", "ok") == "ok"
-                         for s in wanted)
+  report["passed"] = all(bool(report[s].get("passed")) for s in wanted)
   save()
   for s in wanted:
     print(f"{s}: {report[s].get('status', 'ok')}, passed={report[s].get('passed')}", flush=True)

@@ -57,7 +57,7 @@ def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dic
 
 
 def _side(cfg: dict, params: Any, data: list[dict], device: Any, dtype: str,
-          attention_impl: str | None) -> dict[str, Any]:
+          attention_impl: str) -> dict[str, Any]:
   """First-batch logits and gradients, then one train step per batch, on `device`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -109,7 +109,7 @@ def _grad_errors(grads: Any, ref: Any) -> dict[str, Any]:
   per_leaf = np.sqrt(diff2[kept] / ref2[kept])
   worst = int(np.argmax(per_leaf))
   return dict(grads=float(np.sqrt(diff2.sum() / ref2.sum())), grads_leaf=float(per_leaf[worst]),
-              parameter=np.asarray(paths)[kept][worst],
+              parameter=str(np.asarray(paths)[kept][worst]),
               skipped=[p for p, k in zip(paths, kept) if not k])
 
 
@@ -118,11 +118,16 @@ def check(value: float, tolerance: float) -> dict[str, Any]:
 
 
 def run(model: str, batch: int, seq: int, steps: int, dtype: str = "bfloat16",
-        attention_impl: str | None = None) -> dict[str, Any]:
-  """The section's JSON: sizes, both sides' devices and timings, one entry per check."""
+        attention_impl: str = "") -> dict[str, Any]:
+  """The section's JSON: sizes, both sides' devices and timings, one entry per check.
+
+  `attention_impl` '' picks as training does (ops.attention_implementation: cuDNN on a
+  GPU in bf16); the float32 CPU reference always uses XLA's.
+  """
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import model as model_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import ops  # pylint: disable=g-import-not-at-top
 
   cfg = dict(bench_lib.hf_config_dict(model), hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0)  # deterministic: both sides see one function
@@ -133,9 +138,12 @@ def run(model: str, batch: int, seq: int, steps: int, dtype: str = "bfloat16",
   with jax.default_device(cpu):  # one float32 initialisation, copied to both sides
     params = jax.jit(lambda r: init_model.init(r, dummy, dummy, dummy))(jax.random.key(0))
   params = jax.device_get(flax.linen.unbox(params["params"]))
+  device = jax.devices()[0]
+  attention_impl = ops.attention_implementation(attention_impl, device.platform, dtype,
+                                                init_model.config.head_dim)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    checked = pool.submit(_side, cfg, params, data, jax.devices()[0], dtype, attention_impl)
-    reference = pool.submit(_side, cfg, params, data, cpu, "float32", None)
+    checked = pool.submit(_side, cfg, params, data, device, dtype, attention_impl)
+    reference = pool.submit(_side, cfg, params, data, cpu, "float32", "xla")
     checked, reference = checked.result(), reference.result()
   logits_err = float(np.max(np.abs(checked["logits"] - reference["logits"]))
                      / np.max(np.abs(reference["logits"])))
@@ -153,7 +161,7 @@ def run(model: str, batch: int, seq: int, steps: int, dtype: str = "bfloat16",
   }
   return dict(
       model=model, batch=batch, seq=seq, steps=steps, dtype=dtype,
-      attention_impl=attention_impl or "xla", reference="float32 on " + reference["device"],
+      attention_impl=attention_impl, reference="float32 on " + reference["device"],
       device=checked["device"], checks=checks,
       passed=all(c["passed"] for c in checks.values()),
       losses={"checked": [round(x, 5) for x in checked["losses"]],

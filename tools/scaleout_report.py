@@ -2,7 +2,7 @@ r"""Scale-out figures: the same fine-tune on several meshes, and state memory pe
 
 Trains the packaged pre-trained MiniLM for 20 steps (sequence length 16, batch 16,
 dropout as in its config) on 8 simulated CPU devices with each mesh
-(data, fsdp, tensor), with train.py's state, sharding and jitted train step, and
+(data, fsdp, tensor), with the package's experiment, state, sharding and train step, and
 compares losses, final parameters and dev accuracy with one device.
 Then measures the per-device bytes of parameters + optimizer state, from the
 arrays' addressable shards, replicated vs FSDP over 8 devices.
@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 import argparse
 import collections
-import functools
 import logging
 import resource
 import tempfile
@@ -41,6 +40,8 @@ import numpy as np
 
 from common import DEMO_DATA, short_run_config
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import evaluate as evaluate_lib
+from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import hf
 from flaxbert_cls import sharding as sharding_lib
 from flaxbert_cls import train
@@ -71,7 +72,7 @@ def scaleout_config(mesh_shape: Sequence[int], validation_file: str, steps: int 
 _TRAIN_SPLITS: dict[Any, Any] = {}  # tokenized once per process: the same for every mesh
 
 
-def _train_split(exp: train.Experiment) -> data_lib.TokenizedSplit:
+def _train_split(exp: experiment_lib.Experiment) -> data_lib.TokenizedSplit:
   key = (exp.config.train_file, exp.config.max_seq_length)
   if key not in _TRAIN_SPLITS:
     _TRAIN_SPLITS[key] = exp.tokenize(
@@ -83,9 +84,10 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
              evaluate: bool = False) -> dict[str, Any]:
   """`steps` training steps on `mesh_shape` (all 8 devices; (1, 1, 1): the first one).
 
-  Uses train.py's pieces as its loop does: the experiment and mesh, the state created
-  on its shardings with the pre-trained weights, the jitted train_step with the same
-  in/out shardings, and the global batches of data.train_batch (training's batching path). Returns the per-step
+  Uses training's pieces as its loop does: the experiment and mesh, the state created
+  on its shardings with the pre-trained weights, train_step jitted with the same in/out
+  shardings, and the global batches of data.train_batch (training's batching path).
+  Returns the per-step
   losses, the final parameters (on the host), the per-device bytes of parameters +
   optimizer state, every state array's PartitionSpec, the wall and CPU time and, with
   `evaluate`, the dev metrics.
@@ -93,12 +95,12 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
   start, start_cpu = time.time(), _cpu_seconds()
   config = scaleout_config(mesh_shape, validation_file, steps)
   devices = jax.devices()[:1] if int(np.prod(mesh_shape)) == 1 else None
-  exp = train.build_experiment(config, devices=devices)
+  exp = experiment_lib.build_experiment(config, devices=devices)
   split = _train_split(exp)
   order = data_lib.TrainOrder(split.lengths, config.batch_size, config.seed,
                               config.length_grouping_window)
   mixture = data_lib.TaskMixture([order], np.ones(1), config.seed)
-  state, shardings, tx, schedule = train.create_train_state(
+  state, shardings, tx, schedule = experiment_lib.create_train_state(
       exp, steps, hf.resolve(config.model_name_or_path))
 
   def step_fn(state, batch):
@@ -122,10 +124,8 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
   if evaluate:
     eval_split = exp.tokenize(data_lib.read_split(config, exp.task, "validation",
                                                   exp.label_names))
-    jit_eval = jax.jit(functools.partial(train.eval_step, model=exp.model),
-                       in_shardings=(shardings.params, exp.batch_sharding),
-                       out_shardings=exp.batch_sharding)
-    result["eval"], _ = train.evaluate(exp, state.params, eval_split, jit_eval)
+    jit_eval = evaluate_lib.jit_eval_step(exp.model, shardings.params, exp.batch_sharding)
+    result["eval"], _ = evaluate_lib.evaluate(exp, state.params, eval_split, jit_eval)
   result["seconds"], result["cpu_seconds"] = time.time() - start, _cpu_seconds() - start_cpu
   return result
 
@@ -144,7 +144,7 @@ def state_bytes_per_device(tree: Any) -> dict[jax.Device, int]:
   return dict(per_device)
 
 
-def max_bytes_per_device(state: train.TrainState) -> int:
+def max_bytes_per_device(state: experiment_lib.TrainState) -> int:
   """The largest per-device footprint of parameters + optimizer state."""
   return max(state_bytes_per_device((state.params, state.opt_state)).values())
 
@@ -152,8 +152,8 @@ def max_bytes_per_device(state: train.TrainState) -> int:
 def initial_state_bytes(mesh_shape: Sequence[int], validation_file: str) -> int:
   """Per-device bytes of the freshly created (pre-trained) state on `mesh_shape`."""
   config = scaleout_config(mesh_shape, validation_file)
-  exp = train.build_experiment(config)
-  state, _, _, _ = train.create_train_state(exp, config.num_train_steps,
+  exp = experiment_lib.build_experiment(config)
+  state, _, _, _ = experiment_lib.create_train_state(exp, config.num_train_steps,
                                             hf.resolve(config.model_name_or_path))
   return max_bytes_per_device(state)
 
