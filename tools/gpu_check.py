@@ -97,18 +97,8 @@ def environment() -> dict[str, Any]:
 
 
 def section_numerics(settings: dict, args) -> dict[str, Any]:
-  """gpu_numerics.run with the auto attention (cuDNN on a GPU); XLA's if that fails."""
-  import jax  # pylint: disable=g-import-not-at-top
-  s = settings["numerics"]
-  try:
-    return gpu_numerics.run(**s)
-  except Exception as e:  # pylint: disable=broad-except
-    if jax.devices()[0].platform != "gpu":
-      raise
-    error = f"{type(e).__name__}: {str(e)[:1500]}"
-  result = gpu_numerics.run(**s, attention_impl="xla")
-  result["passed"] = False  # cuDNN is what bf16 training picks on a GPU: it has to work
-  return dict(result, auto_attention_error=error)
+  """gpu_numerics.run with the attention training picks (cuDNN on a GPU in bf16)."""
+  return gpu_numerics.run(**settings["numerics"])
 
 
 WORDS = (("bad", "awful", "boring", "dull", "clumsy", "tedious"),  # label 0, as SST-2's
