@@ -13,8 +13,11 @@ noisy machines). `--model`: 'minilm' (the packaged pre-trained MiniLM), 'bert-ti
 / 'bert-base' / 'bert-large' (random init, standard sizes), or a checkpoint directory.
 Timing: median of `--steps` steady-state steps after `--warmup` steps (the first
 includes compilation). The torch side (bench_torch.py) is transformers'
-BertForSequenceClassification with AdamW and gradient clipping, eager mode (no torch.compile), SDPA attention (transformers'
-default; --torch_attention=eager: its explicit softmax), bf16 via autocast on CUDA.
+BertForSequenceClassification with AdamW and gradient clipping, eager mode (no
+torch.compile), SDPA attention (transformers' default; --torch_attention=eager: its
+explicit softmax), bf16 via autocast on CUDA. `--attention_impl=''` resolves as training
+does (cuDNN on a GPU in bf16, XLA elsewhere); a train step with attention dropout uses
+the explicit kernel either way (`--attention_dropout=0.0` for the fused one, both sides).
 
 `--lengths=sst2`: the real SST-2 train length distribution (MiniLM tokenizer; SST-2
 from --data_dir, else $FLAXBERT_DATA, else ../shared/data). Both frameworks are timed
@@ -60,7 +63,7 @@ def _jax_setup(args):
 
   if args.compilation_cache_dir:
     train.enable_compilation_cache(args.compilation_cache_dir)
-  cfg = bench_lib.hf_config_dict(args.model)
+  cfg = bench_lib.model_config(args)
   config = default_config()
   config.dtype = args.dtype
   config.attention_impl = args.attention_impl
@@ -221,7 +224,7 @@ def _merge_rounds(rounds: list[dict]) -> dict[str, Any]:
 
 
 def apply_config(args) -> None:
-  """--config=path/to/config.py: model, batch, seq, buckets, dtype, mesh from get_config()."""
+  """--config=path/to/config.py: model, batch, seq, buckets, dtype, attention, mesh from it."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("bench_config", args.config)
   module = importlib.util.module_from_spec(spec)
@@ -231,6 +234,7 @@ def apply_config(args) -> None:
   args.model = "minilm" if "minilm" in model.lower() and not os.path.isdir(model) else model
   args.batch, args.seq, args.dtype = c.batch_size, c.max_seq_length, c.dtype
   args.attention_impl, args.cpu_scheduler = c.attention_impl, c.cpu_scheduler
+  args.attention_dropout = c.get("attention_dropout", -1.0)
   args.mesh = ",".join(str(x) for x in c.mesh_shape)
   args.buckets = ",".join(str(b) for b in c.seq_buckets)
   args.grouping_window = c.length_grouping_window or args.grouping_window
@@ -285,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--grouping_window", type=int, default=50)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention_impl", default="", choices=["", "xla", "cudnn"])
+  parser.add_argument("--attention_dropout", type=float, default=-1.0,
+                      help=">= 0: instead of the checkpoint's (config.attention_dropout)")
   parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes")
   parser.add_argument("--cpu_scheduler", default="memory", choices=["memory", "concurrency"])
   parser.add_argument("--steps", type=int, default=5)

@@ -53,6 +53,14 @@ def hf_config_dict(model: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def model_config(args) -> dict[str, Any]:
+  """hf_config_dict(args.model) with --attention_dropout (>= 0) as training's config sets it."""
+  cfg = hf_config_dict(args.model)
+  if getattr(args, "attention_dropout", -1.0) >= 0:
+    cfg["attention_probs_dropout_prob"] = args.attention_dropout
+  return cfg
+
+
 def train_flops(cfg: dict[str, Any], batch: int, seq: int) -> float:
   """Analytic FLOPs of one train step: 6 * (non-embedding params) * tokens + attention.
 

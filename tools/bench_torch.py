@@ -26,7 +26,7 @@ def run_torch_batches(args, batches: Sequence[int], deadline: float | None = Non
   """
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  cfg = bench_lib.hf_config_dict(args.model)
+  cfg = bench_lib.model_config(args)
   config = transformers.BertConfig(**{k: v for k, v in cfg.items() if k != "model_type"},
                                    num_labels=2)
   cuda = torch.cuda.is_available()

@@ -96,7 +96,7 @@ def environment() -> dict[str, Any]:
 # ------------------------------------------------------------------- sections
 
 
-def section_numerics(settings: dict, args) -> dict[str, Any]:
+def section_numerics(settings: dict, args: argparse.Namespace) -> dict[str, Any]:
   """gpu_numerics.run with the attention training picks (cuDNN on a GPU in bf16)."""
   return gpu_numerics.run(**settings["numerics"])
 
@@ -120,7 +120,7 @@ def write_sentences(path: str, rows: int, seed: int) -> str:
   return path
 
 
-def section_cli(settings: dict, args) -> dict[str, Any]:
+def section_cli(settings: dict, args: argparse.Namespace) -> dict[str, Any]:
   """train / eval / predict through the CLI, each a subprocess; partial results saved."""
   import jax  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
@@ -197,13 +197,13 @@ def _bench_args(settings: dict, batches: str = "") -> argparse.Namespace:
   return args
 
 
-def section_bench_jax(settings: dict, args) -> dict[str, Any]:
+def section_bench_jax(settings: dict, args: argparse.Namespace) -> dict[str, Any]:
   bench_args = _bench_args(settings)
   return dict(results=bench.run_jax_batches(bench_args, bench_args.batches, args.deadline,
                                             lambda r: args.save(dict(results=r))))
 
 
-def section_bench_torch(settings: dict, args) -> dict[str, Any]:
+def section_bench_torch(settings: dict, args: argparse.Namespace) -> dict[str, Any]:
   import torch  # pylint: disable=g-import-not-at-top
   if not torch.cuda.is_available() and not args.torch_on_cpu:
     return dict(status="skipped", reason=f"torch {torch.__version__} has no CUDA")
@@ -224,8 +224,8 @@ SECTIONS: dict[str, Callable[[dict, Any], dict]] = {
 class Child:
   """One section in a subprocess (its own process group), its result file and log."""
 
-  def __init__(self, section: str, args, timeout: float, extra: tuple[str, ...] = (),
-               env: dict[str, str] | None = None):
+  def __init__(self, section: str, args: argparse.Namespace, timeout: float,
+               extra: tuple[str, ...] = (), env: dict[str, str] | None = None):
     self.section, self.timeout, self.start = section, timeout, time.time()
     self.folder = tempfile.mkdtemp(prefix=f"gpu_check_{section}_")
     self.result_path, self.log_path = (os.path.join(self.folder, "result.json"),
@@ -263,7 +263,7 @@ class Child:
     return result
 
 
-def run_bench(args, settings: dict, budget_end: float) -> dict[str, Any]:
+def run_bench(args: argparse.Namespace, settings: dict, budget_end: float) -> dict[str, Any]:
   """Both workers in turn (each owns the GPU), then the per-batch comparison."""
   timeouts = settings["timeouts"]
   jax_part = Child("bench_jax", args, min(timeouts["bench_jax"], budget_end - time.time())).finish()
@@ -321,13 +321,13 @@ def compare(settings: dict, ours: list[dict], theirs: list[dict]) -> dict[str, A
               best_batch=best, at_best=rows.get(str(best)), **{f"at_{first}": rows.get(str(first))})
 
 
-def output_path(args) -> str:
+def output_path(args: argparse.Namespace) -> str:
   if args.json:
     return args.json
   return os.path.join(os.environ.get("OUT") or common.REPO, "gpu_check.json")
 
 
-def run_all(args) -> int:
+def run_all(args: argparse.Namespace) -> int:
   mode = "smoke" if args.smoke else "gpu"
   settings, wanted = MODES[mode], args.sections.split(",")
   start = time.time()
@@ -336,7 +336,7 @@ def run_all(args) -> int:
                 sections=wanted, environment=environment())
   path = output_path(args)
 
-  def save():
+  def save() -> None:  # after every section: a killed run still leaves its JSON
     report["total_s"] = round(time.time() - start, 1)
     with open(path, "w") as f:
       json.dump(report, f, indent=1)
