@@ -77,7 +77,7 @@ def _main(argv: list[str]) -> None:
       raise UserError("train needs --config=configs/<name>.py")
     result = train.train_and_evaluate(config, _WORKDIR.value)
     _print_metrics("dev", result["eval"])
-    _print_next_steps(_WORKDIR.value)
+    _print_next_steps(_WORKDIR.value, report.page_path(_WORKDIR.value))
   elif command == "eval":
     results = evaluate.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value))
     _print_metrics("eval", results)
@@ -109,13 +109,10 @@ def _print_metrics(name: str, results: dict[str, float]) -> None:
     print(f"{name}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
 
 
-def _print_next_steps(workdir: str) -> None:
+def _print_next_steps(workdir: str, page: str) -> None:
   """Where the report page will be, and how to look at the run in TensorBoard."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import report  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
-    page = workdir_lib.join(workdir_lib.resolve(workdir), report.REPORT_DIR, report.PAGE_NAME)
     print(f"report page: {page}  (build it: flaxbert-cls report --workdir={workdir})\n"
           f"TensorBoard: tensorboard --logdir={workdir}  (then open http://localhost:6006)",
           flush=True)

@@ -63,6 +63,13 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return records
 
 
+def read_json(path: str) -> Any:
+  try:
+    return json.loads(workdir_lib.read_text(path))
+  except ValueError as e:
+    raise UserError(f"{path}: not JSON ({e})") from None
+
+
 def last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """Records sorted by step, the last written one for a step (a resumed run logs a step
   again after restoring an earlier checkpoint)."""
@@ -146,7 +153,7 @@ def ensure_eval(workdir: str) -> dict[str, Any]:
                                       evaluate_lib.PREDICTIONS_FILE)
   summary = None
   if workdir_lib.exists(summary_path) and workdir_lib.exists(predictions_path):
-    summary = json.loads(workdir_lib.read_text(summary_path))
+    summary = read_json(summary_path)
   wanted = _best_checkpoint_step(workdir)
   if summary is not None and (wanted is None or summary.get("step") == wanted):
     return summary
@@ -157,7 +164,7 @@ def ensure_eval(workdir: str) -> dict[str, Any]:
            "no eval files yet" if summary is None else f"eval files are for step "
            f"{summary.get('step')}")
   evaluate_lib.evaluate_workdir(workdir, step=wanted)
-  return json.loads(workdir_lib.read_text(summary_path))
+  return read_json(summary_path)
 
 
 def _best_checkpoint_step(workdir: str) -> int | None:
@@ -467,6 +474,10 @@ def render_page(workdir: str, config: dict[str, Any], train_records: list[dict[s
           f"<nav>{nav}</nav>{''.join(sections)}<script>{_IMAGE_CHECK}</script></body></html>\n")
 
 
+def page_path(workdir: str) -> str:
+  return workdir_lib.join(workdir_lib.resolve(workdir), REPORT_DIR, PAGE_NAME)
+
+
 def write_report(workdir: str) -> str:
   """Builds workdir/report/index.html (evaluating the best checkpoint first if needed).
 
@@ -479,12 +490,13 @@ def write_report(workdir: str) -> str:
   summary = ensure_eval(workdir)
   eval_dir = workdir_lib.join(workdir, evaluate_lib.EVAL_DIR)
   page = render_page(
-      workdir, json.loads(workdir_lib.read_text(config_path)),
+      workdir, read_json(config_path),
       read_jsonl(workdir_lib.join(workdir, progress_lib.TRAIN_LOG_FILE)),
       read_jsonl(workdir_lib.join(workdir, progress_lib.METRICS_FILE)), summary,
       read_jsonl(workdir_lib.join(eval_dir, evaluate_lib.PREDICTIONS_FILE)),
       read_jsonl(workdir_lib.join(eval_dir, evaluate_lib.ERRORS_FILE)))
-  path = workdir_lib.join(workdir_lib.prepare(workdir_lib.join(workdir, REPORT_DIR)), PAGE_NAME)
+  workdir_lib.prepare(workdir_lib.join(workdir, REPORT_DIR))
+  path = page_path(workdir)
   workdir_lib.write_text(path, page)
   log.info("report: wrote %s", path)
   return path

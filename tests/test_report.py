@@ -30,6 +30,8 @@ from flaxbert_cls import report
 from flaxbert_cls import tasks as tasks_lib
 from flaxbert_cls import train
 from flaxbert_cls.config import default_config
+from flaxbert_cls.errors import UserError
+from export_fixtures import tiny_run_config
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint
 
 # --- The numbers, against scikit-learn ---------------------------------------------------
@@ -128,22 +130,11 @@ def tiny_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("run")
   dev = root / "dev.tsv"
   dev.write_text("".join(open(os.path.join(DEMO_DATA, "dev.tsv")).readlines()[:129]))
-  c = default_config()
-  c.model_name_or_path = make_tiny_checkpoint(str(root / "tiny"))
-  c.task_name = "sst2"
-  c.train_file = os.path.join(DEMO_DATA, "train.tsv")
-  c.validation_file = str(dev)
-  c.max_seq_length = 64
-  c.seq_buckets = (64,)  # one compiled shape
-  c.batch_size = 32
-  c.eval_batch_size = 64
-  c.learning_rate = 1e-3
-  c.num_train_steps = 6
-  c.warmup_steps = 2
-  c.log_every_steps = 1
-  c.eval_every_steps = 3
+  config = tiny_run_config(make_tiny_checkpoint(str(root / "tiny")), validation_file=str(dev),
+                           learning_rate=1e-3, num_train_steps=6, log_every_steps=1,
+                           eval_every_steps=3)
   workdir = str(root / "workdir")
-  train.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
 
 
@@ -223,6 +214,11 @@ def test_report_page_multitask_with_regression(tmp_path, chromium):
                   "task-score-errors"):
     assert f'id="{section}"' in dom, section
   assert "No train_log.jsonl" in dom and "&lt;b&gt;&amp;amp;" in dom  # texts escaped
+  (workdir / "train_log.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2,\n')
+  with pytest.raises(UserError, match=r"train_log.jsonl line 2: not JSON"):
+    report.write_report(str(workdir))
+  with pytest.raises(UserError, match=r"not a flaxbert-cls workdir \(no config.json\)"):
+    report.write_report(str(workdir / "eval"))
 
 
 def test_image_check_catches_a_broken_image(tmp_path, chromium):
