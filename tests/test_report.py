@@ -236,8 +236,9 @@ def chromium():
   """Chromium from PATH; else installed once from Debian's packages when running as root."""
   path = shutil.which("chromium")
   if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-    subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True,
-                   timeout=900, check=False, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+      subprocess.run(command, capture_output=True, timeout=900, check=False, env=env)
     path = shutil.which("chromium")
   if path is None:
     pytest.skip("no headless browser: install Chromium (apt-get install chromium) to check "
