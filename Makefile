@@ -27,6 +27,7 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/flaxbert-cls train --config=configs/demo.py --workdir=workdirs/demo
+	$(BIN)/flaxbert-cls report --workdir=workdirs/demo
 
 test: install-test
 	$(BIN)/python -m pytest -q --durations=15 tests

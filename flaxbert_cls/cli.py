@@ -1,7 +1,8 @@
-"""`flaxbert-cls train|eval|export|predict`: parse flags, then call one function.
+"""`flaxbert-cls train|eval|report|export|predict`: parse flags, then call one function.
 
   flaxbert-cls train --config=configs/sst2.py --workdir=DIR [--config.learning_rate=3e-5]
   flaxbert-cls eval --workdir=DIR [--config=... --config.validation_file=...] [--step=N]
+  flaxbert-cls report --workdir=DIR   (writes DIR/report/index.html)
   flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N]
   flaxbert-cls predict --model=DIR_OR_HF_DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
 """
@@ -19,7 +20,7 @@ from ml_collections import config_flags
 
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
-COMMANDS = ("train", "eval", "export", "predict")
+COMMANDS = ("train", "eval", "report", "export", "predict")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _STEP = flags.DEFINE_string("step", None,
@@ -66,6 +67,7 @@ def _main(argv: list[str]) -> None:
   from flaxbert_cls import evaluate  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import export  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import predict  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import report  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import sharding  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import train  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -75,9 +77,12 @@ def _main(argv: list[str]) -> None:
       raise UserError("train needs --config=configs/<name>.py")
     result = train.train_and_evaluate(config, _WORKDIR.value)
     _print_metrics("dev", result["eval"])
+    _print_next_steps(_WORKDIR.value, report.page_path(_WORKDIR.value))
   elif command == "eval":
     results = evaluate.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value))
     _print_metrics("eval", results)
+  elif command == "report":
+    print(f"report: {report.write_report(_WORKDIR.value)}", flush=True)
   elif command == "export":
     print(f"exported: {export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value)}", flush=True)
   elif command == "predict":
@@ -102,6 +107,15 @@ def _print_metrics(name: str, results: dict[str, float]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(f"{name}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+
+
+def _print_next_steps(workdir: str, page: str) -> None:
+  """Where the report page will be, and how to look at the run in TensorBoard."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    print(f"report page: {page}  (build it: flaxbert-cls report --workdir={workdir})\n"
+          f"TensorBoard: tensorboard --logdir={workdir}  (then open http://localhost:6006)",
+          flush=True)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -2,13 +2,15 @@
 
 Eval is exact: batches sorted by length (less padding), the last one padded with
 weight-0 rows, logits gathered from every process and metrics computed on the host
-with scikit-learn / scipy (`metrics.py`).
+with scikit-learn / scipy (`metrics.py`). `evaluate_workdir` (`flaxbert-cls eval`) also
+writes every prediction and the errors to workdir/eval/ for the report page.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 from typing import Any, Callable
@@ -23,8 +25,16 @@ from jax.experimental import multihost_utils
 from flaxbert_cls import data as data_lib
 from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import metrics as metrics_lib
+from flaxbert_cls import progress as progress_lib
+from flaxbert_cls import readers
+from flaxbert_cls import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"  # in the workdir: what `flaxbert-cls eval` found, for the report
+PREDICTIONS_FILE = "predictions.jsonl"
+ERRORS_FILE = "errors.jsonl"
+SUMMARY_FILE = "eval.json"
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
@@ -81,7 +91,8 @@ def evaluate(exp: experiment_lib.Experiment, params: Any, split: data_lib.Tokeni
   cfg = exp.config
   run_task = exp.tasks[task_index]
   logits = gather_logits(jit_eval, params, split, cfg.eval_batch_size, cfg.seq_buckets,
-                         cfg.max_seq_length, exp.batch_sharding)
+                         cfg.max_seq_length, exp.batch_sharding,
+                         progress_lib.BatchProgress(f"eval {run_task.name}"))
   if logits.ndim == 3:  # multi-task: [n, task, max classes]
     logits = logits[:, task_index, :run_task.num_labels]
   labels = split.labels
@@ -100,25 +111,27 @@ def evaluate(exp: experiment_lib.Experiment, params: Any, split: data_lib.Tokeni
 
 def evaluate_tasks(exp: experiment_lib.Experiment, params: Any,
                    splits: list[data_lib.TokenizedSplit], jit_eval: Callable
-                   ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-  """Every task on its own dev set: (flat metrics, metrics.jsonl records without 'step').
+                   ) -> tuple[dict[str, float], list[dict[str, Any]], list[np.ndarray]]:
+  """Every task on its own dev set: (flat metrics, metrics.jsonl records without 'step',
+  each task's logits).
 
   Single task: the task's metrics, one record. Multi-task: '<task>/<metric>' keys plus
   'average' (the mean of the tasks' main metrics); a record per task and an 'average' one.
   """
   if not exp.multitask:
-    metrics, _ = evaluate(exp, params, splits[0], jit_eval)
-    return metrics, [{"split": "validation", **metrics}]
-  flat, records, main = {}, [], []
+    metrics, logits = evaluate(exp, params, splits[0], jit_eval)
+    return metrics, [{"split": "validation", **metrics}], [logits]
+  flat, records, main, all_logits = {}, [], [], []
   for i, (run_task, split) in enumerate(zip(exp.tasks, splits)):
-    metrics, _ = evaluate(exp, params, split, jit_eval, task_index=i)
+    metrics, logits = evaluate(exp, params, split, jit_eval, task_index=i)
     flat.update({f"{run_task.name}/{k}": v for k, v in metrics.items()})
     main.append(metrics[run_task.task.main_metric])
     records.append({"split": "validation", "task": run_task.name, **metrics})
+    all_logits.append(logits)
   flat["average"] = float(np.mean(main))
   records.append({"split": "validation", "task": "average", "score": flat["average"],
                   "tasks": {t.name: m for t, m in zip(exp.tasks, main)}})
-  return flat, records
+  return flat, records, all_logits
 
 
 @dataclasses.dataclass
@@ -159,9 +172,88 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None = None,
                      step: int | str | None = None) -> dict[str, float]:
-  """Re-evaluates a run's checkpoint on its validation data (or an overridden file)."""
+  """Re-evaluates a run's checkpoint on its validation data (or an overridden file).
+
+  Also writes workdir/eval/: predictions.jsonl (every example), errors.jsonl (the
+  misclassified ones, most confident first) and eval.json (step, metrics, tasks).
+  """
   exp, params = experiment_lib.load_run(workdir, overrides, step)
-  results, _ = evaluate_tasks(exp, params, experiment_lib.read_tokenized(exp, "validation"),
-                              jit_eval_step(exp.model))
-  log.info("eval of %s: %s", workdir, format_metrics(results))
+  read = experiment_lib.read_examples_tokenized(exp, "validation")
+  results, _, logits = evaluate_tasks(exp, params, [t for _, t in read],
+                                      jit_eval_step(exp.model))
+  log.info("eval of %s (step %d): %s", workdir, exp.checkpoint_step, format_metrics(results))
+  if jax.process_index() == 0:
+    write_eval_files(workdir, exp, [e for e, _ in read], logits, results)
   return results
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Class probabilities (float64) along the last axis."""
+  z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def prediction_rows(run_task: experiment_lib.RunTask, examples: readers.Examples,
+                    logits: np.ndarray) -> list[dict[str, Any]]:
+  """One JSON-ready row per example, in file order.
+
+  Classification: text (text_pair), line, label, prediction, confidence (the predicted
+  class's probability), probabilities. Regression: label, prediction, error.
+  """
+  rows = []
+  probs = None if run_task.task.is_regression else softmax(logits)
+  for i, texts in enumerate(examples.texts):
+    row = {"line": examples.line_numbers[i], "text": texts[0]}
+    if len(texts) > 1:
+      row["text_pair"] = texts[1]
+    if probs is None:
+      label, prediction = float(examples.labels[i]), float(logits[i, 0])
+      row.update(label=label, prediction=prediction, error=prediction - label)
+    else:
+      names, p = run_task.label_names, probs[i]
+      row.update(label=names[int(examples.labels[i])], prediction=names[int(p.argmax())],
+                 confidence=float(p.max()),
+                 probabilities={n: float(q) for n, q in zip(names, p)})
+    rows.append(row)
+  return rows
+
+
+def error_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The misclassified rows, most confident first; regression: every row, largest
+  absolute error first (there is no 'wrong', only how far)."""
+  if rows and "error" in rows[0]:
+    return sorted(rows, key=lambda r: -abs(r["error"]))
+  return sorted((r for r in rows if r["prediction"] != r["label"]),
+                key=lambda r: -r["confidence"])
+
+
+def write_eval_files(workdir: str, exp: experiment_lib.Experiment,
+                     examples: list[readers.Examples], logits: list[np.ndarray],
+                     results: dict[str, float]) -> str:
+  """workdir/eval/{predictions,errors}.jsonl and eval.json; returns the directory.
+
+  A multi-task run's rows carry 'task' (grouped in task order).
+  """
+  directory = workdir_lib.prepare(workdir_lib.join(workdir, EVAL_DIR))
+  predictions, errors = [], []
+  for run_task, task_examples, task_logits in zip(exp.tasks, examples, logits):
+    rows = prediction_rows(run_task, task_examples, task_logits)
+    if exp.multitask:
+      rows = [{"task": run_task.name, **r} for r in rows]
+    predictions += rows
+    errors += error_rows(rows)
+  for name, rows in ((PREDICTIONS_FILE, predictions), (ERRORS_FILE, errors)):
+    workdir_lib.write_text(workdir_lib.join(directory, name), "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+  summary = {
+      "step": exp.checkpoint_step,
+      "best_step": ((exp.checkpoint_meta or {}).get("best") or {}).get("step"),
+      "metrics": results,
+      "tasks": [{"name": t.name, "is_regression": t.task.is_regression,
+                 "label_names": list(t.label_names) if t.label_names else None,
+                 "main_metric": t.task.main_metric, "source": e.source}
+                for t, e in zip(exp.tasks, examples)]}
+  workdir_lib.write_text(workdir_lib.join(directory, SUMMARY_FILE), json.dumps(summary, indent=2))
+  log.info("eval: wrote %s (%d predictions, %d errors)", directory, len(predictions), len(errors))
+  return directory

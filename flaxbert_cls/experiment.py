@@ -30,6 +30,7 @@ from flaxbert_cls import layers
 from flaxbert_cls import model as model_lib
 from flaxbert_cls import ops
 from flaxbert_cls import optim
+from flaxbert_cls import readers
 from flaxbert_cls import sharding as sharding_lib
 from flaxbert_cls import tasks as tasks_lib
 from flaxbert_cls import workdir as workdir_lib
@@ -73,6 +74,9 @@ class Experiment:
   model: model_lib.BertForSequenceClassification
   mesh: jax.sharding.Mesh
   batch_sharding: jax.sharding.NamedSharding
+  # Set by load_run: the step restored and its checkpoint's metadata (its 'best' eval so far).
+  checkpoint_step: int | None = None
+  checkpoint_meta: dict[str, Any] | None = None
 
   @property
   def task(self) -> tasks_lib.Task:
@@ -201,6 +205,12 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
 
 def read_tokenized(exp: Experiment, split: str) -> list[data_lib.TokenizedSplit]:
   """Each task's `split` ('train' / 'validation'), read and tokenized (cached on disk)."""
+  return [tokenized for _, tokenized in read_examples_tokenized(exp, split)]
+
+
+def read_examples_tokenized(exp: Experiment, split: str
+                            ) -> list[tuple[readers.Examples, data_lib.TokenizedSplit]]:
+  """Each task's `split` as (examples with their texts, tokenized), in task order."""
   out = []
   for run_task in exp.tasks:
     examples = data_lib.read_split(run_task.config, run_task.task, split, run_task.label_names)
@@ -208,7 +218,7 @@ def read_tokenized(exp: Experiment, split: str) -> list[data_lib.TokenizedSplit]
     log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d",
              run_task.name, len(tokenized), examples.source, tokenized.lengths.mean(),
              tokenized.num_truncated, exp.config.max_seq_length)
-    out.append(tokenized)
+    out.append((examples, tokenized))
   return out
 
 
@@ -296,7 +306,7 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
   boxed, _ = exp.abstract_params()
   tx, _ = optim.create_optimizer(config, nn.unbox(boxed), meta["total_steps"])
   abstract_state, state_shardings = abstract_train_state(exp, tx)
-  state, _, _ = ckpt.restore(
+  state, exp.checkpoint_meta, exp.checkpoint_step = ckpt.restore(
       checkpoint_lib.abstract_with_shardings(nn.unbox(abstract_state), state_shardings), step)
   ckpt.close()
   params = state.params

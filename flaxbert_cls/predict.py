@@ -31,6 +31,7 @@ from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import export as export_lib
 from flaxbert_cls import hf
 from flaxbert_cls import model as model_lib
+from flaxbert_cls import progress as progress_lib
 from flaxbert_cls import readers
 from flaxbert_cls import tasks as tasks_lib
 from flaxbert_cls.errors import UserError
@@ -153,20 +154,16 @@ class Predictor:
     """float32 [n, num_labels] logits of every example of `split`, in its order."""
     if self._jit_eval is None:
       self._jit_eval = evaluate_lib.jit_eval_step(self.model)
-
-    def log_progress(done: int, total: int) -> None:
-      if done % max(1, total // 10) == 0 or done == total:
-        log.info("predict: batch %d/%d (%d/%d rows)", done, total,
-                 min(done * self.batch_size, len(split)), len(split))
-
-    return evaluate_lib.gather_logits(self._jit_eval, self.params, split, self.batch_size,
-                                      self.seq_buckets, self.max_seq_length, self.batch_sharding,
-                                      log_progress if progress else None)
+    # A bar on a terminal, else a log line every tenth of the batches.
+    return evaluate_lib.gather_logits(
+        self._jit_eval, self.params, split, self.batch_size, self.seq_buckets,
+        self.max_seq_length, self.batch_sharding,
+        progress_lib.BatchProgress("predict", log_lines=True) if progress else None)
 
   def _results(self, logits: np.ndarray) -> list[dict[str, Any]]:
     if self.is_regression:
       return [{"score": float(s)} for s in logits[:, 0]]
-    probs = _softmax(logits)
+    probs = evaluate_lib.softmax(logits)
     return [{"label": self.label_names[int(p.argmax())],
              "probabilities": {n: float(q) for n, q in zip(self.label_names, p)}} for p in probs]
 
@@ -226,12 +223,6 @@ def _normalize_texts(texts: Any) -> list[tuple[str, ...]]:
       if not text.strip():
         raise UserError(f"texts[{i}]: empty text")
   return rows
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(-1, keepdims=True)
 
 
 def _write_results(path: str, text_fields: Sequence[str], texts: Sequence[tuple[str, ...]],

@@ -1,24 +1,92 @@
-"""What the training loop reports: log lines, TensorBoard scalars and metrics.jsonl.
+"""What a run reports: progress bars or log lines, TensorBoard scalars, metrics files.
 
-Only process 0 writes files. TensorBoard scalars go through clu's writer, which needs
-TensorFlow; without it (e.g. a GPU image with jax only) through tensorboardX when that
-is installed, else nowhere, said once: eval records still land in metrics.jsonl.
+On a terminal (stderr is a TTY) process 0 draws live tqdm bars for training, evaluation
+and predict, and log lines print above them; in a log file or a pipe the same figures
+come as periodic log lines. Only process 0 writes files: train_log.jsonl (every train
+log line) and metrics.jsonl (every evaluation). TensorBoard scalars go through clu's
+writer, which needs TensorFlow; without it (e.g. a GPU image with jax only) through
+tensorboardX when that is installed, else nowhere, said once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any
 
 import jax
+import tqdm
 
 from flaxbert_cls import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+TRAIN_LOG_FILE = "train_log.jsonl"  # apart from metrics.jsonl, which holds evaluations only
+
+
+def live_bars() -> bool:
+  """Bars on a terminal, drawn by process 0 only; elsewhere (files, pipes, CI) log lines."""
+  return jax.process_index() == 0 and sys.stderr.isatty()
+
+
+class _AboveBars(logging.Handler):
+  """Wraps a console log handler: its lines print above the live bars, not through them."""
+
+  def __init__(self, inner: logging.Handler):
+    super().__init__(inner.level)
+    self.inner = inner
+
+  def emit(self, record: logging.LogRecord) -> None:
+    with tqdm.tqdm.external_write_mode(file=sys.stderr):
+      self.inner.handle(record)
+
+
+_open_bars: list[tqdm.tqdm] = []
+_saved_handlers: list[logging.Handler] = []
+
+
+def _open_bar(**kwargs: Any) -> tqdm.tqdm:
+  """A tqdm bar on stderr; while any is open, the root logger's lines print above them."""
+  if not _open_bars:
+    root = logging.getLogger()
+    _saved_handlers[:] = root.handlers
+    root.handlers = [_AboveBars(h) for h in root.handlers]
+  bar = tqdm.tqdm(file=sys.stderr, dynamic_ncols=True, **kwargs)
+  _open_bars.append(bar)
+  return bar
+
+
+def _close_bar(bar: tqdm.tqdm) -> None:
+  if bar not in _open_bars:
+    return
+  bar.close()
+  _open_bars.remove(bar)
+  if not _open_bars:
+    logging.getLogger().handlers = list(_saved_handlers)
+
+
+class BatchProgress:
+  """`on_batch(done, total)` for `evaluate.gather_logits`: a bar on a terminal; elsewhere
+  a log line every tenth of the batches (`log_lines`), or nothing."""
+
+  def __init__(self, desc: str, log_lines: bool = False):
+    self.desc, self.log_lines = desc, log_lines
+    self._bar = None
+
+  def __call__(self, done: int, total: int) -> None:
+    if live_bars():
+      if self._bar is None:
+        # leave=False: an eval bar under the training bar disappears when it is done.
+        self._bar = _open_bar(total=total, desc=self.desc, unit="batch", leave=False)
+      self._bar.update(done - self._bar.n)
+      if done == total:
+        _close_bar(self._bar)
+        self._bar = None
+    elif self.log_lines and (done % max(1, total // 10) == 0 or done == total):
+      log.info("%s: batch %d/%d", self.desc, done, total)
 
 
 class _TensorboardXWriter:
@@ -54,7 +122,11 @@ def format_duration(seconds: float) -> str:
 
 
 class TrainLog:
-  """Train metrics every `log_every` steps and every eval: log line, scalars, metrics.jsonl."""
+  """Train metrics every `log_every` steps and every eval: bar or log line, scalars, files.
+
+  On a terminal the bar (step/total, examples/s, loss, ETA) replaces the periodic train
+  line, which goes to DEBUG; eval lines print above the bar.
+  """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, batch_size: int,
                log_every: int):
@@ -76,6 +148,8 @@ class TrainLog:
                                                      writer=self.writer)
     self.t_start = self._t_last = time.time()
     self._last_logged = start_step
+    self._bar = (_open_bar(total=total_steps, initial=start_step, desc="train", unit="step")
+                 if live_bars() else None)
 
   def due(self, step: int) -> bool:
     return step % self.log_every == 0 or step == self.total_steps
@@ -85,6 +159,8 @@ class TrainLog:
     self._metrics = metrics if self._metrics is None else self._metrics.merge(metrics)
     if self._report is not None:
       self._report(step)
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
 
   def write_train(self, step: int) -> None:
     now = time.time()
@@ -92,20 +168,30 @@ class TrainLog:
     summary["examples_per_sec"] = (step - self._last_logged) * self.batch_size / (now - self._t_last)
     self.history.append((step, summary["loss"]))
     eta = (self.total_steps - step) * (now - self.t_start) / (step - self.start_step)
-    log.info("step %d/%d  loss %.4f  acc %.4f  %.1f examples/s  ETA %s", step, self.total_steps,
-             summary["loss"], summary["accuracy"], summary["examples_per_sec"],
-             format_duration(eta))
+    if self._bar is not None:
+      self._bar.set_postfix_str(f"loss {summary['loss']:.4f}  acc {summary['accuracy']:.4f}  "
+                                f"{summary['examples_per_sec']:.1f} examples/s")
+    log.log(logging.DEBUG if self._bar is not None else logging.INFO,
+            "step %d/%d  loss %.4f  acc %.4f  %.1f examples/s  ETA %s", step, self.total_steps,
+            summary["loss"], summary["accuracy"], summary["examples_per_sec"],
+            format_duration(eta))
     self.writer.write_scalars(step, {f"train_{k}": v for k, v in summary.items()})
+    self._append(TRAIN_LOG_FILE, {"step": step, **summary})
     self._metrics, self._t_last, self._last_logged = None, now, step
 
   def write_eval(self, step: int, metrics: dict[str, float], records: list[dict[str, Any]]
                  ) -> None:
     log.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     self.writer.write_scalars(step, {f"eval_{k}": v for k, v in metrics.items()})
+    for record in records:
+      self._append(METRICS_FILE, {"step": step, **record})
+
+  def _append(self, name: str, record: dict[str, Any]) -> None:
     if jax.process_index() == 0:
-      for record in records:
-        workdir_lib.append_line(workdir_lib.join(self.workdir, METRICS_FILE),
-                                json.dumps({"step": step, **record}))
+      workdir_lib.append_line(workdir_lib.join(self.workdir, name), json.dumps(record))
 
   def close(self) -> None:
+    if self._bar is not None:
+      _close_bar(self._bar)
+      self._bar = None
     self.writer.flush()

@@ -240,8 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         train_log.write_train(step)
       evaluated = _eval_due(config, step, total_steps)
       if evaluated:
-        eval_metrics, records = evaluate_lib.evaluate_tasks(exp, state.params, eval_splits,
-                                                            jit_eval)
+        eval_metrics, records, _ = evaluate_lib.evaluate_tasks(exp, state.params, eval_splits,
+                                                               jit_eval)
         train_log.write_eval(step, eval_metrics, records)
         best.update(step, eval_metrics)
       preempted = preemption.reached(step)
