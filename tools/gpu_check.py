@@ -62,7 +62,7 @@ MODES = {
 # What flaxbert_cls imports for train/eval/predict (gpu_check.sh carries the missing ones).
 IMPORTS = ("absl", "clu", "etils", "flax", "huggingface_hub", "jax", "ml_collections", "numpy",
            "optax", "orbax.checkpoint", "safetensors", "scipy", "sklearn", "tokenizers",
-           "transformers", "wrapt", "yaml")
+           "tqdm", "transformers", "wrapt", "yaml")
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
             "orbax-checkpoint", "transformers", "torch", "ml-collections", "clu", "numpy")
 
