@@ -14,6 +14,7 @@ import logging
 import signal
 from typing import Any, Callable, TypeVar
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -97,20 +98,23 @@ class Checkpoints:
       raise UserError(f"{self.directory}: no checkpoint at step {step}; have {self.all_steps()}")
 
     def load(candidate: int) -> tuple[Any, dict[str, Any]]:
-      restored = self.manager.restore(candidate, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      return restored.state, dict(restored.meta)
+      state = ocp.StandardCheckpointHandler().restore(
+          self._item_dir(candidate, "state"), args=ocp.args.StandardRestore(abstract_state))
+      return state, self._load_meta(candidate)
 
-    def on_error(candidate: int, e: Exception, where: str) -> None:
-      if "do not match" in str(e) or "shape" in str(e).lower():
-        raise UserError(f"{self.directory}/{candidate}: checkpoint does not fit this config's "
-                        f"model or optimizer ({_one_line(e)[:160]}); use the run's original "
-                        "config, or --config.resume=False to start over") from None
+    def on_error(candidate: int, e: Exception, where: str) -> UserError | None:
+      text = str(e)
+      # A damaged file fails while reading an array (its message may name shapes too).
+      if "do not match" in text or ("shape" in text.lower() and "while reading" not in text):
+        return UserError(f"{self.directory}/{candidate}: checkpoint does not fit this config's "
+                         f"model or optimizer ({_one_line(e)[:160]}); use the run's original "
+                         "config, or --config.resume=False to start over")
       if step is not None:
-        raise UserError(f"{self.directory}/{candidate}: checkpoint is damaged{where}: "
-                        f"{_one_line(e)}") from None
+        return UserError(f"{self.directory}/{candidate}: checkpoint is damaged{where}: "
+                         f"{_one_line(e)}")
       log.warning("Checkpoint %s/%d is damaged%s (%s); falling back to an earlier step.",
                   self.directory, candidate, where, _one_line(e))
+      return None
 
     (state, meta), candidate = self._newest_that_loads(
         step, load, on_error, "no checkpoint to restore",
@@ -120,28 +124,35 @@ class Checkpoints:
   def read_meta(self, step: int | None = None) -> tuple[dict[str, Any], int]:
     """The metadata of `step` (default: the latest readable one) and its step."""
 
-    def load(candidate: int) -> dict[str, Any]:
-      return dict(self.manager.restore(candidate, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore())).meta)
-
     def on_error(candidate: int, e: Exception, where: str) -> None:
       log.warning("Checkpoint %s/%d: unreadable metadata%s (%s)", self.directory, candidate,
                   where, _one_line(e))
+      return None
 
     return self._newest_that_loads(
-        step, load, on_error, "no checkpoint",
+        step, self._load_meta, on_error, "no checkpoint",
         lambda steps: f"no checkpoint with readable metadata among {steps}")
 
+  def _item_dir(self, step: int, item: str) -> epath.Path:
+    return epath.Path(self.directory) / str(step) / item
+
+  def _load_meta(self, step: int) -> dict[str, Any]:
+    return dict(ocp.JsonCheckpointHandler().restore(self._item_dir(step, "meta"),
+                                                    args=ocp.args.JsonRestore()))
+
   def _newest_that_loads(self, step: int | None, load: Callable[[int], _T],
-                         on_error: Callable[[int, Exception, str], None], none_message: str,
-                         all_failed_message: Callable[[list[int]], str]) -> tuple[_T, int]:
+                         on_error: Callable[[int, Exception, str], UserError | None],
+                         none_message: str, all_failed_message: Callable[[list[int]], str]
+                         ) -> tuple[_T, int]:
     """`load(step)`; without `step`, the newest step that loads, trying older ones in turn.
 
-    A step counts as loaded only if it loaded on every process (one tiny all-gather per
-    step tried), so all processes return the same step. `on_error(step, error, where)`
-    raises to stop, or returns (after a warning) to try the step before; `where` names
-    the processes that failed when not all did. Messages name the directory. Returns
-    (what `load` returned, its step).
+    A step counts as loaded only if it loaded on every process (a tiny all-gather per
+    step tried), so all processes return the same step. `load` must not wait for other
+    processes: it reads through Orbax's handlers, not the manager, whose restore ends
+    in a barrier that a process that failed before it would never reach. `on_error(step, error, where)`
+    returns an error to stop with, or None (after a warning) to try the step before;
+    `where` names the processes that failed when not all did. If one process stops,
+    all do. Messages name the directory. Returns (what `load` returned, its step).
     """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
@@ -155,18 +166,27 @@ class Checkpoints:
       if not failed:
         return loaded, candidate
       where = "" if len(failed) == jax.process_count() else f" (on process {failed})"
-      on_error(candidate, error or RuntimeError("unreadable on another process"), where)
+      stop = on_error(candidate, error or RuntimeError("unreadable on another process"), where)
+      stopped = _processes_where(stop is not None)  # one process alone would wait forever
+      if stopped:
+        raise stop or UserError(f"{self.directory}/{candidate}: cannot restore (see the log "
+                                f"of process {stopped})")
     raise UserError(f"{self.directory}: {all_failed_message(steps)}")
 
   def delete_all(self) -> None:
-    """Starts over (only when the user asked for it: config.resume=False).
+    """Starts over (only when the user asked for it: config.resume=False)."""
+    self.delete_after(-1)
+
+  def delete_after(self, step: int) -> None:
+    """Deletes the steps after `step` (damaged ones a resume skipped: the run saves them anew).
 
     Every process takes part: Orbax deletes on the primary process and then waits at
     a barrier for all, and each process drops the steps from its own list.
     """
     self.manager.wait_until_finished()
-    for step in self.all_steps():
-      self.manager.delete(step)
+    for later in self.all_steps():
+      if later > step:
+        self.manager.delete(later)
     self.manager.reload()
 
   def wait(self) -> None:

@@ -404,6 +404,7 @@ def _restore_or_init(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkp
   if resuming:
     state, saved_meta, restored_step = ckpt.restore(
         checkpoint_lib.abstract_with_shardings(state, state_shardings))
+    ckpt.delete_after(restored_step)  # damaged later steps: saving them again would fail
     best.restore(saved_meta)
     log.info("Resumed from %s/%d.", ckpt.directory, restored_step)
   _log_parameters(state.params, config)
