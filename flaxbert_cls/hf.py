@@ -227,6 +227,9 @@ class _LazySafetensors(Mapping):
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"{path}: cannot read tensor {key}: {str(e).splitlines()[0]}") from None
 
+  def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+    return key in self._files
+
   def __iter__(self):
     return iter(self._files)
 
@@ -242,6 +245,9 @@ class _Renamed(Mapping):
 
   def __getitem__(self, key: str) -> np.ndarray:
     return self._state[self._names[key]]
+
+  def __contains__(self, key: object) -> bool:
+    return key in self._names
 
   def __iter__(self):
     return iter(self._names)

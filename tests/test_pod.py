@@ -61,7 +61,8 @@ def setup(tmp_path_factory):
   path.write_text(CONFIG.format(checkpoint=checkpoint, train_file=train_file,
                                 dev_file=dev_file, steps=STEPS))
   (tmp / "worker.py").write_text(WORKER)
-  return {"tmp": tmp, "config": str(path), "checkpoint": checkpoint, "train_file": train_file}
+  return {"tmp": tmp, "config": str(path), "checkpoint": checkpoint, "train_file": train_file,
+          "dev_file": dev_file}
 
 
 def _start(setup, workdir, name, *overrides):
@@ -213,3 +214,125 @@ def test_checkpoints_without_batch_size_or_data_hash_still_resume():
   train._check_same_run(Old(), {"label_names": ["0", "1"], "task_name": "sst2",
                                 "model_name_or_path": "m", "total_steps": 10,
                                 "batch_size": 32, "train_data": "abc"})
+
+
+# Remote data, sharded checkpoints, meshes that fit the model: one process, no network.
+
+
+@pytest.fixture
+def ram_filesystem(monkeypatch):
+  """TensorFlow's in-memory `ram://` file system as an etils.epath scheme (like gs://)."""
+  tf = pytest.importorskip("tensorflow")
+  from etils.epath import backend, gpath, register  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
+  monkeypatch.setattr(gpath, "_URI_PREFIXES", gpath._URI_PREFIXES + ("ram://",))
+  monkeypatch.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "ram", backend.tf_backend)
+  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
+  return tf
+
+
+def test_glue_run_reads_a_remote_data_dir(setup, ram_filesystem, tmp_path):
+  data_dir = "ram://glue_data"
+  ram_filesystem.io.gfile.makedirs(f"{data_dir}/SST-2")
+  for name, source in (("train.tsv", setup["train_file"]), ("dev.tsv", setup["dev_file"])):
+    ram_filesystem.io.gfile.copy(source, f"{data_dir}/SST-2/{name}", overwrite=True)
+  config = _config(setup, train_file="", validation_file="", data_dir=data_dir,
+                   num_train_steps=2, eval_every_steps=0, mesh_shape=(-1, 1, 1))
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 2 and 0 <= result["eval"]["accuracy"] <= 1
+  with pytest.raises(UserError, match="ram://nowhere/SST-2/train.tsv: file not found"):
+    train.train_and_evaluate(_config(setup, train_file="", data_dir="ram://nowhere"),
+                             str(tmp_path / "x"))
+
+
+def test_sharded_safetensors_are_read_lazily(setup, tmp_path, monkeypatch):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
+  whole = load_file(os.path.join(setup["checkpoint"], hf.SAFETENSORS_NAME))
+  names = sorted(whole)
+  shards = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2] + ["cls.predictions.bias"]}
+  whole["cls.predictions.bias"] = np.zeros(7, np.float32)  # an MLM head's: never read
+  for shard, keys in shards.items():
+    save_file({k: whole[k] for k in keys}, str(tmp_path / shard))
+  (tmp_path / hf.SAFETENSORS_INDEX_NAME).write_text(json.dumps(
+      {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+  state = hf.load_state_dict(str(tmp_path))
+  read = []
+  real_getitem = type(state).__getitem__
+  monkeypatch.setattr(type(state), "__getitem__",
+                      lambda self, key: read.append(key) or real_getitem(self, key))
+  config = _config(setup)
+  exp = experiment.build_experiment(config)
+  boxed, _ = exp.abstract_params()
+  params, new, unused = hf.params_from_state_dict(state, __import__("flax").linen.unbox(boxed))
+  assert new == ["classifier/bias", "classifier/kernel"] and unused == ["cls.predictions.bias"]
+  assert "cls.predictions.bias" not in read and len(read) == len(set(read))
+  np.testing.assert_array_equal(params["bert"]["embeddings"]["word_embeddings"]["embedding"],
+                                whole["embeddings.word_embeddings.weight"])  # a bare encoder
+  os.remove(tmp_path / "model-00002-of-00002.safetensors")
+  with pytest.raises(UserError, match="model-00002-of-00002.safetensors: shard named in"):
+    hf.load_state_dict(str(tmp_path))
+
+
+def test_sequence_length_and_heads_must_fit_the_model(setup):
+  with pytest.raises(UserError, match=r"max_seq_length=256 is above the 128 positions"):
+    experiment.build_experiment(_config(setup, max_seq_length=256))
+  # 4 heads (the tiny model's) over tensor=8: one line naming both numbers.
+  with pytest.raises(UserError, match=r"mesh axis tensor=8 does not divide the model's 4 "
+                                      r"attention heads"):
+    experiment.build_experiment(_config(setup, mesh_shape=(1, 1, 8)))
+
+
+def test_fsdp_splits_only_tensors_above_the_minimum_size(setup):
+  exp = experiment.build_experiment(_config(setup, mesh_shape=(1, 8, 1),
+                                            min_size_to_shard_mb=1.0))
+  _, shardings = exp.abstract_params()
+  embeddings = shardings["bert"]["embeddings"]  # word embeddings: 3.9 MB; positions: 16 kB
+  assert "fsdp" in jax.tree.leaves(tuple(embeddings["word_embeddings"]["embedding"].spec))
+  assert all(a is None for a in embeddings["position_embeddings"]["embedding"].spec)
+
+
+def test_pod_presets_train_bert_base_data_parallel():
+  from test_multihost import _load_config  # pylint: disable=g-import-not-at-top
+  for name in ("bert_base_tpu_pod", "glue_all_pod"):
+    config = _load_config(os.path.join(REPO, "configs", f"{name}.py"))
+    assert tuple(config.mesh_shape) == (-1, 1, 1), name
+
+
+def test_tfds_splits_are_read_in_chunks(monkeypatch):
+  from flaxbert_cls import dataset_sources  # pylint: disable=g-import-not-at-top
+
+  class Source:
+    calls = []
+
+    def __len__(self):
+      return 10
+
+    def __getitem__(self, i):
+      raise AssertionError("read one row at a time")
+
+    def __getitems__(self, keys):
+      self.calls.append(list(keys))
+      return [{"i": k} for k in keys]
+
+  rows = dataset_sources._read_all(Source(), chunk=4)
+  assert [r["i"] for r in rows] == list(range(10))
+  assert [len(c) for c in Source.calls] == [4, 4, 2]
+
+
+def test_missing_preemption_service_is_said_once(monkeypatch, caplog):
+  from flaxbert_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  watcher = checkpoint.PreemptionWatcher(check_every=2)
+  watcher._sync_point = True  # as in a multi-process run
+
+  def unavailable(step):
+    raise RuntimeError("Preemption sync manager has not been initialized")
+
+  monkeypatch.setattr(checkpoint.multihost_utils, "reached_preemption_sync_point", unavailable)
+  with caplog.at_level("WARNING"):
+    assert not any(watcher.reached(step) for step in range(1, 5))
+  watcher.close()
+  messages = [r.getMessage() for r in caplog.records if "preemption notices" in r.getMessage()]
+  assert len(messages) == 1 and "SIGTERM is checked every 2 steps" in messages[0]
