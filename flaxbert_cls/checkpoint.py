@@ -149,10 +149,11 @@ class Checkpoints:
     A step counts as loaded only if it loaded on every process (a tiny all-gather per
     step tried), so all processes return the same step. `load` must not wait for other
     processes: it reads through Orbax's handlers, not the manager, whose restore ends
-    in a barrier that a process that failed before it would never reach. `on_error(step, error, where)`
-    returns an error to stop with, or None (after a warning) to try the step before;
-    `where` names the processes that failed when not all did. If one process stops,
-    all do. Messages name the directory. Returns (what `load` returned, its step).
+    in a barrier that a process failing before it would never reach.
+    `on_error(step, error, where)` returns an error to stop with, or None (after a
+    warning) to try the step before; `where` names the processes that failed when not
+    all did. If one process stops, all do. Messages name the directory. Returns (what
+    `load` returned, its step).
     """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:

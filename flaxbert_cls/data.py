@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def _split_file(config: Any, task: tasks_lib.Task, split: str) -> str | None:
-  """The local file for `split`: an explicit *_file key, else the GLUE data_dir, else None."""
+  """The file (local or remote) for `split`: a *_file key, else the GLUE data_dir, else None."""
   explicit = config.train_file if split == "train" else config.validation_file
   if explicit:
     return explicit

@@ -1,4 +1,4 @@
-"""Reads labelled text files (TSV, CSV, JSON Lines) into memory; labels to ids.
+"""Reads labelled text files (TSV, CSV, JSON Lines; local or remote) into memory; labels to ids.
 
 Named datasets (Hugging Face `datasets`, TFDS) are read into the same `Examples`
 by `dataset_sources.py`. Every problem with the input raises `UserError` with one
