@@ -22,8 +22,8 @@ import pytest
 from flaxbert_cls import experiment
 from flaxbert_cls import train
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, UserError
-from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
-from test_multihost import WORKER, _free_port, _rows
+from model_fixtures import REPO
+from test_multihost import _free_port, _rows, write_run_files
 
 DEADLINE_S = 150  # per 2-process run; a healthy one takes ~15 s
 STEPS = 12
@@ -54,15 +54,7 @@ CONFIG = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("pod")
-  checkpoint = make_tiny_checkpoint(str(tmp / "tiny"))
-  train_file = _rows(os.path.join(DEMO_DATA, "train.tsv"), 60, str(tmp / "train.tsv"))
-  dev_file = _rows(os.path.join(DEMO_DATA, "dev.tsv"), 20, str(tmp / "dev.tsv"))
-  path = tmp / "config.py"
-  path.write_text(CONFIG.format(checkpoint=checkpoint, train_file=train_file,
-                                dev_file=dev_file, steps=STEPS))
-  (tmp / "worker.py").write_text(WORKER)
-  return {"tmp": tmp, "config": str(path), "checkpoint": checkpoint, "train_file": train_file,
-          "dev_file": dev_file}
+  return {"tmp": tmp, **write_run_files(tmp, CONFIG, 60, 20, steps=STEPS)}
 
 
 def _start(setup, workdir, name, *overrides):
