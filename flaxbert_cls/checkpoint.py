@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import signal
 from typing import Any, Callable, TypeVar
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -95,20 +98,23 @@ class Checkpoints:
       raise UserError(f"{self.directory}: no checkpoint at step {step}; have {self.all_steps()}")
 
     def load(candidate: int) -> tuple[Any, dict[str, Any]]:
-      restored = self.manager.restore(candidate, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      return restored.state, dict(restored.meta)
+      state = ocp.StandardCheckpointHandler().restore(
+          self._item_dir(candidate, "state"), args=ocp.args.StandardRestore(abstract_state))
+      return state, self._load_meta(candidate)
 
-    def on_error(candidate: int, e: Exception) -> None:
-      if "do not match" in str(e) or "shape" in str(e).lower():
-        raise UserError(f"{self.directory}/{candidate}: checkpoint does not fit this config's "
-                        f"model or optimizer ({_one_line(e)[:160]}); use the run's original "
-                        "config, or --config.resume=False to start over") from None
+    def on_error(candidate: int, e: Exception, where: str) -> UserError | None:
+      text = str(e)
+      # A damaged file fails while reading an array (its message may name shapes too).
+      if "do not match" in text or ("shape" in text.lower() and "while reading" not in text):
+        return UserError(f"{self.directory}/{candidate}: checkpoint does not fit this config's "
+                         f"model or optimizer ({_one_line(e)[:160]}); use the run's original "
+                         "config, or --config.resume=False to start over")
       if step is not None:
-        raise UserError(f"{self.directory}/{candidate}: checkpoint is damaged: "
-                        f"{_one_line(e)}") from None
-      log.warning("Checkpoint %s/%d is damaged (%s); falling back to an earlier step.",
-                  self.directory, candidate, _one_line(e))
+        return UserError(f"{self.directory}/{candidate}: checkpoint is damaged{where}: "
+                         f"{_one_line(e)}")
+      log.warning("Checkpoint %s/%d is damaged%s (%s); falling back to an earlier step.",
+                  self.directory, candidate, where, _one_line(e))
+      return None
 
     (state, meta), candidate = self._newest_that_loads(
         step, load, on_error, "no checkpoint to restore",
@@ -118,42 +124,71 @@ class Checkpoints:
   def read_meta(self, step: int | None = None) -> tuple[dict[str, Any], int]:
     """The metadata of `step` (default: the latest readable one) and its step."""
 
-    def load(candidate: int) -> dict[str, Any]:
-      return dict(self.manager.restore(candidate, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore())).meta)
-
-    def on_error(candidate: int, e: Exception) -> None:
-      log.warning("Checkpoint %s/%d: unreadable metadata (%s)", self.directory, candidate,
-                  _one_line(e))
+    def on_error(candidate: int, e: Exception, where: str) -> None:
+      log.warning("Checkpoint %s/%d: unreadable metadata%s (%s)", self.directory, candidate,
+                  where, _one_line(e))
+      return None
 
     return self._newest_that_loads(
-        step, load, on_error, "no checkpoint",
+        step, self._load_meta, on_error, "no checkpoint",
         lambda steps: f"no checkpoint with readable metadata among {steps}")
 
+  def _item_dir(self, step: int, item: str) -> epath.Path:
+    return epath.Path(self.directory) / str(step) / item
+
+  def _load_meta(self, step: int) -> dict[str, Any]:
+    return dict(ocp.JsonCheckpointHandler().restore(self._item_dir(step, "meta"),
+                                                    args=ocp.args.JsonRestore()))
+
   def _newest_that_loads(self, step: int | None, load: Callable[[int], _T],
-                         on_error: Callable[[int, Exception], None], none_message: str,
-                         all_failed_message: Callable[[list[int]], str]) -> tuple[_T, int]:
+                         on_error: Callable[[int, Exception, str], UserError | None],
+                         none_message: str, all_failed_message: Callable[[list[int]], str]
+                         ) -> tuple[_T, int]:
     """`load(step)`; without `step`, the newest step that loads, trying older ones in turn.
 
-    `on_error(step, error)` raises to stop, or returns (after a warning) to try the step
-    before. Messages name the directory. Returns (what `load` returned, its step).
+    A step counts as loaded only if it loaded on every process (a tiny all-gather per
+    step tried), so all processes return the same step. `load` must not wait for other
+    processes: it reads through Orbax's handlers, not the manager, whose restore ends
+    in a barrier that a process failing before it would never reach.
+    `on_error(step, error, where)` returns an error to stop with, or None (after a
+    warning) to try the step before; `where` names the processes that failed when not
+    all did. If one process stops, all do. Messages name the directory. Returns (what
+    `load` returned, its step).
     """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
       raise UserError(f"{self.directory}: {none_message}")
     for candidate in steps:
       try:
-        return load(candidate), candidate
+        loaded, error = load(candidate), None
       except Exception as e:  # pylint: disable=broad-except  (any damage: try the one before)
-        on_error(candidate, e)
+        loaded, error = None, e
+      failed = _processes_where(error is not None)
+      if not failed:
+        return loaded, candidate
+      where = "" if len(failed) == jax.process_count() else f" (on process {failed})"
+      stop = on_error(candidate, error or RuntimeError("unreadable on another process"), where)
+      stopped = _processes_where(stop is not None)  # one process alone would wait forever
+      if stopped:
+        raise stop or UserError(f"{self.directory}/{candidate}: cannot restore (see the log "
+                                f"of process {stopped})")
     raise UserError(f"{self.directory}: {all_failed_message(steps)}")
 
   def delete_all(self) -> None:
     """Starts over (only when the user asked for it: config.resume=False)."""
+    self.delete_after(-1)
+
+  def delete_after(self, step: int) -> None:
+    """Deletes the steps after `step` (damaged ones a resume skipped: the run saves them anew).
+
+    Every process takes part: Orbax deletes on the primary process and then waits at
+    a barrier for all, and each process drops the steps from its own list.
+    """
     self.manager.wait_until_finished()
-    if jax.process_index() == 0:
-      for step in self.all_steps():
-        self.manager.delete(step)
+    for later in self.all_steps():
+      if later > step:
+        self.manager.delete(later)
+    self.manager.reload()
 
   def wait(self) -> None:
     with self._save_errors():
@@ -179,6 +214,14 @@ def _best_from_meta(ckpt: Checkpoints) -> int | None:
   return best_step
 
 
+def _processes_where(flag: bool) -> list[int]:
+  """The processes where `flag` is true (a collective when there are several processes)."""
+  if jax.process_count() == 1:
+    return [0] if flag else []
+  flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+  return [int(p) for p in np.flatnonzero(np.asarray(flags).reshape(-1))]
+
+
 def _one_line(e: BaseException) -> str:
   return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
@@ -191,35 +234,45 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 class PreemptionWatcher:
   """Notices SIGTERM (or JAX's multi-host preemption notice) so the loop can save and exit.
 
-  The signal handler only sets a flag: the step in flight finishes, the loop saves
-  at the step boundary, and all processes agree on that step through JAX's
-  preemption sync point when it is available.
+  Single process: a SIGTERM handler sets a flag; the step in flight finishes and the
+  loop saves at the step boundary. Several processes: JAX's preemption sync point
+  (the coordination service passes one process's SIGTERM to all, and they agree on
+  the step). Where that service is not available, a warning says so once, and a local
+  SIGTERM flag is all-gathered every `check_every` steps instead (like SaveTimer).
   """
 
-  def __init__(self):
-    import signal  # pylint: disable=g-import-not-at-top
+  def __init__(self, check_every: int = 1):
     self._signalled = False
     self._previous = None
-    if jax.process_count() == 1:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-      except ValueError:  # not the main thread (e.g. a test runner thread): no handler
-        pass
+    self._check_every = max(check_every, 1)
+    self._sync_point = jax.process_count() > 1
+    if not self._sync_point:
+      self._install_handler()
+
+  def _install_handler(self) -> None:
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+      pass
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
     self._signalled = True
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    """True on every process at the same step once any process got a preemption notice."""
+    if self._sync_point:
       try:
         return bool(multihost_utils.reached_preemption_sync_point(step))
-      except Exception:  # pylint: disable=broad-except  (no preemption service configured)
-        return False
-    return self._signalled
+      except Exception as e:  # pylint: disable=broad-except  (no preemption service)
+        log.warning("JAX's preemption notices are not available (%s); SIGTERM is checked "
+                    "every %d steps instead.", _one_line(e), self._check_every)
+        self._sync_point = False
+        self._install_handler()
+    if jax.process_count() == 1:
+      return self._signalled
+    return step % self._check_every == 0 and bool(_processes_where(self._signalled))
 
   def close(self) -> None:
-    import signal  # pylint: disable=g-import-not-at-top
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
@@ -242,8 +295,6 @@ class SaveTimer:
       return False
     due = self._clock() - self._last >= self._seconds
     if jax.process_count() > 1:
-      import numpy as np  # pylint: disable=g-import-not-at-top
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
     return due
 

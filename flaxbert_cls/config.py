@@ -96,7 +96,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Parallelism: a mesh over all devices; -1 = the remaining devices. Parameters
   # carry logical axis names; these rules map them to mesh axes (lm1b style).
   c.mesh_axes = ("data", "fsdp", "tensor")
-  c.mesh_shape = (-1, 1, 1)
+  c.mesh_shape = (-1, 1, 1)  # pure data parallelism: the state fits on one device
+  # With fsdp > 1: tensors under this size stay whole on every device (gathering many
+  # small tensors costs more than the memory they save); 0 = split every tensor.
+  c.min_size_to_shard_mb = 0.0
   c.logical_axis_rules = (
       ("embed", "fsdp"),
       ("vocab", "tensor"),
@@ -140,6 +143,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", "use 'stop' or 'skip'")
   for key in ("checkpoint_every_steps", "log_every_steps", "max_checkpoints_to_keep"):
     check(int(config[key]) > 0, key, "must be > 0")
+  check(config.get("min_size_to_shard_mb", 0.0) >= 0, "min_size_to_shard_mb", "must be >= 0")
   for key in ("eval_every_steps", "keep_best_checkpoints", "early_stopping_patience"):
     check(int(config[key]) >= 0, key, "must be >= 0")
   check(config.lora_rank >= 0, "lora_rank", "must be >= 0")

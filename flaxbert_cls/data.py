@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def _split_file(config: Any, task: tasks_lib.Task, split: str) -> str | None:
-  """The local file for `split`: an explicit *_file key, else the GLUE data_dir, else None."""
+  """The file (local or remote) for `split`: a *_file key, else the GLUE data_dir, else None."""
   explicit = config.train_file if split == "train" else config.validation_file
   if explicit:
     return explicit
@@ -87,6 +87,7 @@ class TokenizedSplit:
   offsets: np.ndarray  # int64 [n + 1]
   labels: np.ndarray | None  # int32 (classes) or float32 (regression), [n]
   num_truncated: int = 0
+  content_hash: str = ""  # of the texts and labels (`content_hash`); resume checks it
 
   def __len__(self) -> int:
     return len(self.offsets) - 1
@@ -122,26 +123,36 @@ def tokenize(tokenizer: Any, texts: Sequence[tuple[str, ...]], labels: np.ndarra
                         offsets, labels, num_truncated)
 
 
-def cached_tokenize(tokenizer: Any, texts: Sequence[tuple[str, ...]], labels: np.ndarray | None,
-                    max_seq_length: int, cache_dir: str | None) -> TokenizedSplit:
-  """`tokenize`, memoized on disk by a hash of texts, labels, tokenizer vocab and length."""
-  if not cache_dir:
-    return tokenize(tokenizer, texts, labels, max_seq_length)
+def content_hash(texts: Sequence[tuple[str, ...]], labels: np.ndarray | None) -> str:
+  """A short hash of the rows' texts and labels: same data, same hash, whichever file."""
   h = hashlib.sha256()
-  h.update(repr((type(tokenizer).__name__, len(tokenizer), tokenizer.name_or_path,
-                 max_seq_length)).encode())
-  h.update(repr(sorted(tokenizer.get_vocab().items())[:64]).encode())
   for row in texts:
     h.update("\x1f".join(row).encode("utf-8", "surrogatepass"))
     h.update(b"\x1e")
   if labels is not None:
     h.update(np.ascontiguousarray(labels).tobytes())
+  return h.hexdigest()[:24]
+
+
+def cached_tokenize(tokenizer: Any, texts: Sequence[tuple[str, ...]], labels: np.ndarray | None,
+                    max_seq_length: int, cache_dir: str | None) -> TokenizedSplit:
+  """`tokenize`, memoized on disk by a hash of texts, labels, tokenizer vocab and length."""
+  data = content_hash(texts, labels)
+  if not cache_dir:
+    return dataclasses.replace(tokenize(tokenizer, texts, labels, max_seq_length),
+                               content_hash=data)
+  h = hashlib.sha256()
+  h.update(repr((type(tokenizer).__name__, len(tokenizer), tokenizer.name_or_path,
+                 max_seq_length)).encode())
+  h.update(repr(sorted(tokenizer.get_vocab().items())[:64]).encode())
+  h.update(data.encode())
   path = os.path.join(cache_dir, f"tok-{h.hexdigest()[:24]}.npz")
   if os.path.isfile(path):
     try:
       with np.load(path) as z:
         return TokenizedSplit(z["input_ids"], z["token_type_ids"], z["offsets"],
-                              z["labels"] if "labels" in z else None, int(z["num_truncated"]))
+                              z["labels"] if "labels" in z else None, int(z["num_truncated"]),
+                              data)
     except Exception as e:  # pylint: disable=broad-except  (a bad cache is rebuilt, not fatal)
       log.warning("Ignoring unreadable token cache %s: %s", path, e)
   split = tokenize(tokenizer, texts, labels, max_seq_length)
@@ -154,7 +165,7 @@ def cached_tokenize(tokenizer: Any, texts: Sequence[tuple[str, ...]], labels: np
   tmp = f"{path}.{jax.process_index()}.{os.getpid()}.tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-  return split
+  return dataclasses.replace(split, content_hash=data)
 
 
 def bucket_for(length: int, buckets: Sequence[int], max_seq_length: int) -> int:

@@ -242,7 +242,7 @@ def _load_tfds(name: str, split: str, data_dir: str | None,
   try:
     ds = tfds.data_source(name, split=split, data_dir=data_dir)
     features = tfds.builder(name, data_dir=data_dir).info.features
-    rows = [ds[i] for i in range(len(ds))]
+    rows = _read_all(ds)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(
         f"{source}: could not load TFDS dataset {name!r} (data_dir "
@@ -251,6 +251,18 @@ def _load_tfds(name: str, split: str, data_dir: str | None,
   if not rows:
     raise UserError(f"{source}: the split has no rows")
   return _TfdsTable(rows, features)
+
+
+def _read_all(ds: Any, chunk: int = 4096) -> list[Any]:
+  """Every row of a random-access data source, `chunk` rows per read (not one at a time:
+  array_record serves a batch of keys in one call, with its own read-ahead)."""
+  rows: list[Any] = []
+  try:
+    for start in range(0, len(ds), chunk):
+      rows.extend(ds.__getitems__(range(start, min(start + chunk, len(ds)))))
+  except (AttributeError, TypeError):  # no batch reads (tfds.testing's mock): row by row
+    return [ds[i] for i in range(len(ds))]
+  return rows
 
 
 def _tfds_own_dataset(name: str, task: Task) -> bool:

@@ -123,7 +123,9 @@ class Experiment:
   def abstract_params(self) -> tuple[Any, Any]:
     """(boxed abstract params, their NamedShardings), without allocating anything."""
     boxed = jax.eval_shape(self.init_params, jax.random.key(0))
-    shardings = sharding_lib.logical_to_shardings(boxed, self.mesh, self.config.logical_axis_rules)
+    shardings = sharding_lib.logical_to_shardings(
+        boxed, self.mesh, self.config.logical_axis_rules,
+        self.config.get("min_size_to_shard_mb", 0.0))
     return boxed, shardings
 
   def tokenize(self, examples: Any) -> data_lib.TokenizedSplit:
@@ -193,6 +195,13 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
       lora_targets=tuple(config.lora_targets), **overrides)
   bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
       config.attention_impl, platform, config.dtype, bert_config.head_dim))
+  # Positions past the table would be gathered out of range: NaN embeddings, not an error.
+  positions = bert_config.max_position_embeddings - bert_config.position_offset
+  if config.max_seq_length > positions:
+    raise UserError(f"config.max_seq_length={config.max_seq_length} is above the {positions} "
+                    f"positions of {source} (max_position_embeddings="
+                    f"{bert_config.max_position_embeddings}); use max_seq_length <= {positions}")
+  sharding_lib.check_heads(config.logical_axis_rules, mesh, bert_config.num_attention_heads)
   _check_batch_splits(config, mesh)
   if config.get("tasks"):
     model = model_lib.BertForSequenceClassification(
@@ -230,8 +239,9 @@ def _init_state(exp: Experiment, tx: optax.GradientTransformation, rng: jax.Arra
 def abstract_train_state(exp: Experiment, tx: optax.GradientTransformation) -> tuple[Any, Any]:
   """(boxed abstract TrainState, its NamedShardings from the config's logical axis rules)."""
   abstract = jax.eval_shape(functools.partial(_init_state, exp, tx), jax.random.key(0))
-  return abstract, sharding_lib.logical_to_shardings(abstract, exp.mesh,
-                                                     exp.config.logical_axis_rules)
+  return abstract, sharding_lib.logical_to_shardings(
+      abstract, exp.mesh, exp.config.logical_axis_rules,
+      exp.config.get("min_size_to_shard_mb", 0.0))
 
 
 def create_train_state(exp: Experiment, total_steps: int, pretrained_dir: str | None

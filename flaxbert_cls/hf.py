@@ -11,6 +11,7 @@ config fills `model.BertConfig`. Adding a family is adding an entry.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from flaxbert_cls.errors import UserError
 log = logging.getLogger(__name__)
 
 SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"  # sharded: {"weight_map": {key: file}}
 PYTORCH_NAME = "pytorch_model.bin"
 # Files fetched from the hub: config, weights, tokenizer. Never code.
 _HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
@@ -163,15 +165,17 @@ def load_tokenizer(checkpoint_dir: str, vocab_size: int | None = None) -> Any:
   return tokenizer
 
 
-def load_state_dict(checkpoint_dir: str) -> dict[str, np.ndarray]:
-  """Reads weights as NumPy: safetensors first; pytorch_model.bin only with torch."""
-  path = os.path.join(checkpoint_dir, SAFETENSORS_NAME)
-  if os.path.isfile(path):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    try:
-      return dict(load_file(path))
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"{path}: unreadable safetensors file: {str(e).splitlines()[0]}") from None
+def load_state_dict(checkpoint_dir: str) -> Mapping[str, np.ndarray]:
+  """The checkpoint's weights as NumPy, by PyTorch name: safetensors (one file or an
+  index.json with shards) first; pytorch_model.bin only with torch.
+
+  Safetensors tensors are read when first looked up, so unused ones (an MLM head) are
+  never read and the caller holds at most one copy of the weights.
+  """
+  index = os.path.join(checkpoint_dir, SAFETENSORS_INDEX_NAME)
+  single = os.path.join(checkpoint_dir, SAFETENSORS_NAME)
+  if os.path.isfile(single) or os.path.isfile(index):
+    return _LazySafetensors(checkpoint_dir, index if not os.path.isfile(single) else None)
   path = os.path.join(checkpoint_dir, PYTORCH_NAME)
   if os.path.isfile(path):
     try:
@@ -183,6 +187,73 @@ def load_state_dict(checkpoint_dir: str) -> dict[str, np.ndarray]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
   raise UserError(f"{checkpoint_dir}: no {SAFETENSORS_NAME} or {PYTORCH_NAME}")
+
+
+class _LazySafetensors(Mapping):
+  """Tensors of one safetensors file or of an index's shards, each read on lookup."""
+
+  def __init__(self, checkpoint_dir: str, index: str | None):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    self._open = safe_open
+    self._handles: dict[str, Any] = {}
+    if index is None:
+      path = os.path.join(checkpoint_dir, SAFETENSORS_NAME)
+      self._files = {key: path for key in self._handle(path).keys()}
+      return
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise UserError(f"{index}: unreadable index (needs a 'weight_map'): "
+                      f"{str(e).splitlines()[0]}") from None
+    self._files = {key: os.path.join(checkpoint_dir, name) for key, name in weight_map.items()}
+    for path in sorted(set(self._files.values())):
+      if not os.path.isfile(path):
+        raise UserError(f"{path}: shard named in {index} not found")
+
+  def _handle(self, path: str) -> Any:
+    if path not in self._handles:
+      try:
+        self._handles[path] = self._open(path, framework="numpy")
+      except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"{path}: unreadable safetensors file: "
+                        f"{str(e).splitlines()[0]}") from None
+    return self._handles[path]
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    path = self._files[key]
+    try:
+      return self._handle(path).get_tensor(key)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"{path}: cannot read tensor {key}: {str(e).splitlines()[0]}") from None
+
+  def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+    return key in self._files
+
+  def __iter__(self):
+    return iter(self._files)
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+
+class _Renamed(Mapping):
+  """`state` under new names (new name -> old name), looked up lazily."""
+
+  def __init__(self, state: Mapping[str, np.ndarray], names: dict[str, str]):
+    self._state, self._names = state, names
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self._state[self._names[key]]
+
+  def __contains__(self, key: object) -> bool:
+    return key in self._names
+
+  def __iter__(self):
+    return iter(self._names)
+
+  def __len__(self) -> int:
+    return len(self._names)
 
 
 def _torch_key(path: tuple[str, ...], fam: Family) -> str:
@@ -205,18 +276,19 @@ def _torch_keys(paths: Any, fam: Family) -> dict[tuple[str, ...], str]:
 
 
 def _normalize_torch_keys(state: Mapping[str, np.ndarray], prefix: str,
-                          encoder_roots: set[str]) -> dict[str, np.ndarray]:
+                          encoder_roots: set[str]) -> Mapping[str, np.ndarray]:
   """Adds the model prefix if the checkpoint is a bare encoder, renames legacy leaves."""
   bare = not any(k.startswith(prefix + ".") for k in state)
-  out = {}
-  for key, value in state.items():
+  names = {}
+  for old in state:
+    key = old
     parent, _, leaf = key.rpartition(".")
     if "LayerNorm" in parent and leaf in _LEGACY_LEAVES:
       key = f"{parent}.{_LEGACY_LEAVES[leaf]}"
     if bare and key.partition(".")[0] in encoder_roots:
       key = f"{prefix}.{key}"
-    out[key] = value
-  return out
+    names[key] = old
+  return _Renamed(state, names)
 
 
 def params_from_state_dict(state: Mapping[str, np.ndarray], target: Mapping[str, Any],

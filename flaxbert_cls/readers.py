@@ -1,4 +1,4 @@
-"""Reads labelled text files (TSV, CSV, JSON Lines) into memory; labels to ids.
+"""Reads labelled text files (TSV, CSV, JSON Lines; local or remote) into memory; labels to ids.
 
 Named datasets (Hugging Face `datasets`, TFDS) are read into the same `Examples`
 by `dataset_sources.py`. Every problem with the input raises `UserError` with one
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from flaxbert_cls import workdir as files
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.tasks import Task
 
@@ -58,9 +59,11 @@ Row = tuple[int, tuple[str, ...], Any]
 
 
 def _read_text(path: str) -> str:
-  """Returns the file's text; UTF-8 with an optional BOM (MRPC has one)."""
-  with open(path, "rb") as f:
-    data = f.read()
+  """Returns the file's text (local or remote); UTF-8 with an optional BOM (MRPC has one)."""
+  try:
+    data = files.read_bytes(path)
+  except OSError as e:
+    raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
   # Same as the 'utf-8-sig' codec, but error offsets stay relative to `data`.
   if data.startswith(codecs.BOM_UTF8):
     data = data[len(codecs.BOM_UTF8):]
@@ -248,9 +251,9 @@ def _jsonl_rows(path: str, text: str, task: Task, require_labels: bool
 def _read_rows(path: str, task: Task, require_labels: bool
                ) -> tuple[list[Row], bool]:
   """Returns the rows of a file and whether it has labels."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise UserError(f"{path}: file not found")
-  if os.path.isdir(path):
+  if files.is_dir(path):
     raise UserError(f"{path}: is a directory, expected a data file")
   ext = os.path.splitext(path)[1].lower()
   readers = {".tsv": _tsv_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows,
@@ -442,12 +445,11 @@ def glue_file(data_dir: str, task: Task, split: str) -> str:
     raise UserError(
         f"GLUE task {task.name!r} has no split {split!r}; known splits: "
         f"{sorted(task.glue_files)}")
-  path = os.path.join(data_dir, task.glue_dir, task.glue_files[split])
-  nested = os.path.join(data_dir, "glue", task.glue_dir,
-                        task.glue_files[split])
-  if not os.path.isfile(path) and os.path.isfile(nested):
+  path = files.join(data_dir, task.glue_dir, task.glue_files[split])
+  nested = files.join(data_dir, "glue", task.glue_dir, task.glue_files[split])
+  if not files.is_file(path) and files.is_file(nested):
     return nested
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     raise UserError(
         f"{path}: file not found (GLUE data dir {data_dir!r}, task "
         f"{task.name!r}, split {split!r})")

@@ -168,19 +168,49 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh,
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def logical_to_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+def logical_to_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
+                         min_size_to_shard_mb: float = 0.0) -> Any:
   """NamedShardings for a tree of nn.Partitioned boxes (from jax.eval_shape of an init).
 
   Rule targets that are not axes of `mesh` are dropped, and so is a mesh axis that
   does not divide its dimension (BERT's vocab of 30522 over tensor=4): that
-  dimension stays replicated over it instead of failing.
+  dimension stays replicated over it instead of failing. Tensors under
+  `min_size_to_shard_mb` are not split over the batch axes (FSDP): gathering many
+  small tensors costs more than keeping a copy (big_vision's idea).
   """
   rules = [(name, _present_axes(target, mesh)) for name, target in rules]
   specs = nn.get_partition_spec(boxed_tree)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s, x: _fit_to_shape(s, x, jax.tree_util.keystr(path)), shardings,
-      nn.unbox(boxed_tree))
+  min_bytes = min_size_to_shard_mb * 2**20
+
+  def fit(path, s, x):
+    if x.size * np.dtype(x.dtype).itemsize < min_bytes:
+      s = _without_axes(s, BATCH_AXES)
+    return _fit_to_shape(s, x, jax.tree_util.keystr(path))
+
+  return jax.tree_util.tree_map_with_path(fit, shardings, nn.unbox(boxed_tree))
+
+
+def _without_axes(sharding: NamedSharding, drop: Sequence[str]) -> NamedSharding:
+  spec = []
+  for entry in sharding.spec:
+    axes = () if entry is None or entry is P.UNCONSTRAINED else (
+        (entry,) if isinstance(entry, str) else tuple(entry))
+    kept = tuple(a for a in axes if a not in drop)
+    spec.append(entry if kept == axes else (None if not kept else kept[0] if len(kept) == 1
+                                            else kept))
+  return NamedSharding(sharding.mesh, P(*spec))
+
+
+def check_heads(rules: Sequence[tuple[str, Any]], mesh: Mesh, num_heads: int) -> None:
+  """The mesh axes that split attention heads must divide their number (one line if not)."""
+  target = dict((str(name), _present_axes(t, mesh)) for name, t in reversed(tuple(rules)))
+  axes = target.get("heads")
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  size = int(np.prod([mesh.shape[a] for a in axes]))
+  if num_heads % size:
+    raise UserError(f"mesh axis {'x'.join(axes)}={size} does not divide the model's "
+                    f"{num_heads} attention heads; set config.mesh_shape so that it does")
 
 
 def _present_axes(target: Any, mesh: Mesh) -> Any:

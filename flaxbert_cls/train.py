@@ -214,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total_steps = _total_steps(config, mixture)
   ckpt = checkpoint_lib.Checkpoints(workdir, max_to_keep=config.max_checkpoints_to_keep,
                                     keep_best=config.keep_best_checkpoints)
-  run_meta = _run_meta(exp, total_steps)
+  run_meta = _run_meta(exp, total_steps, train_splits)
   state, state_shardings, tx, schedule, best = _restore_or_init(exp, ckpt, run_meta)
   jit_train = jit_train_step(exp, state.params, state_shardings, tx, schedule)
   jit_eval = evaluate_lib.jit_eval_step(exp.model, state_shardings.params, exp.batch_sharding)
@@ -225,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_log = progress_lib.TrainLog(workdir, total_steps, start_step, config.batch_size,
                                     config.log_every_steps)
   finite = _FiniteGuard(config.nonfinite_policy, ckpt)
-  preemption = checkpoint_lib.PreemptionWatcher()
+  preemption = checkpoint_lib.PreemptionWatcher(config.log_every_steps)
   save_timer = checkpoint_lib.SaveTimer(config.checkpoint_every_minutes, config.log_every_steps)
   log.info("Training steps %d..%d (%d per epoch) of %d examples on a %s mesh.", start_step + 1,
            total_steps, mixture.steps_per_epoch, config.batch_size, dict(exp.mesh.shape))
@@ -352,11 +352,36 @@ class _FiniteGuard:
                     "config.nonfinite_policy='skip'")
 
 
-def _run_meta(exp: experiment_lib.Experiment, total_steps: int) -> dict[str, Any]:
+def _run_meta(exp: experiment_lib.Experiment, total_steps: int,
+              train_splits: list[data_lib.TokenizedSplit]) -> dict[str, Any]:
   """What every checkpoint records about the run (resume checks it)."""
   task_name, label_names = exp.run_identity()
   return {"label_names": label_names, "task_name": task_name, "total_steps": total_steps,
-          "model_name_or_path": exp.config.model_name_or_path}
+          "model_name_or_path": exp.config.model_name_or_path,
+          "batch_size": exp.config.batch_size,
+          "train_data": "+".join(split.content_hash for split in train_splits)}
+
+
+# Recorded since a later version: a checkpoint without them resumes unchecked.
+_RECORDED_LATER = ("batch_size", "train_data")
+
+
+def _check_same_run(ckpt: checkpoint_lib.Checkpoints, run_meta: dict[str, Any]) -> None:
+  """Refuses to resume a checkpoint of another model, task, label set, batch size or data."""
+  saved_meta, _ = ckpt.read_meta()
+  for key, value in run_meta.items():
+    if key == "total_steps" or (key in _RECORDED_LATER and key not in saved_meta):
+      continue
+    saved = saved_meta.get(key)
+    if saved == value:
+      continue
+    if key == "train_data":
+      what = (f"was trained on other data (content hash {saved}); this config's training data "
+              "(train_file / data_dir / dataset) has " + repr(value))
+    else:
+      what = f"was made with {key}={saved!r}, this config has {value!r}"
+    raise UserError(f"{ckpt.directory}: checkpoint {what}; use another --workdir, or "
+                    "--config.resume=False to start over")
 
 
 def _restore_or_init(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkpoints,
@@ -364,24 +389,22 @@ def _restore_or_init(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkp
                      ) -> tuple[TrainState, Any, Any, Any, evaluate_lib.BestTracker]:
   """The latest checkpoint in the workdir, else the pre-trained weights on a fresh state.
 
-  A checkpoint of another model, task or label set is refused (run_meta names ours).
+  A checkpoint of another run (`_check_same_run`) is refused before anything compiles.
   """
   config = exp.config
   if ckpt.all_steps() and not config.resume:
     log.warning("config.resume=False: deleting the checkpoints in %s", ckpt.directory)
     ckpt.delete_all()
   resuming = bool(ckpt.all_steps())
+  if resuming:
+    _check_same_run(ckpt, run_meta)
   state, state_shardings, tx, schedule = experiment_lib.create_train_state(
       exp, run_meta["total_steps"], None if resuming else hf.resolve(config.model_name_or_path))
   best = evaluate_lib.BestTracker(exp.selection_key(), config.early_stopping_patience)
   if resuming:
     state, saved_meta, restored_step = ckpt.restore(
         checkpoint_lib.abstract_with_shardings(state, state_shardings))
-    for key, value in run_meta.items():
-      if key != "total_steps" and saved_meta.get(key) != value:
-        raise UserError(
-            f"{ckpt.directory}: checkpoint was made with {key}={saved_meta.get(key)!r}, this "
-            f"config has {value!r}; use another --workdir, or --config.resume=False to start over")
+    ckpt.delete_after(restored_step)  # damaged later steps: saving them again would fail
     best.restore(saved_meta)
     log.info("Resumed from %s/%d.", ckpt.directory, restored_step)
   _log_parameters(state.params, config)

@@ -1,8 +1,9 @@
-"""The run's files in a local or remote workdir (gs://bucket/run on Cloud TPU), via etils.epath.
+"""The run's files, local or remote (gs://bucket/run on Cloud TPU), via etils.epath.
 
 Orbax writes checkpoints to either kind itself; this module covers the rest
-(config.json, metrics.jsonl, the model/ directory). Files that libraries must
-read from a local directory (tokenizer, HF config) are staged through a temp dir.
+(config.json, metrics.jsonl, the model/ directory) and the data files readers.py
+reads (train_file, GLUE data_dir, predict input). Files that libraries must read
+from a local directory (tokenizer, HF config) are staged through a temp dir.
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ def join(workdir: str, *parts: str) -> str:
 
 def exists(path: str) -> bool:
   return epath.Path(path).exists()
+
+
+def is_file(path: str) -> bool:
+  return epath.Path(path).is_file()
+
+
+def is_dir(path: str) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def read_bytes(path: str) -> bytes:
+  return epath.Path(path).read_bytes()
 
 
 def read_text(path: str) -> str:

@@ -83,19 +83,27 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def write_run_files(tmp, config_template: str, train_rows: int, dev_rows: int,
+                    **fields) -> dict[str, str]:
+  """A tiny checkpoint, the demo data's first rows, config.py (the template filled in) and
+  worker.py in `tmp`; returns their paths."""
+  files = {"checkpoint": make_tiny_checkpoint(str(tmp / "tiny")),
+           "train_file": _rows(os.path.join(DEMO_DATA, "train.tsv"), train_rows,
+                               str(tmp / "train.tsv")),
+           "dev_file": _rows(os.path.join(DEMO_DATA, "dev.tsv"), dev_rows, str(tmp / "dev.tsv")),
+           "config": str(tmp / "config.py")}
+  (tmp / "config.py").write_text(config_template.format(
+      checkpoint=files["checkpoint"], train_file=files["train_file"],
+      dev_file=files["dev_file"], **fields))
+  (tmp / "worker.py").write_text(WORKER)
+  return files
+
+
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("multihost")
-  checkpoint = make_tiny_checkpoint(str(tmp / "tiny"))
   # 101 training rows (6 batches of 16 and 5 left over), 37 dev rows (3 eval batches
   # of 16, the last one mostly padding): neither divides by 2 processes or the batch.
-  train_file = _rows(os.path.join(DEMO_DATA, "train.tsv"), 101, str(tmp / "train.tsv"))
-  dev_file = _rows(os.path.join(DEMO_DATA, "dev.tsv"), 37, str(tmp / "dev.tsv"))
-  path = tmp / "config.py"
-  path.write_text(CONFIG.format(checkpoint=checkpoint, train_file=train_file,
-                                dev_file=dev_file))
-  (tmp / "worker.py").write_text(WORKER)
-  return str(path)
+  return write_run_files(tmp_path_factory.mktemp("multihost"), CONFIG, 101, 37)["config"]
 
 
 def _launch(config_file: str, workdir: str, out: str, num_processes: int,
