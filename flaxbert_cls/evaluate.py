@@ -183,7 +183,8 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
                                       jit_eval_step(exp.model))
   log.info("eval of %s (step %d): %s", workdir, exp.checkpoint_step, format_metrics(results))
   if jax.process_index() == 0:
-    write_eval_files(workdir, exp, [e for e, _ in read], logits, results)
+    write_eval_files(workdir, exp, [e for e, _ in read], logits, results, exp.checkpoint_step,
+                     ((exp.checkpoint_meta or {}).get("best") or {}).get("step"))
   return results
 
 
@@ -230,10 +231,10 @@ def error_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_eval_files(workdir: str, exp: experiment_lib.Experiment,
                      examples: list[readers.Examples], logits: list[np.ndarray],
-                     results: dict[str, float]) -> str:
-  """workdir/eval/{predictions,errors}.jsonl and eval.json; returns the directory.
+                     results: dict[str, float], step: int | None, best_step: int | None) -> str:
+  """workdir/eval/{predictions,errors}.jsonl and eval.json (of checkpoint `step`).
 
-  A multi-task run's rows carry 'task' (grouped in task order).
+  A multi-task run's rows carry 'task' (grouped in task order). Returns the directory.
   """
   directory = workdir_lib.prepare(workdir_lib.join(workdir, EVAL_DIR))
   predictions, errors = [], []
@@ -247,8 +248,8 @@ def write_eval_files(workdir: str, exp: experiment_lib.Experiment,
     workdir_lib.write_text(workdir_lib.join(directory, name), "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
   summary = {
-      "step": exp.checkpoint_step,
-      "best_step": ((exp.checkpoint_meta or {}).get("best") or {}).get("step"),
+      "step": step,
+      "best_step": best_step,
       "metrics": results,
       "tasks": [{"name": t.name, "is_regression": t.task.is_regression,
                  "label_names": list(t.label_names) if t.label_names else None,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Callable, Sequence
 
 import jax
 import optax
+from clu import parameter_overview
 from flax import traverse_util
 from ml_collections import ConfigDict
 
 from flaxbert_cls.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def param_paths(params: Any) -> Any:
@@ -126,3 +130,13 @@ def create_optimizer(config: ConfigDict, params: Any, total_steps: int
                         else "trained")
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def log_parameters(params: Any, config: ConfigDict) -> None:
+  """Logs the parameter table and how many are trained and frozen."""
+  frozen = path_mask(params, freeze_patterns(config))
+  sizes = [(x.size, f) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen))]
+  num_frozen = sum(n for n, f in sizes if f)
+  total = sum(n for n, _ in sizes)
+  log.info("Parameters: %d (%d trained, %d frozen)\n%s", total, total - num_frozen, num_frozen,
+           parameter_overview.get_parameter_overview(params, include_stats=False))

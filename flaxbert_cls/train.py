@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metrics as clu_metrics
-from clu import parameter_overview
 
 from flaxbert_cls import checkpoint as checkpoint_lib
 from flaxbert_cls import data as data_lib
@@ -209,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   enable_compilation_cache(config.compilation_cache_dir)
   exp = experiment_lib.build_experiment(config, devices=devices)
   train_splits = experiment_lib.read_tokenized(exp, "train")
-  eval_splits = experiment_lib.read_tokenized(exp, "validation")
+  eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
   mixture = _task_mixture(exp, train_splits)
   total_steps = _total_steps(config, mixture)
   ckpt = checkpoint_lib.Checkpoints(workdir, max_to_keep=config.max_checkpoints_to_keep,
@@ -240,10 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         train_log.write_train(step)
       evaluated = _eval_due(config, step, total_steps)
       if evaluated:
-        eval_metrics, records, _ = evaluate_lib.evaluate_tasks(exp, state.params, eval_splits,
-                                                               jit_eval)
-        train_log.write_eval(step, eval_metrics, records)
-        best.update(step, eval_metrics)
+        eval_metrics = _evaluate(exp, state.params, eval_data, jit_eval, step, train_log, best,
+                                 workdir)
       preempted = preemption.reached(step)
       # After every eval too: best-k checkpoints need the evaluated step on disk.
       if preempted or evaluated or _checkpoint_due(config, step, total_steps, save_timer):
@@ -310,6 +307,22 @@ def _global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeni
                                               config.max_seq_length, labels_dtype),
                          exp.batch_sharding)
       for step in steps)
+
+
+def _evaluate(exp: experiment_lib.Experiment, params: Any,
+              eval_data: list[tuple[Any, data_lib.TokenizedSplit]], jit_eval: Callable,
+              step: int, train_log: progress_lib.TrainLog, best: evaluate_lib.BestTracker,
+              workdir: str) -> dict[str, float]:
+  """Every task's dev metrics, logged and tracked; a new best also writes workdir/eval/
+  (predictions and errors: the report page reads them without evaluating again)."""
+  metrics, records, logits = evaluate_lib.evaluate_tasks(
+      exp, params, [split for _, split in eval_data], jit_eval)
+  train_log.write_eval(step, metrics, records)
+  best.update(step, metrics)
+  if best.best and best.best["step"] == step and jax.process_index() == 0:
+    evaluate_lib.write_eval_files(workdir, exp, [examples for examples, _ in eval_data], logits,
+                                  metrics, step, step)
+  return metrics
 
 
 def _eval_due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> bool:
@@ -407,7 +420,7 @@ def _restore_or_init(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkp
     ckpt.delete_after(restored_step)  # damaged later steps: saving them again would fail
     best.restore(saved_meta)
     log.info("Resumed from %s/%d.", ckpt.directory, restored_step)
-  _log_parameters(state.params, config)
+  optim.log_parameters(state.params, config)
   return state, state_shardings, tx, schedule, best
 
 
@@ -444,12 +457,3 @@ def _finish(state: TrainState, eval_metrics: dict[str, float], train_log: progre
   log.info("Done in %s.", progress_lib.format_duration(seconds))
   return {"step": int(state.step), "eval": eval_metrics, "train_log": train_log.history,
           "state": state, "best": best.best, "seconds": seconds}
-
-
-def _log_parameters(params: Any, config: ml_collections.ConfigDict) -> None:
-  frozen = optim.path_mask(params, optim.freeze_patterns(config))
-  sizes = [(x.size, f) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen))]
-  num_frozen = sum(n for n, f in sizes if f)
-  total = sum(n for n, _ in sizes)
-  log.info("Parameters: %d (%d trained, %d frozen)\n%s", total, total - num_frozen, num_frozen,
-           parameter_overview.get_parameter_overview(params, include_stats=False))

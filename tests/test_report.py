@@ -142,6 +142,13 @@ def test_eval_writes_predictions_and_errors(tiny_run):
   assert [json.loads(l)["step"] for l in open(os.path.join(tiny_run, "metrics.jsonl"))] == [3, 6]
   assert [json.loads(l)["step"] for l in open(os.path.join(tiny_run, "train_log.jsonl"))] == \
       list(range(1, 7))
+  # Training wrote the eval files of its best evaluation (the report needs no new eval).
+  evals = [json.loads(l) for l in open(os.path.join(tiny_run, "metrics.jsonl"))]
+  best = max(evals, key=lambda r: (r["accuracy"], -r["step"]))  # ties: the earlier step
+  trained = json.load(open(os.path.join(tiny_run, "eval", "eval.json")))
+  assert trained["step"] == trained["best_step"] == best["step"]
+  assert trained["metrics"]["accuracy"] == best["accuracy"]
+  assert len(open(os.path.join(tiny_run, "eval", "predictions.jsonl")).readlines()) == 128
   _cli("eval", f"--workdir={tiny_run}")
   eval_dir = os.path.join(tiny_run, "eval")
   summary = json.load(open(os.path.join(eval_dir, "eval.json")))
@@ -190,8 +197,7 @@ def test_report_page_multitask_with_regression(tmp_path, chromium):
   texts = [(f"sentence {i} <b>&amp;</b>",) for i in range(60)]
   sst2 = experiment.RunTask("sst2", tasks_lib.GLUE_TASKS["sst2"], ("0", "1"), config)
   score = experiment.RunTask("score", tasks_lib.GLUE_TASKS["stsb"], None, config)
-  exp = types.SimpleNamespace(tasks=(sst2, score), multitask=True, checkpoint_step=20,
-                              checkpoint_meta={"best": {"step": 20}})
+  exp = types.SimpleNamespace(tasks=(sst2, score), multitask=True)
   examples = [readers.Examples(texts, rng.integers(0, 2, 60).astype(np.int32), "a.tsv",
                                list(range(2, 62))),
               readers.Examples(texts, rng.uniform(0, 5, 60).astype(np.float32), "b.tsv",
@@ -199,7 +205,8 @@ def test_report_page_multitask_with_regression(tmp_path, chromium):
   logits = [rng.normal(size=(60, 2)).astype(np.float32),
             rng.uniform(0, 5, (60, 1)).astype(np.float32)]
   evaluate.write_eval_files(str(workdir), exp, examples, logits,
-                            {"sst2/accuracy": 0.5, "score/pearson": 0.1, "average": 0.3})
+                            {"sst2/accuracy": 0.5, "score/pearson": 0.1, "average": 0.3},
+                            step=20, best_step=20)
   with open(workdir / "metrics.jsonl", "w") as f:
     for step in (10, 20):
       f.write(json.dumps({"step": step, "split": "validation", "task": "sst2",
