@@ -106,15 +106,17 @@ def _load_config(name: str):
   return module.get_config()
 
 
-@pytest.mark.parametrize("name,devices", [("bert_base_tpu_pod.py", (16, 32, 256)),
-                                          ("bert_large_gpu_node.py", (8, 16, 64))])
-def test_presets_are_valid_fsdp_configs(name, devices):
+# BERT-base fits a TPU chip many times over: data parallel (FSDP would all-gather every
+# weight each step); BERT-large on a GPU node: FSDP over the node's 8 GPUs.
+@pytest.mark.parametrize("name,devices,fsdp", [("bert_base_tpu_pod.py", (16, 32, 256), 1),
+                                               ("bert_large_gpu_node.py", (8, 16, 64), 8)])
+def test_presets_are_valid_mesh_configs(name, devices, fsdp):
   c = _load_config(name)
   config_lib.validate(c)
   assert c.dtype == "bfloat16" and c.task_name == "mnli"
   assert dict(c.logical_axis_rules)["embed"] == "fsdp"
   for n in devices:  # v4-32 .. 256 chips; 1, 2 and 8 nodes of 8 GPUs
     shape = dict(zip(c.mesh_axes, sharding.mesh_shape_for(c.mesh_shape, n)))
-    assert shape["fsdp"] >= 8
+    assert shape["fsdp"] == fsdp and shape["data"] * shape["fsdp"] == n
     assert c.batch_size % (shape["data"] * shape["fsdp"]) == 0
     assert c.eval_batch_size % (shape["data"] * shape["fsdp"]) == 0
