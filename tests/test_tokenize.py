@@ -70,3 +70,24 @@ def test_cached_tokenize_round_trip(tokenizer, tmp_path):
   for key in ("input_ids", "token_type_ids", "offsets", "labels"):
     np.testing.assert_array_equal(getattr(again, key), getattr(first, key))
   assert again.content_hash == first.content_hash and again.num_truncated == first.num_truncated
+
+
+def test_shared_tokenize_without_a_shared_cache_dir(tokenizer, tmp_path, monkeypatch, caplog):
+  """Process 1 of 2 whose cache_dir does not see process 0's part: it tokenizes that part
+  itself, and the split is still the whole one-process split."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(data.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(data.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x]))
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+  texts = [(f"row {i} of a small test set",) for i in range(11)]
+  labels = np.arange(11, dtype=np.int32) % 2
+  with caplog.at_level("INFO", logger="flaxbert_cls.data"):
+    got = data.cached_tokenize(tokenizer, texts, labels, 8, str(tmp_path))
+  assert "Process 1 tokenized rows [5, 11) of 11" in caplog.text
+  assert "part0of2.npz not found" in caplog.text
+  want = data.tokenize(tokenizer, texts, labels, 8)
+  for key in ("input_ids", "token_type_ids", "offsets", "labels"):
+    np.testing.assert_array_equal(getattr(got, key), getattr(want, key))
+  assert got.num_truncated == want.num_truncated > 0
+  assert os.listdir(tmp_path) == []  # process 0 writes the merged file; process 1 removed its part
