@@ -139,7 +139,7 @@ def _launch(config_file: str, workdir: str, out: str, num_processes: int,
   results = []
   for i in range(num_processes):
     with open(f"{out}.{i}") as f:
-      results.append(json.load(f))
+      results.append(dict(json.load(f), output=outputs[i]))
   return results
 
 
@@ -159,6 +159,12 @@ def test_two_processes_match_one_process(config_file, tmp_path):
   assert [r["process_count"] for r in two] == [2, 2]
   assert two[0]["devices"] == [4, 8]
   assert one["step"] == two[0]["step"] == 8
+  # The processes shared tokenization: each did its half of the 101 train and 37 dev rows.
+  for i, r in enumerate(two):
+    train_rows, dev_rows = ((0, 50), (0, 18)) if i == 0 else ((50, 101), (18, 37))
+    assert f"Process {i} tokenized rows [{train_rows[0]}, {train_rows[1]}) of 101" in r["output"]
+    assert f"Process {i} tokenized rows [{dev_rows[0]}, {dev_rows[1]}) of 37" in r["output"]
+    assert "not found" not in r["output"]
   losses_one = np.array([loss for _, loss in one["train_log"]])
   assert len(losses_one) == 8
   for r in two:  # every process sees the same (global) numbers
