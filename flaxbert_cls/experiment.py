@@ -33,6 +33,7 @@ from flaxbert_cls import optim
 from flaxbert_cls import readers
 from flaxbert_cls import sharding as sharding_lib
 from flaxbert_cls import tasks as tasks_lib
+from flaxbert_cls import tokenization
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import UserError
 
@@ -129,7 +130,7 @@ class Experiment:
     return boxed, shardings
 
   def tokenize(self, examples: Any) -> data_lib.TokenizedSplit:
-    return data_lib.cached_tokenize(self.tokenizer, examples.texts, examples.labels,
+    return tokenization.cached_tokenize(self.tokenizer, examples.texts, examples.labels,
                                     self.config.max_seq_length, self.config.cache_dir or None)
 
 

@@ -6,7 +6,7 @@
 
   flaxbert-cls predict --model=DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
 
-Tokenization and batching are the evaluation's (`data.tokenize`, length-sorted
+Tokenization and batching are the evaluation's (`tokenization.tokenize`, length-sorted
 `data.eval_batches` padded to the config's buckets, `evaluate.gather_logits`),
 so a workdir predicts exactly what `eval` scored. Results come back in input order.
 """
@@ -34,6 +34,7 @@ from flaxbert_cls import model as model_lib
 from flaxbert_cls import progress as progress_lib
 from flaxbert_cls import readers
 from flaxbert_cls import tasks as tasks_lib
+from flaxbert_cls import tokenization
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class Predictor:
   def predict(self, texts: Sequence[str] | Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     """One result per text (or text pair), in order: {'label', 'probabilities'} or {'score'}."""
     rows = _normalize_texts(texts)
-    logits = self.logits(data_lib.tokenize(self.tokenizer, rows, None, self.max_seq_length))
+    logits = self.logits(tokenization.tokenize(self.tokenizer, rows, None, self.max_seq_length))
     return self._results(logits)
 
   def logits(self, split: data_lib.TokenizedSplit, progress: bool = False) -> np.ndarray:
@@ -179,7 +180,7 @@ class Predictor:
     examples = readers.read_file(input_path, self.task, require_labels=False)
     log.info("predict: %d rows from %s with %s", len(examples), input_path, self.source)
     start = time.perf_counter()
-    split = data_lib.tokenize(self.tokenizer, examples.texts, None, self.max_seq_length)
+    split = tokenization.tokenize(self.tokenizer, examples.texts, None, self.max_seq_length)
     logits = self.logits(split, progress=True)
     seconds = time.perf_counter() - start
     _write_results(output_path, self.task.text_fields, examples.texts, self._results(logits),

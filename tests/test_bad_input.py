@@ -162,7 +162,6 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_checkpoint, t
     assert len(lines) == 1 and "cannot save checkpoint" in lines[0], err[-800:]
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert steps, "the checkpoints saved before the disk filled up are kept"
-    from flaxbert_cls import train  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     experiment.load_run(str(workdir), step=steps[-1], devices=jax.devices()[:1])  # still restores
   finally:

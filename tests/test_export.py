@@ -10,7 +10,6 @@ import pytest
 from flaxbert_cls import experiment
 from flaxbert_cls import export
 from flaxbert_cls import hf
-from flaxbert_cls import train
 from flaxbert_cls.errors import UserError
 import export_fixtures
 

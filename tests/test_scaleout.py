@@ -18,7 +18,6 @@ from jax.sharding import PartitionSpec as P
 from flaxbert_cls import evaluate
 from flaxbert_cls import experiment
 from flaxbert_cls import sharding
-from flaxbert_cls import train
 from flaxbert_cls.errors import UserError
 from model_fixtures import REPO, make_tiny_checkpoint
 

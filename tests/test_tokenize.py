@@ -6,14 +6,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flaxbert_cls import data
 from flaxbert_cls import hf
 from flaxbert_cls import readers
 from flaxbert_cls import tasks
+from flaxbert_cls import tokenization
 from model_fixtures import minilm_dir
 
 
-def _reference(tokenizer, texts, labels, max_seq_length) -> data.TokenizedSplit:
+def _reference(tokenizer, texts, labels, max_seq_length) -> tokenization.TokenizedSplit:
   """One `tokenizer(...)` call per row, as HF's run_glue would: the straightforward answer."""
   ids, types = [], []
   for row in texts:
@@ -23,7 +23,7 @@ def _reference(tokenizer, texts, labels, max_seq_length) -> data.TokenizedSplit:
     types.append(np.asarray(enc["token_type_ids"], np.int8))
   lengths = np.array([len(r) for r in ids], np.int64)
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-  return data.TokenizedSplit(np.concatenate(ids), np.concatenate(types), offsets, labels,
+  return tokenization.TokenizedSplit(np.concatenate(ids), np.concatenate(types), offsets, labels,
                              int(np.count_nonzero(lengths >= max_seq_length)))
 
 
@@ -41,9 +41,9 @@ def test_tokenize_equals_reference(glue_dir, tokenizer, task_name, glue_dir_name
   texts, labels = examples.texts[:300], examples.labels[:300]
   want = _reference(tokenizer, texts, labels, max_seq_length)
   # A small chunk crosses chunk boundaries; the slow path is the fallback for Python tokenizers.
-  for got in (data.tokenize(tokenizer, texts, labels, max_seq_length),
-              data.tokenize(tokenizer, texts, labels, max_seq_length, chunk=7),
-              data._tokenize_python(tokenizer, texts, labels, max_seq_length)):
+  for got in (tokenization.tokenize(tokenizer, texts, labels, max_seq_length),
+              tokenization.tokenize(tokenizer, texts, labels, max_seq_length, chunk=7),
+              tokenization._tokenize_python(tokenizer, texts, labels, max_seq_length)):
     for key in ("input_ids", "token_type_ids", "offsets", "labels"):
       np.testing.assert_array_equal(getattr(got, key), getattr(want, key), err_msg=key)
       assert getattr(got, key).dtype == getattr(want, key).dtype, key
@@ -56,16 +56,16 @@ def test_tokenize_equals_reference(glue_dir, tokenizer, task_name, glue_dir_name
 
 def test_tokenize_leaves_the_tokenizer_as_it_was(tokenizer):
   before = tokenizer.backend_tokenizer.truncation
-  data.tokenize(tokenizer, [("a b c d e f g",)], None, 4)
+  tokenization.tokenize(tokenizer, [("a b c d e f g",)], None, 4)
   assert tokenizer.backend_tokenizer.truncation == before
 
 
 def test_cached_tokenize_round_trip(tokenizer, tmp_path):
   texts = [("a good film",), ("a bad one , really",)]
   labels = np.array([1, 0], np.int32)
-  first = data.cached_tokenize(tokenizer, texts, labels, 8, str(tmp_path))
+  first = tokenization.cached_tokenize(tokenizer, texts, labels, 8, str(tmp_path))
   [cache] = os.listdir(tmp_path)  # one file, no parts or temporaries left
-  again = data.cached_tokenize(tokenizer, texts, labels, 8, str(tmp_path))
+  again = tokenization.cached_tokenize(tokenizer, texts, labels, 8, str(tmp_path))
   assert cache.startswith("tok-") and cache.endswith(".npz")
   for key in ("input_ids", "token_type_ids", "offsets", "labels"):
     np.testing.assert_array_equal(getattr(again, key), getattr(first, key))
@@ -76,17 +76,17 @@ def test_shared_tokenize_without_a_shared_cache_dir(tokenizer, tmp_path, monkeyp
   """Process 1 of 2 whose cache_dir does not see process 0's part: it tokenizes that part
   itself, and the split is still the whole one-process split."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(data.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(data.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(tokenization.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(tokenization.jax, "process_index", lambda: 1)
   monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x]))
   monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
   texts = [(f"row {i} of a small test set",) for i in range(11)]
   labels = np.arange(11, dtype=np.int32) % 2
-  with caplog.at_level("INFO", logger="flaxbert_cls.data"):
-    got = data.cached_tokenize(tokenizer, texts, labels, 8, str(tmp_path))
+  with caplog.at_level("INFO", logger="flaxbert_cls.tokenization"):
+    got = tokenization.cached_tokenize(tokenizer, texts, labels, 8, str(tmp_path))
   assert "Process 1 tokenized rows [5, 11) of 11" in caplog.text
   assert "part0of2.npz not found" in caplog.text
-  want = data.tokenize(tokenizer, texts, labels, 8)
+  want = tokenization.tokenize(tokenizer, texts, labels, 8)
   for key in ("input_ids", "token_type_ids", "offsets", "labels"):
     np.testing.assert_array_equal(getattr(got, key), getattr(want, key))
   assert got.num_truncated == want.num_truncated > 0

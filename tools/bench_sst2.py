@@ -19,14 +19,14 @@ import common
 def tokenize_sst2(args, path: str) -> str:
   """Tokenizes SST-2 train with the MiniLM tokenizer into an .npz the workers read."""
   import transformers  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import tokenization  # pylint: disable=g-import-not-at-top
   train_tsv = common.data_path("glue", "SST-2", "train.tsv", override=args.data_dir)
   with open(train_tsv, newline="") as f:
     rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
   tokenizer = transformers.AutoTokenizer.from_pretrained(hf.packaged_minilm_dir())
-  split = data_lib.tokenize(tokenizer, [(r["sentence"],) for r in rows],
-                            np.asarray([int(r["label"]) for r in rows], np.int32), args.seq)
+  split = tokenization.tokenize(tokenizer, [(r["sentence"],) for r in rows],
+                                np.asarray([int(r["label"]) for r in rows], np.int32), args.seq)
   np.savez(path, input_ids=split.input_ids, token_type_ids=split.token_type_ids,
            offsets=split.offsets, labels=split.labels)
   return path

@@ -1,0 +1,220 @@
+"""Tokenize once: ragged token ids per split, cached on disk, shared across processes.
+
+Examples are tokenized without padding (the Rust tokenizer's batch encoding, large
+batches, straight into flat arrays) and kept ragged: row i is flat[offsets[i]:
+offsets[i+1]]. The cache is keyed by a content hash of texts and labels plus the
+tokenizer and length; with several processes each tokenizes a disjoint part and all
+read the merged arrays, so every process holds the same split (batches stay identical
+for any process count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+  """Ragged token ids: row i is flat[offsets[i]:offsets[i+1]]."""
+
+  input_ids: np.ndarray  # int32 [total_tokens]
+  token_type_ids: np.ndarray  # int8 [total_tokens]
+  offsets: np.ndarray  # int64 [n + 1]
+  labels: np.ndarray | None  # int32 (classes) or float32 (regression), [n]
+  num_truncated: int = 0
+  content_hash: str = ""  # of the texts and labels (`content_hash`); resume checks it
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+
+def _rust_tokenizer(tokenizer: Any, max_seq_length: int) -> Any:
+  """A copy of a fast tokenizer's Rust backend, set up as `tokenizer(..., truncation=...)` sets
+  it; None for a slow (Python) tokenizer."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None or not getattr(tokenizer, "is_fast", False):
+    return None
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  # A copy: the caller's tokenizer keeps its own truncation and padding settings.
+  rust = tokenizers.Tokenizer.from_str(backend.to_str())
+  rust.enable_truncation(max_seq_length, stride=0, strategy="longest_first",
+                         direction=getattr(tokenizer, "truncation_side", "right"))
+  rust.no_padding()
+  return rust
+
+
+def tokenize(tokenizer: Any, texts: Sequence[tuple[str, ...]], labels: np.ndarray | None,
+             max_seq_length: int, chunk: int = 65536) -> TokenizedSplit:
+  """Fast-tokenizes single sentences or pairs ([CLS] a [SEP] b [SEP]), truncating to fit.
+
+  Calls the Rust tokenizer's batch encoding directly, in large chunks: it runs on all
+  cores (unless TOKENIZERS_PARALLELISM=false) and skips the per-row Python dicts of
+  `tokenizer(...)`; the ids are the same (tests/test_tokenize.py).
+  """
+  rust = _rust_tokenizer(tokenizer, max_seq_length)
+  if rust is None:
+    return _tokenize_python(tokenizer, texts, labels, max_seq_length)
+  encode = getattr(rust, "encode_batch_fast", rust.encode_batch)  # fast: no char offsets
+  lengths = np.zeros(len(texts), np.int64)
+  ids, types = [], []
+  for start in range(0, len(texts), chunk):
+    part = texts[start:start + chunk]
+    pairs = bool(part) and len(part[0]) > 1
+    encodings = encode([(t[0], t[1]) for t in part] if pairs else [t[0] for t in part],
+                       add_special_tokens=True)
+    n = np.fromiter((len(e.ids) for e in encodings), np.int64, count=len(encodings))
+    lengths[start:start + len(n)] = n
+    total = int(n.sum())
+    # One flat array per chunk, straight from the encodings: no per-row NumPy arrays.
+    ids.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings),
+                           np.int32, count=total))
+    types.append(np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings),
+                             np.int8, count=total))
+  return _from_lengths(ids, types, lengths, labels, max_seq_length)
+
+
+def _from_lengths(ids: list[np.ndarray], types: list[np.ndarray], lengths: np.ndarray,
+                  labels: np.ndarray | None, max_seq_length: int) -> TokenizedSplit:
+  offsets = np.zeros(len(lengths) + 1, np.int64)
+  np.cumsum(lengths, out=offsets[1:])
+  empty = np.zeros(0, np.int32)
+  # A row at exactly max length was (almost always) cut: count it so the log says so.
+  return TokenizedSplit(np.concatenate(ids) if ids else empty,
+                        np.concatenate(types) if types else empty.astype(np.int8),
+                        offsets, labels, int(np.count_nonzero(lengths >= max_seq_length)))
+
+
+def _tokenize_python(tokenizer: Any, texts: Sequence[tuple[str, ...]],
+                     labels: np.ndarray | None, max_seq_length: int,
+                     chunk: int = 4096) -> TokenizedSplit:
+  """`tokenize` through `tokenizer(...)`: for tokenizers without a Rust backend."""
+  ids, types, lengths = [], [], []
+  for start in range(0, len(texts), chunk):
+    part = texts[start:start + chunk]
+    first = [t[0] for t in part]
+    second = [t[1] for t in part] if part and len(part[0]) > 1 else None
+    enc = tokenizer(first, second, truncation="longest_first", max_length=max_seq_length,
+                    return_attention_mask=False, return_token_type_ids=True,
+                    return_overflowing_tokens=False, return_length=False)
+    for row_ids, row_types in zip(enc["input_ids"], enc["token_type_ids"]):
+      ids.append(np.asarray(row_ids, np.int32))
+      types.append(np.asarray(row_types, np.int8))
+      lengths.append(len(row_ids))
+  return _from_lengths(ids, types, np.asarray(lengths, np.int64), labels, max_seq_length)
+
+
+def content_hash(texts: Sequence[tuple[str, ...]], labels: np.ndarray | None) -> str:
+  """A short hash of the rows' texts and labels: same data, same hash, whichever file."""
+  h = hashlib.sha256()
+  for row in texts:
+    h.update("\x1f".join(row).encode("utf-8", "surrogatepass"))
+    h.update(b"\x1e")
+  if labels is not None:
+    h.update(np.ascontiguousarray(labels).tobytes())
+  return h.hexdigest()[:24]
+
+
+def cached_tokenize(tokenizer: Any, texts: Sequence[tuple[str, ...]], labels: np.ndarray | None,
+                    max_seq_length: int, cache_dir: str | None) -> TokenizedSplit:
+  """`tokenize`, memoized on disk by a hash of texts, labels, tokenizer vocab and length.
+
+  With several processes and a `cache_dir`, process i tokenizes rows [i*n/P, (i+1)*n/P)
+  into a part file of the cache and every process then reads all parts: the result is
+  the same whole split as on one process, in 1/P of the time (`_tokenize_shared`).
+  """
+  data = content_hash(texts, labels)
+  if not cache_dir:
+    return dataclasses.replace(tokenize(tokenizer, texts, labels, max_seq_length),
+                               content_hash=data)
+  h = hashlib.sha256()
+  h.update(repr((type(tokenizer).__name__, len(tokenizer), tokenizer.name_or_path,
+                 max_seq_length)).encode())
+  h.update(repr(sorted(tokenizer.get_vocab().items())[:64]).encode())
+  h.update(data.encode())
+  path = os.path.join(cache_dir, f"tok-{h.hexdigest()[:24]}.npz")
+  split = _load_cache(path, data)
+  if jax.process_count() > 1:
+    # All processes must take the same branch (the shared one has barriers): a hit on every one.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    hits = multihost_utils.process_allgather(np.int32(split is not None))
+    if not np.all(hits):
+      split = _tokenize_shared(tokenizer, texts, labels, max_seq_length, path)
+  elif split is None:
+    split = tokenize(tokenizer, texts, labels, max_seq_length)
+    _save_cache(path, split)
+  return dataclasses.replace(split, content_hash=data)
+
+
+def _load_cache(path: str, data: str) -> TokenizedSplit | None:
+  if not os.path.isfile(path):
+    return None
+  try:
+    with np.load(path) as z:
+      return TokenizedSplit(z["input_ids"], z["token_type_ids"], z["offsets"],
+                            z["labels"] if "labels" in z else None, int(z["num_truncated"]),
+                            data)
+  except Exception as e:  # pylint: disable=broad-except  (a bad cache is rebuilt, not fatal)
+    log.warning("Ignoring unreadable token cache %s: %s", path, e)
+    return None
+
+
+def _save_cache(path: str, split: TokenizedSplit) -> None:
+  """Writes `split` to `path` atomically: a concurrent reader never sees half a file."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  arrays = dict(input_ids=split.input_ids, token_type_ids=split.token_type_ids,
+                offsets=split.offsets, num_truncated=np.asarray(split.num_truncated))
+  if split.labels is not None:
+    arrays["labels"] = split.labels
+  # Unique per host too: on a shared file system two hosts' writers can share a pid.
+  tmp = f"{path}.{jax.process_index()}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _tokenize_shared(tokenizer: Any, texts: Sequence[tuple[str, ...]],
+                     labels: np.ndarray | None, max_seq_length: int, path: str) -> TokenizedSplit:
+  """Each process tokenizes its 1/P of the rows into `path`'s part files; all read all parts.
+
+  Rows are split by position only, so the merged split is exactly `tokenize`'s on one
+  process. A part another process wrote but this one cannot see (a `cache_dir` that is
+  not shared between hosts) is tokenized here: slower, never different.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  me, count, n = jax.process_index(), jax.process_count(), len(texts)
+  bounds = [i * n // count for i in range(count + 1)]
+  part_path = [f"{path[:-len('.npz')]}.part{i}of{count}.npz" for i in range(count)]
+  start, stop = bounds[me], bounds[me + 1]
+  mine = tokenize(tokenizer, texts[start:stop], None, max_seq_length)
+  log.info("Process %d tokenized rows [%d, %d) of %d: %d rows", me, start, stop, n, stop - start)
+  _save_cache(part_path[me], mine)
+  multihost_utils.sync_global_devices(f"tokenized {os.path.basename(path)}")
+  parts = []
+  for i in range(count):
+    part = mine if i == me else _load_cache(part_path[i], "")
+    if part is None:
+      log.warning("Token cache part %s not found (cache_dir not shared by the hosts?): "
+                  "tokenizing rows [%d, %d) here", part_path[i], bounds[i], bounds[i + 1])
+      part = tokenize(tokenizer, texts[bounds[i]:bounds[i + 1]], None, max_seq_length)
+    parts.append(part)
+  split = _from_lengths([p.input_ids for p in parts], [p.token_type_ids for p in parts],
+                        np.concatenate([p.lengths for p in parts]), labels, max_seq_length)
+  if me == 0:
+    _save_cache(path, split)
+  # Parts are removed only once every process has read them.
+  multihost_utils.sync_global_devices(f"merged {os.path.basename(path)}")
+  os.remove(part_path[me])
+  return split
