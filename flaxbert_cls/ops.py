@@ -132,11 +132,6 @@ def hash_bits(seeds: jax.Array, shape: tuple[int, ...],
   return _mix32(_mix32(low ^ seeds[0] ^ word) ^ seeds[1] ^ _mix32(word))
 
 
-def hash_random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """uint32 dropout bits for `shape` from a JAX key. Not for anything cryptographic."""
-  return hash_bits(jax.random.bits(key, (2,), jnp.uint32), shape)
-
-
 def drop_threshold(rate: float) -> jax.Array:
   """Bits below this are dropped: P(drop) = rate."""
   return jnp.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
