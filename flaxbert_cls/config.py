@@ -96,7 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Parallelism: a mesh over all devices; -1 = the remaining devices. Parameters
   # carry logical axis names; these rules map them to mesh axes (lm1b style).
   c.mesh_axes = ("data", "fsdp", "tensor")
-  c.mesh_shape = (-1, 1, 1)  # pure data parallelism: the state fits on one device
+  # (-1, 1, 1): pure data parallelism. () = automatic: data parallel when parameters, gradients
+  # and AdamW moments fit 35% of a device's memory, else FSDP over the fewest devices that fit.
+  c.mesh_shape = (-1, 1, 1)
   # With fsdp > 1: tensors under this size stay whole on every device (gathering many
   # small tensors costs more than the memory they save); 0 = split every tensor.
   c.min_size_to_shard_mb = 0.0
@@ -137,7 +139,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "must be < 1 (< 0: the checkpoint's)")
   check(config.cpu_scheduler in ("memory", "concurrency"), "cpu_scheduler",
         "use 'memory' or 'concurrency'")
-  check(len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
+  check(not config.mesh_shape or len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
         f"needs one size per axis in mesh_axes={tuple(config.mesh_axes)}")
   check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")
   check(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", "use 'stop' or 'skip'")

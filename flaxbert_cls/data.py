@@ -218,17 +218,17 @@ class TaskMixture:
 
 
 def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: int,
-                buckets: Sequence[int], max_seq_length: int,
-                labels_dtype: Any = None) -> dict[str, np.ndarray]:
+                buckets: Sequence[int], max_seq_length: int, labels_dtype: Any = None,
+                sharding: jax.sharding.Sharding | None = None) -> dict[str, np.ndarray]:
   """This process's rows of global batch `step`, padded to the global batch's bucket.
 
   The step's task comes from `mixture` (one task: every step); with several tasks the
-  batch also holds `task_ids` per row.
+  batch also holds `task_ids` per row. `sharding`: the batch sharding `to_global` uses.
   """
   task, rows = mixture.batch_indices(step)
   split = splits[task]
   seq_len = bucket_for(int(split.lengths[rows].max()), buckets, max_seq_length)
-  batch = pad_rows(split, process_rows(rows), seq_len)
+  batch = pad_rows(split, process_rows(rows, sharding), seq_len)
   if len(splits) > 1:
     batch["task_ids"] = np.full(len(batch["weights"]), task, np.int32)
     if labels_dtype is not None and "labels" in batch:
@@ -236,15 +236,42 @@ def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: in
   return batch
 
 
-def process_rows(global_rows: np.ndarray) -> np.ndarray:
-  """This process's contiguous slice of a global batch (matches the batch sharding)."""
-  per_process = len(global_rows) // jax.process_count()
-  start = jax.process_index() * per_process
-  return global_rows[start:start + per_process]
+def process_rows(global_rows: np.ndarray, sharding: jax.sharding.Sharding | None = None
+                 ) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, in batch order."""
+  return global_rows[local_positions(len(global_rows), sharding)]
+
+
+def local_positions(global_size: int, sharding: jax.sharding.Sharding | None) -> np.ndarray:
+  """Sorted positions of a global batch held by this process's devices.
+
+  From the sharding itself, so they need not be one contiguous block: the mesh keeps
+  mesh_utils' device order (ICI rings on TPU) even where it alternates hosts. Without a
+  sharding: the p-th of P equal blocks.
+  """
+  if sharding is None:
+    per_process = global_size // jax.process_count()
+    return np.arange(per_process) + jax.process_index() * per_process
+  held = np.zeros(global_size, bool)
+  for index in sharding.addressable_devices_indices_map((global_size,)).values():
+    held[index[0]] = True
+  return np.flatnonzero(held)
+
+
+def _global_size(local_size: int, sharding: jax.sharding.Sharding) -> int:
+  """The global batch size whose share on this process is `local_size` rows."""
+  if sharding.is_fully_replicated:
+    return local_size
+  # Probe with a size every shard count divides: this process holds `mine` of `shards` blocks.
+  probe = (sharding.num_devices,)
+  shards = probe[0] // sharding.shard_shape(probe)[0]
+  mine = len({index[0].start for index in sharding.addressable_devices_indices_map(probe).values()})
+  return local_size * shards // mine
 
 
 def eval_batches(split: TokenizedSplit, batch_size: int, buckets: Sequence[int],
-                 max_seq_length: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+                 max_seq_length: int, sharding: jax.sharding.Sharding | None = None
+                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
   """Every example exactly once: sorted by length (less padding), last batch padded
 
   with weight-0 rows. Yields (global row indices, -1 for padding; this process's batch).
@@ -256,12 +283,23 @@ def eval_batches(split: TokenizedSplit, batch_size: int, buckets: Sequence[int],
   for rows in padded.reshape(num_batches, batch_size):
     real = rows[rows >= 0]
     seq_len = bucket_for(int(split.lengths[real].max()), buckets, max_seq_length)
-    yield rows, pad_rows(split, process_rows(rows), seq_len)
+    yield rows, pad_rows(split, process_rows(rows, sharding), seq_len)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """Assembles per-process NumPy rows into global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  """Assembles this process's rows (`process_rows` with the same sharding) into global arrays."""
+  local_size = len(next(iter(batch.values())))
+  global_size = _global_size(local_size, sharding)
+  positions = local_positions(global_size, sharding)
+
+  def assemble(local: np.ndarray) -> jax.Array:
+    def device_rows(index: tuple[slice, ...]) -> np.ndarray:
+      rows = range(*index[0].indices(global_size))
+      start = int(np.searchsorted(positions, rows.start))
+      return local[(slice(start, start + len(rows)), *index[1:])]
+    return jax.make_array_from_callback((global_size, *local.shape[1:]), sharding, device_rows)
+
+  return {k: assemble(v) for k, v in batch.items()}
 
 
 def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:

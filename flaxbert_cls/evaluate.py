@@ -69,7 +69,7 @@ def gather_logits(jit_eval: Callable, params: Any, split: data_lib.TokenizedSpli
   out = None
   num_batches = -(-len(split) // batch_size)
   for i, (rows, batch) in enumerate(data_lib.eval_batches(split, batch_size, buckets,
-                                                          max_seq_length)):
+                                                          max_seq_length, batch_sharding)):
     if batch_sharding is not None:
       batch = data_lib.to_global(batch, batch_sharding)
     logits = np.asarray(multihost_utils.process_allgather(jit_eval(params, batch), tiled=True))

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from flaxbert_cls import checkpoint as checkpoint_lib
@@ -175,7 +176,8 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   `label_names`: a tuple (single task) or {task: names} (multi-task); None = from the data.
   """
   config_lib.validate(config)
-  mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape, devices)
+  data_parallel = tuple(-1 if a == "data" else 1 for a in config.mesh_axes)
+  mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape or data_parallel, devices)
   platform = mesh.devices.flat[0].platform
   config_lib.validate_for_platform(config, platform)
   tasks = _run_tasks(config, label_names)
@@ -209,8 +211,20 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
         bert_config, tuple(t.num_labels for t in tasks), tuple(t.name for t in tasks))
   else:
     model = model_lib.BertForSequenceClassification(bert_config, tasks[0].num_labels)
+  if not config.mesh_shape:  # automatic: sized from the model, then built again on that mesh
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mesh_shape = sharding_lib.auto_mesh_shape(
+        config.mesh_axes, _train_state_bytes(model), list(mesh.devices.flat))
+    return build_experiment(config, model_dir, label_names, devices)
   return Experiment(config, tasks, hf_config, tokenizer, model, mesh,
                     sharding_lib.batch_sharding(mesh))
+
+
+def _train_state_bytes(model: model_lib.BertForSequenceClassification) -> int:
+  """float32 parameters, gradients and two AdamW moments, every parameter counted as trained."""
+  dummy = jnp.ones((1, 8), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, dummy, dummy, dummy))
+  return 16 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
 def read_tokenized(exp: Experiment, split: str) -> list[data_lib.TokenizedSplit]:

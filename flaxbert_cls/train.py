@@ -304,7 +304,8 @@ def _global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeni
   labels_dtype = np.float32 if any(t.task.is_regression for t in exp.tasks) else np.int32
   return data_lib.prefetch(
       data_lib.to_global(data_lib.train_batch(splits, mixture, step, config.seq_buckets,
-                                              config.max_seq_length, labels_dtype),
+                                              config.max_seq_length, labels_dtype,
+                                              exp.batch_sharding),
                          exp.batch_sharding)
       for step in steps)
 
