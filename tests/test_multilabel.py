@@ -237,3 +237,4 @@ def test_multilabel_export_matches_in_pytorch(multilabel_run):
   y = examples.labels
   bce = np.mean(np.logaddexp(0, flax_logits) - y * flax_logits)
   assert float(out.loss) == pytest.approx(bce, rel=1e-4)
+
