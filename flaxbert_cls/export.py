@@ -57,10 +57,12 @@ def check_step(workdir: str, step: int | str | None) -> None:
                     f"saved steps: {steps}")
 
 
-def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None) -> Any:
+def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None,
+                         problem_type: str = "single_label_classification") -> Any:
   """A copy of `hf_config` for a *ForSequenceClassification with this label map.
 
-  `label_names` None means regression (one output).
+  `label_names` None means regression (one output). `problem_type` picks transformers'
+  loss: 'multi_label_classification' = BCEWithLogitsLoss (apply a sigmoid to the logits).
   """
   fam = hf.family(hf_config.model_type)
   config = copy.deepcopy(hf_config)
@@ -72,7 +74,7 @@ def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None) -> A
     config.num_labels = len(label_names)
     config.id2label = dict(enumerate(label_names))
     config.label2id = {name: i for i, name in enumerate(label_names)}
-    config.problem_type = "single_label_classification"
+    config.problem_type = problem_type
   # The weights are float32; a pre-trained config saying bfloat16 would make
   # transformers (dtype='auto') load them rounded.
   config.dtype = "float32"
@@ -81,7 +83,8 @@ def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None) -> A
 
 def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
                   label_names: Sequence[str] | None,
-                  metadata: dict[str, Any] | None = None) -> str:
+                  metadata: dict[str, Any] | None = None,
+                  problem_type: str = "single_label_classification") -> str:
   """Writes an HF model directory (config, safetensors, tokenizer) to a new `output`.
 
   `params` are the Flax classification model's parameters (any arrays); they are
@@ -98,7 +101,7 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     os.makedirs(tmp)
-    hf_config_for_export(hf_config, label_names).save_pretrained(tmp)
+    hf_config_for_export(hf_config, label_names, problem_type).save_pretrained(tmp)
     # "format": "pt" is what transformers writes; readers use it to pick a framework.
     save_file(state, os.path.join(tmp, hf.SAFETENSORS_NAME), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
@@ -137,6 +140,12 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
                  step: int | str | None) -> str:
   """One task's HF directory; `params` named as a one-task model's."""
   task = run_task.task
+  if exp.config.get("pooling", "cls") != "cls":
+    # transformers' *ForSequenceClassification heads read [CLS] (BERT: its pooler); a mean-
+    # pooled model would load without error and predict something else.
+    raise UserError(f"{workdir}: pooling={exp.config.pooling!r} cannot be exported: "
+                    "transformers' sequence-classification models read the [CLS] token only; "
+                    "predict with the workdir itself (flaxbert-cls predict --model=WORKDIR)")
   metadata = {
       "source_workdir": os.path.abspath(workdir),
       "step": "latest" if step is None else step,
@@ -146,7 +155,8 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
-  out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata)
+  out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata,
+                      task.problem_type)
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
            task.name, hf.family(exp.hf_config.model_type).architecture,
            1 if run_task.label_names is None else len(run_task.label_names), out)

@@ -135,7 +135,9 @@ class Predictor:
         name=meta.get("task_name", "predict"),
         text_fields=tuple(meta.get("text_fields") or _DEFAULT_TEXT_FIELDS),
         label_field=_NO_LABEL_FIELD, label_names=None,
-        file_columns=tuple(meta["file_columns"]) if meta.get("file_columns") else None)
+        file_columns=tuple(meta["file_columns"]) if meta.get("file_columns") else None,
+        is_regression=is_regression, problem_type=hf_config.problem_type or (
+            "regression" if is_regression else "single_label_classification"))
     return cls(model, jax.device_put(params), tokenizer, label_names, task,
                int(meta.get("max_seq_length", _DEFAULT_MAX_SEQ_LENGTH)),
                tuple(meta.get("seq_buckets", _DEFAULT_BUCKETS)), _DEFAULT_BATCH_SIZE, None,
@@ -164,6 +166,10 @@ class Predictor:
   def _results(self, logits: np.ndarray) -> list[dict[str, Any]]:
     if self.is_regression:
       return [{"score": float(s)} for s in logits[:, 0]]
+    if self.task.is_multilabel:  # every label over 0.5, and every label's probability
+      return [{"label": [n for n, q in zip(self.label_names, p) if q > 0.5],
+               "probabilities": {n: float(q) for n, q in zip(self.label_names, p)}}
+              for p in evaluate_lib.sigmoid(logits)]
     probs = evaluate_lib.softmax(logits)
     return [{"label": self.label_names[int(p.argmax())],
              "probabilities": {n: float(q) for n, q in zip(self.label_names, p)}} for p in probs]
@@ -237,8 +243,9 @@ def _write_results(path: str, text_fields: Sequence[str], texts: Sequence[tuple[
         tail = ["score"] if label_names is None else ["label"] + [f"p_{n}" for n in label_names]
         writer.writerow(list(text_fields) + tail)
         for row, r in zip(texts, results):
+          label = "|".join(r["label"]) if isinstance(r.get("label"), list) else r.get("label")
           values = ([r["score"]] if label_names is None else
-                    [r["label"]] + [r["probabilities"][n] for n in label_names])
+                    [label] + [r["probabilities"][n] for n in label_names])
           writer.writerow(list(row) + values)
       else:
         for row, r in zip(texts, results):
