@@ -20,7 +20,7 @@ from flaxbert_cls import tokenization
 from flaxbert_cls import train
 from flaxbert_cls.errors import UserError
 import export_fixtures
-from model_fixtures import REPO
+from model_fixtures import DEMO_DATA, REPO
 from numerics import assert_close
 
 
@@ -117,11 +117,19 @@ def test_saved_decisions_round_trip(tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def calibrated_run(tmp_path_factory):
-  """The tiny BERT fine-tuned 10 steps with calibrate and a tuned binary threshold."""
+  """The tiny BERT fine-tuned 3 steps with calibrate and a tuned binary threshold."""
   root = tmp_path_factory.mktemp("calibrated")
   checkpoint = export_fixtures.tiny_bert(str(root / "tiny"))
   workdir = str(root / "run")
-  config = export_fixtures.tiny_run_config(checkpoint, calibrate=True, tune_thresholds=True)
+  # Few rows: the decisions need only a fitted run, not a good one.
+  files = {}
+  for name, rows in (("train.tsv", 96), ("dev.tsv", 300)):
+    files[name] = str(root / name)
+    with open(files[name], "w") as f:
+      f.writelines(open(os.path.join(DEMO_DATA, name)).readlines()[:rows + 1])
+  config = export_fixtures.tiny_run_config(
+      checkpoint, train_file=files["train.tsv"], validation_file=files["dev.tsv"],
+      num_train_steps=3, warmup_steps=1, calibrate=True, tune_thresholds=True)
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir, export.export(workdir, str(root / "exported"))
 
@@ -135,7 +143,7 @@ def _pytorch_lines():
 
 def test_train_eval_predict_export_apply_the_decisions(calibrated_run, tmp_path):
   workdir, exported = calibrated_run
-  fitted = decisions.load(workdir, 10, 2, False)
+  fitted = decisions.load(workdir, 3, 2, False)
   assert fitted.temperature > 0 and fitted.temperature != 1.0 and 0 < fitted.threshold < 1
   record = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))][-1]
   assert {"ece", "ece_calibrated", "accuracy_tuned", "f1", "f1_tuned"} <= set(record)
