@@ -37,7 +37,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.text_columns = ("sentence",)  # custom task: 1 or 2 text columns
   c.label_column = "label"  # custom task
   c.label_names = ()  # custom task: class names in id order; () = from the training data
-  c.is_regression = False  # custom task
+  c.is_regression = False  # custom task; alias of problem_type='regression'
+  # Custom task: 'single_label_classification' | 'multi_label_classification' | 'regression'
+  # (HF's names); '' = from is_regression. Multi-label: sigmoid + binary cross-entropy.
+  c.problem_type = ""
+  # Multi-label TSV/CSV: the label column holds labels joined by this ('3,27', 'a|b');
+  # JSONL rows may give a list instead. Labels are names, or ids in label_names order.
+  c.label_delimiter = ","
+  c.label_names_file = ""  # custom task: label names, one a line (id order), e.g. emotions.txt
+  c.file_columns = ()  # custom task: column names of a header-less TSV/CSV (GoEmotions)
+  # '' none | 'auto' | numbers in label order, comma-separated ('1,4.5'; a string, so that
+  # --config.class_weights=auto works). Single-label: weighted softmax cross-entropy, 'auto' =
+  # inverse class frequency scaled to a mean weight of 1 over the training examples.
+  # Multi-label: BCE pos_weight per label, 'auto' = negatives/positives, clipped (below).
+  c.class_weights = ""
+  c.max_pos_weight = 30.0  # multi-label 'auto': pos_weight clip (rare labels; see design.md)
   c.metrics = ()  # custom task: () = accuracy (classification) / pearson, spearmanr
   c.main_metric = ""  # custom task: '' = the first of metrics
   # Multi-task: a tuple of dicts, one per task, each with task_name and any of TASK_KEYS
@@ -57,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_seq_length = 128
   # Batches are padded to the smallest bucket that fits (bounded compiled shapes).
   c.seq_buckets = (32, 64, 128, 256, 512)
+  # What the head reads: 'cls' (the family's [CLS] / pooler path) or 'mean' (the mean of the
+  # last hidden state over non-padding tokens, as sentence-transformers models were trained).
+  c.pooling = "cls"
   c.length_grouping_window = 0  # > 0: sort by length within windows of this many batches
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
   # XLA's persistent compilation cache: a second start of the same config skips compiling.
@@ -160,6 +177,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.get("mixing", "proportional") in MIXING, "mixing", f"use one of {MIXING}")
   check(config.get("mixing_temperature", 1.0) > 0, "mixing_temperature", "must be > 0")
   check(0 < config.layerwise_lr_decay <= 1, "layerwise_lr_decay", "must be in (0, 1]")
+  check(config.get("pooling", "cls") in ("cls", "mean"), "pooling", "use 'cls' or 'mean'")
+  check(config.get("problem_type", "") in ("", *PROBLEM_TYPES), "problem_type",
+        f"use one of {PROBLEM_TYPES}")
+  check(config.get("max_pos_weight", 1.0) >= 1, "max_pos_weight", "must be >= 1")
+  weights = parse_class_weights(config.get("class_weights", ""))
+  check(weights is not None, "class_weights",
+        "use '' (none), 'auto' or positive numbers in label order, e.g. '1,4.5'")
   check(config.get("tune_thresholds") in (None, True, False), "tune_thresholds",
         "use True, False or None (multi-label only)")
   check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
@@ -167,6 +191,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")
+
+
+def parse_class_weights(value) -> "str | tuple[float, ...] | None":
+  """config.class_weights as () (none), 'auto' or a tuple of numbers; None if malformed.
+
+  Takes the string form ('', 'auto', '1,4.5') and a list/tuple (a config read from JSON)."""
+  if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+    return ()
+  if isinstance(value, str) and value.strip().lower() == "auto":
+    return "auto"
+  parts = value.split(",") if isinstance(value, str) else list(value)
+  try:
+    weights = tuple(float(p) for p in parts if not isinstance(p, bool))
+  except (TypeError, ValueError):
+    return None
+  if len(weights) != len(parts) or not all(w > 0 for w in weights):
+    return None
+  return weights
 
 
 def validate_for_platform(config: ml_collections.ConfigDict, platform: str) -> None:
@@ -180,7 +222,9 @@ def validate_for_platform(config: ml_collections.ConfigDict, platform: str) -> N
 # Keys a `config.tasks` entry may set (besides task_name, name and weight).
 TASK_KEYS = ("train_file", "validation_file", "data_dir", "dataset_name", "dataset_config_name",
              "tfds_name", "tfds_data_dir", "text_columns", "label_column", "label_names",
-             "is_regression", "metrics", "main_metric")
+             "is_regression", "metrics", "main_metric", "problem_type", "label_delimiter",
+             "label_names_file", "file_columns", "class_weights")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 MIXING = ("proportional", "temperature", "equal")
 
 

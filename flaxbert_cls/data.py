@@ -103,7 +103,8 @@ def pad_rows(split: TokenizedSplit, rows: np.ndarray, seq_len: int) -> dict[str,
                weights=weights)
   if split.labels is not None:
     safe = np.where(rows >= 0, rows, 0)
-    batch["labels"] = np.where(rows >= 0, split.labels[safe], 0).astype(split.labels.dtype)
+    real = (rows >= 0).reshape(-1, *[1] * (split.labels.ndim - 1))  # multi-hot: [n, labels]
+    batch["labels"] = np.where(real, split.labels[safe], 0).astype(split.labels.dtype)
   return batch
 
 

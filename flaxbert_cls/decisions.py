@@ -26,6 +26,7 @@ import numpy as np
 
 from flaxbert_cls import calibration
 from flaxbert_cls import metrics as metrics_lib
+from flaxbert_cls import tasks as tasks_lib
 from flaxbert_cls import thresholds as thresholds_lib
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import UserError
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 DECISIONS_FILE = "decisions.json"  # in the workdir: {"steps": {"<step>": Decisions}}
 POSITIVE = 1  # binary single-label: the positive class is label id 1, as metric 'f1'
-MULTI_LABEL = "multi_label_classification"
 HF_TEMPERATURE = "calibration_temperature"  # the temperature's key in an export's config.json
 
 
@@ -57,9 +57,9 @@ class Decisions:
   def predictions(self, probabilities: np.ndarray, multi_label: bool = False) -> np.ndarray:
     """int class ids [N], or bool [N, L] (labels at or over their thresholds)."""
     if multi_label:
-      cut = thresholds_lib.DEFAULT_THRESHOLD if self.thresholds is None else np.asarray(
-          self.thresholds)
-      return probabilities >= cut
+      if self.thresholds is None:  # untuned: over 0.5, as evaluate's metrics at 0.5
+        return probabilities > thresholds_lib.DEFAULT_THRESHOLD
+      return probabilities >= np.asarray(self.thresholds)
     if self.threshold is None:
       return probabilities.argmax(-1)
     return thresholds_lib.apply_binary(probabilities, self.threshold, POSITIVE)
@@ -79,7 +79,7 @@ class Decisions:
     values = {"temperature": getattr(hf_config, HF_TEMPERATURE, 1.0),
               "threshold": getattr(hf_config, "threshold", None),
               "thresholds": getattr(hf_config, "thresholds", None)}
-    multi_label = hf_config.problem_type == MULTI_LABEL
+    multi_label = hf_config.problem_type == tasks_lib.MULTI_LABEL
     return cls.from_dict(values, hf_config.num_labels, multi_label, where)
 
   @classmethod
@@ -109,10 +109,6 @@ class Decisions:
     return out
 
 
-def is_multi_label(task: Any) -> bool:
-  return getattr(task, "problem_type", "") == MULTI_LABEL
-
-
 def tunes_thresholds(config: ml_collections.ConfigDict, multi_label: bool) -> bool:
   """tune_thresholds None (the default): multi-label yes, binary single-label no."""
   tune = config.get("tune_thresholds")
@@ -136,13 +132,13 @@ def check_run(exp: Any) -> None:
   if task.task.is_regression:
     raise UserError("config.calibrate / tune_thresholds / thresholds_file: for classification; "
                     f"task {task.name} is a regression")
-  if (config.get("tune_thresholds") or config.get("thresholds_file")) and not is_multi_label(
-      task.task) and task.num_labels != 2:
+  if (config.get("tune_thresholds") or config.get("thresholds_file")) and not (
+      task.task.is_multilabel or task.num_labels == 2):
     raise UserError(f"config.tune_thresholds / thresholds_file: a single-label task needs two "
                     f"classes (the threshold is on P(label id 1)); {task.name} has "
                     f"{task.num_labels}")
   if config.get("thresholds_file"):
-    user_thresholds(config, task.num_labels, is_multi_label(task.task))
+    user_thresholds(config, task.num_labels, task.task.is_multilabel)
 
 
 def user_thresholds(config: ml_collections.ConfigDict, num_labels: int,
@@ -188,7 +184,16 @@ def scores(decisions: Decisions, logits: np.ndarray, labels: np.ndarray,
     out["ece_calibrated"] = calibration.expected_calibration_error(probabilities, labels,
                                                                    multi_label)
     out["temperature"] = decisions.temperature
-  if not multi_label and decisions.threshold is not None:
+  if multi_label:
+    labels = np.asarray(labels)
+    if decisions.thresholds is not None:
+      out.update({f"{k}_tuned": v for k, v in metrics_lib.multilabel_metrics(
+          metric_names, decisions.predictions(probabilities, True), labels).items()})
+    if decisions.global_threshold is not None:  # one threshold for every label (micro F1)
+      out.update({f"{k}_global": v for k, v in metrics_lib.multilabel_metrics(
+          metric_names, probabilities >= decisions.global_threshold, labels).items()})
+      out["global_threshold"] = decisions.global_threshold
+  elif decisions.threshold is not None:
     names = tuple(dict.fromkeys((*metric_names, "f1")))
     if "f1" not in metric_names:  # the metric the threshold maximises, at argmax too
       out["f1"] = metrics_lib.compute_metrics(("f1",), probabilities.argmax(-1), labels)["f1"]
@@ -204,7 +209,7 @@ def after_eval(exp: Any, workdir: str, step: int, logits: np.ndarray,
   """In training, after an evaluation: fit on the validation logits, save (process 0),
   return their scores. {} when the run asks for no decisions."""
   task = exp.tasks[0]
-  multi_label = is_multi_label(task.task)
+  multi_label = task.task.is_multilabel
   if exp.multitask or task.task.is_regression or not enabled(exp.config, multi_label):
     return {}
   decisions = fit(exp.config, logits, labels, multi_label, step)
@@ -218,7 +223,7 @@ def for_eval(exp: Any, workdir: str, logits: np.ndarray, labels: np.ndarray
   """`flaxbert-cls eval`: the scores of the decisions saved for the loaded checkpoint
   (thresholds from config.thresholds_file when given); {} when there are none."""
   task = exp.tasks[0]
-  multi_label = is_multi_label(task.task)
+  multi_label = task.task.is_multilabel
   if exp.multitask or task.task.is_regression:
     return {}
   decisions = load(workdir, exp.checkpoint_step, task.num_labels, multi_label)

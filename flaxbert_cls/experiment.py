@@ -58,6 +58,9 @@ class RunTask:
   label_names: tuple[str, ...] | None
   config: ml_collections.ConfigDict  # the run's config with this task's keys on top
   weight: float = 1.0
+  # Loss weights per class (multi-label: BCE pos_weight per label); () = none. Resolved
+  # from config.class_weights and the training labels (class_weights.resolve_for_run).
+  class_weights: tuple[float, ...] = ()
 
   @property
   def num_labels(self) -> int:
@@ -94,6 +97,13 @@ class Experiment:
     if self.multitask:
       return tuple(t.task.is_regression for t in self.tasks)
     return self.task.is_regression
+
+  @property
+  def head_losses(self) -> Any:
+    """The train step's loss per head (train.HeadLoss; a tuple for a multi-task run)."""
+    from flaxbert_cls.train import HeadLoss  # pylint: disable=g-import-not-at-top
+    losses = tuple(HeadLoss(t.task.problem_type, tuple(t.class_weights)) for t in self.tasks)
+    return losses if self.multitask else losses[0]
 
   @property
   def multitask(self) -> bool:
@@ -145,6 +155,9 @@ def _run_tasks(config: ml_collections.ConfigDict, label_names: Any) -> tuple[Run
       names = (label_names or {}).get(name) if multitask else label_names
       if names is None and not task.is_regression:
         names = data_lib.label_names_for(task_config, task)
+      if multitask and task.is_multilabel:
+        raise UserError("problem_type='multi_label_classification' is not supported in "
+                        "multi-task runs yet; train it as its own run")
     except UserError as e:
       raise UserError(f"{where}{e}") from None
     tasks.append(RunTask(name or task.name, task, tuple(names) if names else None, task_config,
@@ -193,7 +206,7 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
       hf_config, dtype=config.dtype, mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh),
       lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-      lora_targets=tuple(config.lora_targets), **overrides)
+      lora_targets=tuple(config.lora_targets), pooling=config.get("pooling", "cls"), **overrides)
   bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
       config.attention_impl, platform, config.dtype, bert_config.head_dim))
   # Positions past the table would be gathered out of range: NaN embeddings, not an error.
@@ -278,8 +291,7 @@ def save_model_dir(exp: Experiment, workdir: str) -> None:
     if names is not None:
       hf_config.id2label = dict(enumerate(names))
       hf_config.label2id = {n: i for i, n in enumerate(names)}
-    hf_config.problem_type = ("regression" if exp.is_regression
-                              else "single_label_classification")
+    hf_config.problem_type = exp.task.problem_type
   with tempfile.TemporaryDirectory() as staging:  # save_pretrained writes local files only
     hf_config.save_pretrained(staging)
     exp.tokenizer.save_pretrained(staging)

@@ -106,8 +106,7 @@ class Predictor:
       raise UserError(f"{workdir}: a multi-task run ({', '.join(t.name for t in exp.tasks)}); "
                       "export it (flaxbert-cls export --output=OUT) and predict with OUT/<task>")
     decisions = None if exp.task.is_regression else decisions_lib.load(
-        workdir, exp.checkpoint_step, len(exp.label_names),
-        decisions_lib.is_multi_label(exp.task))
+        workdir, exp.checkpoint_step, len(exp.label_names), exp.task.is_multilabel)
     return cls(exp.model, params, exp.tokenizer, exp.label_names, _unlabelled(exp.task),
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
                int(exp.config.eval_batch_size), exp.batch_sharding, workdir, decisions)
@@ -141,7 +140,9 @@ class Predictor:
         name=meta.get("task_name", "predict"),
         text_fields=tuple(meta.get("text_fields") or _DEFAULT_TEXT_FIELDS),
         label_field=_NO_LABEL_FIELD, label_names=None,
-        file_columns=tuple(meta["file_columns"]) if meta.get("file_columns") else None)
+        file_columns=tuple(meta["file_columns"]) if meta.get("file_columns") else None,
+        is_regression=is_regression, problem_type=hf_config.problem_type or (
+            "regression" if is_regression else "single_label_classification"))
     decisions = None if is_regression else decisions_lib.Decisions.from_hf_config(
         hf_config, os.path.join(directory, "config.json"))
     return cls(model, jax.device_put(params), tokenizer, label_names, task,
@@ -172,11 +173,16 @@ class Predictor:
   def _results(self, logits: np.ndarray) -> list[dict[str, Any]]:
     if self.is_regression:
       return [{"score": float(s)} for s in logits[:, 0]]
+    # Probabilities after the temperature; labels by the thresholds (decisions.py).
     decisions = self.decisions or decisions_lib.Decisions()
-    probs = decisions.probabilities(logits)
-    return [{"label": self.label_names[int(k)],
-             "probabilities": {n: float(q) for n, q in zip(self.label_names, p)}}
-            for k, p in zip(decisions.predictions(probs), probs)]
+    multilabel = self.task.is_multilabel
+    probs = decisions.probabilities(logits, multilabel)
+    chosen = decisions.predictions(probs, multilabel)
+    names = self.label_names
+    # Multi-label: every label at or over its threshold, and every label's probability.
+    return [{"label": ([n for n, c in zip(names, row) if c] if multilabel else names[int(row)]),
+             "probabilities": {n: float(q) for n, q in zip(names, p)}}
+            for row, p in zip(chosen, probs)]
 
   def predict_file(self, input_path: str, output_path: str) -> dict[str, float]:
     """Predicts every row of a .tsv/.csv/.jsonl file; writes .csv or .jsonl in input order.
@@ -247,8 +253,9 @@ def _write_results(path: str, text_fields: Sequence[str], texts: Sequence[tuple[
         tail = ["score"] if label_names is None else ["label"] + [f"p_{n}" for n in label_names]
         writer.writerow(list(text_fields) + tail)
         for row, r in zip(texts, results):
+          label = "|".join(r["label"]) if isinstance(r.get("label"), list) else r.get("label")
           values = ([r["score"]] if label_names is None else
-                    [r["label"]] + [r["probabilities"][n] for n in label_names])
+                    [label] + [r["probabilities"][n] for n in label_names])
           writer.writerow(list(row) + values)
       else:
         for row, r in zip(texts, results):

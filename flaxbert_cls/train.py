@@ -5,6 +5,7 @@ experiment (model, tasks, mesh, state) comes from `experiment.py`, evaluation fr
 `evaluate.py`, log lines and scalars from `progress.py`.
 """
 
+import dataclasses
 import functools
 import logging
 import math
@@ -22,6 +23,7 @@ import optax
 from clu import metrics as clu_metrics
 
 from flaxbert_cls import checkpoint as checkpoint_lib
+from flaxbert_cls import class_weights as class_weights_lib
 from flaxbert_cls import data as data_lib
 from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import evaluate as evaluate_lib
@@ -46,34 +48,76 @@ class TrainMetrics(clu_metrics.Collection):
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
 
 
-def example_losses(logits: jax.Array, labels: jax.Array, is_regression: bool) -> jax.Array:
-  """Per-example loss in float32: squared error (regression) or softmax cross-entropy."""
+@dataclasses.dataclass(frozen=True)
+class HeadLoss:
+  """One head's loss, fixed at compile time: the problem type and its class weights."""
+
+  problem_type: str = "single_label_classification"
+  # Single-label: weight per class (weighted softmax CE). Multi-label: BCE pos_weight per
+  # label. () = unweighted.
+  class_weights: tuple[float, ...] = ()
+
+
+def _head_loss(spec: "bool | HeadLoss") -> HeadLoss:
+  """A bool (is_regression, the older form) or a HeadLoss."""
+  if isinstance(spec, HeadLoss):
+    return spec
+  return HeadLoss("regression" if spec else "single_label_classification")
+
+
+def example_losses(logits: jax.Array, labels: jax.Array, spec: "bool | HeadLoss") -> jax.Array:
+  """Per-example loss in float32: squared error (regression), softmax cross-entropy (weighted
+  by the label's class weight) or binary cross-entropy averaged over labels (multi-label,
+  positives weighted by pos_weight, as torch's BCEWithLogitsLoss)."""
+  spec = _head_loss(spec)
   logits = logits.astype(jnp.float32)
-  if is_regression:
+  if spec.problem_type == "regression":
     return jnp.square(logits[:, 0] - labels.astype(jnp.float32))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  weights = jnp.asarray(spec.class_weights, jnp.float32) if spec.class_weights else None
+  if spec.problem_type == "multi_label_classification":
+    labels = labels.astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(logits, labels)
+    if weights is not None:  # pos_weight scales the positive term -log(sigmoid(x)) only
+      bce = bce + (weights - 1.0) * labels * optax.sigmoid_binary_cross_entropy(
+          logits, jnp.ones_like(logits))
+    return jnp.mean(bce, axis=-1)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return losses if weights is None else losses * weights[labels]
+
+
+def example_correct(logits: jax.Array, labels: jax.Array, spec: "bool | HeadLoss") -> jax.Array:
+  """1.0 where the prediction is right (multi-label: every label at 0.5); 0 for regression."""
+  spec = _head_loss(spec)
+  if spec.problem_type == "regression":
+    return jnp.zeros(logits.shape[0], jnp.float32)
+  if spec.problem_type == "multi_label_classification":
+    return jnp.all((logits > 0) == (labels > 0.5), axis=-1).astype(jnp.float32)
+  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
 
 def head_losses(outputs: jax.Array | tuple[jax.Array, ...], labels: jax.Array,
-                task_ids: jax.Array | None, is_regression: bool | tuple[bool, ...]
+                task_ids: jax.Array | None,
+                is_regression: "bool | HeadLoss | tuple[bool | HeadLoss, ...]"
                 ) -> tuple[jax.Array, jax.Array]:
   """(per-example loss, per-example correct) from each example's own task head.
 
   `outputs` is one logits array (single task) or one per task (MultiTaskClassifier),
   with `task_ids` naming each row's task; other heads' values are masked out with
   `where`, so they get no gradient and a wrong-range label cannot leak a NaN.
+  `is_regression`: per head, a bool or a `HeadLoss` (problem type and class weights).
   """
   if not isinstance(outputs, tuple):
     outputs, is_regression = (outputs,), (is_regression,)
   losses = correct = None
-  for t, (logits, regression) in enumerate(zip(outputs, is_regression)):
+  for t, (logits, spec) in enumerate(zip(outputs, is_regression)):
+    spec = _head_loss(spec)
+    regression = spec.problem_type == "regression"
     task_labels = labels
     if task_ids is not None:
       task_labels = (labels.astype(jnp.float32) if regression
                      else jnp.clip(labels.astype(jnp.int32), 0, logits.shape[-1] - 1))
-    loss_t = example_losses(logits, task_labels, regression)
-    correct_t = (jnp.zeros_like(loss_t) if regression
-                 else (jnp.argmax(logits, -1) == task_labels).astype(jnp.float32))
+    loss_t = example_losses(logits, task_labels, spec)
+    correct_t = example_correct(logits, task_labels, spec)
     if task_ids is None:
       return loss_t, correct_t
     mine = task_ids == t
@@ -84,7 +128,7 @@ def head_losses(outputs: jax.Array | tuple[jax.Array, ...], labels: jax.Array,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               is_regression: bool | tuple[bool, ...], dropout_seed: int,
+               is_regression: "bool | HeadLoss | tuple[bool | HeadLoss, ...]", dropout_seed: int,
                accumulation_steps: int = 1, frozen: Any | None = None
                ) -> tuple[TrainState, TrainMetrics, jax.Array]:
   """One AdamW step on one global batch; returns (state, metrics, loss-and-grads-finite).
@@ -154,7 +198,7 @@ def jit_train_step(exp: experiment_lib.Experiment, params: Any, state_shardings:
   config = exp.config
   return jax.jit(
       functools.partial(train_step, model=exp.model, tx=tx, schedule=schedule,
-                        is_regression=exp.is_regression,
+                        is_regression=exp.head_losses,
                         dropout_seed=config.seed,
                         accumulation_steps=config.gradient_accumulation_steps,
                         frozen=_frozen_mask(params, config)),
@@ -210,6 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   exp = experiment_lib.build_experiment(config, devices=devices)
   decisions_lib.check_run(exp)
   train_splits = experiment_lib.read_tokenized(exp, "train")
+  class_weights_lib.resolve_for_run(exp, [split.labels for split in train_splits])
   eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
   mixture = _task_mixture(exp, train_splits)
   total_steps = _total_steps(config, mixture)
