@@ -134,10 +134,10 @@ def calibrated_run(tmp_path_factory):
   return workdir, export.export(workdir, str(root / "exported"))
 
 
-def _pytorch_lines():
-  """The README's PyTorch lines for a binary export."""
+def _pytorch_lines(kind: str = "binary single-label") -> str:
+  """The README's PyTorch lines for a `kind` export."""
   readme = open(os.path.join(REPO, "README.md")).read()
-  block = re.search(r"```python\n# binary single-label export.*?\n(.*?)```", readme, re.S)
+  block = re.search(rf"```python\n# {kind} export.*?\n(.*?)```", readme, re.S)
   return block.group(1)
 
 
@@ -199,3 +199,61 @@ def test_thresholds_file_of_the_wrong_length_stops_before_training(tmp_path):
                                            thresholds_file=str(bad))
   with pytest.raises(UserError, match=r"thresholds.json: 2 thresholds for 1 label"):
     train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory):
+  """A tiny multi-label run (labels a, b, c; c never in validation), calibrated, exported."""
+  root = tmp_path_factory.mktemp("multilabel")
+  checkpoint = export_fixtures.tiny_bert(str(root / "tiny"))
+  sentences = [l.split("\t")[0] for l in open(export_fixtures.DEV).readlines()[1:161]]
+  rng = np.random.default_rng(0)
+  files = {}
+  for name, rows, names in (("train", sentences[:96], "abc"), ("dev", sentences[96:], "ab")):
+    files[name] = str(root / f"{name}.jsonl")
+    with open(files[name], "w") as f:
+      for s in rows:
+        labels = [n for n in names if rng.random() < 0.4]
+        f.write(json.dumps({"sentence": s, "labels": labels}) + "\n")
+  config = export_fixtures.tiny_run_config(
+      checkpoint, task_name="custom", problem_type="multi_label_classification",
+      label_column="labels", train_file=files["train"], validation_file=files["dev"],
+      num_train_steps=3, warmup_steps=1, calibrate=True)
+  workdir = str(root / "run")
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return workdir, export.export(workdir, str(root / "exported")), sentences[96:]
+
+
+def test_multilabel_thresholds_in_predict_export_and_pytorch(multilabel_run):
+  workdir, exported, sentences = multilabel_run
+  fitted = decisions.load(workdir, 3, 3, True)  # tuned per label by default
+  assert fitted.temperature != 1.0 and fitted.thresholds[2] == 0.5  # 'c': no positives
+  assert 0 < fitted.global_threshold < 1
+  record = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))][-1]
+  assert {"ece", "ece_calibrated", "f1_macro_tuned", "f1_micro_global"} <= set(record)
+  assert record["f1_micro_global"] >= record["f1_micro"]  # the global threshold's objective
+  config = json.load(open(os.path.join(exported, "config.json")))
+  assert config["problem_type"] == "multi_label_classification"
+  assert config["thresholds"] == pytest.approx(fitted.thresholds)
+
+  from_workdir = predict.Predictor.from_path(workdir)
+  logits = from_workdir.logits(tokenization.tokenize(
+      from_workdir.tokenizer, [(s,) for s in sentences], None, from_workdir.max_seq_length))
+  expected = calibration.sigmoid(logits, fitted.temperature)
+  expected_labels = [[n for n, q, t in zip("abc", p, fitted.thresholds) if q >= t]
+                     for p in expected]
+  for predictor in (from_workdir, predict.Predictor.from_path(exported)):
+    out = predictor.predict(sentences)
+    assert_close([[r["probabilities"][n] for n in "abc"] for r in out], expected, rel=1e-5)
+    assert [r["label"] for r in out] == expected_labels
+
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(exported)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+  with torch.no_grad():
+    logits = model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits
+  scope = {"torch": torch, "model": model, "logits": logits}
+  exec(_pytorch_lines("multi-label"), scope)  # pylint: disable=exec-used
+  assert_close(scope["probs"].numpy(), expected, rel=1e-4, err_msg="README lines")
+  assert scope["label_names"] == expected_labels
