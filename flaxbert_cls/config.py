@@ -185,7 +185,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(weights is not None, "class_weights",
         "use '' (none), 'auto' or positive numbers in label order, e.g. '1,4.5'")
   check(config.get("tune_thresholds") in (None, True, False), "tune_thresholds",
-        "use True, False or None (multi-label only)")
+        "use True, False or None (None: tune for multi-label only)")
   check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
         "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
   check(config.gradient_accumulation_steps >= 1 and
