@@ -61,6 +61,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.mixing = "proportional"  # which task each step trains: proportional | temperature | equal
   c.mixing_temperature = 2.0  # 'temperature': p(task) ~ weight * size^(1/T)
   c.selection_metric = "average"  # best-k / early stopping: 'average' of main metrics or a task
+  # Decisions (decisions.py), fitted on the validation set after each evaluation and saved
+  # with the run and its export. calibrate: temperature scaling of the logits (min NLL).
+  c.calibrate = False
+  # Thresholds maximising F1 on validation: None = yes for multi-label (per label), no for
+  # single-label; True on a binary single-label task tunes P(label id 1)'s threshold.
+  c.tune_thresholds = ml_collections.FieldReference(None, field_type=bool)
+  c.thresholds_file = ""  # a JSON list of thresholds (label order) used instead of tuning
   c.max_seq_length = 128
   # Batches are padded to the smallest bucket that fits (bounded compiled shapes).
   c.seq_buckets = (32, 64, 128, 256, 512)
@@ -179,6 +186,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   weights = parse_class_weights(config.get("class_weights", ""))
   check(weights is not None, "class_weights",
         "use '' (none), 'auto' or positive numbers in label order, e.g. '1,4.5'")
+  check(config.get("tune_thresholds") in (None, True, False), "tune_thresholds",
+        "use True, False or None (None: tune for multi-label only)")
+  check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
+        "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")

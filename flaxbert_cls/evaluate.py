@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import metrics as metrics_lib
 from flaxbert_cls import progress as progress_lib
@@ -207,6 +208,8 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
   read = experiment_lib.read_examples_tokenized(exp, "validation")
   results, _, logits = evaluate_tasks(exp, params, [t for _, t in read],
                                       jit_eval_step(exp.model))
+  # Metrics at the saved temperature / thresholds too (decisions.py).
+  results.update(decisions_lib.for_eval(exp, workdir, logits[0], read[0][1].labels))
   log.info("eval of %s (step %d): %s", workdir, exp.checkpoint_step, format_metrics(results))
   if jax.process_index() == 0:
     write_eval_files(workdir, exp, [e for e, _ in read], logits, results, exp.checkpoint_step,

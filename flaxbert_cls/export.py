@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import hf
 from flaxbert_cls.errors import UserError
 
@@ -84,11 +85,13 @@ def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None,
 def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
                   label_names: Sequence[str] | None,
                   metadata: dict[str, Any] | None = None,
-                  problem_type: str = "single_label_classification") -> str:
+                  problem_type: str = "single_label_classification",
+                  decision_fields: dict[str, Any] | None = None) -> str:
   """Writes an HF model directory (config, safetensors, tokenizer) to a new `output`.
 
   `params` are the Flax classification model's parameters (any arrays); they are
-  written under the names of `hf_config.model_type`'s family. The directory
+  written under the names of `hf_config.model_type`'s family. `decision_fields`
+  (temperature, threshold(s): decisions.py) go into config.json. The directory
   appears whole or not at all: files go to a temporary sibling that is renamed.
   """
   output = os.path.abspath(output)
@@ -101,7 +104,10 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     os.makedirs(tmp)
-    hf_config_for_export(hf_config, label_names, problem_type).save_pretrained(tmp)
+    config = hf_config_for_export(hf_config, label_names, problem_type)
+    for key, value in (decision_fields or {}).items():  # kept by PretrainedConfig as extras
+      setattr(config, key, value)
+    config.save_pretrained(tmp)
     # "format": "pt" is what transformers writes; readers use it to pick a framework.
     save_file(state, os.path.join(tmp, hf.SAFETENSORS_NAME), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
@@ -155,8 +161,10 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
+  decisions = None if exp.multitask or task.is_regression else decisions_lib.load(
+      workdir, exp.checkpoint_step, run_task.num_labels, task.is_multilabel)
   out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata,
-                      task.problem_type)
+                      task.problem_type, decisions.hf_fields() if decisions else None)
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
            task.name, hf.family(exp.hf_config.model_type).architecture,
            1 if run_task.label_names is None else len(run_task.label_names), out)

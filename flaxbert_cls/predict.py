@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import evaluate as evaluate_lib
 from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import export as export_lib
@@ -64,6 +65,8 @@ class Predictor:
   batch_size: int
   batch_sharding: jax.sharding.Sharding | None = None  # None: one device
   source: str = ""
+  # Temperature and thresholds saved with the run or its export; None: argmax of softmax.
+  decisions: decisions_lib.Decisions | None = None
 
   def __post_init__(self):
     self._jit_eval = None
@@ -102,9 +105,11 @@ class Predictor:
     if exp.multitask:
       raise UserError(f"{workdir}: a multi-task run ({', '.join(t.name for t in exp.tasks)}); "
                       "export it (flaxbert-cls export --output=OUT) and predict with OUT/<task>")
+    decisions = None if exp.task.is_regression else decisions_lib.load(
+        workdir, exp.checkpoint_step, len(exp.label_names), exp.task.is_multilabel)
     return cls(exp.model, params, exp.tokenizer, exp.label_names, _unlabelled(exp.task),
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
-               int(exp.config.eval_batch_size), exp.batch_sharding, workdir)
+               int(exp.config.eval_batch_size), exp.batch_sharding, workdir, decisions)
 
   @classmethod
   def _from_hf_dir(cls, directory: str) -> "Predictor":
@@ -138,10 +143,12 @@ class Predictor:
         file_columns=tuple(meta["file_columns"]) if meta.get("file_columns") else None,
         is_regression=is_regression, problem_type=hf_config.problem_type or (
             "regression" if is_regression else "single_label_classification"))
+    decisions = None if is_regression else decisions_lib.Decisions.from_hf_config(
+        hf_config, os.path.join(directory, "config.json"))
     return cls(model, jax.device_put(params), tokenizer, label_names, task,
                int(meta.get("max_seq_length", _DEFAULT_MAX_SEQ_LENGTH)),
                tuple(meta.get("seq_buckets", _DEFAULT_BUCKETS)), _DEFAULT_BATCH_SIZE, None,
-               directory)
+               directory, decisions)
 
   @property
   def is_regression(self) -> bool:
@@ -166,13 +173,16 @@ class Predictor:
   def _results(self, logits: np.ndarray) -> list[dict[str, Any]]:
     if self.is_regression:
       return [{"score": float(s)} for s in logits[:, 0]]
-    if self.task.is_multilabel:  # every label over 0.5, and every label's probability
-      return [{"label": [n for n, q in zip(self.label_names, p) if q > 0.5],
-               "probabilities": {n: float(q) for n, q in zip(self.label_names, p)}}
-              for p in evaluate_lib.sigmoid(logits)]
-    probs = evaluate_lib.softmax(logits)
-    return [{"label": self.label_names[int(p.argmax())],
-             "probabilities": {n: float(q) for n, q in zip(self.label_names, p)}} for p in probs]
+    # Probabilities after the temperature; labels by the thresholds (decisions.py).
+    decisions = self.decisions or decisions_lib.Decisions()
+    multilabel = self.task.is_multilabel
+    probs = decisions.probabilities(logits, multilabel)
+    chosen = decisions.predictions(probs, multilabel)
+    names = self.label_names
+    # Multi-label: every label at or over its threshold, and every label's probability.
+    return [{"label": ([n for n, c in zip(names, row) if c] if multilabel else names[int(row)]),
+             "probabilities": {n: float(q) for n, q in zip(names, p)}}
+            for row, p in zip(chosen, probs)]
 
   def predict_file(self, input_path: str, output_path: str) -> dict[str, float]:
     """Predicts every row of a .tsv/.csv/.jsonl file; writes .csv or .jsonl in input order.

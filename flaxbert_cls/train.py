@@ -25,6 +25,7 @@ from clu import metrics as clu_metrics
 from flaxbert_cls import checkpoint as checkpoint_lib
 from flaxbert_cls import class_weights as class_weights_lib
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import evaluate as evaluate_lib
 from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import hf
@@ -251,6 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = _with_cache_dir(config, workdir)
   enable_compilation_cache(config.compilation_cache_dir)
   exp = experiment_lib.build_experiment(config, devices=devices)
+  decisions_lib.check_run(exp)
   train_splits = experiment_lib.read_tokenized(exp, "train")
   class_weights_lib.resolve_for_run(exp, [split.labels for split in train_splits])
   eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
@@ -363,6 +365,10 @@ def _evaluate(exp: experiment_lib.Experiment, params: Any,
   (predictions and errors: the report page reads them without evaluating again)."""
   metrics, records, logits = evaluate_lib.evaluate_tasks(
       exp, params, [split for _, split in eval_data], jit_eval)
+  # Temperature / thresholds fitted on these logits and saved (config.calibrate, ...).
+  fitted = decisions_lib.after_eval(exp, workdir, step, logits[0], eval_data[0][1].labels)
+  metrics.update(fitted)
+  records[0].update(fitted)
   train_log.write_eval(step, metrics, records)
   best.update(step, metrics)
   if best.best and best.best["step"] == step and jax.process_index() == 0:
