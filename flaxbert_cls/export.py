@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from flaxbert_cls import hf
+from flaxbert_cls import tokenization
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,9 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
+  # predict reads long documents as the run did (head_tail / windows + pooling).
+  metadata.update({k: exp.config[k] for k in (*tokenization.LONG_DOCUMENT_KEYS, "window_pooling")
+                   if k in exp.config})
   out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata)
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
            task.name, hf.family(exp.hf_config.model_type).architecture,

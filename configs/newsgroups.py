@@ -1,0 +1,46 @@
+"""20 Newsgroups (20 classes, long posts) with the packaged MiniLM at max_seq_length=128.
+
+Make the data first (a fixed-seed, stratified held-out split of the bydate train posts):
+  python tools/newsgroups_split.py --heldout=0.1 --train_subset=2000
+then compare the long-document layouts with identical settings:
+  flaxbert-cls train --config=configs/newsgroups.py --workdir=workdirs/ng_windows
+  flaxbert-cls train --config=configs/newsgroups.py --workdir=workdirs/ng_truncate \
+      --config.long_document=truncate
+Most posts are longer than 128 tokens: 'windows' reads up to max_windows x 128 of them.
+"""
+
+import os
+
+import ml_collections
+
+from flaxbert_cls import hf
+from flaxbert_cls.config import default_config
+
+_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "workdirs", "newsgroups")  # tools/newsgroups_split.py writes here
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = default_config()
+  c.model_name_or_path = hf.packaged_minilm_dir()
+  c.task_name = "custom"
+  c.train_file = os.path.join(_DATA, "train.jsonl")
+  c.validation_file = os.path.join(_DATA, "heldout.jsonl")
+  c.text_columns = ("text",)
+  c.label_column = "label"
+  c.metrics = ("accuracy", "f1_macro")
+  c.max_seq_length = 128
+  c.seq_buckets = (32, 64, 128)
+  c.length_grouping_window = 20  # documents of similar length (window count) share batches
+  c.long_document = "windows"
+  c.window_stride = 96  # 32 tokens of overlap between neighbouring windows
+  c.max_windows = 4
+  c.window_pooling = "mean"
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.learning_rate = 1e-4
+  c.num_train_epochs = 1.0
+  c.warmup_ratio = 0.1
+  c.log_every_steps = 10
+  c.eval_every_steps = 0
+  return c
