@@ -6,7 +6,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -33,12 +32,12 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def documents():
-  """40 'documents' of 1 to 8 SST-2 sentences (up to ~150 tokens), labelled by the first."""
-  lines = open(os.path.join(DEMO_DATA, "train.tsv")).read().splitlines()[1:181]
+  """40 'documents' of 3 to 8 SST-2 sentences (17 to 147 tokens), labelled by the first."""
+  lines = open(os.path.join(DEMO_DATA, "train.tsv")).read().splitlines()[1:223]
   sentences = [line.split("\t") for line in lines]
   docs, start = [], 0
   for i in range(40):
-    size = 1 + (i * 5) % 8
+    size = 3 + (i * 5) % 6
     part = sentences[start:start + size]
     start += size
     docs.append((" ".join(s for s, _ in part), part[0][1]))
@@ -111,8 +110,8 @@ def _config(checkpoint, train_file, dev_file, **overrides):
   c.update(model_name_or_path=checkpoint, task_name="custom", train_file=train_file,
            validation_file=dev_file, text_columns=("text",), max_seq_length=MAX_LEN,
            seq_buckets=(MAX_LEN,), batch_size=8, eval_batch_size=8, learning_rate=1e-3,
-           num_train_steps=4, warmup_steps=1, log_every_steps=1, long_document="windows",
-           window_stride=24, max_windows=4, length_grouping_window=2)
+           num_train_steps=3, warmup_steps=1, log_every_steps=1, long_document="windows",
+           window_stride=24, max_windows=3, window_pooling="max")
   c.update(overrides)
   return c
 
@@ -143,37 +142,37 @@ def test_windows_train_on_document_logits_and_eval_predict_per_document(document
   workdir = str(tmp_path / "run")
   result = train.train_and_evaluate(config, workdir)  # 8 simulated devices
   losses = [loss for _, loss in result["train_log"]]
-  assert len(losses) == 4 and np.all(np.isfinite(losses))
+  assert len(losses) == 3 and np.all(np.isfinite(losses))
 
-  # Step 1's loss is the cross-entropy of step 1's documents' pooled logits.
+  # Step 1's loss is the cross-entropy of step 1's documents' max-pooled logits.
   exp = experiment.build_experiment(config)
   split = experiment.read_tokenized(exp, "train")[0]
-  assert len(split) == 32 and split.window_counts.max() == 4
-  initial = experiment.create_train_state(exp, 4, checkpoint)[0].params
-  docs = data_lib.TrainOrder(split.document_lengths, 8, config.seed, 2).batch_indices(0)
+  assert len(split) == 32 and split.window_counts.min() == 1 and split.num_truncated > 0
+  assert split.window_counts.max() == 3
+  initial = experiment.create_train_state(exp, 3, checkpoint)[0].params
+  order = data_lib.TrainOrder(split.document_lengths, 8, config.seed)
+  docs = order.batch_indices(0)
   want = _cross_entropy(_manual_document_logits(exp, jax.device_get(initial), split,
-                                                "mean")[docs], split.labels[docs])
+                                                "max")[docs], split.labels[docs])
   assert_close(losses[0], want, 1e-5, "step 1 loss")
-  batch = data_lib.train_batch([split], data_lib.TaskMixture(
-      [data_lib.TrainOrder(split.document_lengths, 8, config.seed, 2)], np.ones(1), 0), 0,
-      config.seq_buckets, MAX_LEN)
-  assert batch["input_ids"].shape[:2] == batch["window_mask"].shape == (8, 4)
+  batch = data_lib.train_batch([split], data_lib.TaskMixture([order], np.ones(1), 0), 0,
+                               config.seq_buckets, MAX_LEN)
+  assert batch["input_ids"].shape[:2] == batch["window_mask"].shape
+  assert batch["input_ids"].shape[0] == 8
 
-  # Eval and predict: one row per document, in input order, max-pooled as configured.
-  exp, params = experiment.load_run(workdir, ml_collections.ConfigDict({"window_pooling": "max"}))
+  # Eval (sharded, in training) and predict: one row per document, in input order.
+  exp, params = experiment.load_run(workdir)
   dev_split = experiment.read_tokenized(exp, "validation")[0]
-  want = _manual_document_logits(exp, jax.device_get(params), dev_split, "max")
-  _, eval_logits = evaluate.evaluate(exp, params, dev_split, evaluate.jit_eval_step(
-      exp.model, window_pooling="max"))
-  assert eval_logits.shape == (13, 2)
-  assert_close(eval_logits, want, 1e-5, "eval")
-  predictor = predict.Predictor.from_path(workdir)  # the run's mean pooling
-  results = predictor.predict([text for text, _ in dev_docs])
-  probs = np.array([[r["probabilities"][n] for n in exp.label_names] for r in results])
-  mean = _manual_document_logits(exp, jax.device_get(params), dev_split, "mean")
-  assert_close(probs, evaluate.softmax(mean), 1e-5, "predict")
+  probs = evaluate.softmax(_manual_document_logits(exp, jax.device_get(params), dev_split, "max"))
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "eval", "predictions.jsonl"))]
+  assert [r["text"] for r in rows] == [text for text, _ in dev_docs]
+  eval_probs = np.array([[r["probabilities"][n] for n in exp.label_names] for r in rows])
+  assert_close(eval_probs, probs, 1e-5, "eval")
   assert result["eval"]["accuracy"] == pytest.approx(
-      np.mean(mean.argmax(-1) == dev_split.labels), abs=1e-12)
+      np.mean(probs.argmax(-1) == dev_split.labels), abs=1e-12)
+  results = predict.Predictor.from_path(workdir).predict([text for text, _ in dev_docs])
+  predicted = np.array([[r["probabilities"][n] for n in exp.label_names] for r in results])
+  assert_close(predicted, probs, 1e-5, "predict")
 
 
 def test_bad_long_document_settings_are_one_line(tokenizer):
