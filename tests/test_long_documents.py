@@ -161,9 +161,9 @@ def test_windows_train_on_document_logits_and_eval_predict_per_document(document
   assert batch["input_ids"].shape[0] == 8
 
   # Eval (sharded, in training) and predict: one row per document, in input order.
-  exp, params = experiment.load_run(workdir)
+  params = jax.device_get(result["state"].params)  # the evaluated step's: eval ran at the end
   dev_split = experiment.read_tokenized(exp, "validation")[0]
-  probs = evaluate.softmax(_manual_document_logits(exp, jax.device_get(params), dev_split, "max"))
+  probs = evaluate.softmax(_manual_document_logits(exp, params, dev_split, "max"))
   rows = [json.loads(line) for line in open(os.path.join(workdir, "eval", "predictions.jsonl"))]
   assert [r["text"] for r in rows] == [text for text, _ in dev_docs]
   eval_probs = np.array([[r["probabilities"][n] for n in exp.label_names] for r in rows])
