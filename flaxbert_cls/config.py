@@ -5,6 +5,8 @@ HF run_glue.py names where users know them. Files in configs/ start from
 command line (--config.learning_rate=3e-5). `validate` checks values early.
 """
 
+from typing import Any
+
 import ml_collections
 
 
@@ -75,6 +77,16 @@ def default_config() -> ml_collections.ConfigDict:
   # last hidden state over non-padding tokens, as sentence-transformers models were trained).
   c.pooling = "cls"
   c.length_grouping_window = 0  # > 0: sort by length within windows of this many batches
+  # Texts longer than max_seq_length (single-text tasks; README "Long documents"):
+  # 'truncate' keeps the first tokens; 'head_tail' the first head_tokens and the last
+  # ones (Sun et al. 2019); 'windows' reads up to max_windows windows whose starts are
+  # window_stride tokens apart and classifies the document by the mean (or max,
+  # window_pooling) of its windows' logits, in training, eval and predict alike.
+  c.long_document = "truncate"
+  c.head_tokens = -1  # head_tail: tokens kept from the start; -1 = a quarter (Sun et al.: 128/510)
+  c.window_stride = 64  # windows: tokens between window starts, in [1, max_seq_length - 2]
+  c.max_windows = 8  # windows: at most this many per document (the rest is cut)
+  c.window_pooling = "mean"  # windows: 'mean' or 'max' of the windows' logits
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
   # XLA's persistent compilation cache: a second start of the same config skips compiling.
   c.compilation_cache_dir = "~/.cache/flaxbert_cls/xla"  # '' = off
@@ -166,6 +178,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(not config.mesh_shape or len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
         f"needs one size per axis in mesh_axes={tuple(config.mesh_axes)}")
   check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")
+  _validate_long_document(config, check)
   check(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", "use 'stop' or 'skip'")
   for key in ("checkpoint_every_steps", "log_every_steps", "max_checkpoints_to_keep"):
     check(int(config[key]) > 0, key, "must be > 0")
@@ -211,6 +224,29 @@ def parse_class_weights(value) -> "str | tuple[float, ...] | None":
   if len(weights) != len(parts) or not all(w > 0 for w in weights):
     return None
   return weights
+
+
+LONG_DOCUMENT = ("truncate", "head_tail", "windows")
+
+
+def _validate_long_document(config: ml_collections.ConfigDict, check: Any) -> None:
+  """The long_document keys; .get: runs saved before they existed truncate."""
+  mode = config.get("long_document", "truncate")
+  check(mode in LONG_DOCUMENT, "long_document", f"use one of {LONG_DOCUMENT}")
+  # Every layout row is [CLS] content [SEP]: max_seq_length - 2 content tokens.
+  content = int(config.max_seq_length) - 2
+  if mode == "head_tail":
+    head = int(config.get("head_tokens", -1))
+    check(head == -1 or 0 <= head < content, "head_tokens",
+          f"must be -1 (auto) or in [0, max_seq_length - 2 = {content}): the head must leave "
+          "room for the tail")
+  if mode == "windows":
+    check(1 <= int(config.window_stride) <= content, "window_stride",
+          f"must be in [1, max_seq_length - 2 = {content}] (windows of max_seq_length="
+          f"{config.max_seq_length} hold {content} text tokens; a larger stride skips text)")
+    check(int(config.max_windows) >= 1, "max_windows", "must be >= 1")
+    check(config.get("window_pooling", "mean") in ("mean", "max"), "window_pooling",
+          "use 'mean' or 'max'")
 
 
 def validate_for_platform(config: ml_collections.ConfigDict, platform: str) -> None:

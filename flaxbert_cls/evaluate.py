@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from flaxbert_cls import data as data_lib
 from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import experiment as experiment_lib
+from flaxbert_cls import long_documents
 from flaxbert_cls import metrics as metrics_lib
 from flaxbert_cls import progress as progress_lib
 from flaxbert_cls import readers
@@ -38,10 +39,14 @@ ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "eval.json"
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
-  """Logits [batch, classes]; for a multi-task model [batch, task, max classes] (zero-padded)."""
-  logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                       batch["token_type_ids"], deterministic=True)
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
+              window_pooling: str = "mean") -> jax.Array:
+  """Logits [batch, classes]; for a multi-task model [batch, task, max classes] (zero-padded).
+
+  A window batch gives one row per document: its windows' pooled logits.
+  """
+  logits = long_documents.document_logits(model, params, batch, window_pooling,
+                                          deterministic=True)
   if isinstance(logits, tuple):  # every head in one program: one compile per length bucket
     width = max(x.shape[-1] for x in logits)
     logits = jnp.stack([jnp.pad(x, ((0, 0), (0, width - x.shape[-1]))) for x in logits], 1)
@@ -49,9 +54,10 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> 
 
 
 def jit_eval_step(model: nn.Module, param_shardings: Any = None,
-                  batch_sharding: jax.sharding.Sharding | None = None) -> Callable:
+                  batch_sharding: jax.sharding.Sharding | None = None,
+                  window_pooling: str = "mean") -> Callable:
   """eval_step jitted for `model`; with shardings, as training places params and batches."""
-  step = functools.partial(eval_step, model=model)
+  step = functools.partial(eval_step, model=model, window_pooling=window_pooling)
   if batch_sharding is None:
     return jax.jit(step)
   return jax.jit(step, in_shardings=(param_shardings, batch_sharding),
@@ -62,9 +68,9 @@ def gather_logits(jit_eval: Callable, params: Any, split: data_lib.TokenizedSpli
                   batch_size: int, buckets: tuple[int, ...], max_seq_length: int,
                   batch_sharding: jax.sharding.Sharding | None = None,
                   on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
-  """float32 logits of every example of `split` in its order, from every process.
+  """float32 logits of every example (document, with windows) of `split` in its order,
 
-  [n, classes], or [n, task, max classes] for a multi-task model. `on_batch(done, total)`
+  from every process: [n, classes], or [n, task, max classes] for a multi-task model. `on_batch(done, total)`
   is called after each batch (progress).
   """
   out = None
@@ -206,8 +212,9 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
   """
   exp, params = experiment_lib.load_run(workdir, overrides, step)
   read = experiment_lib.read_examples_tokenized(exp, "validation")
-  results, _, logits = evaluate_tasks(exp, params, [t for _, t in read],
-                                      jit_eval_step(exp.model))
+  results, _, logits = evaluate_tasks(
+      exp, params, [t for _, t in read],
+      jit_eval_step(exp.model, window_pooling=exp.config.get("window_pooling", "mean")))
   # Metrics at the saved temperature / thresholds too (decisions.py).
   results.update(decisions_lib.for_eval(exp, workdir, logits[0], read[0][1].labels))
   log.info("eval of %s (step %d): %s", workdir, exp.checkpoint_step, format_metrics(results))

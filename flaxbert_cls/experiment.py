@@ -142,7 +142,8 @@ class Experiment:
 
   def tokenize(self, examples: Any) -> data_lib.TokenizedSplit:
     return tokenization.cached_tokenize(self.tokenizer, examples.texts, examples.labels,
-                                    self.config.max_seq_length, self.config.cache_dir or None)
+                                    self.config.max_seq_length, self.config.cache_dir or None,
+                                    tokenization.Layout.from_config(self.config))
 
 
 def _run_tasks(config: ml_collections.ConfigDict, label_names: Any) -> tuple[RunTask, ...]:
@@ -252,9 +253,11 @@ def read_examples_tokenized(exp: Experiment, split: str
   for run_task in exp.tasks:
     examples = data_lib.read_split(run_task.config, run_task.task, split, run_task.label_names)
     tokenized = exp.tokenize(examples)
-    log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d",
+    log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d%s",
              run_task.name, len(tokenized), examples.source, tokenized.lengths.mean(),
-             tokenized.num_truncated, exp.config.max_seq_length)
+             tokenized.num_truncated, exp.config.max_seq_length,
+             "" if tokenized.documents is None else
+             f" (long_document=windows: {tokenized.window_counts.mean():.2f} windows per example)")
     out.append((examples, tokenized))
   return out
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import hf
+from flaxbert_cls import tokenization
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,9 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
+  # predict reads long documents as the run did (head_tail / windows + pooling).
+  metadata.update({k: exp.config[k] for k in (*tokenization.LONG_DOCUMENT_KEYS, "window_pooling")
+                   if k in exp.config})
   decisions = None if exp.multitask or task.is_regression else decisions_lib.load(
       workdir, exp.checkpoint_step, run_task.num_labels, task.is_multilabel)
   out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata,

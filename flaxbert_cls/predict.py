@@ -67,6 +67,9 @@ class Predictor:
   source: str = ""
   # Temperature and thresholds saved with the run or its export; None: argmax of softmax.
   decisions: decisions_lib.Decisions | None = None
+  # How texts longer than max_seq_length are read (the run's long_document keys).
+  layout: tokenization.Layout = tokenization.TRUNCATE
+  window_pooling: str = "mean"
 
   def __post_init__(self):
     self._jit_eval = None
@@ -109,7 +112,9 @@ class Predictor:
         workdir, exp.checkpoint_step, len(exp.label_names), exp.task.is_multilabel)
     return cls(exp.model, params, exp.tokenizer, exp.label_names, _unlabelled(exp.task),
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
-               int(exp.config.eval_batch_size), exp.batch_sharding, workdir, decisions)
+               int(exp.config.eval_batch_size), exp.batch_sharding, workdir, decisions,
+               tokenization.Layout.from_config(exp.config),
+               exp.config.get("window_pooling", "mean"))
 
   @classmethod
   def _from_hf_dir(cls, directory: str) -> "Predictor":
@@ -148,7 +153,8 @@ class Predictor:
     return cls(model, jax.device_put(params), tokenizer, label_names, task,
                int(meta.get("max_seq_length", _DEFAULT_MAX_SEQ_LENGTH)),
                tuple(meta.get("seq_buckets", _DEFAULT_BUCKETS)), _DEFAULT_BATCH_SIZE, None,
-               directory, decisions)
+               directory, decisions, tokenization.Layout.from_config(meta),
+               meta.get("window_pooling", "mean"))
 
   @property
   def is_regression(self) -> bool:
@@ -157,13 +163,16 @@ class Predictor:
   def predict(self, texts: Sequence[str] | Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     """One result per text (or text pair), in order: {'label', 'probabilities'} or {'score'}."""
     rows = _normalize_texts(texts)
-    logits = self.logits(tokenization.tokenize(self.tokenizer, rows, None, self.max_seq_length))
+    logits = self.logits(self._tokenize(rows))
     return self._results(logits)
 
+  def _tokenize(self, rows: Sequence[tuple[str, ...]]) -> data_lib.TokenizedSplit:
+    return tokenization.tokenize(self.tokenizer, rows, None, self.max_seq_length, self.layout)
+
   def logits(self, split: data_lib.TokenizedSplit, progress: bool = False) -> np.ndarray:
-    """float32 [n, num_labels] logits of every example of `split`, in its order."""
+    """float32 [n, num_labels] logits of every example (document) of `split`, in its order."""
     if self._jit_eval is None:
-      self._jit_eval = evaluate_lib.jit_eval_step(self.model)
+      self._jit_eval = evaluate_lib.jit_eval_step(self.model, window_pooling=self.window_pooling)
     # A bar on a terminal, else a log line every tenth of the batches.
     return evaluate_lib.gather_logits(
         self._jit_eval, self.params, split, self.batch_size, self.seq_buckets,
@@ -196,7 +205,7 @@ class Predictor:
     examples = readers.read_file(input_path, self.task, require_labels=False)
     log.info("predict: %d rows from %s with %s", len(examples), input_path, self.source)
     start = time.perf_counter()
-    split = tokenization.tokenize(self.tokenizer, examples.texts, None, self.max_seq_length)
+    split = self._tokenize(examples.texts)
     logits = self.logits(split, progress=True)
     seconds = time.perf_counter() - start
     _write_results(output_path, self.task.text_fields, examples.texts, self._results(logits),

@@ -29,6 +29,7 @@ from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import evaluate as evaluate_lib
 from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import hf
+from flaxbert_cls import long_documents
 from flaxbert_cls import optim
 from flaxbert_cls import progress as progress_lib
 from flaxbert_cls import sharding as sharding_lib
@@ -129,22 +130,24 @@ def head_losses(outputs: jax.Array | tuple[jax.Array, ...], labels: jax.Array,
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                is_regression: "bool | HeadLoss | tuple[bool | HeadLoss, ...]", dropout_seed: int,
-               accumulation_steps: int = 1, frozen: Any | None = None
+               accumulation_steps: int = 1, frozen: Any | None = None,
+               window_pooling: str = "mean"
                ) -> tuple[TrainState, TrainMetrics, jax.Array]:
   """One AdamW step on one global batch; returns (state, metrics, loss-and-grads-finite).
 
   With accumulation_steps = k the batch runs as k micro-batches (scan) whose summed
   gradients give exactly the full batch's update, with 1/k of the activations.
   Multi-task: `is_regression` has one entry per head and the batch holds `task_ids`.
+  Window batches (long_document='windows'): the loss is on each document's logits, the
+  `window_pooling` of its windows' (long_documents.py).
   """
   # Dropout randomness is a pure function of (seed, step): resume needs no RNG state.
   rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
   total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
   def loss_sum(params, micro, micro_rng):
-    logits = model.apply({"params": params}, micro["input_ids"], micro["attention_mask"],
-                         micro["token_type_ids"], deterministic=False,
-                         rngs={"dropout": micro_rng})
+    logits = long_documents.document_logits(model, params, micro, window_pooling,
+                                            deterministic=False, rngs={"dropout": micro_rng})
     losses, correct = head_losses(logits, micro["labels"], micro.get("task_ids"), is_regression)
     return jnp.sum(losses * micro["weights"]), (correct, losses)
 
@@ -201,7 +204,8 @@ def jit_train_step(exp: experiment_lib.Experiment, params: Any, state_shardings:
                         is_regression=exp.head_losses,
                         dropout_seed=config.seed,
                         accumulation_steps=config.gradient_accumulation_steps,
-                        frozen=_frozen_mask(params, config)),
+                        frozen=_frozen_mask(params, config),
+                        window_pooling=config.get("window_pooling", "mean")),
       in_shardings=(state_shardings, exp.batch_sharding),
       out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
                      sharding_lib.replicated(exp.mesh)),
@@ -263,7 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run_meta = _run_meta(exp, total_steps, train_splits)
   state, state_shardings, tx, schedule, best = _restore_or_init(exp, ckpt, run_meta)
   jit_train = jit_train_step(exp, state.params, state_shardings, tx, schedule)
-  jit_eval = evaluate_lib.jit_eval_step(exp.model, state_shardings.params, exp.batch_sharding)
+  jit_eval = evaluate_lib.jit_eval_step(exp.model, state_shardings.params, exp.batch_sharding,
+                                        config.get("window_pooling", "mean"))
   _write_run_files(exp, workdir)
 
   start_step = int(state.step)
@@ -323,7 +328,7 @@ def _task_mixture(exp: experiment_lib.Experiment, splits: list[data_lib.Tokenize
   orders = []
   for i, (run_task, split) in enumerate(zip(exp.tasks, splits)):
     try:
-      orders.append(data_lib.TrainOrder(split.lengths, config.batch_size, config.seed + i,
+      orders.append(data_lib.TrainOrder(split.document_lengths, config.batch_size, config.seed + i,
                                         config.length_grouping_window))
     except UserError as e:
       raise UserError(f"task {run_task.name}: {e}" if exp.multitask else str(e)) from None
