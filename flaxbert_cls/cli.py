@@ -3,8 +3,9 @@
   flaxbert-cls train --config=configs/sst2.py --workdir=DIR [--config.learning_rate=3e-5]
   flaxbert-cls eval --workdir=DIR [--config=... --config.validation_file=...] [--step=N]
   flaxbert-cls report --workdir=DIR   (writes DIR/report/index.html)
-  flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N]
+  flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N] [--quantize=int8]
   flaxbert-cls predict --model=DIR_OR_HF_DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
+      [--quantize=int8] [--batch_size=N]
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ _MODEL = flags.DEFINE_string("model", None, "predict: a workdir or an exported H
 _INPUT = flags.DEFINE_string("input", None, "predict: texts to classify (.tsv, .csv, .jsonl).")
 _TEXT_COLUMNS = flags.DEFINE_list("text_columns", None,
                                   "predict: input columns holding the text (default: the run's).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"],
+                              "export: also write model.int8.onnx; predict: predict with the "
+                              "int8 ONNX Runtime model (needs the [quantize] extra).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
+                                   "predict: examples per batch (default: the run's "
+                                   "eval_batch_size, or 64).")
 # Multi-process runs without a scheduler (SLURM and Cloud TPU pods are detected alone).
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -84,12 +91,13 @@ def _main(argv: list[str]) -> None:
   elif command == "report":
     print(f"report: {report.write_report(_WORKDIR.value)}", flush=True)
   elif command == "export":
-    print(f"exported: {export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value)}", flush=True)
+    print(f"exported: {export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _QUANTIZE.value)}",
+          flush=True)
   elif command == "predict":
     stats = predict.predict_file(_MODEL.value, _INPUT.value, _OUTPUT.value, _STEP.value,
-                                 _TEXT_COLUMNS.value)
+                                 _TEXT_COLUMNS.value, _QUANTIZE.value, _BATCH_SIZE.value)
     print(f"predicted: {stats['rows']} rows -> {_OUTPUT.value} "
-          f"({stats['sentences_per_sec']:.1f} sentences/s)", flush=True)
+          f"({stats['examples_per_sec']:.1f} examples/s)", flush=True)
 
 
 def _loaded_config():

@@ -1,6 +1,6 @@
 """Export a run's checkpoint as a Hugging Face model directory for PyTorch users.
 
-  flaxbert-cls export --workdir=DIR --output=OUT [--step=latest|best|N]
+  flaxbert-cls export --workdir=DIR --output=OUT [--step=latest|best|N] [--quantize=int8]
 
 OUT holds config.json (architectures, id2label/label2id, problem_type),
 model.safetensors (float32, written from NumPy: no torch needed) and the
@@ -11,6 +11,7 @@ It also holds flaxbert_cls.json (text columns, max_seq_length, ...), which
 
 A multi-task run (config.tasks) exports one such directory per task, OUT/<task>/:
 the shared encoder with that task's head, named as a single-task model's.
+`quantize='int8'` also writes OUT/model.int8.onnx for CPU serving (`quantize.py`).
 """
 
 from __future__ import annotations
@@ -125,10 +126,23 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
   return output
 
 
-def export(workdir: str, output: str, step: int | str | None = None) -> str:
-  """Exports the run in `workdir` (checkpoint `step`: latest, 'best' or N) to `output`."""
+def export(workdir: str, output: str, step: int | str | None = None,
+           quantize: str | None = None) -> str:
+  """Exports the run in `workdir` (checkpoint `step`: latest, 'best' or N) to `output`.
+
+  `quantize='int8'`: each exported directory also gets model.int8.onnx.
+  """
   from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top  (orbax)
   step = parse_step(step)
+  if quantize:
+    from flaxbert_cls import quantize as quantize_lib  # pylint: disable=g-import-not-at-top
+    quantize_lib.check_mode(quantize)
+    quantize_lib.require_onnxruntime()  # before the export's work
+    out = export(workdir, output, step)
+    for directory in [out] if os.path.isfile(os.path.join(out, "config.json")) else [
+        os.path.join(out, d) for d in sorted(os.listdir(out))]:
+      quantize_lib.write_int8(directory)
+    return out
   check_step(workdir, step)
   exp, params = experiment_lib.load_run(workdir, step=step)
   if not exp.multitask:

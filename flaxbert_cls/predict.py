@@ -5,10 +5,14 @@
   # [{'label': '1', 'probabilities': {'0': 0.03, '1': 0.97}}, ...]
 
   flaxbert-cls predict --model=DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
+      [--quantize=int8]
 
 Tokenization and batching are the evaluation's (`tokenization.tokenize`, length-sorted
 `data.eval_batches` padded to the config's buckets, `evaluate.gather_logits`),
 so a workdir predicts exactly what `eval` scored. Results come back in input order.
+A file is streamed: read, tokenized, predicted and written `chunk_rows` rows at a time
+(bounded memory for any file size), with the batch sharded over all local devices.
+`quantize='int8'` predicts with ONNX Runtime's int8 model instead (`quantize.py`).
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from flaxbert_cls import export as export_lib
 from flaxbert_cls import hf
 from flaxbert_cls import model as model_lib
 from flaxbert_cls import progress as progress_lib
+from flaxbert_cls import quantize as quantize_lib
 from flaxbert_cls import readers
+from flaxbert_cls import sharding as sharding_lib
 from flaxbert_cls import tasks as tasks_lib
 from flaxbert_cls import tokenization
+from flaxbert_cls import workdir as files
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,9 @@ _DEFAULT_TEXT_FIELDS = ("sentence",)
 _DEFAULT_MAX_SEQ_LENGTH = 128
 _DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
 _DEFAULT_BATCH_SIZE = 64
+# Rows read, tokenized and predicted at a time: bounds memory; large enough that each
+# length bucket fills its batches.
+CHUNK_ROWS = 65536
 # Prediction ignores gold labels in the input: they may use another label vocabulary.
 # The readers look for this column, never find it, and read the file as unlabelled.
 _NO_LABEL_FIELD = "\x00no label\x00"
@@ -70,6 +80,7 @@ class Predictor:
   # How texts longer than max_seq_length are read (the run's long_document keys).
   layout: tokenization.Layout = tokenization.TRUNCATE
   window_pooling: str = "mean"
+  quantized: quantize_lib.OnnxClassifier | None = None  # set: predicts with it, not `params`
 
   def __post_init__(self):
     self._jit_eval = None
@@ -77,12 +88,14 @@ class Predictor:
   @classmethod
   def from_path(cls, path: str, step: int | str | None = None,
                 text_fields: Sequence[str] | None = None,
-                batch_size: int | None = None) -> "Predictor":
+                batch_size: int | None = None, quantize: str | None = None) -> "Predictor":
     """A workdir (its checkpoint `step`: latest, 'best' or N) or an HF model directory.
 
     `text_fields` overrides the input columns holding the text (default: the
     run's, or 'sentence' for an HF directory without flaxbert_cls.json).
+    `quantize='int8'`: predict with the int8 ONNX model (`quantize.load_int8`).
     """
+    quantize_lib.check_mode(quantize)
     path = os.path.abspath(path)
     if _is_workdir(path):
       predictor = cls._from_workdir(path, export_lib.parse_step(step))
@@ -99,6 +112,13 @@ class Predictor:
                                            file_columns=None)
     if batch_size:
       predictor.batch_size = int(batch_size)
+    if predictor.batch_sharding is not None:  # whole batches per device
+      shards = predictor.batch_sharding.mesh.size
+      predictor.batch_size = -(-predictor.batch_size // shards) * shards
+    if quantize:
+      predictor.quantized = quantize_lib.load_int8(path, _is_workdir(path),
+                                                   export_lib.parse_step(step))
+      predictor.quantized.window_pooling = predictor.window_pooling
     return predictor
 
   @classmethod
@@ -150,10 +170,16 @@ class Predictor:
             "regression" if is_regression else "single_label_classification"))
     decisions = None if is_regression else decisions_lib.Decisions.from_hf_config(
         hf_config, os.path.join(directory, "config.json"))
+    batch_sharding = None
+    if jax.local_device_count() > 1 and jax.process_count() == 1:
+      # As evaluate does: the batch split over every device, the weights on each.
+      mesh = sharding_lib.create_mesh(("data",), (-1,))
+      batch_sharding = sharding_lib.batch_sharding(mesh)
+      params = jax.device_put(params, sharding_lib.replicated(mesh))
     return cls(model, jax.device_put(params), tokenizer, label_names, task,
                int(meta.get("max_seq_length", _DEFAULT_MAX_SEQ_LENGTH)),
-               tuple(meta.get("seq_buckets", _DEFAULT_BUCKETS)), _DEFAULT_BATCH_SIZE, None,
-               directory, decisions, tokenization.Layout.from_config(meta),
+               tuple(meta.get("seq_buckets", _DEFAULT_BUCKETS)), _DEFAULT_BATCH_SIZE,
+               batch_sharding, directory, decisions, tokenization.Layout.from_config(meta),
                meta.get("window_pooling", "mean"))
 
   @property
@@ -174,10 +200,13 @@ class Predictor:
     if self._jit_eval is None:
       self._jit_eval = evaluate_lib.jit_eval_step(self.model, window_pooling=self.window_pooling)
     # A bar on a terminal, else a log line every tenth of the batches.
+    on_batch = progress_lib.BatchProgress("predict", log_lines=True) if progress else None
+    if self.quantized is not None:  # ONNX Runtime on the host: no device batches
+      return evaluate_lib.gather_logits(self.quantized, None, split, self.batch_size,
+                                        self.seq_buckets, self.max_seq_length, None, on_batch)
     return evaluate_lib.gather_logits(
         self._jit_eval, self.params, split, self.batch_size, self.seq_buckets,
-        self.max_seq_length, self.batch_sharding,
-        progress_lib.BatchProgress("predict", log_lines=True) if progress else None)
+        self.max_seq_length, self.batch_sharding, on_batch)
 
   def _results(self, logits: np.ndarray) -> list[dict[str, Any]]:
     if self.is_regression:
@@ -193,37 +222,69 @@ class Predictor:
              "probabilities": {n: float(q) for n, q in zip(names, p)}}
             for row, p in zip(chosen, probs)]
 
-  def predict_file(self, input_path: str, output_path: str) -> dict[str, float]:
+  def predict_file(self, input_path: str, output_path: str,
+                   chunk_rows: int = CHUNK_ROWS) -> dict[str, float]:
     """Predicts every row of a .tsv/.csv/.jsonl file; writes .csv or .jsonl in input order.
 
-    Returns {'rows', 'seconds', 'sentences_per_sec'} (tokenization + model, no file I/O).
+    Streams: `chunk_rows` rows at a time are read, tokenized, predicted (length-sorted
+    batches within the chunk) and appended to the output, which appears whole at the end.
+    Returns {'rows', 'seconds', 'examples_per_sec', 'sentences_per_sec' (the same),
+    'wall_seconds'}; 'seconds' counts tokenization and model, not file I/O.
     """
     ext = os.path.splitext(output_path)[1].lower()
     if ext not in OUTPUT_EXTENSIONS:  # before any work
       raise UserError(f"--output={output_path}: unknown file type {ext!r}; use one of "
                       f"{list(OUTPUT_EXTENSIONS)}")
-    examples = readers.read_file(input_path, self.task, require_labels=False)
-    log.info("predict: %d rows from %s with %s", len(examples), input_path, self.source)
-    start = time.perf_counter()
-    split = self._tokenize(examples.texts)
-    logits = self.logits(split, progress=True)
-    seconds = time.perf_counter() - start
-    _write_results(output_path, self.task.text_fields, examples.texts, self._results(logits),
-                   self.label_names)
-    stats = {"rows": len(examples), "seconds": seconds,
-             "sentences_per_sec": len(examples) / max(seconds, 1e-9)}
-    log.info("predict: wrote %s: %d rows in %.2f s, %.1f sentences/s (tokenization and model; "
-             "a first call also compiles). %d rows truncated to %d tokens.", output_path,
-             stats["rows"], seconds, stats["sentences_per_sec"], split.num_truncated,
-             self.max_seq_length)
+    if chunk_rows < 1:
+      raise UserError(f"chunk_rows={chunk_rows}: must be >= 1")
+    total = _count_lines(input_path)  # rows (+ a header): the ETA's total
+    log.info("predict: %s (%d lines) with %s%s, %d rows at a time", input_path, total,
+             self.source, " (int8)" if self.quantized is not None else "", chunk_rows)
+    wall_start = time.perf_counter()
+    rows, seconds, truncated = 0, 0.0, 0
+    progress = progress_lib.RowProgress("predict", total)
+    try:
+      with _ResultWriter(output_path, self.task.text_fields, self.label_names) as writer:
+        for examples in readers.read_file_chunks(input_path, self.task, chunk_rows):
+          start = time.perf_counter()
+          split = self._tokenize(examples.texts)
+          logits = self.logits(split)
+          seconds += time.perf_counter() - start
+          writer.write(examples.texts, self._results(logits))
+          rows += len(examples)
+          truncated += split.num_truncated
+          progress.update(rows)
+    finally:
+      progress.close()
+    stats = {"rows": rows, "seconds": seconds, "examples_per_sec": rows / max(seconds, 1e-9),
+             "wall_seconds": time.perf_counter() - wall_start}
+    stats["sentences_per_sec"] = stats["examples_per_sec"]
+    log.info("predict: wrote %s: %d rows in %.2f s, %.1f examples/s (tokenization and model; "
+             "a first call also compiles; %.1f s in all). %d rows truncated to %d tokens.",
+             output_path, rows, seconds, stats["examples_per_sec"], stats["wall_seconds"],
+             truncated, self.max_seq_length)
     return stats
 
 
 def predict_file(model: str, input_path: str, output_path: str, step: int | str | None = None,
-                 text_fields: Sequence[str] | None = None) -> dict[str, float]:
+                 text_fields: Sequence[str] | None = None, quantize: str | None = None,
+                 batch_size: int | None = None) -> dict[str, float]:
   """`flaxbert-cls predict`: Predictor.from_path(model).predict_file(input, output)."""
-  predictor = Predictor.from_path(model, step=step, text_fields=text_fields)
+  predictor = Predictor.from_path(model, step=step, text_fields=text_fields,
+                                  batch_size=batch_size, quantize=quantize)
   return predictor.predict_file(input_path, output_path)
+
+
+def _count_lines(path: str) -> int:
+  """Newlines in the file (a streamed pass over its bytes; 1M lines take well under a second)."""
+  if not files.exists(path) or files.is_dir(path):
+    return 0  # the reader says what is wrong
+  count, last = 0, b"\n"
+  with files.open_binary(path) as f:
+    while block := f.read(1 << 20):
+      count += block.count(b"\n")
+      last = block[-1:]
+  return count + (last != b"\n")
 
 
 def _is_workdir(path: str) -> bool:
@@ -251,27 +312,53 @@ def _normalize_texts(texts: Any) -> list[tuple[str, ...]]:
   return rows
 
 
-def _write_results(path: str, text_fields: Sequence[str], texts: Sequence[tuple[str, ...]],
-                   results: list[dict[str, Any]], label_names: tuple[str, ...] | None) -> None:
-  """CSV: text columns, label, p_<label>... (or score); JSONL: the same as objects."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-      if path.lower().endswith(".csv"):
-        writer = csv.writer(f)
-        tail = ["score"] if label_names is None else ["label"] + [f"p_{n}" for n in label_names]
-        writer.writerow(list(text_fields) + tail)
+class _ResultWriter:
+  """CSV: text columns, label, p_<label>... (or score); JSONL: the same as objects.
+
+  Rows are appended as they come to a temporary file, renamed to `path` on success: a
+  reader never sees half a file, and a failed run leaves none.
+  """
+
+  def __init__(self, path: str, text_fields: Sequence[str],
+               label_names: tuple[str, ...] | None):
+    self.path, self.text_fields, self.label_names = path, tuple(text_fields), label_names
+    self._tmp = f"{path}.tmp-{os.getpid()}"
+    self._file = self._csv = None
+
+  def __enter__(self) -> "_ResultWriter":
+    try:
+      self._file = open(self._tmp, "w", newline="", encoding="utf-8")
+    except OSError as e:
+      raise UserError(f"--output={self.path}: cannot write: {e}") from None
+    if self.path.lower().endswith(".csv"):
+      self._csv = csv.writer(self._file)
+      tail = (["score"] if self.label_names is None else
+              ["label"] + [f"p_{n}" for n in self.label_names])
+      self._csv.writerow(list(self.text_fields) + tail)
+    return self
+
+  def write(self, texts: Sequence[tuple[str, ...]], results: list[dict[str, Any]]) -> None:
+    try:
+      if self._csv is not None:
         for row, r in zip(texts, results):
           label = "|".join(r["label"]) if isinstance(r.get("label"), list) else r.get("label")
-          values = ([r["score"]] if label_names is None else
-                    [label] + [r["probabilities"][n] for n in label_names])
-          writer.writerow(list(row) + values)
+          values = ([r["score"]] if self.label_names is None else
+                    [label] + [r["probabilities"][n] for n in self.label_names])
+          self._csv.writerow(list(row) + values)
       else:
-        for row, r in zip(texts, results):
-          f.write(json.dumps(dict(zip(text_fields, row)) | r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a file
-  except OSError as e:
-    raise UserError(f"--output={path}: cannot write: {e}") from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+        self._file.writelines(json.dumps(dict(zip(self.text_fields, row)) | r,
+                                         ensure_ascii=False) + "\n"
+                              for row, r in zip(texts, results))
+    except OSError as e:
+      raise UserError(f"--output={self.path}: cannot write: {e}") from None
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self._file.close()
+    try:
+      if exc_type is None:
+        os.replace(self._tmp, self.path)
+    except OSError as e:
+      raise UserError(f"--output={self.path}: cannot write: {e}") from None
+    finally:
+      if os.path.exists(self._tmp):
+        os.remove(self._tmp)

@@ -195,3 +195,28 @@ class TrainLog:
       _close_bar(self._bar)
       self._bar = None
     self.writer.flush()
+
+
+class RowProgress:
+  """Examples done of an expected total (e.g. a file's lines): on a terminal a tqdm bar with
+  rate and ETA; elsewhere a log line every tenth of the total, with examples/s and ETA."""
+
+  def __init__(self, desc: str, total: int):
+    self.desc, self.total = desc, max(1, total)
+    self._start = time.time()
+    self._next_line = self.total // 10
+    self._bar = _open_bar(total=self.total, desc=desc, unit="ex") if live_bars() else None
+
+  def update(self, done: int) -> None:
+    if self._bar is not None:
+      self._bar.update(done - self._bar.n)
+    elif jax.process_index() == 0 and done >= self._next_line:
+      rate = done / max(time.time() - self._start, 1e-9)
+      log.info("%s: %d/%d examples  %.1f examples/s  ETA %s", self.desc, done, self.total,
+               rate, format_duration(max(0, self.total - done) / max(rate, 1e-9)))
+      self._next_line = done + self.total // 10
+
+  def close(self) -> None:
+    if self._bar is not None:
+      _close_bar(self._bar)
+      self._bar = None

@@ -8,11 +8,12 @@ skipped silently: a bad row stops the read. GLUE file lookup is `glue_file`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 import codecs
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -150,8 +151,18 @@ def row_texts(source: str, where: str, values: Sequence[Any],
 def _tsv_rows(path: str, text: str, task: Task, require_labels: bool
               ) -> tuple[list[Row], bool]:
   lines = _split_lines(path, text)
+  has_header, columns, text_idx, label_idx = _tsv_columns(path, lines[0][1], task,
+                                                          require_labels)
+  records = [(n, line.split("\t")) for n, line in (lines[1:] if has_header else lines)]
+  return _rows_from_fields(path, records, columns, text_idx, label_idx, task,
+                           "tab-separated"), label_idx is not None
+
+
+def _tsv_columns(path: str, first_line: str, task: Task, require_labels: bool
+                 ) -> tuple[bool, list[str], list[int], int | None]:
+  """(has a header, columns, text column indices, label index) from a TSV's first line."""
   # Quote handling is off: GLUE rows hold unbalanced '"' (MRPC, RTE).
-  first = lines[0][1].split("\t")
+  first = first_line.split("\t")
   # CoLA train/dev have no header, but CoLA's test.tsv does ('index sentence').
   has_header = (task.file_columns is None
                 or set(task.text_fields) <= set(first))
@@ -159,9 +170,7 @@ def _tsv_rows(path: str, text: str, task: Task, require_labels: bool
   text_idx, label_idx = column_indices(
       path, columns, task, require_labels,
       where="line 1" if has_header else "(header-less file)")
-  records = [(n, line.split("\t")) for n, line in (lines[1:] if has_header else lines)]
-  return _rows_from_fields(path, records, columns, text_idx, label_idx, task,
-                           "tab-separated"), label_idx is not None
+  return has_header, columns, text_idx, label_idx
 
 
 def _rows_from_fields(path: str, records: list[tuple[int, list[str]]], columns: list[str],
@@ -212,7 +221,13 @@ def _jsonl_rows(path: str, text: str, task: Task, require_labels: bool
     raise UserError(
         f"{path} line {lines[0][0]}: found a JSON array; expected JSON Lines "
         "(one object per line), e.g. convert with: jq -c '.[]'")
-  has_labels = None
+  return _jsonl_line_rows(path, lines, task, require_labels)
+
+
+def _jsonl_line_rows(path: str, lines: Sequence[tuple[int, str]], task: Task,
+                     require_labels: bool, has_labels: bool | None = None
+                     ) -> tuple[list[Row], bool]:
+  """Rows of (line number, line) pairs; `has_labels` None: decided by the first line."""
   rows = []
   for n, line in lines:
     try:
@@ -249,20 +264,26 @@ def _jsonl_rows(path: str, text: str, task: Task, require_labels: bool
   return rows, bool(has_labels)
 
 
-def _read_rows(path: str, task: Task, require_labels: bool
-               ) -> tuple[list[Row], bool]:
-  """Returns the rows of a file and whether it has labels."""
+def _checked_extension(path: str) -> str:
+  """The data file's extension, after checking that it exists and is a known type."""
   if not files.exists(path):
     raise UserError(f"{path}: file not found")
   if files.is_dir(path):
     raise UserError(f"{path}: is a directory, expected a data file")
   ext = os.path.splitext(path)[1].lower()
-  readers = {".tsv": _tsv_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows,
-             ".json": _jsonl_rows}
-  if ext not in readers:
+  if ext not in SUPPORTED_EXTENSIONS:
     raise UserError(
         f"{path}: unknown file type {ext!r}; use one of "
         f"{list(SUPPORTED_EXTENSIONS)}")
+  return ext
+
+
+def _read_rows(path: str, task: Task, require_labels: bool
+               ) -> tuple[list[Row], bool]:
+  """Returns the rows of a file and whether it has labels."""
+  ext = _checked_extension(path)
+  readers = {".tsv": _tsv_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows,
+             ".json": _jsonl_rows}
   rows, has_labels = readers[ext](path, _read_text(path), task,
                                   require_labels)
   if not rows:
@@ -501,3 +522,98 @@ def glue_file(data_dir: str, task: Task, split: str) -> str:
         f"{path}: file not found (GLUE data dir {data_dir!r}, task "
         f"{task.name!r}, split {split!r})")
   return path
+
+
+# Streaming: prediction input too large to hold whole (`predict` over a 1M-line file).
+
+
+def read_file_chunks(path: str, task: Task, chunk_rows: int) -> Iterator[Examples]:
+  """Unlabelled rows of a .tsv/.csv/.jsonl file, `chunk_rows` at a time, in file order.
+
+  The file (local or remote) is read as a stream: memory holds one chunk of rows, never
+  the whole file. Same checks and one-line messages as `read_file`; a label column, if
+  any, is not read (`labels` is None).
+  """
+  ext = _checked_extension(path)
+  records = _csv_records(path) if ext == ".csv" else _stream_lines(path)
+  first = next(records, None)
+  if first is None:
+    raise UserError(f"{path}: file is empty")
+  if ext in (".jsonl", ".json"):
+    if first[1].lstrip().startswith("["):
+      raise UserError(f"{path} line {first[0]}: found a JSON array; expected JSON Lines "
+                      "(one object per line), e.g. convert with: jq -c '.[]'")
+    records = itertools.chain([first], records)
+    to_rows = lambda chunk: _jsonl_line_rows(path, chunk, task, False, has_labels=False)[0]
+  else:
+    if ext == ".csv":
+      has_header, columns = True, [c.strip() for c in first[1]]
+      text_idx, label_idx = column_indices(path, columns, task, False, where=f"line {first[0]}")
+      kind, hint = "comma-separated", "; quote fields that hold commas"
+    else:
+      has_header, columns, text_idx, label_idx = _tsv_columns(path, first[1], task, False)
+      records = ((n, line.split("\t")) for n, line in records)
+      kind, hint = "tab-separated", ""
+    if not has_header:
+      records = itertools.chain([(first[0], first[1].split("\t"))], records)
+    to_rows = lambda chunk: _rows_from_fields(path, chunk, columns, text_idx, label_idx, task,
+                                              kind, hint)
+  any_rows = False
+  while chunk := list(itertools.islice(records, chunk_rows)):
+    rows = to_rows(chunk)
+    any_rows = True
+    yield Examples(texts=[r[1] for r in rows], labels=None, source=path,
+                   line_numbers=[r[0] for r in rows])
+  if not any_rows:
+    raise UserError(f"{path}: no data rows (only a header line)")
+
+
+def _open_stream(path: str) -> Any:
+  try:
+    return files.open_binary(path)
+  except OSError as e:
+    raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _stream_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(line number, line) pairs, as `_split_lines` gives them, read as a stream."""
+  blank = None  # the first blank line since the last data line
+  with _open_stream(path) as f:
+    for n, raw in enumerate(f, start=1):
+      if n == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise UserError(f"{path} line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                        f"byte column {e.start + 1}); save the file as UTF-8") from None
+      line = line[:-1] if line.endswith("\n") else line
+      line = line[:-1] if line.endswith("\r") else line
+      if not line.strip():
+        blank = blank or n
+        continue
+      if blank is not None:  # blank lines at the end are fine, between rows they are not
+        raise UserError(f"{path} line {blank}: blank line between data rows; remove it")
+      yield n, line
+
+
+def _csv_records(path: str) -> Iterator[tuple[int, list[str]]]:
+  """(start line, fields) per CSV record (a quoted field may span lines), as a stream."""
+  blank = None
+  with _open_stream(path) as f:
+    reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""), strict=True)
+    start = 1
+    try:
+      for fields in reader:
+        if not any(x.strip() for x in fields):
+          blank = blank or start
+        elif blank is not None:
+          raise UserError(f"{path} line {blank}: blank line between data rows; remove it")
+        else:
+          yield start, fields
+        start = reader.line_num + 1
+    except csv.Error as e:
+      raise UserError(f"{path} line {reader.line_num}: bad CSV: {e}") from None
+    except UnicodeDecodeError:
+      raise UserError(f"{path} near line {reader.line_num + 1}: not valid UTF-8; save the "
+                      "file as UTF-8") from None

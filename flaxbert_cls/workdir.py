@@ -59,6 +59,11 @@ def read_bytes(path: str) -> bytes:
   return epath.Path(path).read_bytes()
 
 
+def open_binary(path: str):
+  """The file opened for reading bytes as a stream (local or remote)."""
+  return epath.Path(path).open("rb")
+
+
 def read_text(path: str) -> str:
   return epath.Path(path).read_text()
 

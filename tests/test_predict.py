@@ -39,7 +39,7 @@ def test_workdir_and_export_predict_eval_logits_in_input_order(run, tmp_path, ca
   caplog.set_level("INFO", logger="flaxbert_cls")
   _cli("predict", f"--model={run.workdir}", f"--input={export_fixtures.DEV}",
        f"--output={tmp_path / 'dev.csv'}")
-  assert any("sentences/s" in r.getMessage() for r in caplog.records)
+  assert any("examples/s" in r.getMessage() for r in caplog.records)
   rows = list(csv.DictReader(open(tmp_path / "dev.csv", newline="")))
   assert [r["sentence"] for r in rows] == run.sentences
   probs = np.array([[float(r["p_0"]), float(r["p_1"])] for r in rows])

@@ -1,0 +1,130 @@
+"""int8 CPU serving: ONNX Runtime dynamic quantization of an exported model.
+
+  flaxbert-cls export --workdir=DIR --output=OUT --quantize=int8   (adds OUT/model.int8.onnx)
+  flaxbert-cls predict --model=OUT --quantize=int8 --input=... --output=...
+
+Writing the artifact exports the Hugging Face directory's PyTorch model to ONNX
+(`torch.onnx.export`) and quantizes every MatMul weight to int8, per output channel
+(`onnxruntime.quantization.quantize_dynamic`; activations are quantized on the fly).
+Serving needs only onnxruntime. The route was chosen by measurement (docs/design.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import numpy as np
+
+from flaxbert_cls import long_documents
+from flaxbert_cls.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8",)
+INT8_NAME = "model.int8.onnx"  # beside model.safetensors in an exported directory
+_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+_OPSET = 17
+_EXTRA_HINT = "pip install 'flaxbert-cls[quantize]'"
+
+
+def check_mode(mode: str | None) -> None:
+  if mode and mode not in MODES:
+    raise UserError(f"--quantize={mode}: unknown; use one of {list(MODES)}")
+
+
+def require_onnxruntime() -> Any:
+  """The onnxruntime module, or one line saying how to install it."""
+  try:
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError(f"--quantize=int8 needs onnxruntime, which is not installed: {_EXTRA_HINT}"
+                    ) from None
+  return onnxruntime
+
+
+def write_int8(hf_dir: str, output_path: str | None = None) -> str:
+  """Writes the int8 ONNX model of the HF directory `hf_dir` (default: hf_dir/model.int8.onnx)."""
+  require_onnxruntime()
+  try:
+    import onnx  # pylint: disable=g-import-not-at-top,unused-import  (quantize_dynamic's)
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"writing an int8 model needs {e.name}, which is not installed: "
+                    f"{_EXTRA_HINT} (and torch, CPU build)") from None
+  from onnxruntime.quantization import QuantType, quantize_dynamic  # pylint: disable=g-import-not-at-top
+  output_path = output_path or os.path.join(hf_dir, INT8_NAME)
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+  # DistilBERT has no token types: export the inputs its forward takes, in its order.
+  names = [n for n in _INPUT_NAMES if n in inspect.signature(model.forward).parameters]
+  dummy = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in names)
+  axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+  with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # tracer warnings about HF's shape checks
+    float_path = os.path.join(tmp, "model.onnx")
+    # The TorchScript exporter (dynamo=False): one graph with dynamic batch and length.
+    torch.onnx.export(model, dummy, float_path, input_names=names, output_names=["logits"],
+                      dynamic_axes=axes, opset_version=_OPSET, dynamo=False)
+    # MatMul weights only, per channel, 7-bit range: see docs/design.md for the numbers.
+    quantize_dynamic(float_path, output_path, weight_type=QuantType.QInt8, per_channel=True,
+                     reduce_range=True, op_types_to_quantize=["MatMul"])
+  log.info("int8 model: %s (%.1f MB)", output_path, os.path.getsize(output_path) / 1e6)
+  return output_path
+
+
+class OnnxClassifier:
+  """An ONNX Runtime session called as `evaluate.gather_logits` calls the jitted eval step."""
+
+  def __init__(self, path: str):
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    # Idle threads sleep instead of spinning: on a shared or busy CPU spinning steals the
+    # cores the working threads need (70 vs 50 examples/s on this project's 2-core VM).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+      self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # pylint: disable=broad-except  (ORT raises its own types)
+      raise UserError(f"{path}: not a loadable ONNX model: {' '.join(str(e).split())[:200]}"
+                      ) from None
+    self.path = path
+    self.input_names = [i.name for i in self.session.get_inputs()]
+
+  # Window batches (long_document='windows'): how a document's window logits are pooled.
+  window_pooling: str = "mean"
+
+  def __call__(self, params: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+    del params  # the weights are in the session
+    ids = np.asarray(batch["input_ids"])
+    if ids.ndim == 2:
+      return self._run(batch)
+    docs, windows = ids.shape[:2]
+    rows = {n: np.asarray(batch[n]).reshape(docs * windows, -1) for n in self.input_names}
+    logits = self._run(rows).reshape(docs, windows, -1)
+    return np.asarray(long_documents.pool_windows(logits, np.asarray(batch["window_mask"]),
+                                                  self.window_pooling), np.float32)
+
+  def _run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    feed = {n: np.asarray(batch[n], np.int64) for n in self.input_names}
+    return self.session.run(None, feed)[0].astype(np.float32)
+
+
+def load_int8(path: str, is_workdir: bool, step: int | str | None = None) -> OnnxClassifier:
+  """The int8 model of an exported directory (its model.int8.onnx, else made now) or of a
+  workdir's checkpoint `step` (exported and quantized now, in a temporary directory)."""
+  if not is_workdir and os.path.isfile(os.path.join(path, INT8_NAME)):
+    return OnnxClassifier(os.path.join(path, INT8_NAME))
+  require_onnxruntime()  # the one-line error before any export work
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_dir = path
+    if is_workdir:
+      from flaxbert_cls import export as export_lib  # pylint: disable=g-import-not-at-top
+      hf_dir = export_lib.export(path, os.path.join(tmp, "hf"), step)
+    log.info("%s has no %s: quantizing now (export --quantize=int8 writes it once)", path,
+             INT8_NAME)
+    # The session holds the model in memory: the temporary files can go.
+    return OnnxClassifier(write_int8(hf_dir, os.path.join(tmp, INT8_NAME)))

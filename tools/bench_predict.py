@@ -1,0 +1,104 @@
+"""Serving benchmarks: int8 vs float32 predict, and inputs for a large streamed predict.
+
+  # int8 (ONNX Runtime) vs float32 (JAX) on a labelled file, same process, interleaved:
+  python tools/bench_predict.py int8 --model=EXPORTED_DIR [--data=glue/SST-2/dev.tsv]
+  # a JSON Lines file of N rows (SST-2 train sentences repeated) and a tiny random model:
+  python tools/bench_predict.py make_input --output=/tmp/big.jsonl --rows=1000000
+  python tools/bench_predict.py make_tiny --output=/tmp/tiny_cls
+  # then: /usr/bin/time -v flaxbert-cls predict --model=/tmp/tiny_cls --input=/tmp/big.jsonl ...
+
+Each timed pass tokenizes and predicts the whole file; the first pass of each (compiles)
+is not timed; the best of --repeats timed passes is reported (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+import common
+
+
+def bench_int8(args) -> dict:
+  from flaxbert_cls import predict  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import readers  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import tokenization  # pylint: disable=g-import-not-at-top
+  float32 = predict.Predictor.from_path(args.model)
+  int8 = predict.Predictor.from_path(args.model, quantize="int8")
+  task = dataclasses.replace(float32.task, label_field=args.label_column,
+                             label_names=float32.label_names)
+  examples = readers.read_file(common.data_path(args.data), task)
+  results = {"model": args.model, "data": args.data, "rows": len(examples)}
+  passes = {"float32": [], "int8": []}
+  logits = {}
+  for repeat in range(args.repeats + 1):
+    for name, predictor in (("float32", float32), ("int8", int8)):
+      start = time.perf_counter()
+      split = tokenization.tokenize(predictor.tokenizer, examples.texts, None,
+                                    predictor.max_seq_length)
+      logits[name] = predictor.logits(split)
+      if repeat:  # the first pass compiles
+        passes[name].append(time.perf_counter() - start)
+  for name in passes:
+    results[name] = {"examples_per_sec": len(examples) / min(passes[name]),
+                     "seconds": passes[name],
+                     "accuracy": float(np.mean(logits[name].argmax(-1) == examples.labels))}
+  results["speedup"] = results["int8"]["examples_per_sec"] / results["float32"]["examples_per_sec"]
+  results["accuracy_drop_points"] = 100 * (results["float32"]["accuracy"]
+                                           - results["int8"]["accuracy"])
+  results["agreement"] = float(np.mean(logits["int8"].argmax(-1)
+                                       == logits["float32"].argmax(-1)))
+  return results
+
+
+def make_input(args) -> dict:
+  """SST-2 train sentences, repeated to --rows JSON Lines rows (streamed out)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(common.data_path("glue", "SST-2", "train.tsv"), newline="") as f:
+    sentences = [r["sentence"] for r in csv.DictReader(f, delimiter="\t",
+                                                       quoting=csv.QUOTE_NONE)]
+  with open(args.output, "w") as f:
+    for i, s in zip(range(args.rows), itertools.cycle(sentences)):
+      f.write(json.dumps({"id": i, "sentence": s}) + "\n")
+  return {"output": args.output, "rows": args.rows, "bytes": os.path.getsize(args.output)}
+
+
+def make_tiny(args) -> dict:
+  """A random-init BERT classifier (hidden 32, 2 layers) with the MiniLM tokenizer."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
+  config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=128,
+                                   num_labels=2)
+  torch.manual_seed(0)
+  transformers.BertForSequenceClassification(config).save_pretrained(args.output)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(hf.packaged_minilm_dir(), name), args.output)
+  return {"output": args.output}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("mode", choices=["int8", "make_input", "make_tiny"])
+  parser.add_argument("--model", help="int8: an exported directory (or a workdir)")
+  parser.add_argument("--data", default="glue/SST-2/dev.tsv",
+                      help="int8: a labelled file under the shared data folder")
+  parser.add_argument("--label_column", default="label")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--output", help="make_input: the .jsonl; make_tiny: a new directory")
+  parser.add_argument("--rows", type=int, default=1_000_000)
+  args = parser.parse_args()
+  print(json.dumps({"int8": bench_int8, "make_input": make_input,
+                    "make_tiny": make_tiny}[args.mode](args), indent=2))
+
+
+if __name__ == "__main__":
+  main()
