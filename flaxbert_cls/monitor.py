@@ -184,8 +184,12 @@ def write_figure(reference: View, current: View, report: dict[str, Any], path: s
   """One panel per feature, reference and current side by side (shares of examples)."""
   from flaxbert_cls.report_plots import _figure  # pylint: disable=g-import-not-at-top
   names = list(report["features"])
-  fig, axes = _figure(4 * len(names), 3.2, 1, len(names))
-  for ax, name in zip(axes[0], names):
+  cols = min(3, len(names))
+  rows = -(-len(names) // cols)
+  fig, axes = _figure(4.2 * cols, 3.2 * rows, rows, cols)
+  for ax in axes.flat[len(names):]:
+    ax.set_visible(False)
+  for ax, name in zip(axes.flat, names):
     ref, cur = reference.features[name], current.features[name]
     if name == "predicted_label":
       labels = report["label_names"]

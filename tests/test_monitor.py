@@ -67,6 +67,9 @@ def classifier(tmp_path_factory):
   state["classifier.weight"] = rng.normal(0, 2.0, (2, 16)).astype(np.float32)
   state["classifier.bias"] = np.zeros(2, np.float32)
   save_file(state, path)
+  # One bucket: each Predictor compiles its eval step once.
+  with open(os.path.join(directory, "flaxbert_cls.json"), "w") as f:
+    json.dump({"text_fields": ["sentence"], "max_seq_length": 64, "seq_buckets": [64]}, f)
   return directory
 
 
