@@ -262,29 +262,39 @@ def create_train_state(exp: Experiment, total_steps: int, pretrained_dir: str | 
   rng = jax.random.key(exp.config.seed)
   state = jax.jit(lambda r: nn.unbox(_init_state(exp, tx, r)), out_shardings=state_shardings)(rng)
   if pretrained_dir is not None:
-    state_dict, exp.started_from = _start_weights(exp, pretrained_dir)
-    # The head's label-indexed tensors load by label name below, not by position.
-    head_names = hf.torch_names(refinetune.output_layer_paths(boxed), exp.hf_config.model_type)
-    old_head = {path: np.asarray(state_dict[key]).T if path[-1] == "kernel"
-                else np.asarray(state_dict[key])
-                for path, key in head_names.items() if key in state_dict}
-    loaded, new, unused = hf.params_from_state_dict(
-        refinetune.Without(state_dict, set(head_names.values())), nn.unbox(boxed),
-        exp.hf_config.model_type)
-    new = [n for n in new if tuple(n.split("/")) not in old_head]  # grafted below
-    log.info("Loaded %s. Newly initialised: %s. Unused from the checkpoint: %s",
-             pretrained_dir, ", ".join(new) or "none", ", ".join(unused) or "none")
-    params = jax.tree.map(
-        lambda cur, pre, sh: cur if isinstance(pre, jax.ShapeDtypeStruct)
-        else jax.make_array_from_callback(pre.shape, sh, lambda idx, pre=pre: pre[idx]),
-        state.params, loaded, param_shardings)
-    if old_head:
-      params = _graft_head(exp, params, param_shardings, old_head)
-    flat_loaded = {p: v for p, v in traverse_util.flatten_dict(loaded).items()
-                   if not isinstance(v, jax.ShapeDtypeStruct)}
-    exp.started_from["params_blake2b"] = refinetune.params_digest(flat_loaded | old_head)
-    state = state.replace(params=params)
+    state = state.replace(params=_load_start(exp, pretrained_dir, boxed, state.params,
+                                             param_shardings))
   return state, state_shardings, tx, schedule
+
+
+def _load_start(exp: Experiment, pretrained_dir: str, boxed: Any, fresh: Any,
+                shardings: Any) -> Any:
+  """`fresh` params with the start's weights loaded onto their shardings (head by label)."""
+  state_dict, exp.started_from = _start_weights(exp, pretrained_dir)
+  # The head's label-indexed tensors load by label name below, not by position.
+  head_names = hf.torch_names(refinetune.output_layer_paths(boxed), exp.hf_config.model_type)
+  old_head = {path: np.asarray(state_dict[key]).T if path[-1] == "kernel"
+              else np.asarray(state_dict[key])
+              for path, key in head_names.items() if key in state_dict}
+  loaded, new, unused = hf.params_from_state_dict(
+      refinetune.Without(state_dict, set(head_names.values())), nn.unbox(boxed),
+      exp.hf_config.model_type)
+  new = [n for n in new if tuple(n.split("/")) not in old_head]  # grafted below
+  log.info("Loaded %s. Newly initialised: %s. Unused from the checkpoint: %s",
+           pretrained_dir, ", ".join(new) or "none", ", ".join(unused) or "none")
+  params = jax.tree.map(
+      lambda cur, pre, sh: cur if isinstance(pre, jax.ShapeDtypeStruct)
+      else jax.make_array_from_callback(pre.shape, sh, lambda idx, pre=pre: pre[idx]),
+      fresh, loaded, shardings)
+  if old_head:
+    params = _graft_head(exp, params, shardings, old_head)
+  else:  # a pre-trained encoder: its config's label map (if any) names no head
+    exp.started_from.update(label_names=None, head={"kept": [], "new": list(
+        exp.label_names or ["score"]), "dropped": []})
+  flat_loaded = {p: v for p, v in traverse_util.flatten_dict(loaded).items()
+                 if not isinstance(v, jax.ShapeDtypeStruct)}
+  exp.started_from["params_blake2b"] = refinetune.params_digest(flat_loaded | old_head)
+  return params
 
 
 def _start_weights(exp: Experiment, path: str) -> tuple[Any, dict[str, Any]]:
@@ -330,7 +340,8 @@ def _graft_head(exp: Experiment, params: Any, shardings: Any,
   flat_shardings = traverse_util.flatten_dict(shardings)
   for path, old in old_head.items():
     grafted = refinetune.graft_head(np.asarray(flat[path]), old, rows)
-    flat[path] = jax.device_put(grafted, flat_shardings[path])
+    flat[path] = jax.make_array_from_callback(grafted.shape, flat_shardings[path],
+                                              lambda idx, g=grafted: g[idx])
   return traverse_util.unflatten_dict(flat)
 
 
