@@ -131,16 +131,17 @@ def compare_feature(reference: np.ndarray, current: np.ndarray,
     # One class in both sets: nothing to test (the counts cannot differ in shape).
     statistic, p = ((0.0, 1.0) if table.shape[1] < 2
                     else stats.chi2_contingency(table, correction=False)[:2])
-    test = "chi2"
+    summary = {"test": "chi2"}  # the counts are the summary: class ids have no mean
   else:
     edges = quantile_edges(reference)
     ref_counts, cur_counts = bin_counts(reference, edges), bin_counts(current, edges)
     result = stats.ks_2samp(reference, current)
-    statistic, p, test = result.statistic, result.pvalue, "ks"
-  return {"psi": psi(ref_counts, cur_counts), "test": test, "statistic": float(statistic),
-          "p_value": float(p), "reference_mean": float(np.mean(reference)),
-          "current_mean": float(np.mean(current)),
-          "reference_counts": ref_counts.tolist(), "current_counts": cur_counts.tolist()}
+    statistic, p = result.statistic, result.pvalue
+    summary = {"test": "ks", "reference_mean": float(np.mean(reference)),
+               "current_mean": float(np.mean(current)), "bin_edges": edges.tolist()}
+  return {"psi": psi(ref_counts, cur_counts), "statistic": float(statistic), "p_value": float(p),
+          **summary, "reference_counts": ref_counts.tolist(),
+          "current_counts": cur_counts.tolist()}
 
 
 def compare(reference: View, current: View, label_names: Sequence[str] | None,
@@ -240,8 +241,9 @@ def table(report: dict[str, Any]) -> str:
   """The per-feature lines printed before the verdict."""
   lines = [f"{'feature':<16}{'PSI':>9}{'test':>6}{'p':>11}{'ref mean':>11}{'cur mean':>11}"]
   for name, f in report["features"].items():
-    lines.append(f"{name:<16}{f['psi']:>9.4f}{f['test']:>6}{f['p_value']:>11.3g}"
-                 f"{f['reference_mean']:>11.4g}{f['current_mean']:>11.4g}"
+    means = (f"{f['reference_mean']:>11.4g}{f['current_mean']:>11.4g}" if "reference_mean" in f
+             else f"{'-':>11}{'-':>11}")
+    lines.append(f"{name:<16}{f['psi']:>9.4f}{f['test']:>6}{f['p_value']:>11.3g}{means}"
                  + ("  drift" if f["drift"] else ""))
   for which, s in report["sets"].items():
     if s["metrics"]:

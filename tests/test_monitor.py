@@ -35,6 +35,7 @@ def test_quantile_bins_split_zero_from_nonzero():
   # The empty middle bin adds nothing; (.5-.9) ln(.5/.9) + (.5-.1) ln(.5/.1).
   expected = -0.4 * np.log(0.5 / 0.9) + 0.4 * np.log(5.0)
   assert result["psi"] == pytest.approx(expected, rel=1e-12)
+  assert result["reference_counts"] == [90, 0, 10] and result["bin_edges"] == edges.tolist()
 
 
 def test_two_sample_tests_are_scipys():
