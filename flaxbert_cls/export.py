@@ -146,6 +146,11 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
+  from flaxbert_cls import refinetune  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  started = workdir_lib.join(workdir, refinetune.STARTED_FROM_NAME)
+  if workdir_lib.exists(started):  # a re-fine-tuned run's lineage travels with its export
+    metadata["started_from"] = json.loads(workdir_lib.read_text(started))
   out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata)
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
            task.name, hf.family(exp.hf_config.model_type).architecture,

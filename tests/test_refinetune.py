@@ -128,6 +128,9 @@ def test_a_refinetuned_run_records_where_it_started(base_run):
   assert record["head"]["kept"] == ["a", "b", "c"] and len(record["params_blake2b"]) == 32
   saved = json.load(open(os.path.join(workdir, "model", "config.json")))
   assert saved["id2label"] == {"0": "a", "1": "b", "2": "c"}
+  # The export carries it on.
+  exported = export.export(workdir, str(base_run["root"] / "again_exported"))
+  assert json.load(open(os.path.join(exported, export.METADATA_NAME)))["started_from"] == record
 
 
 def test_bad_start_step_is_one_line(base_run):
