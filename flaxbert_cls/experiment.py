@@ -12,7 +12,6 @@ import functools
 import io
 import json
 import logging
-import os
 import tempfile
 from typing import Any
 
@@ -21,9 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from flax import traverse_util
 
 from flaxbert_cls import checkpoint as checkpoint_lib
 from flaxbert_cls import config as config_lib
@@ -34,7 +31,6 @@ from flaxbert_cls import model as model_lib
 from flaxbert_cls import ops
 from flaxbert_cls import optim
 from flaxbert_cls import readers
-from flaxbert_cls import refinetune
 from flaxbert_cls import sharding as sharding_lib
 from flaxbert_cls import tasks as tasks_lib
 from flaxbert_cls import tokenization
@@ -186,6 +182,7 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   config_lib.validate_for_platform(config, platform)
   tasks = _run_tasks(config, label_names)
   # A previous run's workdir starts from its model/ (re-fine-tuning, refinetune.py).
+  from flaxbert_cls import refinetune  # pylint: disable=g-import-not-at-top  (imports this)
   source = model_dir or refinetune.model_source(hf.resolve(config.model_name_or_path))
   hf_config = hf.load_config(source)
   tokenizer_source = model_dir or (hf.resolve(config.tokenizer_name) if config.tokenizer_name
@@ -262,87 +259,11 @@ def create_train_state(exp: Experiment, total_steps: int, pretrained_dir: str | 
   rng = jax.random.key(exp.config.seed)
   state = jax.jit(lambda r: nn.unbox(_init_state(exp, tx, r)), out_shardings=state_shardings)(rng)
   if pretrained_dir is not None:
-    state = state.replace(params=_load_start(exp, pretrained_dir, boxed, state.params,
-                                             param_shardings))
+    # refinetune.py imports this module: a previous run's weights load through load_run.
+    from flaxbert_cls import refinetune  # pylint: disable=g-import-not-at-top
+    state = state.replace(params=refinetune.load_start(exp, pretrained_dir, boxed, state.params,
+                                                       param_shardings))
   return state, state_shardings, tx, schedule
-
-
-def _load_start(exp: Experiment, pretrained_dir: str, boxed: Any, fresh: Any,
-                shardings: Any) -> Any:
-  """`fresh` params with the start's weights loaded onto their shardings (head by label)."""
-  state_dict, exp.started_from = _start_weights(exp, pretrained_dir)
-  # The head's label-indexed tensors load by label name below, not by position.
-  head_names = hf.torch_names(refinetune.output_layer_paths(boxed), exp.hf_config.model_type)
-  old_head = {path: np.asarray(state_dict[key]).T if path[-1] == "kernel"
-              else np.asarray(state_dict[key])
-              for path, key in head_names.items() if key in state_dict}
-  loaded, new, unused = hf.params_from_state_dict(
-      refinetune.Without(state_dict, set(head_names.values())), nn.unbox(boxed),
-      exp.hf_config.model_type)
-  new = [n for n in new if tuple(n.split("/")) not in old_head]  # grafted below
-  log.info("Loaded %s. Newly initialised: %s. Unused from the checkpoint: %s",
-           pretrained_dir, ", ".join(new) or "none", ", ".join(unused) or "none")
-  params = jax.tree.map(
-      lambda cur, pre, sh: cur if isinstance(pre, jax.ShapeDtypeStruct)
-      else jax.make_array_from_callback(pre.shape, sh, lambda idx, pre=pre: pre[idx]),
-      fresh, loaded, shardings)
-  if old_head:
-    params = _graft_head(exp, params, shardings, old_head)
-  else:  # a pre-trained encoder: its config's label map (if any) names no head
-    exp.started_from.update(label_names=None, head={"kept": [], "new": list(
-        exp.label_names or ["score"]), "dropped": []})
-  flat_loaded = {p: v for p, v in traverse_util.flatten_dict(loaded).items()
-                 if not isinstance(v, jax.ShapeDtypeStruct)}
-  exp.started_from["params_blake2b"] = refinetune.params_digest(flat_loaded | old_head)
-  return params
-
-
-def _start_weights(exp: Experiment, path: str) -> tuple[Any, dict[str, Any]]:
-  """(PyTorch-named state dict, where it came from) of a checkpoint, an export or a workdir."""
-  record = {"path": os.path.abspath(path), "kind": "hf_directory", "step": None,
-            "label_names": None}
-  if not refinetune.is_workdir(path):
-    start_config = hf.load_config(path)
-    if not (start_config.problem_type == "regression" or start_config.num_labels == 1):
-      record["label_names"] = [str(start_config.id2label[i])
-                               for i in range(start_config.num_labels)]
-    return hf.load_state_dict(path), record
-  from flaxbert_cls import export as export_lib  # pylint: disable=g-import-not-at-top
-  step = export_lib.parse_step(exp.config.get("start_step", "latest"))
-  export_lib.check_step(path, step)
-  start, params = load_run(path, step=step)
-  if start.multitask:
-    raise UserError(f"model_name_or_path={path}: a multi-task run; export it (flaxbert-cls "
-                    "export --output=OUT) and start from OUT/<task>")
-  record.update(kind="workdir", step=start.checkpoint_step,
-                label_names=list(start.label_names) if start.label_names else None)
-  return hf.state_dict_from_params(jax.device_get(params), start.hf_config.model_type), record
-
-
-def _graft_head(exp: Experiment, params: Any, shardings: Any,
-                old_head: dict[tuple[str, ...], np.ndarray]) -> Any:
-  """The start's head rows moved to this run's label order; new labels keep fresh rows."""
-  record = exp.started_from
-  old_labels = record["label_names"]
-  sizes = {value.shape[-1] for value in old_head.values()}
-  if sizes != {1 if old_labels is None else len(old_labels)}:
-    raise UserError(f"{record['path']}: its head has {sorted(sizes)} outputs but its label "
-                    f"map {old_labels} has {len(old_labels or [0])}")
-  rows = refinetune.head_rows(old_labels, exp.label_names,
-                              bool(exp.config.get("drop_removed_labels", False)), record["path"])
-  names = exp.label_names or ["score"]
-  record["head"] = {"kept": [n for n, r in zip(names, rows) if r is not None],
-                    "new": [n for n, r in zip(names, rows) if r is None],
-                    "dropped": [n for n in old_labels or [] if n not in names]}
-  log.info("Head from %s: kept %s, new %s, dropped %s", record["path"], record["head"]["kept"],
-           record["head"]["new"], record["head"]["dropped"])
-  flat = traverse_util.flatten_dict(params)
-  flat_shardings = traverse_util.flatten_dict(shardings)
-  for path, old in old_head.items():
-    grafted = refinetune.graft_head(np.asarray(flat[path]), old, rows)
-    flat[path] = jax.make_array_from_callback(grafted.shape, flat_shardings[path],
-                                              lambda idx, g=grafted: g[idx])
-  return traverse_util.unflatten_dict(flat)
 
 
 def save_model_dir(exp: Experiment, workdir: str) -> None:
