@@ -96,6 +96,8 @@ def model_view(predictor: predict_lib.Predictor, path: str,
 
 def _unknown_rate(tokenizer: Any, split: tokenization.TokenizedSplit) -> np.ndarray:
   """Per example: unknown tokens / tokens that are not special ([CLS], [SEP])."""
+  if tokenizer.unk_token_id is None:  # byte-level BPE: every input has tokens
+    return np.zeros(len(split))
   unknown = np.add.reduceat((split.input_ids == tokenizer.unk_token_id).astype(np.int64),
                             split.offsets[:-1])
   special = np.add.reduceat(np.isin(split.input_ids, tokenizer.all_special_ids).astype(np.int64),
