@@ -174,6 +174,10 @@ def _start_weights(exp: experiment_lib.Experiment, path: str) -> tuple[Any, dict
   return hf.state_dict_from_params(jax.device_get(params), start.hf_config.model_type), record
 
 
+def _unnamed(labels: Sequence[str] | None) -> bool:
+  return labels is not None and list(labels) == [f"LABEL_{i}" for i in range(len(labels))]
+
+
 def _graft_head(exp: experiment_lib.Experiment, params: Any, shardings: Any,
                 old_head: dict[tuple[str, ...], np.ndarray]) -> Any:
   """The start's head rows moved to this run's label order; new labels keep fresh rows."""
@@ -183,12 +187,19 @@ def _graft_head(exp: experiment_lib.Experiment, params: Any, shardings: Any,
   if sizes != {1 if old_labels is None else len(old_labels)}:
     raise UserError(f"{record['path']}: its head has {sorted(sizes)} outputs but its label "
                     f"map {old_labels} has {len(old_labels or [0])}")
-  rows = head_rows(old_labels, exp.label_names,
-                   bool(exp.config.get("drop_removed_labels", False)), record["path"])
+  if _unnamed(old_labels):
+    # transformers' default names (LABEL_0, ...) say nothing: the head keeps its rows by
+    # position when the sizes agree (as a checkpoint's head always loaded), else is new.
+    same = exp.label_names is not None and len(exp.label_names) == len(old_labels)
+    rows = list(range(len(old_labels))) if same else [None] * len(exp.label_names or [0])
+  else:
+    rows = head_rows(old_labels, exp.label_names,
+                     bool(exp.config.get("drop_removed_labels", False)), record["path"])
   names = exp.label_names or ["score"]
   record["head"] = {"kept": [n for n, r in zip(names, rows) if r is not None],
                     "new": [n for n, r in zip(names, rows) if r is None],
-                    "dropped": [n for n in old_labels or [] if n not in names]}
+                    "dropped": [n for n in old_labels or [] if n not in names
+                                and not _unnamed(old_labels)]}
   log.info("Head from %s: kept %s, new %s, dropped %s", record["path"], record["head"]["kept"],
            record["head"]["new"], record["head"]["dropped"])
   flat = traverse_util.flatten_dict(params)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -139,3 +140,20 @@ def test_bad_start_step_is_one_line(base_run):
     start_params(base_run["workdir"], data, start_step="7")
   with pytest.raises(UserError, match="config.start_step"):
     start_params(base_run["workdir"], data, start_step="first")
+
+
+def test_a_checkpoint_with_default_label_names_keeps_its_head_by_position(base_run):
+  unnamed = str(base_run["root"] / "unnamed")
+  shutil.copytree(base_run["export"], unnamed)
+  with open(os.path.join(unnamed, "config.json")) as f:
+    hf_config = json.load(f)
+  hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(3)}
+  hf_config["label2id"] = {f"LABEL_{i}": i for i in range(3)}
+  with open(os.path.join(unnamed, "config.json"), "w") as f:
+    json.dump(hf_config, f)
+  params, exp = start_params(unnamed, write_data(base_run["root"] / "xyz.jsonl", "xyz"))
+  for path in HEAD:  # transformers' default names say nothing: rows kept by position
+    np.testing.assert_array_equal(params[path], base_run["params"][path])
+  assert exp.started_from["head"] == {"kept": ["x", "y", "z"], "new": [], "dropped": []}
+  params, exp = start_params(unnamed, write_data(base_run["root"] / "xy.jsonl", "xy"))
+  assert exp.started_from["head"]["new"] == ["x", "y"]  # another size: a new head
