@@ -279,6 +279,20 @@ def _classification_parts(task: dict[str, Any], rows: list[dict[str, Any]],
       f"{error_table}</div>")
 
 
+def _multilabel_parts(task: dict[str, Any], errors: list[dict[str, Any]], slug: str) -> str:
+  """Per label at 0.5 (eval.json's per_class) and the most confidently wrong rows."""
+  table = task.get("per_class") or {}
+  table_rows = [[n, *(f"{s[k]:.3f}" for k in ("precision", "recall", "f1")), s["support"]]
+                for n, s in table.items()]
+  error_table = _table(["#", "text", "true", "predicted", "least sure label's confidence"],
+                       [[i + 1, _texts(r), ", ".join(r["label"]), ", ".join(r["prediction"]),
+                         f"{r['confidence']:.3f}"] for i, r in enumerate(errors)], 4)
+  return (f'<div id="{slug}-per-class"><h3>Per label (threshold 0.5)</h3>'
+          f'{_table(["label", "precision", "recall", "F1", "support"], table_rows)}</div>'
+          f'<div id="{slug}-errors"><h3>The {len(errors)} most confidently wrong examples</h3>'
+          f"{error_table}</div>")
+
+
 def _regression_parts(rows: list[dict[str, Any]], errors: list[dict[str, Any]],
                       slug: str) -> str:
   labels = np.array([r["label"] for r in rows])
@@ -304,6 +318,8 @@ def _task_section(task: dict[str, Any], summary: dict[str, Any], rows: list[dict
   metric_line = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
   errors = errors[:NUM_ERRORS_SHOWN]
   body = (_regression_parts(rows, errors, slug) if task["is_regression"]
+          else _multilabel_parts(task, errors, slug)
+          if task.get("problem_type") == "multi_label_classification"
           else _classification_parts(task, rows, errors, slug))
   return (f'<section id="{slug}" class="task"><h2>Task {_e(task["name"])}: checkpoint '
           f'step {_e(summary["step"])}</h2><p class="muted">{len(rows)} examples from '
