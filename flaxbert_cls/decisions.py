@@ -80,18 +80,18 @@ class Decisions:
               "threshold": getattr(hf_config, "threshold", None),
               "thresholds": getattr(hf_config, "thresholds", None)}
     multi_label = hf_config.problem_type == tasks_lib.MULTI_LABEL
-    return cls.from_dict(values, hf_config.num_labels, multi_label, where)
+    return cls.from_dict(values, hf_config.num_labels, multi_label, where, HF_TEMPERATURE)
 
   @classmethod
   def from_dict(cls, values: dict[str, Any], num_labels: int, multi_label: bool,
-                where: str) -> "Decisions":
+                where: str, temperature_key: str = "temperature") -> "Decisions":
     """Checked: temperature > 0, thresholds in (0, 1), one per label (UserError naming `where`)."""
     temperature = values.get("temperature", 1.0)
     if temperature is None:
       temperature = 1.0
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
         or not math.isfinite(temperature) or temperature <= 0):
-      raise UserError(f"{where}: temperature={temperature!r}; it must be a number > 0 "
+      raise UserError(f"{where}: {temperature_key}={temperature!r}; it must be a number > 0 "
                       "(1.0 = uncalibrated)")
     out = cls(temperature=float(temperature), step=values.get("step"),
               global_threshold=values.get("global_threshold"))

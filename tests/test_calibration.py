@@ -187,8 +187,8 @@ def test_train_eval_predict_export_apply_the_decisions(calibrated_run, tmp_path)
   broken = shutil.copytree(exported, tmp_path / "broken")
   config["calibration_temperature"] = -1.0
   json.dump(config, open(broken / "config.json", "w"))
-  with pytest.raises(UserError, match=r"broken/config.json: temperature=-1.0; it must be a "
-                     r"number > 0"):
+  with pytest.raises(UserError, match=r"broken/config.json: calibration_temperature=-1.0; it "
+                     r"must be a number > 0"):
     predict.Predictor.from_path(str(broken))
 
 
