@@ -88,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
   # window_stride tokens apart and classifies the document by the mean (or max,
   # window_pooling) of its windows' logits, in training, eval and predict alike.
   c.long_document = "truncate"
-  c.head_tokens = -1  # head_tail: tokens kept from the start; -1 = a quarter (Sun et al.: 128/510)
+  c.head_tokens = -1  # head_tail: tokens kept from the start; -1 = 128/510 of them (Sun et al.)
   c.window_stride = 64  # windows: tokens between window starts, in [1, max_seq_length - 2]
   c.max_windows = 8  # windows: at most this many per document (the rest is cut)
   c.window_pooling = "mean"  # windows: 'mean' or 'max' of the windows' logits
