@@ -98,16 +98,20 @@ class Checkpoints:
       raise UserError(f"{self.directory}: no checkpoint at step {step}; have {self.all_steps()}")
 
     def load(candidate: int) -> tuple[Any, dict[str, Any]]:
-      state = ocp.StandardCheckpointHandler().restore(
-          self._item_dir(candidate, "state"), args=ocp.args.StandardRestore(abstract_state))
+      handler = ocp.StandardCheckpointHandler()
+      item = self._item_dir(candidate, "state")
+      # Structure first, from Orbax's metadata: a readable checkpoint of another model is
+      # a config mistake; anything that fails after this check is damage.
+      mismatch = _structure_mismatch(handler.metadata(item).tree, abstract_state)
+      if mismatch:
+        raise _MismatchError(mismatch)
+      state = handler.restore(item, args=ocp.args.StandardRestore(abstract_state))
       return state, self._load_meta(candidate)
 
     def on_error(candidate: int, e: Exception, where: str) -> UserError | None:
-      text = str(e)
-      # A damaged file fails while reading an array (its message may name shapes too).
-      if "do not match" in text or ("shape" in text.lower() and "while reading" not in text):
+      if isinstance(e, _MismatchError):
         return UserError(f"{self.directory}/{candidate}: checkpoint does not fit this config's "
-                         f"model or optimizer ({_one_line(e)[:160]}); use the run's original "
+                         f"model or optimizer ({e}); use the run's original "
                          "config, or --config.resume=False to start over")
       if step is not None:
         return UserError(f"{self.directory}/{candidate}: checkpoint is damaged{where}: "
@@ -212,6 +216,27 @@ def _best_from_meta(ckpt: Checkpoints) -> int | None:
     if value is not None and (best is None or value > best):
       best, best_step = value, step
   return best_step
+
+
+class _MismatchError(Exception):
+  """A readable checkpoint whose arrays are not this run's state's."""
+
+
+def _structure_mismatch(saved_tree: Any, abstract_state: Any) -> str | None:
+  """The first difference between a saved state's arrays and `abstract_state`'s, or None."""
+  def arrays(flat: dict[Any, Any]) -> dict[str, tuple[int, ...]]:
+    return {"/".join(map(str, k)): tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
+  saved = arrays(ocp.tree.to_flat_dict(saved_tree))
+  wanted = arrays(ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state,
+                                                                keep_empty_nodes=True)))
+  for path in sorted(set(saved) | set(wanted)):
+    if path not in saved:
+      return f"{path} is not in the checkpoint"
+    if path not in wanted:
+      return f"the checkpoint has {path}, this config's state does not"
+    if saved[path] != wanted[path]:
+      return f"{path} has shape {saved[path]} in the checkpoint, {wanted[path]} here"
+  return None
 
 
 def _processes_where(flag: bool) -> list[int]:

@@ -5,6 +5,8 @@ HF run_glue.py names where users know them. Files in configs/ start from
 command line (--config.learning_rate=3e-5). `validate` checks values early.
 """
 
+from typing import Any
+
 import ml_collections
 
 
@@ -37,7 +39,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.text_columns = ("sentence",)  # custom task: 1 or 2 text columns
   c.label_column = "label"  # custom task
   c.label_names = ()  # custom task: class names in id order; () = from the training data
-  c.is_regression = False  # custom task
+  c.is_regression = False  # custom task; alias of problem_type='regression'
+  # Custom task: 'single_label_classification' | 'multi_label_classification' | 'regression'
+  # (HF's names); '' = from is_regression. Multi-label: sigmoid + binary cross-entropy.
+  c.problem_type = ""
+  # Multi-label TSV/CSV: the label column holds labels joined by this ('3,27', 'a|b');
+  # JSONL rows may give a list instead. Labels are names, or ids in label_names order.
+  c.label_delimiter = ","
+  c.label_names_file = ""  # custom task: label names, one a line (id order), e.g. emotions.txt
+  c.file_columns = ()  # custom task: column names of a header-less TSV/CSV (GoEmotions)
+  # '' none | 'auto' | numbers in label order, comma-separated ('1,4.5'; a string, so that
+  # --config.class_weights=auto works). Single-label: weighted softmax cross-entropy, 'auto' =
+  # inverse class frequency scaled to a mean weight of 1 over the training examples.
+  # Multi-label: BCE pos_weight per label, 'auto' = negatives/positives, clipped (below).
+  c.class_weights = ""
+  c.max_pos_weight = 30.0  # multi-label 'auto': pos_weight clip (rare labels; see design.md)
   c.metrics = ()  # custom task: () = accuracy (classification) / pearson, spearmanr
   c.main_metric = ""  # custom task: '' = the first of metrics
   # Multi-task: a tuple of dicts, one per task, each with task_name and any of TASK_KEYS
@@ -47,10 +63,30 @@ def default_config() -> ml_collections.ConfigDict:
   c.mixing = "proportional"  # which task each step trains: proportional | temperature | equal
   c.mixing_temperature = 2.0  # 'temperature': p(task) ~ weight * size^(1/T)
   c.selection_metric = "average"  # best-k / early stopping: 'average' of main metrics or a task
+  # Decisions (decisions.py), fitted on the validation set after each evaluation and saved
+  # with the run and its export. calibrate: temperature scaling of the logits (min NLL).
+  c.calibrate = False
+  # Thresholds maximising F1 on validation: None = yes for multi-label (per label), no for
+  # single-label; True on a binary single-label task tunes P(label id 1)'s threshold.
+  c.tune_thresholds = ml_collections.FieldReference(None, field_type=bool)
+  c.thresholds_file = ""  # a JSON list of thresholds (label order) used instead of tuning
   c.max_seq_length = 128
   # Batches are padded to the smallest bucket that fits (bounded compiled shapes).
   c.seq_buckets = (32, 64, 128, 256, 512)
+  # What the head reads: 'cls' (the family's [CLS] / pooler path) or 'mean' (the mean of the
+  # last hidden state over non-padding tokens, as sentence-transformers models were trained).
+  c.pooling = "cls"
   c.length_grouping_window = 0  # > 0: sort by length within windows of this many batches
+  # Texts longer than max_seq_length (single-text tasks; README "Long documents"):
+  # 'truncate' keeps the first tokens; 'head_tail' the first head_tokens and the last
+  # ones (Sun et al. 2019); 'windows' reads up to max_windows windows whose starts are
+  # window_stride tokens apart and classifies the document by the mean (or max,
+  # window_pooling) of its windows' logits, in training, eval and predict alike.
+  c.long_document = "truncate"
+  c.head_tokens = -1  # head_tail: tokens kept from the start; -1 = a quarter (Sun et al.: 128/510)
+  c.window_stride = 64  # windows: tokens between window starts, in [1, max_seq_length - 2]
+  c.max_windows = 8  # windows: at most this many per document (the rest is cut)
+  c.window_pooling = "mean"  # windows: 'mean' or 'max' of the windows' logits
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
   # XLA's persistent compilation cache: a second start of the same config skips compiling.
   c.compilation_cache_dir = "~/.cache/flaxbert_cls/xla"  # '' = off
@@ -96,7 +132,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Parallelism: a mesh over all devices; -1 = the remaining devices. Parameters
   # carry logical axis names; these rules map them to mesh axes (lm1b style).
   c.mesh_axes = ("data", "fsdp", "tensor")
-  c.mesh_shape = (-1, 1, 1)  # pure data parallelism: the state fits on one device
+  # (-1, 1, 1): pure data parallelism. () = automatic: data parallel when parameters, gradients
+  # and AdamW moments fit 35% of a device's memory, else FSDP over the fewest devices that fit.
+  c.mesh_shape = (-1, 1, 1)
   # With fsdp > 1: tensors under this size stay whole on every device (gathering many
   # small tensors costs more than the memory they save); 0 = split every tensor.
   c.min_size_to_shard_mb = 0.0
@@ -137,9 +175,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "must be < 1 (< 0: the checkpoint's)")
   check(config.cpu_scheduler in ("memory", "concurrency"), "cpu_scheduler",
         "use 'memory' or 'concurrency'")
-  check(len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
+  check(not config.mesh_shape or len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
         f"needs one size per axis in mesh_axes={tuple(config.mesh_axes)}")
   check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")
+  _validate_long_document(config, check)
   check(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", "use 'stop' or 'skip'")
   for key in ("checkpoint_every_steps", "log_every_steps", "max_checkpoints_to_keep"):
     check(int(config[key]) > 0, key, "must be > 0")
@@ -153,9 +192,61 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.get("mixing", "proportional") in MIXING, "mixing", f"use one of {MIXING}")
   check(config.get("mixing_temperature", 1.0) > 0, "mixing_temperature", "must be > 0")
   check(0 < config.layerwise_lr_decay <= 1, "layerwise_lr_decay", "must be in (0, 1]")
+  check(config.get("pooling", "cls") in ("cls", "mean"), "pooling", "use 'cls' or 'mean'")
+  check(config.get("problem_type", "") in ("", *PROBLEM_TYPES), "problem_type",
+        f"use one of {PROBLEM_TYPES}")
+  check(config.get("max_pos_weight", 1.0) >= 1, "max_pos_weight", "must be >= 1")
+  weights = parse_class_weights(config.get("class_weights", ""))
+  check(weights is not None, "class_weights",
+        "use '' (none), 'auto' or positive numbers in label order, e.g. '1,4.5'")
+  check(config.get("tune_thresholds") in (None, True, False), "tune_thresholds",
+        "use True, False or None (None: tune for multi-label only)")
+  check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
+        "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")
+
+
+def parse_class_weights(value) -> "str | tuple[float, ...] | None":
+  """config.class_weights as () (none), 'auto' or a tuple of numbers; None if malformed.
+
+  Takes the string form ('', 'auto', '1,4.5') and a list/tuple (a config read from JSON)."""
+  if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+    return ()
+  if isinstance(value, str) and value.strip().lower() == "auto":
+    return "auto"
+  parts = value.split(",") if isinstance(value, str) else list(value)
+  try:
+    weights = tuple(float(p) for p in parts if not isinstance(p, bool))
+  except (TypeError, ValueError):
+    return None
+  if len(weights) != len(parts) or not all(w > 0 for w in weights):
+    return None
+  return weights
+
+
+LONG_DOCUMENT = ("truncate", "head_tail", "windows")
+
+
+def _validate_long_document(config: ml_collections.ConfigDict, check: Any) -> None:
+  """The long_document keys; .get: runs saved before they existed truncate."""
+  mode = config.get("long_document", "truncate")
+  check(mode in LONG_DOCUMENT, "long_document", f"use one of {LONG_DOCUMENT}")
+  # Every layout row is [CLS] content [SEP]: max_seq_length - 2 content tokens.
+  content = int(config.max_seq_length) - 2
+  if mode == "head_tail":
+    head = int(config.get("head_tokens", -1))
+    check(head == -1 or 0 <= head < content, "head_tokens",
+          f"must be -1 (auto) or in [0, max_seq_length - 2 = {content}): the head must leave "
+          "room for the tail")
+  if mode == "windows":
+    check(1 <= int(config.window_stride) <= content, "window_stride",
+          f"must be in [1, max_seq_length - 2 = {content}] (windows of max_seq_length="
+          f"{config.max_seq_length} hold {content} text tokens; a larger stride skips text)")
+    check(int(config.max_windows) >= 1, "max_windows", "must be >= 1")
+    check(config.get("window_pooling", "mean") in ("mean", "max"), "window_pooling",
+          "use 'mean' or 'max'")
 
 
 def validate_for_platform(config: ml_collections.ConfigDict, platform: str) -> None:
@@ -169,7 +260,9 @@ def validate_for_platform(config: ml_collections.ConfigDict, platform: str) -> N
 # Keys a `config.tasks` entry may set (besides task_name, name and weight).
 TASK_KEYS = ("train_file", "validation_file", "data_dir", "dataset_name", "dataset_config_name",
              "tfds_name", "tfds_data_dir", "text_columns", "label_column", "label_names",
-             "is_regression", "metrics", "main_metric")
+             "is_regression", "metrics", "main_metric", "problem_type", "label_delimiter",
+             "label_names_file", "file_columns", "class_weights")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 MIXING = ("proportional", "temperature", "equal")
 
 

@@ -4,6 +4,9 @@ Splits are tokenized once (`tokenization.py`) and kept ragged; a batch is padded
 smallest configured bucket length that fits it, so the number of compiled shapes
 is bounded by the number of buckets. Every process computes the same global batch
 indices (cheap integers) and materializes only its own rows of each batch.
+
+With long_document='windows' a batch row is still one document: its windows fill a
+[windows, seq] slab (`pad_documents`), so batching, sharding and resume are unchanged.
 """
 
 from __future__ import annotations
@@ -103,8 +106,53 @@ def pad_rows(split: TokenizedSplit, rows: np.ndarray, seq_len: int) -> dict[str,
                weights=weights)
   if split.labels is not None:
     safe = np.where(rows >= 0, rows, 0)
-    batch["labels"] = np.where(rows >= 0, split.labels[safe], 0).astype(split.labels.dtype)
+    real = (rows >= 0).reshape(-1, *[1] * (split.labels.ndim - 1))  # multi-hot: [n, labels]
+    batch["labels"] = np.where(real, split.labels[safe], 0).astype(split.labels.dtype)
   return batch
+
+
+def window_bucket(count: int, most: int) -> int:
+  """Window slots for a batch whose longest document has `count` windows: the next power
+  of two, at most the split's `most` (few compiled shapes, little padding)."""
+  return min(1 << (max(count, 1) - 1).bit_length(), max(most, 1))
+
+
+def pad_documents(split: TokenizedSplit, docs: np.ndarray, seq_len: int,
+                  num_windows: int) -> dict[str, np.ndarray]:
+  """Documents -> [docs, num_windows, seq_len] arrays plus window_mask [docs, num_windows];
+  a document index of -1 is all padding with weight 0."""
+  rows = np.full((len(docs), num_windows), -1, np.int64)
+  for i, d in enumerate(docs):
+    if d >= 0:
+      first, stop = split.documents[d], split.documents[d + 1]
+      rows[i, :stop - first] = np.arange(first, stop)
+  windows = pad_rows(dataclasses.replace(split, labels=None, documents=None), rows.reshape(-1),
+                     seq_len)
+  batch = {k: windows[k].reshape(len(docs), num_windows, seq_len)
+           for k in ("input_ids", "token_type_ids", "attention_mask")}
+  batch["window_mask"] = windows["weights"].reshape(len(docs), num_windows)
+  batch["weights"] = (docs >= 0).astype(np.float32)
+  if split.labels is not None:
+    safe = np.where(docs >= 0, docs, 0)
+    batch["labels"] = np.where(docs >= 0, split.labels[safe], 0).astype(split.labels.dtype)
+  return batch
+
+
+def pad_batch(split: TokenizedSplit, global_rows: np.ndarray, buckets: Sequence[int],
+              max_seq_length: int, sharding: jax.sharding.Sharding | None = None
+              ) -> dict[str, np.ndarray]:
+  """This process's part (`process_rows` by `sharding`) of global batch `global_rows`
+  (examples; -1 = padding), padded to the bucket of the global batch's longest row (and
+  window bucket, with windows)."""
+  real = global_rows[global_rows >= 0]
+  if split.documents is None:
+    seq_len = bucket_for(int(split.lengths[real].max()), buckets, max_seq_length)
+    return pad_rows(split, process_rows(global_rows, sharding), seq_len)
+  windows = np.concatenate([np.arange(split.documents[d], split.documents[d + 1]) for d in real])
+  seq_len = bucket_for(int(split.lengths[windows].max()), buckets, max_seq_length)
+  counts = split.window_counts
+  return pad_documents(split, process_rows(global_rows, sharding), seq_len,
+                       window_bucket(int(counts[real].max()), int(counts.max())))
 
 
 @dataclasses.dataclass
@@ -218,17 +266,15 @@ class TaskMixture:
 
 
 def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: int,
-                buckets: Sequence[int], max_seq_length: int,
-                labels_dtype: Any = None) -> dict[str, np.ndarray]:
+                buckets: Sequence[int], max_seq_length: int, labels_dtype: Any = None,
+                sharding: jax.sharding.Sharding | None = None) -> dict[str, np.ndarray]:
   """This process's rows of global batch `step`, padded to the global batch's bucket.
 
   The step's task comes from `mixture` (one task: every step); with several tasks the
-  batch also holds `task_ids` per row.
+  batch also holds `task_ids` per row. `sharding`: the batch sharding `to_global` uses.
   """
   task, rows = mixture.batch_indices(step)
-  split = splits[task]
-  seq_len = bucket_for(int(split.lengths[rows].max()), buckets, max_seq_length)
-  batch = pad_rows(split, process_rows(rows), seq_len)
+  batch = pad_batch(splits[task], rows, buckets, max_seq_length, sharding)
   if len(splits) > 1:
     batch["task_ids"] = np.full(len(batch["weights"]), task, np.int32)
     if labels_dtype is not None and "labels" in batch:
@@ -236,32 +282,68 @@ def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: in
   return batch
 
 
-def process_rows(global_rows: np.ndarray) -> np.ndarray:
-  """This process's contiguous slice of a global batch (matches the batch sharding)."""
-  per_process = len(global_rows) // jax.process_count()
-  start = jax.process_index() * per_process
-  return global_rows[start:start + per_process]
+def process_rows(global_rows: np.ndarray, sharding: jax.sharding.Sharding | None = None
+                 ) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, in batch order."""
+  return global_rows[local_positions(len(global_rows), sharding)]
+
+
+def local_positions(global_size: int, sharding: jax.sharding.Sharding | None) -> np.ndarray:
+  """Sorted positions of a global batch held by this process's devices.
+
+  From the sharding itself, so they need not be one contiguous block: the mesh keeps
+  mesh_utils' device order (ICI rings on TPU) even where it alternates hosts. Without a
+  sharding: the p-th of P equal blocks.
+  """
+  if sharding is None:
+    per_process = global_size // jax.process_count()
+    return np.arange(per_process) + jax.process_index() * per_process
+  held = np.zeros(global_size, bool)
+  for index in sharding.addressable_devices_indices_map((global_size,)).values():
+    held[index[0]] = True
+  return np.flatnonzero(held)
+
+
+def _global_size(local_size: int, sharding: jax.sharding.Sharding) -> int:
+  """The global batch size whose share on this process is `local_size` rows."""
+  if sharding.is_fully_replicated:
+    return local_size
+  # Probe with a size every shard count divides: this process holds `mine` of `shards` blocks.
+  probe = (sharding.num_devices,)
+  shards = probe[0] // sharding.shard_shape(probe)[0]
+  mine = len({index[0].start for index in sharding.addressable_devices_indices_map(probe).values()})
+  return local_size * shards // mine
 
 
 def eval_batches(split: TokenizedSplit, batch_size: int, buckets: Sequence[int],
-                 max_seq_length: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+                 max_seq_length: int, sharding: jax.sharding.Sharding | None = None
+                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
   """Every example exactly once: sorted by length (less padding), last batch padded
 
   with weight-0 rows. Yields (global row indices, -1 for padding; this process's batch).
   """
-  order = np.argsort(split.lengths, kind="stable")
+  order = np.argsort(split.document_lengths, kind="stable")
   num_batches = -(-len(order) // batch_size)
   padded = np.full(num_batches * batch_size, -1, np.int64)
   padded[:len(order)] = order
   for rows in padded.reshape(num_batches, batch_size):
-    real = rows[rows >= 0]
-    seq_len = bucket_for(int(split.lengths[real].max()), buckets, max_seq_length)
-    yield rows, pad_rows(split, process_rows(rows), seq_len)
+    yield rows, pad_batch(split, rows, buckets, max_seq_length, sharding)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """Assembles per-process NumPy rows into global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  """Assembles this process's rows (`process_rows` with the same sharding) into global arrays."""
+  local_size = len(next(iter(batch.values())))
+  global_size = _global_size(local_size, sharding)
+  positions = local_positions(global_size, sharding)
+
+  def assemble(local: np.ndarray) -> jax.Array:
+    def device_rows(index: tuple[slice, ...]) -> np.ndarray:
+      rows = range(*index[0].indices(global_size))
+      start = int(np.searchsorted(positions, rows.start))
+      return local[(slice(start, start + len(rows)), *index[1:])]
+    return jax.make_array_from_callback((global_size, *local.shape[1:]), sharding, device_rows)
+
+  return {k: assemble(v) for k, v in batch.items()}
 
 
 def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:

@@ -23,7 +23,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import experiment as experiment_lib
+from flaxbert_cls import long_documents
 from flaxbert_cls import metrics as metrics_lib
 from flaxbert_cls import progress as progress_lib
 from flaxbert_cls import readers
@@ -37,10 +39,14 @@ ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "eval.json"
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
-  """Logits [batch, classes]; for a multi-task model [batch, task, max classes] (zero-padded)."""
-  logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                       batch["token_type_ids"], deterministic=True)
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
+              window_pooling: str = "mean") -> jax.Array:
+  """Logits [batch, classes]; for a multi-task model [batch, task, max classes] (zero-padded).
+
+  A window batch gives one row per document: its windows' pooled logits.
+  """
+  logits = long_documents.document_logits(model, params, batch, window_pooling,
+                                          deterministic=True)
   if isinstance(logits, tuple):  # every head in one program: one compile per length bucket
     width = max(x.shape[-1] for x in logits)
     logits = jnp.stack([jnp.pad(x, ((0, 0), (0, width - x.shape[-1]))) for x in logits], 1)
@@ -48,9 +54,10 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> 
 
 
 def jit_eval_step(model: nn.Module, param_shardings: Any = None,
-                  batch_sharding: jax.sharding.Sharding | None = None) -> Callable:
+                  batch_sharding: jax.sharding.Sharding | None = None,
+                  window_pooling: str = "mean") -> Callable:
   """eval_step jitted for `model`; with shardings, as training places params and batches."""
-  step = functools.partial(eval_step, model=model)
+  step = functools.partial(eval_step, model=model, window_pooling=window_pooling)
   if batch_sharding is None:
     return jax.jit(step)
   return jax.jit(step, in_shardings=(param_shardings, batch_sharding),
@@ -61,15 +68,15 @@ def gather_logits(jit_eval: Callable, params: Any, split: data_lib.TokenizedSpli
                   batch_size: int, buckets: tuple[int, ...], max_seq_length: int,
                   batch_sharding: jax.sharding.Sharding | None = None,
                   on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
-  """float32 logits of every example of `split` in its order, from every process.
+  """float32 logits of every example (document, with windows) of `split` in its order,
 
-  [n, classes], or [n, task, max classes] for a multi-task model. `on_batch(done, total)`
+  from every process: [n, classes], or [n, task, max classes] for a multi-task model. `on_batch(done, total)`
   is called after each batch (progress).
   """
   out = None
   num_batches = -(-len(split) // batch_size)
   for i, (rows, batch) in enumerate(data_lib.eval_batches(split, batch_size, buckets,
-                                                          max_seq_length)):
+                                                          max_seq_length, batch_sharding)):
     if batch_sharding is not None:
       batch = data_lib.to_global(batch, batch_sharding)
     logits = np.asarray(multihost_utils.process_allgather(jit_eval(params, batch), tiled=True))
@@ -96,17 +103,35 @@ def evaluate(exp: experiment_lib.Experiment, params: Any, split: data_lib.Tokeni
   if logits.ndim == 3:  # multi-task: [n, task, max classes]
     logits = logits[:, task_index, :run_task.num_labels]
   labels = split.labels
-  if run_task.task.is_regression:
+  task = run_task.task
+  if task.is_regression:
     predictions = logits[:, 0]
     loss = float(np.mean(np.square(predictions - labels)))
+    results = {"loss": loss, **metrics_lib.compute_metrics(task.metrics, predictions, labels)}
+  elif task.is_multilabel:
+    # BCE as the train step's (unweighted); decisions at probability 0.5 (logit 0).
+    loss = float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
+    results = {"loss": loss, **metrics_lib.multilabel_metrics(task.metrics, logits > 0, labels)}
   else:
     predictions = logits.argmax(-1)
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     loss = float(-np.mean(log_probs[np.arange(len(labels)), labels]))
-  results = {"loss": loss,
-             **metrics_lib.compute_metrics(run_task.task.metrics, predictions, labels)}
+    results = {"loss": loss, **metrics_lib.compute_metrics(task.metrics, predictions, labels)}
+    # Every classification run reports macro F1 (imbalanced classes), whatever its main metric.
+    results.setdefault("f1_macro", metrics_lib.compute_metrics(
+        ("f1_macro",), predictions, labels)["f1_macro"])
   return results, logits
+
+
+def per_class(run_task: experiment_lib.RunTask, logits: np.ndarray, labels: np.ndarray
+              ) -> dict[str, dict[str, float]] | None:
+  """Precision / recall / F1 / support per class (multi-label: per label at 0.5); None for
+  regression."""
+  if run_task.task.is_regression:
+    return None
+  decisions = logits > 0 if run_task.task.is_multilabel else logits.argmax(-1)
+  return metrics_lib.per_class_metrics(decisions, labels, run_task.label_names)
 
 
 def evaluate_tasks(exp: experiment_lib.Experiment, params: Any,
@@ -120,18 +145,26 @@ def evaluate_tasks(exp: experiment_lib.Experiment, params: Any,
   """
   if not exp.multitask:
     metrics, logits = evaluate(exp, params, splits[0], jit_eval)
-    return metrics, [{"split": "validation", **metrics}], [logits]
+    return metrics, [{"split": "validation", **metrics,
+                      **_per_class_record(exp.tasks[0], logits, splits[0].labels)}], [logits]
   flat, records, main, all_logits = {}, [], [], []
   for i, (run_task, split) in enumerate(zip(exp.tasks, splits)):
     metrics, logits = evaluate(exp, params, split, jit_eval, task_index=i)
     flat.update({f"{run_task.name}/{k}": v for k, v in metrics.items()})
     main.append(metrics[run_task.task.main_metric])
-    records.append({"split": "validation", "task": run_task.name, **metrics})
+    records.append({"split": "validation", "task": run_task.name, **metrics,
+                    **_per_class_record(run_task, logits, split.labels)})
     all_logits.append(logits)
   flat["average"] = float(np.mean(main))
   records.append({"split": "validation", "task": "average", "score": flat["average"],
                   "tasks": {t.name: m for t, m in zip(exp.tasks, main)}})
   return flat, records, all_logits
+
+
+def _per_class_record(run_task: experiment_lib.RunTask, logits: np.ndarray,
+                      labels: np.ndarray) -> dict[str, Any]:
+  table = per_class(run_task, logits, labels)
+  return {} if table is None else {"per_class": table}
 
 
 @dataclasses.dataclass
@@ -179,8 +212,11 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
   """
   exp, params = experiment_lib.load_run(workdir, overrides, step)
   read = experiment_lib.read_examples_tokenized(exp, "validation")
-  results, _, logits = evaluate_tasks(exp, params, [t for _, t in read],
-                                      jit_eval_step(exp.model))
+  results, _, logits = evaluate_tasks(
+      exp, params, [t for _, t in read],
+      jit_eval_step(exp.model, window_pooling=exp.config.get("window_pooling", "mean")))
+  # Metrics at the saved temperature / thresholds too (decisions.py).
+  results.update(decisions_lib.for_eval(exp, workdir, logits[0], read[0][1].labels))
   log.info("eval of %s (step %d): %s", workdir, exp.checkpoint_step, format_metrics(results))
   if jax.process_index() == 0:
     write_eval_files(workdir, exp, [e for e, _ in read], logits, results, exp.checkpoint_step,
@@ -195,15 +231,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+  """Independent per-label probabilities (float64), multi-label."""
+  return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
 def prediction_rows(run_task: experiment_lib.RunTask, examples: readers.Examples,
                     logits: np.ndarray) -> list[dict[str, Any]]:
   """One JSON-ready row per example, in file order.
 
   Classification: text (text_pair), line, label, prediction, confidence (the predicted
-  class's probability), probabilities. Regression: label, prediction, error.
+  class's probability), probabilities. Regression: label, prediction, error. Multi-label:
+  label and prediction are lists of names (probability > 0.5), confidence the least
+  sure label's max(p, 1 - p), probabilities every label's.
   """
   rows = []
-  probs = None if run_task.task.is_regression else softmax(logits)
+  multilabel = run_task.task.is_multilabel
+  probs = (None if run_task.task.is_regression else sigmoid(logits) if multilabel
+           else softmax(logits))
   for i, texts in enumerate(examples.texts):
     row = {"line": examples.line_numbers[i], "text": texts[0]}
     if len(texts) > 1:
@@ -211,6 +256,12 @@ def prediction_rows(run_task: experiment_lib.RunTask, examples: readers.Examples
     if probs is None:
       label, prediction = float(examples.labels[i]), float(logits[i, 0])
       row.update(label=label, prediction=prediction, error=prediction - label)
+    elif multilabel:
+      names, p = run_task.label_names, probs[i]
+      row.update(label=[n for n, y in zip(names, examples.labels[i]) if y > 0.5],
+                 prediction=[n for n, q in zip(names, p) if q > 0.5],
+                 confidence=float(np.maximum(p, 1 - p).min()),
+                 probabilities={n: float(q) for n, q in zip(names, p)})
     else:
       names, p = run_task.label_names, probs[i]
       row.update(label=names[int(examples.labels[i])], prediction=names[int(p.argmax())],
@@ -252,9 +303,11 @@ def write_eval_files(workdir: str, exp: experiment_lib.Experiment,
       "best_step": best_step,
       "metrics": results,
       "tasks": [{"name": t.name, "is_regression": t.task.is_regression,
+                 "problem_type": t.task.problem_type,
                  "label_names": list(t.label_names) if t.label_names else None,
-                 "main_metric": t.task.main_metric, "source": e.source}
-                for t, e in zip(exp.tasks, examples)]}
+                 "main_metric": t.task.main_metric, "source": e.source,
+                 "per_class": per_class(t, l, e.labels)}
+                for t, e, l in zip(exp.tasks, examples, logits)]}
   workdir_lib.write_text(workdir_lib.join(directory, SUMMARY_FILE), json.dumps(summary, indent=2))
   log.info("eval: wrote %s (%d predictions, %d errors)", directory, len(predictions), len(errors))
   return directory

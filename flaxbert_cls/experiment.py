@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from flaxbert_cls import checkpoint as checkpoint_lib
@@ -58,6 +59,9 @@ class RunTask:
   label_names: tuple[str, ...] | None
   config: ml_collections.ConfigDict  # the run's config with this task's keys on top
   weight: float = 1.0
+  # Loss weights per class (multi-label: BCE pos_weight per label); () = none. Resolved
+  # from config.class_weights and the training labels (class_weights.resolve_for_run).
+  class_weights: tuple[float, ...] = ()
 
   @property
   def num_labels(self) -> int:
@@ -96,6 +100,13 @@ class Experiment:
     return self.task.is_regression
 
   @property
+  def head_losses(self) -> Any:
+    """The train step's loss per head (train.HeadLoss; a tuple for a multi-task run)."""
+    from flaxbert_cls.train import HeadLoss  # pylint: disable=g-import-not-at-top
+    losses = tuple(HeadLoss(t.task.problem_type, tuple(t.class_weights)) for t in self.tasks)
+    return losses if self.multitask else losses[0]
+
+  @property
   def multitask(self) -> bool:
     """Several heads (config.tasks set): params bert/... and heads/<task>/..."""
     return bool(self.config.get("tasks"))
@@ -131,7 +142,8 @@ class Experiment:
 
   def tokenize(self, examples: Any) -> data_lib.TokenizedSplit:
     return tokenization.cached_tokenize(self.tokenizer, examples.texts, examples.labels,
-                                    self.config.max_seq_length, self.config.cache_dir or None)
+                                    self.config.max_seq_length, self.config.cache_dir or None,
+                                    tokenization.Layout.from_config(self.config))
 
 
 def _run_tasks(config: ml_collections.ConfigDict, label_names: Any) -> tuple[RunTask, ...]:
@@ -145,6 +157,9 @@ def _run_tasks(config: ml_collections.ConfigDict, label_names: Any) -> tuple[Run
       names = (label_names or {}).get(name) if multitask else label_names
       if names is None and not task.is_regression:
         names = data_lib.label_names_for(task_config, task)
+      if multitask and task.is_multilabel:
+        raise UserError("problem_type='multi_label_classification' is not supported in "
+                        "multi-task runs yet; train it as its own run")
     except UserError as e:
       raise UserError(f"{where}{e}") from None
     tasks.append(RunTask(name or task.name, task, tuple(names) if names else None, task_config,
@@ -175,7 +190,8 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   `label_names`: a tuple (single task) or {task: names} (multi-task); None = from the data.
   """
   config_lib.validate(config)
-  mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape, devices)
+  data_parallel = tuple(-1 if a == "data" else 1 for a in config.mesh_axes)
+  mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape or data_parallel, devices)
   platform = mesh.devices.flat[0].platform
   config_lib.validate_for_platform(config, platform)
   tasks = _run_tasks(config, label_names)
@@ -193,7 +209,7 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
       hf_config, dtype=config.dtype, mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh),
       lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-      lora_targets=tuple(config.lora_targets), **overrides)
+      lora_targets=tuple(config.lora_targets), pooling=config.get("pooling", "cls"), **overrides)
   bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
       config.attention_impl, platform, config.dtype, bert_config.head_dim))
   # Positions past the table would be gathered out of range: NaN embeddings, not an error.
@@ -209,8 +225,20 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
         bert_config, tuple(t.num_labels for t in tasks), tuple(t.name for t in tasks))
   else:
     model = model_lib.BertForSequenceClassification(bert_config, tasks[0].num_labels)
+  if not config.mesh_shape:  # automatic: sized from the model, then built again on that mesh
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mesh_shape = sharding_lib.auto_mesh_shape(
+        config.mesh_axes, _train_state_bytes(model), list(mesh.devices.flat))
+    return build_experiment(config, model_dir, label_names, devices)
   return Experiment(config, tasks, hf_config, tokenizer, model, mesh,
                     sharding_lib.batch_sharding(mesh))
+
+
+def _train_state_bytes(model: model_lib.BertForSequenceClassification) -> int:
+  """float32 parameters, gradients and two AdamW moments, every parameter counted as trained."""
+  dummy = jnp.ones((1, 8), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, dummy, dummy, dummy))
+  return 16 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
 def read_tokenized(exp: Experiment, split: str) -> list[data_lib.TokenizedSplit]:
@@ -225,9 +253,11 @@ def read_examples_tokenized(exp: Experiment, split: str
   for run_task in exp.tasks:
     examples = data_lib.read_split(run_task.config, run_task.task, split, run_task.label_names)
     tokenized = exp.tokenize(examples)
-    log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d",
+    log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d%s",
              run_task.name, len(tokenized), examples.source, tokenized.lengths.mean(),
-             tokenized.num_truncated, exp.config.max_seq_length)
+             tokenized.num_truncated, exp.config.max_seq_length,
+             "" if tokenized.documents is None else
+             f" (long_document=windows: {tokenized.window_counts.mean():.2f} windows per example)")
     out.append((examples, tokenized))
   return out
 
@@ -278,8 +308,7 @@ def save_model_dir(exp: Experiment, workdir: str) -> None:
     if names is not None:
       hf_config.id2label = dict(enumerate(names))
       hf_config.label2id = {n: i for i, n in enumerate(names)}
-    hf_config.problem_type = ("regression" if exp.is_regression
-                              else "single_label_classification")
+    hf_config.problem_type = exp.task.problem_type
   with tempfile.TemporaryDirectory() as staging:  # save_pretrained writes local files only
     hf_config.save_pretrained(staging)
     exp.tokenizer.save_pretrained(staging)

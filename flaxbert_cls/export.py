@@ -26,7 +26,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import hf
+from flaxbert_cls import tokenization
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,12 @@ def check_step(workdir: str, step: int | str | None) -> None:
                     f"saved steps: {steps}")
 
 
-def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None) -> Any:
+def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None,
+                         problem_type: str = "single_label_classification") -> Any:
   """A copy of `hf_config` for a *ForSequenceClassification with this label map.
 
-  `label_names` None means regression (one output).
+  `label_names` None means regression (one output). `problem_type` picks transformers'
+  loss: 'multi_label_classification' = BCEWithLogitsLoss (apply a sigmoid to the logits).
   """
   fam = hf.family(hf_config.model_type)
   config = copy.deepcopy(hf_config)
@@ -73,7 +77,7 @@ def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None) -> A
     config.num_labels = len(label_names)
     config.id2label = dict(enumerate(label_names))
     config.label2id = {name: i for i, name in enumerate(label_names)}
-    config.problem_type = "single_label_classification"
+    config.problem_type = problem_type
   # The weights are float32; a pre-trained config saying bfloat16 would make
   # transformers (dtype='auto') load them rounded.
   config.dtype = "float32"
@@ -82,11 +86,14 @@ def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None) -> A
 
 def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
                   label_names: Sequence[str] | None,
-                  metadata: dict[str, Any] | None = None) -> str:
+                  metadata: dict[str, Any] | None = None,
+                  problem_type: str = "single_label_classification",
+                  decision_fields: dict[str, Any] | None = None) -> str:
   """Writes an HF model directory (config, safetensors, tokenizer) to a new `output`.
 
   `params` are the Flax classification model's parameters (any arrays); they are
-  written under the names of `hf_config.model_type`'s family. The directory
+  written under the names of `hf_config.model_type`'s family. `decision_fields`
+  (temperature, threshold(s): decisions.py) go into config.json. The directory
   appears whole or not at all: files go to a temporary sibling that is renamed.
   """
   output = os.path.abspath(output)
@@ -99,7 +106,10 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     os.makedirs(tmp)
-    hf_config_for_export(hf_config, label_names).save_pretrained(tmp)
+    config = hf_config_for_export(hf_config, label_names, problem_type)
+    for key, value in (decision_fields or {}).items():  # kept by PretrainedConfig as extras
+      setattr(config, key, value)
+    config.save_pretrained(tmp)
     # "format": "pt" is what transformers writes; readers use it to pick a framework.
     save_file(state, os.path.join(tmp, hf.SAFETENSORS_NAME), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
@@ -151,6 +161,12 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
                  step: int | str | None) -> str:
   """One task's HF directory; `params` named as a one-task model's."""
   task = run_task.task
+  if exp.config.get("pooling", "cls") != "cls":
+    # transformers' *ForSequenceClassification heads read [CLS] (BERT: its pooler); a mean-
+    # pooled model would load without error and predict something else.
+    raise UserError(f"{workdir}: pooling={exp.config.pooling!r} cannot be exported: "
+                    "transformers' sequence-classification models read the [CLS] token only; "
+                    "predict with the workdir itself (flaxbert-cls predict --model=WORKDIR)")
   metadata = {
       "source_workdir": os.path.abspath(workdir),
       "step": "latest" if step is None else step,
@@ -160,7 +176,13 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
-  out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata)
+  # predict reads long documents as the run did (head_tail / windows + pooling).
+  metadata.update({k: exp.config[k] for k in (*tokenization.LONG_DOCUMENT_KEYS, "window_pooling")
+                   if k in exp.config})
+  decisions = None if exp.multitask or task.is_regression else decisions_lib.load(
+      workdir, exp.checkpoint_step, run_task.num_labels, task.is_multilabel)
+  out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata,
+                      task.problem_type, decisions.hf_fields() if decisions else None)
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
            task.name, hf.family(exp.hf_config.model_type).architecture,
            1 if run_task.label_names is None else len(run_task.label_names), out)

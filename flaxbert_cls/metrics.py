@@ -94,3 +94,46 @@ def compute_metrics(metric_names: Sequence[str], predictions: np.ndarray,
       p, y = _class_ids(predictions, "predictions"), _class_ids(labels, "labels")
     out[name] = float(_METRICS[name](p, y))
   return out
+
+
+def per_class_metrics(predictions: np.ndarray, labels: np.ndarray,
+                      label_names: Sequence[str]) -> dict[str, dict[str, float]]:
+  """{name: {precision, recall, f1, support}} per class (single-label: class ids [n];
+  multi-label: multi-hot [n, labels] decisions and gold)."""
+  predictions, labels = np.asarray(predictions), np.asarray(labels)
+  ids = None if labels.ndim == 2 else np.arange(len(label_names))
+  precision, recall, f1, support = skm.precision_recall_fscore_support(
+      labels.astype(np.int64), predictions.astype(np.int64), labels=ids, average=None,
+      zero_division=0)
+  return {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+          for name, p, r, f, s in zip(label_names, precision, recall, f1, support)}
+
+
+MULTILABEL_METRIC_NAMES = ("f1_macro", "f1_micro", "subset_accuracy")
+
+
+def multilabel_metrics(metric_names: Sequence[str], predictions: np.ndarray,
+                       labels: np.ndarray) -> dict[str, float]:
+  """Macro / micro F1 over labels and exact-match (subset) accuracy of multi-hot decisions.
+
+  Args:
+    metric_names: names from `MULTILABEL_METRIC_NAMES`.
+    predictions: 0/1 decisions [n, labels] (e.g. probability > 0.5).
+    labels: gold multi-hot [n, labels].
+  """
+  unknown = [m for m in metric_names if m not in MULTILABEL_METRIC_NAMES]
+  if unknown:
+    raise UserError(f"unknown multi-label metric(s) {unknown}; known: "
+                    f"{list(MULTILABEL_METRIC_NAMES)}")
+  p = np.asarray(predictions).astype(np.int64)
+  y = np.asarray(labels).astype(np.int64)
+  if p.shape != y.shape or p.ndim != 2:
+    raise ValueError(f"multi-label predictions {p.shape} and labels {y.shape} must be the same "
+                     "[n, labels] shape")
+  compute = {
+      # A label with no positive and no predicted example scores 0 (sklearn's zero_division).
+      "f1_macro": lambda: skm.f1_score(y, p, average="macro", zero_division=0),
+      "f1_micro": lambda: skm.f1_score(y, p, average="micro", zero_division=0),
+      "subset_accuracy": lambda: skm.accuracy_score(y, p),
+  }
+  return {name: float(compute[name]()) for name in metric_names}

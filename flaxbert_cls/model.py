@@ -48,6 +48,9 @@ class BertConfig:
   position_offset: int = 0
   embedding_size: int | None = None  # ELECTRA: embeddings narrower than hidden_size
   classifier_head: str = "bert"  # one of CLASSIFIER_HEADS
+  # 'cls': the family's head on [CLS] (bert: through the pooler). 'mean': the head reads the
+  # mean of the last hidden state over real tokens instead (bert: no pooler).
+  pooling: str = "cls"
   # Not HF fields: how to run it.
   dtype: str = "float32"  # compute dtype; parameters stay float32
   attention_impl: str | None = None  # 'xla' (None) or 'cudnn'; see ops.attention_implementation
@@ -320,14 +323,25 @@ class BertForSequenceClassification(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
     cfg = self.config
-    hidden, pooled = BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert",
-                               first_token_only=True, name="bert")(
+    mean = cfg.pooling == "mean"
+    hidden, pooled = BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert" and not mean,
+                               first_token_only=not mean, name="bert")(
         input_ids, attention_mask, token_type_ids, deterministic)
+    if mean:  # every head reads position 0 (bert: `pooled`): give them the mean there
+      hidden = mean_pool(hidden, attention_mask)[:, None]
+      pooled = hidden[:, 0]
     if not self.task_names:
       num_labels = self.num_labels if isinstance(self.num_labels, int) else self.num_labels[0]
       return _head_logits(cfg, num_labels, hidden, pooled, deterministic)
     return _TaskHeads(cfg, self.num_labels, self.task_names, name="heads")(
         hidden, pooled, deterministic)
+
+
+def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """[batch, hidden] float32 mean of `hidden` over the tokens where attention_mask is 1."""
+  mask = attention_mask.astype(jnp.float32)[..., None]
+  total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
+  return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
 def _head_logits(cfg: BertConfig, num_labels: int, hidden: jax.Array, pooled: jax.Array | None,

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import evaluate as evaluate_lib
 from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import export as export_lib
@@ -74,6 +75,11 @@ class Predictor:
   batch_size: int
   batch_sharding: jax.sharding.Sharding | None = None  # None: one device
   source: str = ""
+  # Temperature and thresholds saved with the run or its export; None: argmax of softmax.
+  decisions: decisions_lib.Decisions | None = None
+  # How texts longer than max_seq_length are read (the run's long_document keys).
+  layout: tokenization.Layout = tokenization.TRUNCATE
+  window_pooling: str = "mean"
   quantized: quantize_lib.OnnxClassifier | None = None  # set: predicts with it, not `params`
 
   def __post_init__(self):
@@ -110,6 +116,10 @@ class Predictor:
       shards = predictor.batch_sharding.mesh.size
       predictor.batch_size = -(-predictor.batch_size // shards) * shards
     if quantize:
+      if predictor.layout.long_document == "windows":
+        # Windows are pooled inside the jitted step (long_documents.py), not in the ONNX graph.
+        raise UserError(f"--quantize={quantize}: {path} reads long documents as windows, "
+                        "which the int8 model does not pool; predict without --quantize")
       predictor.quantized = quantize_lib.load_int8(path, _is_workdir(path),
                                                    export_lib.parse_step(step))
     return predictor
@@ -121,9 +131,13 @@ class Predictor:
     if exp.multitask:
       raise UserError(f"{workdir}: a multi-task run ({', '.join(t.name for t in exp.tasks)}); "
                       "export it (flaxbert-cls export --output=OUT) and predict with OUT/<task>")
+    decisions = None if exp.task.is_regression else decisions_lib.load(
+        workdir, exp.checkpoint_step, len(exp.label_names), exp.task.is_multilabel)
     return cls(exp.model, params, exp.tokenizer, exp.label_names, _unlabelled(exp.task),
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
-               int(exp.config.eval_batch_size), exp.batch_sharding, workdir)
+               int(exp.config.eval_batch_size), exp.batch_sharding, workdir, decisions,
+               tokenization.Layout.from_config(exp.config),
+               exp.config.get("window_pooling", "mean"))
 
   @classmethod
   def _from_hf_dir(cls, directory: str) -> "Predictor":
@@ -154,7 +168,11 @@ class Predictor:
         name=meta.get("task_name", "predict"),
         text_fields=tuple(meta.get("text_fields") or _DEFAULT_TEXT_FIELDS),
         label_field=_NO_LABEL_FIELD, label_names=None,
-        file_columns=tuple(meta["file_columns"]) if meta.get("file_columns") else None)
+        file_columns=tuple(meta["file_columns"]) if meta.get("file_columns") else None,
+        is_regression=is_regression, problem_type=hf_config.problem_type or (
+            "regression" if is_regression else "single_label_classification"))
+    decisions = None if is_regression else decisions_lib.Decisions.from_hf_config(
+        hf_config, os.path.join(directory, "config.json"))
     batch_sharding = None
     if jax.local_device_count() > 1 and jax.process_count() == 1:
       # As evaluate does: the batch split over every device, the weights on each.
@@ -164,7 +182,8 @@ class Predictor:
     return cls(model, jax.device_put(params), tokenizer, label_names, task,
                int(meta.get("max_seq_length", _DEFAULT_MAX_SEQ_LENGTH)),
                tuple(meta.get("seq_buckets", _DEFAULT_BUCKETS)), _DEFAULT_BATCH_SIZE,
-               batch_sharding, directory)
+               batch_sharding, directory, decisions, tokenization.Layout.from_config(meta),
+               meta.get("window_pooling", "mean"))
 
   @property
   def is_regression(self) -> bool:
@@ -173,13 +192,16 @@ class Predictor:
   def predict(self, texts: Sequence[str] | Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     """One result per text (or text pair), in order: {'label', 'probabilities'} or {'score'}."""
     rows = _normalize_texts(texts)
-    logits = self.logits(tokenization.tokenize(self.tokenizer, rows, None, self.max_seq_length))
+    logits = self.logits(self._tokenize(rows))
     return self._results(logits)
 
+  def _tokenize(self, rows: Sequence[tuple[str, ...]]) -> data_lib.TokenizedSplit:
+    return tokenization.tokenize(self.tokenizer, rows, None, self.max_seq_length, self.layout)
+
   def logits(self, split: data_lib.TokenizedSplit, progress: bool = False) -> np.ndarray:
-    """float32 [n, num_labels] logits of every example of `split`, in its order."""
+    """float32 [n, num_labels] logits of every example (document) of `split`, in its order."""
     if self._jit_eval is None:
-      self._jit_eval = evaluate_lib.jit_eval_step(self.model)
+      self._jit_eval = evaluate_lib.jit_eval_step(self.model, window_pooling=self.window_pooling)
     # A bar on a terminal, else a log line every tenth of the batches.
     on_batch = progress_lib.BatchProgress("predict", log_lines=True) if progress else None
     if self.quantized is not None:  # ONNX Runtime on the host: no device batches
@@ -192,9 +214,16 @@ class Predictor:
   def _results(self, logits: np.ndarray) -> list[dict[str, Any]]:
     if self.is_regression:
       return [{"score": float(s)} for s in logits[:, 0]]
-    probs = evaluate_lib.softmax(logits)
-    return [{"label": self.label_names[int(p.argmax())],
-             "probabilities": {n: float(q) for n, q in zip(self.label_names, p)}} for p in probs]
+    # Probabilities after the temperature; labels by the thresholds (decisions.py).
+    decisions = self.decisions or decisions_lib.Decisions()
+    multilabel = self.task.is_multilabel
+    probs = decisions.probabilities(logits, multilabel)
+    chosen = decisions.predictions(probs, multilabel)
+    names = self.label_names
+    # Multi-label: every label at or over its threshold, and every label's probability.
+    return [{"label": ([n for n, c in zip(names, row) if c] if multilabel else names[int(row)]),
+             "probabilities": {n: float(q) for n, q in zip(names, p)}}
+            for row, p in zip(chosen, probs)]
 
   def predict_file(self, input_path: str, output_path: str,
                    chunk_rows: int = CHUNK_ROWS) -> dict[str, float]:
@@ -221,8 +250,7 @@ class Predictor:
       with _ResultWriter(output_path, self.task.text_fields, self.label_names) as writer:
         for examples in readers.read_file_chunks(input_path, self.task, chunk_rows):
           start = time.perf_counter()
-          split = tokenization.tokenize(self.tokenizer, examples.texts, None,
-                                        self.max_seq_length)
+          split = self._tokenize(examples.texts)
           logits = self.logits(split)
           seconds += time.perf_counter() - start
           writer.write(examples.texts, self._results(logits))
@@ -316,8 +344,9 @@ class _ResultWriter:
     try:
       if self._csv is not None:
         for row, r in zip(texts, results):
+          label = "|".join(r["label"]) if isinstance(r.get("label"), list) else r.get("label")
           values = ([r["score"]] if self.label_names is None else
-                    [r["label"]] + [r["probabilities"][n] for n in self.label_names])
+                    [label] + [r["probabilities"][n] for n in self.label_names])
           self._csv.writerow(list(row) + values)
       else:
         self._file.writelines(json.dumps(dict(zip(self.text_fields, row)) | r,

@@ -36,7 +36,8 @@ class Examples:
   Attributes:
     texts: one tuple per row, len == len(task.text_fields).
     labels: int32 label ids (classification), float32 targets (regression),
-      or None for unlabelled prediction input.
+      float32 multi-hot [n, num_labels] (multi-label), or None for unlabelled
+      prediction input.
     source: file path or 'hf:<name>/<config>:<split>', used in messages.
     line_numbers: 1-based line in the file of each row (the line a CSV record
       starts on); for Hugging Face datasets the 0-based row index.
@@ -342,15 +343,57 @@ def label_array(source: str, rows: Sequence[Row], task: Task,
         [_regression_target(source, f"{unit} {n}", raw) for n, _, raw in rows],
         dtype=np.float32)
   names = resolve_label_names(task, label_names)
+  if task.is_multilabel:
+    return _multi_hot(source, rows, task, names, unit)
   index = {name: i for i, name in enumerate(names)}
   ids = np.empty(len(rows), dtype=np.int32)
   for k, (n, _, raw) in enumerate(rows):
+    if isinstance(raw, (list, tuple)):
+      raise UserError(
+          f"{source} {unit} {n}: label is a list {list(raw)!r}; a single-label task needs one "
+          "label (for several set config.problem_type='multi_label_classification')")
     label = label_string(source, f"{unit} {n}", raw)
     if label not in index:
       raise UserError(
           f"{source} {unit} {n}: label {label!r} is not one of {list(names)}")
     ids[k] = index[label]
   return ids
+
+
+def multilabel_strings(source: str, where: str, raw: Any, delimiter: str) -> list[str]:
+  """A multi-label row's labels as strings: a JSON list, or a string split by `delimiter`.
+
+  An empty list or an empty string is a row with no label (valid: all zeros).
+  """
+  if isinstance(raw, str):
+    parts = [p.strip() for p in raw.split(delimiter)] if raw.strip() else []
+    if any(not p for p in parts):
+      raise UserError(f"{source} {where}: empty label in {raw!r} (split by {delimiter!r})")
+    return parts
+  if isinstance(raw, (list, tuple, np.ndarray)):
+    return [label_string(source, where, r) for r in raw]
+  if isinstance(raw, (int, np.integer)) and not isinstance(raw, (bool, np.bool_)):
+    return [str(int(raw))]
+  raise UserError(f"{source} {where}: label {raw!r} ({type(raw).__name__}) must be a list of "
+                  f"labels or a string of labels joined by {delimiter!r}")
+
+
+def _multi_hot(source: str, rows: Sequence[Row], task: Task, names: tuple[str, ...],
+               unit: str) -> np.ndarray:
+  """float32 [n, len(names)]: 1 where a row has the label. A label is a name, or (when it
+  is no name and the names are not numbers themselves) an id in `names` order, as
+  GoEmotions' '3,27' index emotions.txt."""
+  index = {name: i for i, name in enumerate(names)}
+  if not any(re.fullmatch(r"-?\d+", n) for n in names):
+    index.update({str(i): i for i in range(len(names))})
+  out = np.zeros((len(rows), len(names)), np.float32)
+  for k, (n, _, raw) in enumerate(rows):
+    for label in multilabel_strings(source, f"{unit} {n}", raw, task.label_delimiter):
+      if label not in index:
+        raise UserError(f"{source} {unit} {n}: label {label!r} is not one of {list(names)}"
+                        + (f" nor an id 0..{len(names) - 1}" if len(index) > len(names) else ""))
+      out[k, index[label]] = 1.0
+  return out
 
 
 def resolve_label_names(task: Task, label_names: Sequence[Any] | None
@@ -430,6 +473,10 @@ def build_label_names(path: str, task: Task) -> tuple[str, ...]:
   if task.is_regression:
     raise ValueError(f"task {task.name!r} is a regression task")
   rows, _ = _read_rows(path, task, require_labels=True)
+  if task.is_multilabel:
+    return check_label_count(path, sort_label_names(
+        label for n, _, raw in rows
+        for label in multilabel_strings(path, f"line {n}", raw, task.label_delimiter)))
   _check_one_label_type(path, rows)
   labels = [label_string(path, f"line {n}", raw) for n, _, raw in rows]
   return check_label_count(path, sort_label_names(labels))

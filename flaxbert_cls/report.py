@@ -10,7 +10,7 @@ reliability diagram and the most confidently wrong examples. The eval runs first
 (`evaluate.evaluate_workdir`) when its files are missing or are for another step.
 
 The numbers come from small NumPy functions (`confusion_matrix`, `per_class_scores`,
-`calibration_bins`), tested against scikit-learn; plots in `report_plots.py`.
+`calibration.calibration_bins`), tested against scikit-learn; plots in `report_plots.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from flaxbert_cls import evaluate as evaluate_lib
 from flaxbert_cls import progress as progress_lib
 from flaxbert_cls import report_plots
 from flaxbert_cls import workdir as workdir_lib
+from flaxbert_cls.calibration import calibration_bins
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 REPORT_DIR = "report"
 PAGE_NAME = "index.html"
 NUM_ERRORS_SHOWN = 20
-NUM_CALIBRATION_BINS = 10
 # Config keys worth a glance; the whole config.json is in a fold below them.
 SUMMARY_KEYS = ("model_name_or_path", "task_name", "tasks", "train_file", "validation_file",
                 "data_dir", "dataset_name", "tfds_name", "num_train_steps", "num_train_epochs",
@@ -96,30 +96,6 @@ def per_class_scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
   f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(tp),
                  where=denominator > 0)
   return {"precision": precision, "recall": recall, "f1": f1, "support": support}
-
-
-def calibration_bins(confidence: np.ndarray, correct: np.ndarray,
-                     num_bins: int = NUM_CALIBRATION_BINS) -> dict[str, Any]:
-  """Reliability-diagram bins over the predicted class's probability.
-
-  `num_bins` equal-width bins on [0, 1]; a value on an inner edge goes to the lower bin,
-  as in sklearn.calibration.calibration_curve. Returns edges [num_bins + 1], and per bin
-  count, confidence (mean) and accuracy (NaN where empty), plus the expected calibration
-  error 'ece' (the count-weighted mean |accuracy - confidence|).
-  """
-  confidence = np.asarray(confidence, np.float64)
-  correct = np.asarray(correct, np.float64)
-  edges = np.linspace(0.0, 1.0, num_bins + 1)
-  bins = np.searchsorted(edges[1:-1], confidence)
-  count = np.bincount(bins, minlength=num_bins)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    mean_confidence = np.bincount(bins, confidence, num_bins) / count
-    accuracy = np.bincount(bins, correct, num_bins) / count
-  filled = count > 0
-  ece = float(np.sum(count[filled] * np.abs(accuracy[filled] - mean_confidence[filled]))
-              / max(count.sum(), 1))
-  return {"edges": edges, "count": count, "confidence": mean_confidence, "accuracy": accuracy,
-          "ece": ece}
 
 
 def classification_arrays(rows: list[dict[str, Any]], label_names: list[str]
@@ -303,6 +279,20 @@ def _classification_parts(task: dict[str, Any], rows: list[dict[str, Any]],
       f"{error_table}</div>")
 
 
+def _multilabel_parts(task: dict[str, Any], errors: list[dict[str, Any]], slug: str) -> str:
+  """Per label at 0.5 (eval.json's per_class) and the most confidently wrong rows."""
+  table = task.get("per_class") or {}
+  table_rows = [[n, *(f"{s[k]:.3f}" for k in ("precision", "recall", "f1")), s["support"]]
+                for n, s in table.items()]
+  error_table = _table(["#", "text", "true", "predicted", "least sure label's confidence"],
+                       [[i + 1, _texts(r), ", ".join(r["label"]), ", ".join(r["prediction"]),
+                         f"{r['confidence']:.3f}"] for i, r in enumerate(errors)], 4)
+  return (f'<div id="{slug}-per-class"><h3>Per label (threshold 0.5)</h3>'
+          f'{_table(["label", "precision", "recall", "F1", "support"], table_rows)}</div>'
+          f'<div id="{slug}-errors"><h3>The {len(errors)} most confidently wrong examples</h3>'
+          f"{error_table}</div>")
+
+
 def _regression_parts(rows: list[dict[str, Any]], errors: list[dict[str, Any]],
                       slug: str) -> str:
   labels = np.array([r["label"] for r in rows])
@@ -328,6 +318,8 @@ def _task_section(task: dict[str, Any], summary: dict[str, Any], rows: list[dict
   metric_line = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
   errors = errors[:NUM_ERRORS_SHOWN]
   body = (_regression_parts(rows, errors, slug) if task["is_regression"]
+          else _multilabel_parts(task, errors, slug)
+          if task.get("problem_type") == "multi_label_classification"
           else _classification_parts(task, rows, errors, slug))
   return (f'<section id="{slug}" class="task"><h2>Task {_e(task["name"])}: checkpoint '
           f'step {_e(summary["step"])}</h2><p class="muted">{len(rows)} examples from '

@@ -35,89 +35,69 @@ def mesh_shape_for(axis_sizes: Sequence[int], num_devices: int) -> tuple[int, ..
   return tuple(sizes)
 
 
+def device_memory_bytes(device: Any) -> int | None:
+  """The memory XLA may use on `device`; None where the platform does not say (CPU)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  (not implemented on some platforms)
+    return None
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def auto_mesh_shape(axis_names: Sequence[str], state_bytes: int, devices: Sequence[Any],
+                    memory_fraction: float = 0.35) -> tuple[int, ...]:
+  """Pure data parallelism when the train state fits `memory_fraction` of one device's
+  memory (the rest is for activations), else FSDP over the fewest devices that fit it.
+
+  The fewest: every all-gather then stays within as small a group as possible (one host's
+  devices first). Devices that do not report their memory (CPU) get data parallelism.
+  """
+  names = list(axis_names)
+  if "data" not in names or "fsdp" not in names:
+    raise UserError(f"config.mesh_shape=(): the automatic mesh needs 'data' and 'fsdp' in "
+                    f"config.mesh_axes={tuple(names)}; give mesh_shape explicitly")
+  n, fsdp = len(devices), 1
+  limit = device_memory_bytes(devices[0])
+  if limit:
+    budget = memory_fraction * limit
+    fitting = [f for f in range(1, n + 1) if n % f == 0 and state_bytes / f <= budget]
+    if not fitting:
+      raise UserError(
+          f"config.mesh_shape=(): the train state ({state_bytes / 2**30:.1f} GiB) does not fit "
+          f"{memory_fraction:.0%} of a device's {limit / 2**30:.1f} GiB even over all {n} devices; "
+          "use LoRA (lora_rank), freeze layers, or more devices")
+    fsdp = fitting[0]
+  shape = [1] * len(names)
+  shape[names.index("data")], shape[names.index("fsdp")] = n // fsdp, fsdp
+  log.info("Automatic mesh %s: train state %.2f GiB, device memory %s.",
+           dict(zip(names, shape)), state_bytes / 2**30,
+           f"{limit / 2**30:.1f} GiB" if limit else "not reported")
+  return tuple(shape)
+
+
 def create_mesh(axis_names: Sequence[str], axis_sizes: Sequence[int],
                 devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh over `devices` (default: all), laid out by jax's mesh_utils for locality."""
   devices = list(jax.devices() if devices is None else devices)
-  return Mesh(device_grid(axis_names, mesh_shape_for(axis_sizes, len(devices)), devices),
+  return Mesh(device_grid(mesh_shape_for(axis_sizes, len(devices)), devices),
               tuple(axis_names))
-
-
-def device_grid(axis_names: Sequence[str], shape: Sequence[int],
-                devices: Sequence[Any]) -> np.ndarray:
-  """Devices arranged as `shape`: topology-aware, and process-major along the batch axes.
-
-  Every process feeds its own contiguous slice of each global batch (data.process_rows),
-  so process p's devices must hold exactly the p-th block of batch rows. mesh_utils
-  picks a fast order on TPU pods, but that order can interleave hosts along an axis;
-  then we regroup the devices by process (locality is kept within each host).
-  """
-  try:
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-    grid = mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # pylint: disable=broad-except  (CPU/odd topologies: a plain reshape is fine)
-    grid = np.asarray(devices, dtype=object).reshape(shape)
-  if _batch_is_process_major(grid, axis_names):
-    return grid
-  grid = _process_major_grid(axis_names, shape, devices)
-  log.info("Regrouped the device mesh by process along %s (one batch block per host).",
-           "x".join(_batch_axes(axis_names)))
-  return grid
 
 
 def _batch_axes(axis_names: Sequence[str]) -> list[str]:
   return [a for a in BATCH_AXES if a in axis_names]
 
 
-def _batch_major(grid: np.ndarray, axis_names: Sequence[str]) -> np.ndarray:
-  """The grid as [batch position, other devices]: batch axes first, data-major."""
-  names = list(axis_names)
-  batch = [names.index(a) for a in _batch_axes(names)]
-  rest = [i for i in range(len(names)) if i not in batch]
-  dp = int(np.prod([grid.shape[i] for i in batch]))
-  return np.transpose(grid, batch + rest).reshape(dp, -1)
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """Devices arranged as `shape` in mesh_utils' topology-aware order (ICI rings on TPU).
 
-
-def _batch_is_process_major(grid: np.ndarray, axis_names: Sequence[str]) -> bool:
-  """True if batch block p (of as many blocks as processes) lives on process p only."""
-  rows = _batch_major(grid, axis_names)
-  processes = sorted({d.process_index for d in grid.flat})
-  if len(rows) % len(processes):
-    return False
-  per_process = len(rows) // len(processes)
-  return all({d.process_index for d in row} == {processes[j // per_process]}
-             for j, row in enumerate(rows))
-
-
-def _process_major_grid(axis_names: Sequence[str], shape: Sequence[int],
-                        devices: Sequence[Any]) -> np.ndarray:
-  names = list(axis_names)
-  by_process: dict[int, list[Any]] = {}
-  for d in devices:
-    by_process.setdefault(d.process_index, []).append(d)
-  batch = [names.index(a) for a in _batch_axes(names)]
-  rest = [i for i in range(len(names)) if i not in batch]
-  dp = int(np.prod([shape[i] for i in batch]))
-  num_processes = len(by_process)
-  counts = {len(v) for v in by_process.values()}
-  if dp % num_processes or len(counts) != 1:
-    raise UserError(
-        f"mesh {dict(zip(names, shape))} over {num_processes} processes: the batch axes "
-        f"{'x'.join(_batch_axes(names)) or '(none)'} = {dp} must be a multiple of the number of "
-        "processes (each process feeds its own rows), with the same device count per process")
-  local_shape = (dp // num_processes, int(np.prod([shape[i] for i in rest])))
-  blocks = []
-  for p in sorted(by_process):
-    local = sorted(by_process[p], key=lambda d: d.id)
-    try:
-      from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-      blocks.append(mesh_utils.create_device_mesh(local_shape, local))
-    except Exception:  # pylint: disable=broad-except
-      blocks.append(np.asarray(local, dtype=object).reshape(local_shape))
-  stacked = np.concatenate(blocks, axis=0)  # [dp, rest]
-  # Undo _batch_major: split into the axes' sizes, then back to the mesh's axis order.
-  stacked = stacked.reshape([shape[i] for i in batch] + [shape[i] for i in rest])
-  return np.transpose(stacked, np.argsort(batch + rest))
+  That order may alternate hosts along the batch axes; each process then feeds exactly
+  the batch rows its devices hold (data.process_rows / data.to_global ask the sharding).
+  """
+  try:
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    return mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # pylint: disable=broad-except  (CPU/odd topologies: a plain reshape is fine)
+    return np.asarray(devices, dtype=object).reshape(shape)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -16,8 +16,13 @@ from flaxbert_cls.errors import UserError
 # Kept in sync with `metrics.METRIC_NAMES`; duplicated here so that building a
 # task does not import scikit-learn / scipy.
 _KNOWN_METRICS = ("accuracy", "f1", "f1_macro", "matthews_correlation",
-                  "pearson", "spearmanr")
+                  "pearson", "spearmanr", "f1_micro", "subset_accuracy")
 _REGRESSION_METRICS = ("pearson", "spearmanr")
+# Multi-label metrics (metrics.multilabel_metrics); macro F1 is the main one.
+MULTILABEL_METRICS = ("f1_macro", "f1_micro", "subset_accuracy")
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+REGRESSION = "regression"
 
 _DEFAULT_GLUE_FILES = {
     "train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
@@ -48,6 +53,9 @@ class Task:
     glue_dir: directory name in a GLUE data directory, e.g. 'SST-2'.
     glue_files: split -> file name in `glue_dir`.
     file_columns: column names for header-less files (CoLA train/dev).
+    problem_type: 'single_label_classification', 'multi_label_classification' or
+      'regression' (kept equal to is_regression).
+    label_delimiter: multi-label TSV/CSV: what joins a row's labels ('3,27').
   """
   name: str
   text_fields: tuple[str, ...]
@@ -66,6 +74,16 @@ class Task:
   glue_files: Mapping[str, str] | None = dataclasses.field(
       default=None, hash=False)
   file_columns: tuple[str, ...] | None = None
+  problem_type: str = SINGLE_LABEL
+  label_delimiter: str = ","
+
+  def __post_init__(self):
+    if self.is_regression and self.problem_type != REGRESSION:
+      object.__setattr__(self, "problem_type", REGRESSION)
+
+  @property
+  def is_multilabel(self) -> bool:
+    return self.problem_type == MULTI_LABEL
 
   @property
   def num_labels(self) -> int:
@@ -222,8 +240,27 @@ def _custom_task(config: Any) -> Task:
     raise UserError(
         f"config.label_column: {label_column!r} is also a text column")
 
-  is_regression = bool(_get(config, "is_regression", False))
+  problem_type = _get(config, "problem_type", "") or (
+      REGRESSION if _get(config, "is_regression", False) else SINGLE_LABEL)
+  if problem_type not in (SINGLE_LABEL, MULTI_LABEL, REGRESSION):
+    raise UserError(f"config.problem_type={problem_type!r}: use one of "
+                    f"{[SINGLE_LABEL, MULTI_LABEL, REGRESSION]}")
+  if _get(config, "is_regression", False) and problem_type != REGRESSION:
+    raise UserError(f"config.is_regression=True contradicts config.problem_type="
+                    f"{problem_type!r}; set one of them")
+  is_regression = problem_type == REGRESSION
+  is_multilabel = problem_type == MULTI_LABEL
   label_names = _str_tuple(_get(config, "label_names", ()), "label_names")
+  label_names_file = _get(config, "label_names_file", "")
+  if label_names_file:
+    if label_names:
+      raise UserError("config.label_names_file: also gave config.label_names; set one of them")
+    label_names = _read_label_names_file(label_names_file)
+  delimiter = _get(config, "label_delimiter", ",")
+  if is_multilabel and (not isinstance(delimiter, str) or not delimiter):
+    raise UserError(f"config.label_delimiter={delimiter!r}: a multi-label task needs a "
+                    "non-empty delimiter (e.g. ',' or '|')")
+  file_columns = _str_tuple(_get(config, "file_columns", ()), "file_columns")
   if is_regression and label_names:
     raise UserError(
         "config.label_names: a regression task (is_regression=True) has no "
@@ -236,12 +273,13 @@ def _custom_task(config: Any) -> Task:
     if duplicates:
       raise UserError(
           f"config.label_names: repeated label(s) {duplicates}")
-    if len(label_names) == 1:
+    if len(label_names) == 1 and not is_multilabel:
       raise UserError(
           "config.label_names: a classification task needs at least 2 "
           f"labels, got {list(label_names)}")
 
-  default_metrics = (_REGRESSION_METRICS if is_regression else ("accuracy",))
+  default_metrics = (_REGRESSION_METRICS if is_regression else
+                     MULTILABEL_METRICS if is_multilabel else ("accuracy",))
   metrics = _str_tuple(_get(config, "metrics", ()), "metrics") or (
       default_metrics)
   for m in metrics:
@@ -249,10 +287,10 @@ def _custom_task(config: Any) -> Task:
       raise UserError(
           f"config.metrics: unknown metric {m!r}; known: "
           f"{list(_KNOWN_METRICS)}")
-    if is_regression != (m in _REGRESSION_METRICS):
-      kind = "regression" if is_regression else "classification"
+    if is_regression != (m in _REGRESSION_METRICS) or is_multilabel != (
+        m in MULTILABEL_METRICS) and m != "f1_macro":
       raise UserError(
-          f"config.metrics: {m!r} does not apply to a {kind} task")
+          f"config.metrics: {m!r} does not apply to a {problem_type} task")
   if "f1" in metrics and label_names and len(label_names) != 2:
     raise UserError(
         "config.metrics: 'f1' is binary F1 (positive class = label id 1); "
@@ -270,7 +308,23 @@ def _custom_task(config: Any) -> Task:
       label_names=None if is_regression or not label_names else label_names,
       is_regression=is_regression,
       metrics=metrics,
-      main_metric=main_metric)
+      main_metric=main_metric,
+      file_columns=file_columns or None,
+      problem_type=problem_type,
+      label_delimiter=delimiter if isinstance(delimiter, str) and delimiter else ",")
+
+
+def _read_label_names_file(path: Any) -> tuple[str, ...]:
+  """Label names one a line (blank lines at the end ignored), e.g. GoEmotions' emotions.txt."""
+  from flaxbert_cls import workdir as files  # pylint: disable=g-import-not-at-top
+  if not isinstance(path, str) or not files.is_file(path):
+    raise UserError(f"config.label_names_file={path!r}: file not found")
+  lines = files.read_text(path).rstrip("\n").split("\n")
+  names = tuple(line.strip() for line in lines)
+  for i, name in enumerate(names, start=1):
+    if not name:
+      raise UserError(f"{path} line {i}: empty label name")
+  return names
 
 
 def with_label_names(task: Task, label_names: Sequence[str]) -> Task:

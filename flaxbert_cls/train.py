@@ -5,6 +5,7 @@ experiment (model, tasks, mesh, state) comes from `experiment.py`, evaluation fr
 `evaluate.py`, log lines and scalars from `progress.py`.
 """
 
+import dataclasses
 import functools
 import logging
 import math
@@ -22,10 +23,13 @@ import optax
 from clu import metrics as clu_metrics
 
 from flaxbert_cls import checkpoint as checkpoint_lib
+from flaxbert_cls import class_weights as class_weights_lib
 from flaxbert_cls import data as data_lib
+from flaxbert_cls import decisions as decisions_lib
 from flaxbert_cls import evaluate as evaluate_lib
 from flaxbert_cls import experiment as experiment_lib
 from flaxbert_cls import hf
+from flaxbert_cls import long_documents
 from flaxbert_cls import optim
 from flaxbert_cls import progress as progress_lib
 from flaxbert_cls import sharding as sharding_lib
@@ -45,34 +49,76 @@ class TrainMetrics(clu_metrics.Collection):
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
 
 
-def example_losses(logits: jax.Array, labels: jax.Array, is_regression: bool) -> jax.Array:
-  """Per-example loss in float32: squared error (regression) or softmax cross-entropy."""
+@dataclasses.dataclass(frozen=True)
+class HeadLoss:
+  """One head's loss, fixed at compile time: the problem type and its class weights."""
+
+  problem_type: str = "single_label_classification"
+  # Single-label: weight per class (weighted softmax CE). Multi-label: BCE pos_weight per
+  # label. () = unweighted.
+  class_weights: tuple[float, ...] = ()
+
+
+def _head_loss(spec: "bool | HeadLoss") -> HeadLoss:
+  """A bool (is_regression, the older form) or a HeadLoss."""
+  if isinstance(spec, HeadLoss):
+    return spec
+  return HeadLoss("regression" if spec else "single_label_classification")
+
+
+def example_losses(logits: jax.Array, labels: jax.Array, spec: "bool | HeadLoss") -> jax.Array:
+  """Per-example loss in float32: squared error (regression), softmax cross-entropy (weighted
+  by the label's class weight) or binary cross-entropy averaged over labels (multi-label,
+  positives weighted by pos_weight, as torch's BCEWithLogitsLoss)."""
+  spec = _head_loss(spec)
   logits = logits.astype(jnp.float32)
-  if is_regression:
+  if spec.problem_type == "regression":
     return jnp.square(logits[:, 0] - labels.astype(jnp.float32))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  weights = jnp.asarray(spec.class_weights, jnp.float32) if spec.class_weights else None
+  if spec.problem_type == "multi_label_classification":
+    labels = labels.astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(logits, labels)
+    if weights is not None:  # pos_weight scales the positive term -log(sigmoid(x)) only
+      bce = bce + (weights - 1.0) * labels * optax.sigmoid_binary_cross_entropy(
+          logits, jnp.ones_like(logits))
+    return jnp.mean(bce, axis=-1)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return losses if weights is None else losses * weights[labels]
+
+
+def example_correct(logits: jax.Array, labels: jax.Array, spec: "bool | HeadLoss") -> jax.Array:
+  """1.0 where the prediction is right (multi-label: every label at 0.5); 0 for regression."""
+  spec = _head_loss(spec)
+  if spec.problem_type == "regression":
+    return jnp.zeros(logits.shape[0], jnp.float32)
+  if spec.problem_type == "multi_label_classification":
+    return jnp.all((logits > 0) == (labels > 0.5), axis=-1).astype(jnp.float32)
+  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
 
 def head_losses(outputs: jax.Array | tuple[jax.Array, ...], labels: jax.Array,
-                task_ids: jax.Array | None, is_regression: bool | tuple[bool, ...]
+                task_ids: jax.Array | None,
+                is_regression: "bool | HeadLoss | tuple[bool | HeadLoss, ...]"
                 ) -> tuple[jax.Array, jax.Array]:
   """(per-example loss, per-example correct) from each example's own task head.
 
   `outputs` is one logits array (single task) or one per task (MultiTaskClassifier),
   with `task_ids` naming each row's task; other heads' values are masked out with
   `where`, so they get no gradient and a wrong-range label cannot leak a NaN.
+  `is_regression`: per head, a bool or a `HeadLoss` (problem type and class weights).
   """
   if not isinstance(outputs, tuple):
     outputs, is_regression = (outputs,), (is_regression,)
   losses = correct = None
-  for t, (logits, regression) in enumerate(zip(outputs, is_regression)):
+  for t, (logits, spec) in enumerate(zip(outputs, is_regression)):
+    spec = _head_loss(spec)
+    regression = spec.problem_type == "regression"
     task_labels = labels
     if task_ids is not None:
       task_labels = (labels.astype(jnp.float32) if regression
                      else jnp.clip(labels.astype(jnp.int32), 0, logits.shape[-1] - 1))
-    loss_t = example_losses(logits, task_labels, regression)
-    correct_t = (jnp.zeros_like(loss_t) if regression
-                 else (jnp.argmax(logits, -1) == task_labels).astype(jnp.float32))
+    loss_t = example_losses(logits, task_labels, spec)
+    correct_t = example_correct(logits, task_labels, spec)
     if task_ids is None:
       return loss_t, correct_t
     mine = task_ids == t
@@ -83,23 +129,25 @@ def head_losses(outputs: jax.Array | tuple[jax.Array, ...], labels: jax.Array,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               is_regression: bool | tuple[bool, ...], dropout_seed: int,
-               accumulation_steps: int = 1, frozen: Any | None = None
+               is_regression: "bool | HeadLoss | tuple[bool | HeadLoss, ...]", dropout_seed: int,
+               accumulation_steps: int = 1, frozen: Any | None = None,
+               window_pooling: str = "mean"
                ) -> tuple[TrainState, TrainMetrics, jax.Array]:
   """One AdamW step on one global batch; returns (state, metrics, loss-and-grads-finite).
 
   With accumulation_steps = k the batch runs as k micro-batches (scan) whose summed
   gradients give exactly the full batch's update, with 1/k of the activations.
   Multi-task: `is_regression` has one entry per head and the batch holds `task_ids`.
+  Window batches (long_document='windows'): the loss is on each document's logits, the
+  `window_pooling` of its windows' (long_documents.py).
   """
   # Dropout randomness is a pure function of (seed, step): resume needs no RNG state.
   rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
   total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
   def loss_sum(params, micro, micro_rng):
-    logits = model.apply({"params": params}, micro["input_ids"], micro["attention_mask"],
-                         micro["token_type_ids"], deterministic=False,
-                         rngs={"dropout": micro_rng})
+    logits = long_documents.document_logits(model, params, micro, window_pooling,
+                                            deterministic=False, rngs={"dropout": micro_rng})
     losses, correct = head_losses(logits, micro["labels"], micro.get("task_ids"), is_regression)
     return jnp.sum(losses * micro["weights"]), (correct, losses)
 
@@ -153,10 +201,11 @@ def jit_train_step(exp: experiment_lib.Experiment, params: Any, state_shardings:
   config = exp.config
   return jax.jit(
       functools.partial(train_step, model=exp.model, tx=tx, schedule=schedule,
-                        is_regression=exp.is_regression,
+                        is_regression=exp.head_losses,
                         dropout_seed=config.seed,
                         accumulation_steps=config.gradient_accumulation_steps,
-                        frozen=_frozen_mask(params, config)),
+                        frozen=_frozen_mask(params, config),
+                        window_pooling=config.get("window_pooling", "mean")),
       in_shardings=(state_shardings, exp.batch_sharding),
       out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
                      sharding_lib.replicated(exp.mesh)),
@@ -207,7 +256,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = _with_cache_dir(config, workdir)
   enable_compilation_cache(config.compilation_cache_dir)
   exp = experiment_lib.build_experiment(config, devices=devices)
+  decisions_lib.check_run(exp)
   train_splits = experiment_lib.read_tokenized(exp, "train")
+  class_weights_lib.resolve_for_run(exp, [split.labels for split in train_splits])
   eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
   mixture = _task_mixture(exp, train_splits)
   total_steps = _total_steps(config, mixture)
@@ -216,7 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run_meta = _run_meta(exp, total_steps, train_splits)
   state, state_shardings, tx, schedule, best = _restore_or_init(exp, ckpt, run_meta)
   jit_train = jit_train_step(exp, state.params, state_shardings, tx, schedule)
-  jit_eval = evaluate_lib.jit_eval_step(exp.model, state_shardings.params, exp.batch_sharding)
+  jit_eval = evaluate_lib.jit_eval_step(exp.model, state_shardings.params, exp.batch_sharding,
+                                        config.get("window_pooling", "mean"))
   _write_run_files(exp, workdir)
 
   start_step = int(state.step)
@@ -276,7 +328,7 @@ def _task_mixture(exp: experiment_lib.Experiment, splits: list[data_lib.Tokenize
   orders = []
   for i, (run_task, split) in enumerate(zip(exp.tasks, splits)):
     try:
-      orders.append(data_lib.TrainOrder(split.lengths, config.batch_size, config.seed + i,
+      orders.append(data_lib.TrainOrder(split.document_lengths, config.batch_size, config.seed + i,
                                         config.length_grouping_window))
     except UserError as e:
       raise UserError(f"task {run_task.name}: {e}" if exp.multitask else str(e)) from None
@@ -304,7 +356,8 @@ def _global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeni
   labels_dtype = np.float32 if any(t.task.is_regression for t in exp.tasks) else np.int32
   return data_lib.prefetch(
       data_lib.to_global(data_lib.train_batch(splits, mixture, step, config.seq_buckets,
-                                              config.max_seq_length, labels_dtype),
+                                              config.max_seq_length, labels_dtype,
+                                              exp.batch_sharding),
                          exp.batch_sharding)
       for step in steps)
 
@@ -317,6 +370,10 @@ def _evaluate(exp: experiment_lib.Experiment, params: Any,
   (predictions and errors: the report page reads them without evaluating again)."""
   metrics, records, logits = evaluate_lib.evaluate_tasks(
       exp, params, [split for _, split in eval_data], jit_eval)
+  # Temperature / thresholds fitted on these logits and saved (config.calibrate, ...).
+  fitted = decisions_lib.after_eval(exp, workdir, step, logits[0], eval_data[0][1].labels)
+  metrics.update(fitted)
+  records[0].update(fitted)
   train_log.write_eval(step, metrics, records)
   best.update(step, metrics)
   if best.best and best.best["step"] == step and jax.process_index() == 0:

@@ -7,7 +7,6 @@ import functools
 import importlib.util
 import os
 import re
-from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -110,30 +109,6 @@ def test_non_dividing_axes_fall_back_to_replication():
   rules = dict(sharding.activation_rules((("heads", "tensor"), ("mlp", ["tensor"])), mesh))
   assert rules[sharding.ACTIVATION_BATCH] == ("data", "fsdp")
   assert rules[sharding.ACTIVATION_HEADS] == "tensor" and rules[sharding.ACTIVATION_MLP] == "tensor"
-
-
-def _fake_devices(num_processes, per_process, interleave):
-  devices = [SimpleNamespace(id=p * per_process + i, process_index=p)
-             for p in range(num_processes) for i in range(per_process)]
-  # A topology-ordered list (as mesh_utils gives on TPU pods) can alternate hosts.
-  return sorted(devices, key=lambda d: (d.id % per_process, d.process_index)) if interleave \
-      else devices
-
-
-@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 4, 1), (2, 2, 2), (4, 1, 2)])
-def test_device_grid_gives_each_process_one_batch_block(shape):
-  names = ("data", "fsdp", "tensor")
-  grid = sharding.device_grid(names, shape, _fake_devices(4, 2, interleave=True))
-  assert grid.shape == shape
-  rows = grid.reshape(shape[0] * shape[1], -1)  # [batch block, devices holding it]
-  per_process = len(rows) // 4
-  for j, row in enumerate(rows):  # batch block j // per_process lives on that process only
-    assert {d.process_index for d in row} == {j // per_process}
-
-
-def test_device_grid_rejects_a_batch_smaller_than_the_process_count():
-  with pytest.raises(UserError, match="multiple of the number of processes"):
-    sharding.device_grid(("data", "fsdp", "tensor"), (1, 1, 8), _fake_devices(2, 4, False))
 
 
 def test_initialize_distributed_checks_its_flags(monkeypatch):

@@ -174,7 +174,8 @@ def run_data_only(args) -> dict[str, Any]:
   sharding = exp.batch_sharding
 
   def make(i):
-    return data_lib.to_global(data_lib.train_batch([split], mixture, i, buckets, args.seq), sharding)
+    batch = data_lib.train_batch([split], mixture, i, buckets, args.seq, sharding=sharding)
+    return data_lib.to_global(batch, sharding)
   n = args.data_steps
   t = time.perf_counter()
   for i in range(n):

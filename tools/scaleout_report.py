@@ -113,7 +113,8 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
                      donate_argnums=0)
   losses = []
   for step in range(steps):
-    batch = data_lib.train_batch([split], mixture, step, config.seq_buckets, config.max_seq_length)
+    batch = data_lib.train_batch([split], mixture, step, config.seq_buckets, config.max_seq_length,
+                                 sharding=exp.batch_sharding)
     state, metrics = jit_step(state, data_lib.to_global(batch, exp.batch_sharding))
     losses.append(float(metrics.compute()["loss"]))
   result = {"losses": np.array(losses), "params": jax.device_get(state.params),

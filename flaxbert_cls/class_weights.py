@@ -1,0 +1,80 @@
+"""Loss weights for imbalanced classes (config.class_weights), resolved from the training labels.
+
+Single-label: one weight per class for the softmax cross-entropy; 'auto' is the inverse
+class frequency scaled so the mean weight over the training examples is 1 (sklearn's
+'balanced': n / (classes * count)), so the loss keeps its scale and the learning rate
+its meaning. Multi-label: one BCE `pos_weight` per label; 'auto' is negatives / positives,
+clipped to [1 / max_pos_weight, max_pos_weight] (a label seen 20 times in 43k rows would
+otherwise weigh 2000 and swamp the others).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import logging
+from typing import Any
+
+import numpy as np
+
+from flaxbert_cls.errors import UserError
+from flaxbert_cls.tasks import MULTI_LABEL, REGRESSION
+
+log = logging.getLogger(__name__)
+
+
+def auto_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """n / (num_classes * count) per class; a class absent from `labels` gets 1."""
+  counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype(np.float64)
+  weights = np.ones(num_classes)
+  seen = counts > 0
+  # Normalised over the classes seen, so the mean weight over the examples is exactly 1.
+  weights[seen] = len(labels) / (np.count_nonzero(seen) * counts[seen])
+  return weights
+
+
+def auto_pos_weights(multi_hot: np.ndarray, max_pos_weight: float) -> np.ndarray:
+  """negatives / positives per label, clipped to [1/max_pos_weight, max_pos_weight]."""
+  positives = np.asarray(multi_hot, np.float64).sum(0)
+  negatives = len(multi_hot) - positives
+  ratio = negatives / np.maximum(positives, 1e-12)
+  return np.clip(ratio, 1.0 / max_pos_weight, max_pos_weight)
+
+
+def resolve(setting: Any, labels: np.ndarray | None, label_names: Sequence[str] | None,
+            problem_type: str, max_pos_weight: float = 30.0,
+            key: str = "config.class_weights") -> tuple[float, ...]:
+  """The weights a setting ('' / (), 'auto' or numbers in label order) means for these labels."""
+  from flaxbert_cls.config import parse_class_weights  # pylint: disable=g-import-not-at-top
+  parsed = parse_class_weights(setting)
+  if parsed is None:
+    raise UserError(f"{key}={setting!r}: use '' (none), 'auto' or positive numbers in label "
+                    "order, e.g. '1,4.5'")
+  setting = parsed
+  if setting == ():
+    return ()
+  if problem_type == REGRESSION:
+    raise UserError(f"{key}={setting!r}: a regression task has no classes to weigh")
+  num_labels = len(label_names)
+  if setting == "auto":
+    if labels is None:
+      raise UserError(f"{key}='auto' needs labelled training data")
+    weights = (auto_pos_weights(labels, max_pos_weight) if problem_type == MULTI_LABEL
+               else auto_class_weights(labels, num_labels))
+    return tuple(float(w) for w in weights)
+  weights = setting
+  if len(weights) != num_labels:
+    raise UserError(f"{key}: {len(weights)} weights for {num_labels} labels "
+                    f"{list(label_names)}; give one per label, in that order")
+  return weights
+
+
+def resolve_for_run(exp: Any, train_labels: Sequence[np.ndarray | None]) -> None:
+  """Sets each task's class_weights from its config and training labels, and logs them."""
+  for run_task, labels in zip(exp.tasks, train_labels):
+    cfg = run_task.config
+    run_task.class_weights = resolve(cfg.get("class_weights", ""), labels, run_task.label_names,
+                                     run_task.task.problem_type, cfg.get("max_pos_weight", 30.0))
+    if run_task.class_weights:
+      what = "pos_weight" if run_task.task.is_multilabel else "class weights"
+      log.info("%s %s: %s", run_task.name, what, "  ".join(
+          f"{n} {w:.2f}" for n, w in zip(run_task.label_names, run_task.class_weights)))

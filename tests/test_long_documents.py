@@ -1,0 +1,195 @@
+"""long_document: head_tail and windows layouts, window pooling, and the loss on documents."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxbert_cls import data as data_lib
+from flaxbert_cls import evaluate
+from flaxbert_cls import experiment
+from flaxbert_cls import hf
+from flaxbert_cls import long_documents
+from flaxbert_cls import predict
+from flaxbert_cls import tokenization
+from flaxbert_cls import train
+from flaxbert_cls.config import default_config
+from flaxbert_cls.errors import UserError
+from model_fixtures import DEMO_DATA, make_tiny_checkpoint, minilm_dir
+from numerics import assert_close
+
+MAX_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return hf.load_tokenizer(minilm_dir())
+
+
+@pytest.fixture(scope="module")
+def documents():
+  """40 'documents' of 3 to 8 SST-2 sentences (17 to 147 tokens), labelled by the first."""
+  lines = open(os.path.join(DEMO_DATA, "train.tsv")).read().splitlines()[1:223]
+  sentences = [line.split("\t") for line in lines]
+  docs, start = [], 0
+  for i in range(40):
+    size = 3 + (i * 5) % 6
+    part = sentences[start:start + size]
+    start += size
+    docs.append((" ".join(s for s, _ in part), part[0][1]))
+  return docs
+
+
+def _content(tokenizer, text):
+  return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_windows_are_the_tokenizers_overflowing_windows(tokenizer, documents):
+  """Each document's rows are HF's overflowing windows (stride = overlap), cut at max_windows."""
+  texts = [(text,) for text, _ in documents]
+  for stride, max_windows in ((20, 3), (30, 8), (1, 2)):
+    layout = tokenization.Layout("windows", window_stride=stride, max_windows=max_windows)
+    split = tokenization.tokenize(tokenizer, texts, None, MAX_LEN, layout)
+    assert len(split) == len(texts) and split.documents[-1] == len(split.lengths)
+    assert split.window_counts.max() > 1
+    for d, (text,) in enumerate(texts):
+      want = tokenizer(text, max_length=MAX_LEN, truncation=True, return_overflowing_tokens=True,
+                       stride=MAX_LEN - 2 - stride)["input_ids"][:max_windows]
+      rows = range(split.documents[d], split.documents[d + 1])
+      got = [split.input_ids[split.offsets[r]:split.offsets[r + 1]].tolist() for r in rows]
+      assert got == want, (stride, d)
+    full = [len(_content(tokenizer, t)) for (t,) in texts]
+    covered = (max_windows - 1) * stride + MAX_LEN - 2
+    assert split.num_truncated == sum(n > covered for n in full)
+
+
+def test_head_tail_keeps_the_first_and_last_tokens(tokenizer, documents):
+  texts = [(text,) for text, _ in documents]
+  for head in (-1, 0, 10):
+    split = tokenization.tokenize(tokenizer, texts, None, MAX_LEN,
+                                  tokenization.Layout("head_tail", head_tokens=head))
+    assert split.documents is None and len(split) == len(texts)
+    keep = 8 if head == -1 else head  # Sun et al.'s 128/510 of the 30 text tokens
+    for i, (text,) in enumerate(texts):
+      ids = _content(tokenizer, text)
+      if len(ids) > MAX_LEN - 2:
+        ids = ids[:keep] + ids[len(ids) - (MAX_LEN - 2 - keep):]
+      row = split.input_ids[split.offsets[i]:split.offsets[i + 1]].tolist()
+      assert row == [tokenizer.cls_token_id, *ids, tokenizer.sep_token_id]
+    assert split.num_truncated == sum(len(_content(tokenizer, t)) > MAX_LEN - 2 for (t,) in texts)
+
+
+def test_pooling_with_masks_equals_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 4, 3)).astype(np.float32) * 5
+  mask = (rng.random((6, 4)) < 0.6).astype(np.float32)
+  mask[0] = [1, 0, 0, 0]
+  mask[1] = 0  # a padding document: zeros, not NaN
+  for pooling in ("mean", "max"):
+    got = np.asarray(long_documents.pool_windows(jnp.asarray(logits), jnp.asarray(mask), pooling))
+    for d in range(6):
+      chosen = logits[d][mask[d] > 0]
+      want = (np.zeros(3) if not len(chosen) else
+              chosen.mean(0) if pooling == "mean" else chosen.max(0))
+      assert_close(got[d], want, 1e-6, f"{pooling} doc {d}", floor=1.0)
+
+
+def _write_jsonl(path, docs):
+  with open(path, "w") as f:
+    for text, label in docs:
+      f.write(json.dumps({"text": text, "label": label}) + "\n")
+  return str(path)
+
+
+def _config(checkpoint, train_file, dev_file, **overrides):
+  c = default_config()
+  c.update(model_name_or_path=checkpoint, task_name="custom", train_file=train_file,
+           validation_file=dev_file, text_columns=("text",), max_seq_length=MAX_LEN,
+           seq_buckets=(MAX_LEN,), batch_size=8, eval_batch_size=8, learning_rate=1e-3,
+           num_train_steps=3, warmup_steps=1, log_every_steps=1, long_document="windows",
+           window_stride=24, max_windows=3, window_pooling="max")
+  c.update(overrides)
+  return c
+
+
+def _manual_document_logits(exp, params, split, pooling):
+  """Every window as its own row of one batch, pooled per document in NumPy: the reference."""
+  rows = data_lib.pad_rows(dataclasses.replace(split, labels=None, documents=None),
+                           np.arange(len(split.lengths)), MAX_LEN)
+  logits = np.asarray(jax.jit(exp.model.apply)({"params": params}, rows["input_ids"],
+                                               rows["attention_mask"], rows["token_type_ids"]))
+  pool = np.mean if pooling == "mean" else np.max
+  return np.stack([pool(logits[a:b], 0) for a, b in zip(split.documents[:-1], split.documents[1:])])
+
+
+def _cross_entropy(logits, labels):
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  return -np.mean(log_probs[np.arange(len(labels)), labels])
+
+
+def test_windows_train_on_document_logits_and_eval_predict_per_document(documents, tmp_path):
+  # No dropout: the first step's loss is then a deterministic function of the parameters.
+  checkpoint = make_tiny_checkpoint(str(tmp_path / "tiny"), hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)
+  train_file = _write_jsonl(tmp_path / "train.jsonl", documents[:32])
+  dev_docs = documents[32:] + documents[:5]  # 13: the last eval batch is padded
+  config = _config(checkpoint, train_file, _write_jsonl(tmp_path / "dev.jsonl", dev_docs))
+  workdir = str(tmp_path / "run")
+  result = train.train_and_evaluate(config, workdir)  # 8 simulated devices
+  losses = [loss for _, loss in result["train_log"]]
+  assert len(losses) == 3 and np.all(np.isfinite(losses))
+
+  # Step 1's loss is the cross-entropy of step 1's documents' max-pooled logits.
+  exp = experiment.build_experiment(config)
+  split = experiment.read_tokenized(exp, "train")[0]
+  assert len(split) == 32 and split.window_counts.min() == 1 and split.num_truncated > 0
+  assert split.window_counts.max() == 3
+  initial = experiment.create_train_state(exp, 3, checkpoint)[0].params
+  order = data_lib.TrainOrder(split.document_lengths, 8, config.seed)
+  docs = order.batch_indices(0)
+  want = _cross_entropy(_manual_document_logits(exp, jax.device_get(initial), split,
+                                                "max")[docs], split.labels[docs])
+  assert_close(losses[0], want, 1e-5, "step 1 loss")
+  batch = data_lib.train_batch([split], data_lib.TaskMixture([order], np.ones(1), 0), 0,
+                               config.seq_buckets, MAX_LEN)
+  assert batch["input_ids"].shape[:2] == batch["window_mask"].shape
+  assert batch["input_ids"].shape[0] == 8
+
+  # Eval (sharded, in training) and predict: one row per document, in input order.
+  params = jax.device_get(result["state"].params)  # the evaluated step's: eval ran at the end
+  dev_split = experiment.read_tokenized(exp, "validation")[0]
+  probs = evaluate.softmax(_manual_document_logits(exp, params, dev_split, "max"))
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "eval", "predictions.jsonl"))]
+  assert [r["text"] for r in rows] == [text for text, _ in dev_docs]
+  eval_probs = np.array([[r["probabilities"][n] for n in exp.label_names] for r in rows])
+  assert_close(eval_probs, probs, 1e-5, "eval")
+  assert result["eval"]["accuracy"] == pytest.approx(
+      np.mean(probs.argmax(-1) == dev_split.labels), abs=1e-12)
+  results = predict.Predictor.from_path(workdir).predict([text for text, _ in dev_docs])
+  predicted = np.array([[r["probabilities"][n] for n in exp.label_names] for r in results])
+  assert_close(predicted, probs, 1e-5, "predict")
+
+
+def test_bad_long_document_settings_are_one_line(tokenizer):
+  from flaxbert_cls import config as config_lib
+  for overrides, key in ((dict(long_document="windows", window_stride=MAX_LEN), "window_stride"),
+                         (dict(long_document="windows", window_stride=0), "window_stride"),
+                         (dict(long_document="windows", window_stride=8, max_windows=0), "max_windows"),
+                         (dict(long_document="head_tail", head_tokens=MAX_LEN - 2), "head_tokens"),
+                         (dict(long_document="chunks"), "long_document"),
+                         (dict(long_document="windows", window_stride=8, window_pooling="sum"),
+                          "window_pooling")):
+    c = default_config()
+    c.max_seq_length = MAX_LEN
+    c.update(overrides)
+    with pytest.raises(UserError, match=rf"^config\.{key}=") as e:
+      config_lib.validate(c)
+    assert "\n" not in str(e.value)
+  with pytest.raises(UserError, match="single-text tasks only"):
+    tokenization.tokenize(tokenizer, [("a b", "c d")], None, MAX_LEN,
+                          tokenization.Layout("windows", window_stride=8, max_windows=2))
