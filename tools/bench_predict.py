@@ -52,9 +52,13 @@ def bench_int8(args) -> dict:
       if repeat:  # the first pass compiles
         passes[name].append(time.perf_counter() - start)
   for name in passes:
-    results[name] = {"examples_per_sec": len(examples) / min(passes[name]),
-                     "seconds": passes[name], metric: score(logits[name])}
-  results["speedup"] = results["int8"]["examples_per_sec"] / results["float32"]["examples_per_sec"]
+    results[name] = {metric: score(logits[name])}
+    if passes[name]:  # --repeats=0: scores only
+      results[name].update(examples_per_sec=len(examples) / min(passes[name]),
+                           seconds=passes[name])
+  if args.repeats:
+    results["speedup"] = (results["int8"]["examples_per_sec"]
+                          / results["float32"]["examples_per_sec"])
   results[f"{metric}_drop"] = results["float32"][metric] - results["int8"][metric]
   results["decisions_agree"] = float(np.mean(_decide(float32, logits["int8"])
                                              == _decide(float32, logits["float32"])))
@@ -113,7 +117,7 @@ def main() -> None:
                       help="int8: a labelled file under the shared data folder")
   parser.add_argument("--label_column", default="label")
   parser.add_argument("--label_delimiter", default=",", help="multi-label: between label ids")
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=2, help="timed passes (0: scores only)")
   parser.add_argument("--output", help="make_input: the .jsonl; make_tiny: a new directory")
   parser.add_argument("--rows", type=int, default=1_000_000)
   args = parser.parse_args()
