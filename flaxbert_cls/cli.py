@@ -1,4 +1,4 @@
-"""`flaxbert-cls train|eval|report|export|predict`: parse flags, then call one function.
+"""`flaxbert-cls train|eval|report|export|predict|monitor`: parse flags, then call one function.
 
   flaxbert-cls train --config=configs/sst2.py --workdir=DIR [--config.learning_rate=3e-5]
   flaxbert-cls eval --workdir=DIR [--config=... --config.validation_file=...] [--step=N]
@@ -6,6 +6,8 @@
   flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N] [--quantize=int8]
   flaxbert-cls predict --model=DIR_OR_HF_DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
       [--quantize=int8] [--batch_size=N]
+  flaxbert-cls monitor --model=DIR_OR_HF_DIR --reference=FILE --current=FILE [--output=DIR]
+      (exit status 0: stable, 3: drift)
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from ml_collections import config_flags
 
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
-COMMANDS = ("train", "eval", "report", "export", "predict")
+COMMANDS = ("train", "eval", "report", "export", "predict", "monitor")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _STEP = flags.DEFINE_string("step", None,
                             "eval/export/predict: checkpoint step: latest (default), best or N.")
 _OUTPUT = flags.DEFINE_string("output", None, "export: new HF model directory; predict: "
-                              "results file (.csv or .jsonl).")
-_MODEL = flags.DEFINE_string("model", None, "predict: a workdir or an exported HF directory.")
+                              "results file (.csv or .jsonl); monitor: report directory.")
+_MODEL = flags.DEFINE_string("model", None, "predict, monitor: a workdir or an exported HF "
+                             "directory.")
 _INPUT = flags.DEFINE_string("input", None, "predict: texts to classify (.tsv, .csv, .jsonl).")
 _TEXT_COLUMNS = flags.DEFINE_list("text_columns", None,
                                   "predict: input columns holding the text (default: the run's).")
@@ -38,6 +41,16 @@ _QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"],
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
                                    "predict: examples per batch (default: the run's "
                                    "eval_batch_size, or 64).")
+# monitor (drift between two data sets, monitor.py).
+_REFERENCE = flags.DEFINE_string("reference", None, "monitor: the reference data set (a file "
+                                 "like predict's --input, e.g. the training or dev data).")
+_CURRENT = flags.DEFINE_string("current", None, "monitor: the data set to compare with it.")
+_PSI_THRESHOLD = flags.DEFINE_float("psi_threshold", 0.2, "monitor: a feature drifts when its "
+                                    "population stability index is above this ...")
+_P_VALUE = flags.DEFINE_float("p_value", 0.01, "monitor: ... and its two-sample test's p-value "
+                              "is below this.")
+_LABEL_COLUMN = flags.DEFINE_string("label_column", None, "monitor: gold labels in both files "
+                                    "(adds each set's metrics to the report).")
 # Multi-process runs without a scheduler (SLURM and Cloud TPU pods are detected alone).
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -61,6 +74,10 @@ def _main(argv: list[str]) -> None:
     for flag in (_MODEL, _INPUT, _OUTPUT):
       if not flag.value:
         raise UserError(f"predict needs --{flag.name}")
+  elif command == "monitor":
+    for flag in (_MODEL, _REFERENCE, _CURRENT):
+      if not flag.value:
+        raise UserError(f"monitor needs --{flag.name}")
   elif not _WORKDIR.value:
     raise UserError("--workdir is required")
   if command == "export" and not _OUTPUT.value:
@@ -98,6 +115,18 @@ def _main(argv: list[str]) -> None:
                                  _TEXT_COLUMNS.value, _QUANTIZE.value, _BATCH_SIZE.value)
     print(f"predicted: {stats['rows']} rows -> {_OUTPUT.value} "
           f"({stats['examples_per_sec']:.1f} examples/s)", flush=True)
+  elif command == "monitor":
+    from flaxbert_cls import monitor  # pylint: disable=g-import-not-at-top
+    result = monitor.monitor(_MODEL.value, _REFERENCE.value, _CURRENT.value, _OUTPUT.value,
+                             _PSI_THRESHOLD.value, _P_VALUE.value, _STEP.value,
+                             _TEXT_COLUMNS.value, _LABEL_COLUMN.value)
+    print(monitor.table(result), flush=True)
+    if _OUTPUT.value:
+      print(f"report: {_OUTPUT.value}/{monitor.REPORT_NAME}, {_OUTPUT.value}/"
+            f"{monitor.FIGURE_NAME}", flush=True)
+    print(monitor.verdict_line(result), flush=True)
+    if result["verdict"] == "drift":
+      sys.exit(monitor.DRIFT_EXIT_CODE)
 
 
 def _loaded_config():

@@ -16,6 +16,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Model: a local HF checkpoint directory or a hub id (hub needs network).
   c.model_name_or_path = "bert-base-uncased"
   c.tokenizer_name = ""  # '' = the tokenizer saved with the model
+  # Re-fine-tuning (model_name_or_path = a previous run's workdir or an exported directory;
+  # refinetune.py): the workdir checkpoint to start from ('latest', 'best' or a step), and
+  # whether labels of the start missing from this run may be dropped (else refused).
+  c.start_step = "latest"
+  c.drop_removed_labels = False
   c.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
   # '' = auto: cuDNN flash attention on a GPU with bfloat16 (head size <= 128, multiple of
   # 8), XLA elsewhere; 'xla' or 'cudnn' force one (ops.attention_implementation).
@@ -157,6 +162,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.{key}={config.get(key)!r}: {why}")
 
   check(bool(config.model_name_or_path), "model_name_or_path", "must name a checkpoint")
+  # .get: runs saved before re-fine-tuning existed have neither key.
+  start_step = str(config.get("start_step", "latest"))
+  check(start_step in ("latest", "best") or start_step.isdigit(), "start_step",
+        "use 'latest', 'best' or a step number")
+  check(isinstance(config.get("drop_removed_labels", False), bool), "drop_removed_labels",
+        "must be True or False")
   for key in ("batch_size", "eval_batch_size", "max_seq_length"):
     check(int(config[key]) > 0, key, "must be > 0")
   check(config.learning_rate > 0, "learning_rate", "must be > 0")

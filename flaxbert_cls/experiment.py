@@ -82,6 +82,8 @@ class Experiment:
   # Set by load_run: the step restored and its checkpoint's metadata (its 'best' eval so far).
   checkpoint_step: int | None = None
   checkpoint_meta: dict[str, Any] | None = None
+  # Set by create_train_state when it loads a start: where from (refinetune.STARTED_FROM_NAME).
+  started_from: dict[str, Any] | None = None
 
   @property
   def task(self) -> tasks_lib.Task:
@@ -195,7 +197,9 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   platform = mesh.devices.flat[0].platform
   config_lib.validate_for_platform(config, platform)
   tasks = _run_tasks(config, label_names)
-  source = model_dir or hf.resolve(config.model_name_or_path)
+  # A previous run's workdir starts from its model/ (re-fine-tuning, refinetune.py).
+  from flaxbert_cls import refinetune  # pylint: disable=g-import-not-at-top  (imports this)
+  source = model_dir or refinetune.model_source(hf.resolve(config.model_name_or_path))
   hf_config = hf.load_config(source)
   tokenizer_source = model_dir or (hf.resolve(config.tokenizer_name) if config.tokenizer_name
                                    else source)
@@ -285,15 +289,10 @@ def create_train_state(exp: Experiment, total_steps: int, pretrained_dir: str | 
   rng = jax.random.key(exp.config.seed)
   state = jax.jit(lambda r: nn.unbox(_init_state(exp, tx, r)), out_shardings=state_shardings)(rng)
   if pretrained_dir is not None:
-    loaded, new, unused = hf.params_from_state_dict(hf.load_state_dict(pretrained_dir),
-                                                    nn.unbox(boxed), exp.hf_config.model_type)
-    log.info("Loaded %s. Newly initialised: %s. Unused from the checkpoint: %s",
-             pretrained_dir, ", ".join(new) or "none", ", ".join(unused) or "none")
-    params = jax.tree.map(
-        lambda cur, pre, sh: cur if isinstance(pre, jax.ShapeDtypeStruct)
-        else jax.make_array_from_callback(pre.shape, sh, lambda idx, pre=pre: pre[idx]),
-        state.params, loaded, param_shardings)
-    state = state.replace(params=params)
+    # refinetune.py imports this module: a previous run's weights load through load_run.
+    from flaxbert_cls import refinetune  # pylint: disable=g-import-not-at-top
+    state = state.replace(params=refinetune.load_start(exp, pretrained_dir, boxed, state.params,
+                                                       param_shardings))
   return state, state_shardings, tx, schedule
 
 

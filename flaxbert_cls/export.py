@@ -176,6 +176,11 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
+  from flaxbert_cls import refinetune  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  started = workdir_lib.join(workdir, refinetune.STARTED_FROM_NAME)
+  if workdir_lib.exists(started):  # a re-fine-tuned run's lineage travels with its export
+    metadata["started_from"] = json.loads(workdir_lib.read_text(started))
   # predict reads long documents as the run did (head_tail / windows + pooling).
   metadata.update({k: exp.config[k] for k in (*tokenization.LONG_DOCUMENT_KEYS, "window_pooling")
                    if k in exp.config})

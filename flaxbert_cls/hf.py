@@ -268,6 +268,11 @@ def _torch_key(path: tuple[str, ...], fam: Family) -> str:
   return f"{fam.prefix}.{rest}"
 
 
+def torch_names(paths: Any, model_type: str = "bert") -> dict[tuple[str, ...], str]:
+  """Flax parameter paths -> the family's PyTorch names (re-fine-tuning maps the head by them)."""
+  return _torch_keys(paths, family(model_type))
+
+
 def _torch_keys(paths: Any, fam: Family) -> dict[tuple[str, ...], str]:
   keys = {path: _torch_key(path, fam) for path in paths}
   # A rename table that maps two parameters to one name is a bug in FAMILIES.

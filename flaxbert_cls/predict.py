@@ -116,12 +116,9 @@ class Predictor:
       shards = predictor.batch_sharding.mesh.size
       predictor.batch_size = -(-predictor.batch_size // shards) * shards
     if quantize:
-      if predictor.layout.long_document == "windows":
-        # Windows are pooled inside the jitted step (long_documents.py), not in the ONNX graph.
-        raise UserError(f"--quantize={quantize}: {path} reads long documents as windows, "
-                        "which the int8 model does not pool; predict without --quantize")
       predictor.quantized = quantize_lib.load_int8(path, _is_workdir(path),
                                                    export_lib.parse_step(step))
+      predictor.quantized.window_pooling = predictor.window_pooling
     return predictor
 
   @classmethod

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from flaxbert_cls import long_documents
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,21 @@ class OnnxClassifier:
     self.path = path
     self.input_names = [i.name for i in self.session.get_inputs()]
 
+  # Window batches (long_document='windows'): how a document's window logits are pooled.
+  window_pooling: str = "mean"
+
   def __call__(self, params: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
     del params  # the weights are in the session
+    ids = np.asarray(batch["input_ids"])
+    if ids.ndim == 2:
+      return self._run(batch)
+    docs, windows = ids.shape[:2]
+    rows = {n: np.asarray(batch[n]).reshape(docs * windows, -1) for n in self.input_names}
+    logits = self._run(rows).reshape(docs, windows, -1)
+    return np.asarray(long_documents.pool_windows(logits, np.asarray(batch["window_mask"]),
+                                                  self.window_pooling), np.float32)
+
+  def _run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
     feed = {n: np.asarray(batch[n], np.int64) for n in self.input_names}
     return self.session.run(None, feed)[0].astype(np.float32)
 

@@ -7,6 +7,7 @@ experiment (model, tasks, mesh, state) comes from `experiment.py`, evaluation fr
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from flaxbert_cls import hf
 from flaxbert_cls import long_documents
 from flaxbert_cls import optim
 from flaxbert_cls import progress as progress_lib
+from flaxbert_cls import refinetune
 from flaxbert_cls import sharding as sharding_lib
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import Preempted, UserError
@@ -502,6 +504,9 @@ def _write_run_files(exp: experiment_lib.Experiment, workdir: str) -> None:
   if jax.process_index() == 0:
     workdir_lib.write_text(workdir_lib.join(workdir, "config.json"),
                            exp.config.to_json(indent=2))
+    if exp.started_from is not None:  # a fresh start (not a resume): what it started from
+      workdir_lib.write_text(workdir_lib.join(workdir, refinetune.STARTED_FROM_NAME),
+                             json.dumps(exp.started_from, indent=2))
   experiment_lib.save_model_dir(exp, workdir)
 
 
