@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -195,12 +195,17 @@ class Predictor:
   def _tokenize(self, rows: Sequence[tuple[str, ...]]) -> data_lib.TokenizedSplit:
     return tokenization.tokenize(self.tokenizer, rows, None, self.max_seq_length, self.layout)
 
-  def logits(self, split: data_lib.TokenizedSplit, progress: bool = False) -> np.ndarray:
-    """float32 [n, num_labels] logits of every example (document) of `split`, in its order."""
+  def logits(self, split: data_lib.TokenizedSplit, progress: bool = False,
+             on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """float32 [n, num_labels] logits of every example (document) of `split`, in its order.
+
+    `on_batch(done, total)` after each batch; `progress` without it: a bar on a terminal,
+    else a log line every tenth of the batches.
+    """
     if self._jit_eval is None:
       self._jit_eval = evaluate_lib.jit_eval_step(self.model, window_pooling=self.window_pooling)
-    # A bar on a terminal, else a log line every tenth of the batches.
-    on_batch = progress_lib.BatchProgress("predict", log_lines=True) if progress else None
+    if on_batch is None and progress:
+      on_batch = progress_lib.BatchProgress("predict", log_lines=True)
     if self.quantized is not None:  # ONNX Runtime on the host: no device batches
       return evaluate_lib.gather_logits(self.quantized, None, split, self.batch_size,
                                         self.seq_buckets, self.max_seq_length, None, on_batch)
@@ -248,7 +253,9 @@ class Predictor:
         for examples in readers.read_file_chunks(input_path, self.task, chunk_rows):
           start = time.perf_counter()
           split = self._tokenize(examples.texts)
-          logits = self.logits(split)
+          done_before = rows
+          logits = self.logits(split, on_batch=lambda done, _: progress.update(
+              done_before + min(done * self.batch_size, len(examples))))
           seconds += time.perf_counter() - start
           writer.write(examples.texts, self._results(logits))
           rows += len(examples)
