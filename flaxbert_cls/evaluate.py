@@ -30,6 +30,7 @@ from flaxbert_cls import metrics as metrics_lib
 from flaxbert_cls import progress as progress_lib
 from flaxbert_cls import readers
 from flaxbert_cls import workdir as workdir_lib
+from flaxbert_cls.calibration import sigmoid, softmax  # also evaluate.softmax / .sigmoid
 
 log = logging.getLogger(__name__)
 
@@ -222,18 +223,6 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
     write_eval_files(workdir, exp, [e for e, _ in read], logits, results, exp.checkpoint_step,
                      ((exp.checkpoint_meta or {}).get("best") or {}).get("step"))
   return results
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-  """Class probabilities (float64) along the last axis."""
-  z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(-1, keepdims=True)
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-  """Independent per-label probabilities (float64), multi-label."""
-  return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
 def prediction_rows(run_task: experiment_lib.RunTask, examples: readers.Examples,
