@@ -3,7 +3,7 @@
   flaxbert-cls train --config=configs/sst2.py --workdir=DIR [--config.learning_rate=3e-5]
   flaxbert-cls eval --workdir=DIR [--config=... --config.validation_file=...] [--step=N]
   flaxbert-cls report --workdir=DIR   (writes DIR/report/index.html)
-  flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N]
+  flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N] [--member=best|I]
   flaxbert-cls predict --model=DIR_OR_HF_DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
 """
 
@@ -27,6 +27,8 @@ _STEP = flags.DEFINE_string("step", None,
                             "eval/export/predict: checkpoint step: latest (default), best or N.")
 _OUTPUT = flags.DEFINE_string("output", None, "export: new HF model directory; predict: "
                               "results file (.csv or .jsonl).")
+_MEMBER = flags.DEFINE_string("member", None, "eval/export/predict of a sweep's workdir: "
+                              "which member, best (default) or its index.")
 _MODEL = flags.DEFINE_string("model", None, "predict: a workdir or an exported HF directory.")
 _INPUT = flags.DEFINE_string("input", None, "predict: texts to classify (.tsv, .csv, .jsonl).")
 _TEXT_COLUMNS = flags.DEFINE_list("text_columns", None,
@@ -79,15 +81,17 @@ def _main(argv: list[str]) -> None:
     _print_metrics("dev", result["eval"])
     _print_next_steps(_WORKDIR.value, report.page_path(_WORKDIR.value))
   elif command == "eval":
-    results = evaluate.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value))
+    results = evaluate.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value),
+                                        _MEMBER.value)
     _print_metrics("eval", results)
   elif command == "report":
     print(f"report: {report.write_report(_WORKDIR.value)}", flush=True)
   elif command == "export":
-    print(f"exported: {export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value)}", flush=True)
+    print(f"exported: {export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value,
+                                                  _MEMBER.value)}", flush=True)
   elif command == "predict":
     stats = predict.predict_file(_MODEL.value, _INPUT.value, _OUTPUT.value, _STEP.value,
-                                 _TEXT_COLUMNS.value)
+                                 _TEXT_COLUMNS.value, _MEMBER.value)
     print(f"predicted: {stats['rows']} rows -> {_OUTPUT.value} "
           f"({stats['sentences_per_sec']:.1f} sentences/s)", flush=True)
 

@@ -81,6 +81,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.layerwise_lr_decay = 1.0  # < 1: lr * decay^(L+1-depth); head 1, embeddings decay^(L+1)
   c.gradient_accumulation_steps = 1  # k micro-batches of batch_size/k per update
   c.seed = 42
+  # Hyper-parameter sweep (sweep.py): a tuple of values per key; the grid of all keys'
+  # values trains as one program, members stacked on a leading axis of the train state.
+  # () = not swept (the key above holds). --config.sweep.learning_rate='(1e-5,2e-5)'.
+  c.sweep = ml_collections.ConfigDict(
+      {"learning_rate": (), "seed": (), "weight_decay": (), "warmup_ratio": ()})
 
   # Loop, evaluation, checkpoints, logging.
   c.log_every_steps = 50
@@ -153,6 +158,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.get("mixing", "proportional") in MIXING, "mixing", f"use one of {MIXING}")
   check(config.get("mixing_temperature", 1.0) > 0, "mixing_temperature", "must be > 0")
   check(0 < config.layerwise_lr_decay <= 1, "layerwise_lr_decay", "must be in (0, 1]")
+  from flaxbert_cls import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  sweep_lib.validate(config)
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")
