@@ -50,9 +50,13 @@ def grid(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 def member_config(config: ml_collections.ConfigDict, member: dict[str, Any]
                   ) -> ml_collections.ConfigDict:
-  """The solo run's config of one member: its values set, no sweep."""
+  """The solo run's config of one member: its values set, no sweep, no 'member' mesh axis."""
   solo = ml_collections.ConfigDict(config.to_dict())
   with solo.unlocked():
+    if MEMBER_AXIS in solo.mesh_axes:
+      keep = [i for i, axis in enumerate(solo.mesh_axes) if axis != MEMBER_AXIS]
+      solo.mesh_axes = tuple(solo.mesh_axes[i] for i in keep)
+      solo.mesh_shape = tuple(solo.mesh_shape[i] for i in keep)
     for key, value in member.items():
       solo[key] = int(value) if key == "seed" else float(value)
     solo.sweep = ml_collections.ConfigDict({key: () for key in SWEEP_KEYS})

@@ -373,6 +373,11 @@ def _global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeni
   members = sweep_lib.grid(config)
   if members:  # each member's batches in its own seed's order, stacked [members, batch, ...]
     seeds = [int(m.get("seed", config.seed)) for m in members]
+    if len(set(seeds)) > 1 and len(config.seq_buckets) > 1:
+      log.warning("Sweep: members with other seeds draw other batches; each step pads all to the "
+                  "longest one's bucket, so a member's dropout masks (drawn per padded shape) "
+                  "differ from its solo run's. It trains like it, not bit for bit; for exact "
+                  "equality use one bucket (config.seq_buckets=(max_seq_length,)).")
     by_seed = {seed: _task_mixture(exp, splits, seed) for seed in set(seeds)}
     return data_lib.prefetch(
         data_lib.to_global(sweep_lib.stack_batches([
