@@ -87,8 +87,8 @@ def _main(argv: list[str]) -> None:
   elif command == "report":
     print(f"report: {report.write_report(_WORKDIR.value)}", flush=True)
   elif command == "export":
-    print(f"exported: {export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value,
-                                                  _MEMBER.value)}", flush=True)
+    output = export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _MEMBER.value)
+    print(f"exported: {output}", flush=True)
   elif command == "predict":
     stats = predict.predict_file(_MODEL.value, _INPUT.value, _OUTPUT.value, _STEP.value,
                                  _TEXT_COLUMNS.value, _MEMBER.value)
