@@ -303,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       evaluated = _eval_due(config, step, total_steps)
       if evaluated and members:
         eval_metrics = _evaluate_members(exp, state.params, eval_data, jit_eval, step,
-                                         train_log, best)
+                                         train_log, best, workdir)
       elif evaluated:
         eval_metrics = _evaluate(exp, state.params, eval_data, jit_eval, step, train_log, best,
                                  workdir)
@@ -411,22 +411,28 @@ def _evaluate(exp: experiment_lib.Experiment, params: Any,
 def _evaluate_members(exp: experiment_lib.Experiment, params: Any,
                       eval_data: list[tuple[Any, data_lib.TokenizedSplit]], jit_eval: Callable,
                       step: int, train_log: progress_lib.TrainLog,
-                      best: evaluate_lib.MemberBests) -> dict[str, float]:
+                      best: evaluate_lib.MemberBests, workdir: str) -> dict[str, float]:
   """Every sweep member's dev metrics; metrics.jsonl records carry the member's index and
-  values. Returns them flat as 'member<i>/<metric>'."""
+  values. Returns them flat as 'member<i>/<metric>'. A new best member's best step writes
+  workdir/eval/ (as a solo run's best does)."""
   members = sweep_lib.grid(exp.config)
   boxed, param_shardings = exp.abstract_params()
   frozen = sweep_lib.frozen_mask(exp.config, nn.unbox(boxed))
   unstack = jax.jit(lambda p, i: sweep_lib.unstack(p, frozen, i), out_shardings=param_shardings)
-  flat, member_metrics = {}, []
+  flat, member_metrics, member_logits = {}, [], []
   for i, member in enumerate(members):
-    metrics, records, _ = evaluate_lib.evaluate_tasks(
+    metrics, records, logits = evaluate_lib.evaluate_tasks(
         exp, unstack(params, i), [split for _, split in eval_data], jit_eval)
     train_log.write_eval(step, {f"member{i}/{k}": v for k, v in metrics.items()},
                          [{"member": i, **member, **r} for r in records])
     member_metrics.append(metrics)
+    member_logits.append(logits)
     flat.update({f"member{i}/{k}": v for k, v in metrics.items()})
   best.update(step, member_metrics)
+  if best.best and best.best["step"] == step and jax.process_index() == 0:
+    member = best.best["member"]
+    evaluate_lib.write_eval_files(workdir, exp, [examples for examples, _ in eval_data],
+                                  member_logits[member], member_metrics[member], step, step)
   return flat
 
 

@@ -91,7 +91,8 @@ def worker(args) -> dict[str, Any]:
               compile_s=round(first, 2), step_s=round(seconds, 4),
               examples_per_s=round(examples / seconds, 2),
               state_bytes=int(sum(x.nbytes for x in jax.tree.leaves(holder[0]))),
-              peak_rss_bytes=bench_lib.peak_rss_bytes())
+              peak_rss_bytes=bench_lib.peak_rss_bytes(),
+              peak_device_bytes=(jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"))
 
 
 def _in_subprocess(args, members: int) -> dict[str, Any]:
@@ -110,7 +111,8 @@ def compare(args) -> dict[str, Any]:
   solo = _in_subprocess(args, 0)
   swept = _in_subprocess(args, args.members)
   n = args.members
-  shared = fit_sizes(args.model, args.lora_rank)["shared_bytes"]  # frozen: stored once
+  # Frozen parameters are stored once (LoRA). Only then: fit_sizes starts jax in this process.
+  shared = fit_sizes(args.model, args.lora_rank)["shared_bytes"] if args.lora_rank else 0
   result = dict(solo=solo, sweep=swept,
                 speedup_vs_sequential_solo=round(swept["examples_per_s"] / solo["examples_per_s"], 3),
                 memory_ratio_vs_solo=round(swept["peak_rss_bytes"] / solo["peak_rss_bytes"], 3),
