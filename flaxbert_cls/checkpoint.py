@@ -63,7 +63,9 @@ class Checkpoints:
 
   def best_step(self, member: int | None = None) -> int | None:
     """The step with the highest main metric among those saved with metrics (of `member`,
-    for a sweep)."""
+    for a sweep; default its best member)."""
+    if member is None and self.all_steps():
+      member = self.read_meta()[0].get("best_member")
     return _best_from_meta(self, member)
 
   def save(self, step: int, state: Any, meta: dict[str, Any],

@@ -134,10 +134,14 @@ def classification_arrays(rows: list[dict[str, Any]], label_names: list[str]
 
 def eval_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
   """metrics.jsonl as {group: {metric: [(step, value)]}}; group '' for a single task,
-  else the task's name (and 'average')."""
+  else the task's name (and 'average'); a sweep's groups are 'member<i>[/task]'."""
+  def group_of(r: dict[str, Any]) -> str:
+    return "/".join(x for x in (f"member{r['member']}" if "member" in r else "",
+                                r.get("task", "")) if x)
+
   out: dict[str, dict[str, list[tuple[int, float]]]] = {}
-  for group in dict.fromkeys(r.get("task", "") for r in records):
-    rows = last_per_step([r for r in records if r.get("task", "") == group])
+  for group in dict.fromkeys(group_of(r) for r in records):
+    rows = last_per_step([r for r in records if group_of(r) == group])
     names = dict.fromkeys(k for r in rows for k, v in r.items()
                           if k != "step" and isinstance(v, (int, float)))
     out[group] = {n: [(r["step"], float(r[n])) for r in rows if n in r] for n in names}
