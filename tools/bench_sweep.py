@@ -101,14 +101,15 @@ def _in_subprocess(args, members: int) -> dict[str, Any]:
          f"--steps={args.steps}", f"--warmup={args.warmup}", f"--dtype={args.dtype}",
          f"--lora_rank={args.lora_rank}"]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if out.returncode:
-    raise SystemExit(f"worker {members} failed:\n{out.stderr[-3000:]}")
+  if out.returncode:  # -9: killed, out of memory most often
+    raise SystemExit(f"worker {members} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def compare(args) -> dict[str, Any]:
   """Solo, then the N-member sweep, each in its own process (own peak RSS)."""
   solo = _in_subprocess(args, 0)
+  print(f"solo: {json.dumps(solo)}", file=sys.stderr, flush=True)
   swept = _in_subprocess(args, args.members)
   n = args.members
   # Frozen parameters are stored once (LoRA). Only then: fit_sizes starts jax in this process.
