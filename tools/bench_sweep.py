@@ -34,12 +34,10 @@ import common
 DEVICE_BYTES = {"H100 80GB": 80e9, "H200 141GB": 141e9, "16 GB": 16e9}
 
 
-def _setup(args, members: int):
-  """(experiment, jitted step, state, batch) for a solo run (members 0) or a sweep."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top
+def _experiment(args, members: int):
+  """An Experiment for args' model (random init, no tokenizer), solo or a sweep."""
   from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import model as model_lib, ops, train  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import model as model_lib, ops  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
@@ -59,10 +57,21 @@ def _setup(args, members: int):
   bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
       "", mesh.devices.flat[0].platform, args.dtype, bert_config.head_dim))
   task = experiment_lib.RunTask("sst2", tasks_lib.GLUE_TASKS["sst2"], ("0", "1"), config)
-  exp = experiment_lib.Experiment(config, (task,), None, None,
-                                  model_lib.BertForSequenceClassification(bert_config, 2), mesh,
-                                  sharding_lib.batch_sharding(mesh))
-  batch = bench_lib.batch_numpy(args.batch, args.seq, cfg["vocab_size"])
+  return experiment_lib.Experiment(config, (task,), None, None,
+                                   model_lib.BertForSequenceClassification(bert_config, 2), mesh,
+                                   sharding_lib.batch_sharding(mesh))
+
+
+def _setup(args, members: int):
+  """(experiment, jitted step, state, batch) for a solo run (members 0) or a sweep."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import sweep as sweep_lib, train  # pylint: disable=g-import-not-at-top
+  exp = _experiment(args, members)
+  mesh = exp.mesh
+  batch = bench_lib.batch_numpy(args.batch, args.seq,
+                                exp.model.config.vocab_size)
   if members:
     state, shardings, _ = experiment_lib.create_sweep_state(exp, 1000, None)
     step = train.jit_sweep_train_step(exp, shardings, 1000)
@@ -144,17 +153,28 @@ def fit_sizes(model: str, lora_rank: int) -> dict[str, int]:
 
 
 def temp_bytes(model: str, batch: int, seq: int, lora_rank: int) -> int:
-  """XLA's temporary bytes of the compiled solo train step (activations + gradients)."""
-  args = argparse.Namespace(model=model, batch=batch, seq=seq, dtype="float32",
-                            lora_rank=lora_rank)
-  exp, step, state, batch_arrays, _ = _setup(args, 0)
-  del exp
-  return int(step.lower(state, batch_arrays).compile().memory_analysis().temp_size_in_bytes)
+  """XLA's temporary bytes of the compiled solo train step (activations + gradients),
+  compiled from abstract shapes (nothing allocated)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import checkpoint as checkpoint_lib, experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import optim, train  # pylint: disable=g-import-not-at-top
+  exp = _experiment(argparse.Namespace(model=model, dtype="float32", lora_rank=lora_rank), 0)
+  boxed, _ = exp.abstract_params()
+  tx, schedule = optim.create_optimizer(exp.config, nn.unbox(boxed), 1000)
+  abstract, shardings = experiment_lib.abstract_train_state(exp, tx)
+  abstract = nn.unbox(abstract)
+  step = train.jit_train_step(exp, abstract.params, shardings, tx, schedule)
+  batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=exp.batch_sharding)
+                  for k, v in bench_lib.batch_numpy(batch, seq, 30522).items()}
+  compiled = step.lower(checkpoint_lib.abstract_with_shardings(abstract, shardings),
+                        batch_shapes).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
 def fit(args) -> list[dict[str, Any]]:
   rows = []
-  for model in ("minilm", "bert-base"):
+  for model in args.fit_models.split(","):
     for lora_rank in (0, 8):
       sizes = fit_sizes(model, lora_rank)
       temp = temp_bytes(model, args.batch, args.seq, lora_rank)
@@ -209,6 +229,7 @@ def main() -> None:
   parser.add_argument("--lora_rank", type=int, default=0)
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--fit", action="store_true", help="members per device (analytic)")
+  parser.add_argument("--fit_models", default="minilm,bert-base")
   parser.add_argument("--check", action="store_true", help="members == solo runs (MiniLM)")
   parser.add_argument("--workdir", default="/tmp/bench_sweep")
   parser.add_argument("--json", default="", help="also write the result here")
