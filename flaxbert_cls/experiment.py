@@ -314,7 +314,7 @@ def create_sweep_state(exp: Experiment, total_steps: int, pretrained_dir: str | 
     params = jax.tree.map(lambda f, s, one: one if f else s, frozen, stacked.params, first)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=stacked.opt_state)
 
-  seeds = jnp.asarray(sweep_lib.member_hyper(config, 0)["seed"])
+  seeds = jnp.asarray(sweep_lib.member_seeds(config), jnp.int32)
   state = jax.jit(init, out_shardings=shardings)(seeds)
   if pretrained_dir is not None:
     loaded = load_pretrained(exp, pretrained_dir, params_template)

@@ -116,6 +116,11 @@ def logical_axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, An
   return (*rules, (MEMBER_AXIS, MEMBER_AXIS))
 
 
+def member_seeds(config: ml_collections.ConfigDict) -> list[int]:
+  """Each member's seed (config.seed where seed is not swept)."""
+  return [int(m.get("seed", config.seed)) for m in grid(config)]
+
+
 def member_hyper(config: ml_collections.ConfigDict, total_steps: int) -> dict[str, np.ndarray]:
   """Per member, what the step takes as arrays: 'lr' [M, total_steps + 1] (the member's
   schedule at every step, so warmup_ratio and the peak both sweep), 'weight_decay' [M],
@@ -126,7 +131,7 @@ def member_hyper(config: ml_collections.ConfigDict, total_steps: int) -> dict[st
       "lr": np.stack([np.asarray(optim.create_learning_rate_schedule(c, total_steps)(steps),
                                  np.float32) for c in solos]),
       "weight_decay": np.asarray([c.weight_decay for c in solos], np.float32),
-      "seed": np.asarray([c.seed for c in solos], np.int32),
+      "seed": np.asarray(member_seeds(config), np.int32),
   }
 
 
@@ -137,7 +142,8 @@ def optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
 
   Without `hyper`: the template whose state structure every member shares (init, restore).
   """
-  swept = grid(config)[0].keys() if grid(config) else ()
+  members = grid(config)
+  swept = members[0].keys() if members else ()
   weight_decay = None
   if "weight_decay" in swept:
     weight_decay = 0.0 if hyper is None else hyper["weight_decay"]

@@ -372,7 +372,7 @@ def _global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeni
   labels_dtype = np.float32 if any(t.task.is_regression for t in exp.tasks) else np.int32
   members = sweep_lib.grid(config)
   if members:  # each member's batches in its own seed's order, stacked [members, batch, ...]
-    seeds = [int(m.get("seed", config.seed)) for m in members]
+    seeds = sweep_lib.member_seeds(config)
     if len(set(seeds)) > 1 and len(config.seq_buckets) > 1:
       log.warning("Sweep: members with other seeds draw other batches; each step pads all to the "
                   "longest one's bucket, so a member's dropout masks (drawn per padded shape) "
