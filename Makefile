@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo demo-sweep test install install-test bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/flaxbert-cls train --config=configs/demo.py --workdir=workdirs/demo
 	$(BIN)/flaxbert-cls report --workdir=workdirs/demo
+
+demo-sweep: install  # 3 learning rates x 2 seeds in one program (README: Sweeps)
+	$(BIN)/flaxbert-cls train --config=configs/demo_sweep.py --workdir=workdirs/demo_sweep
 
 test: install-test
 	$(BIN)/python -m pytest -q --durations=15 tests

@@ -36,15 +36,18 @@ class Checkpoints:
   """Saves and restores {'state': TrainState arrays, 'meta': JSON} under workdir/checkpoints."""
 
   def __init__(self, workdir: str, max_to_keep: int = 2, keep_best: int = 0,
-               async_save: bool = True, read_only: bool = False):
+               async_save: bool = True, read_only: bool = False, members: int = 0):
+    """`members` > 0: a sweep; each member keeps its own best `keep_best` steps."""
     self.directory = workdir_lib.join(workdir_lib.resolve(workdir), CHECKPOINT_SUBDIR)
     if read_only and not workdir_lib.exists(self.directory):
       raise UserError(f"{self.directory}: no checkpoints (is the workdir right?)")
     policies = [checkpoint_managers.LatestN(max(max_to_keep, 1))]
-    if keep_best > 0:
+    ranked = [BEST_METRIC_KEY] if members == 0 else [f"{BEST_METRIC_KEY}_{i}"
+                                                     for i in range(members)]
+    for key in ranked if keep_best > 0 else []:
       policies.append(checkpoint_managers.BestN(
           # Ties go to the earlier step, as in the loop's best tracking.
-          get_metric_fn=lambda m: (m[BEST_METRIC_KEY], -m["step"]), n=keep_best,
+          get_metric_fn=lambda m, key=key: (m[key], -m["step"]), n=keep_best,
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
@@ -58,16 +61,29 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def best_step(self) -> int | None:
-    """The step with the highest main metric among those saved with metrics."""
-    return _best_from_meta(self)
+  def best_step(self, member: int | None = None) -> int | None:
+    """The step with the highest main metric among those saved with metrics (of `member`,
+    for a sweep; default its best member)."""
+    if member is None and self.all_steps():
+      member = self.read_meta()[0].get("best_member")
+    return _best_from_meta(self, member)
 
   def save(self, step: int, state: Any, meta: dict[str, Any],
-           main_metric: float | None = None) -> None:
-    """Saves `step` (always: the caller decides when). Disk errors name the directory."""
-    metrics = None if main_metric is None else {BEST_METRIC_KEY: float(main_metric), "step": step}
+           main_metric: float | list[float] | None = None) -> None:
+    """Saves `step` (always: the caller decides when). Disk errors name the directory.
+
+    A sweep's `main_metric` is a list, one per member.
+    """
+    metrics = None
+    if isinstance(main_metric, (list, tuple)):
+      main_metric = [float(v) for v in main_metric]
+      metrics = {f"{BEST_METRIC_KEY}_{i}": v for i, v in enumerate(main_metric)}
+    elif main_metric is not None:
+      main_metric = float(main_metric)
+      metrics = {BEST_METRIC_KEY: main_metric}
     if main_metric is not None:
-      meta = dict(meta, main_metric=float(main_metric))
+      metrics["step"] = step
+      meta = dict(meta, main_metric=main_metric)
     with self._save_errors():
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -205,7 +221,7 @@ class Checkpoints:
       self.manager.close()
 
 
-def _best_from_meta(ckpt: Checkpoints) -> int | None:
+def _best_from_meta(ckpt: Checkpoints, member: int | None = None) -> int | None:
   best, best_step = None, None
   for step in ckpt.all_steps():  # ascending: ties go to the earlier step
     try:
@@ -213,6 +229,8 @@ def _best_from_meta(ckpt: Checkpoints) -> int | None:
     except UserError:
       continue
     value = meta.get("main_metric")
+    if isinstance(value, list):  # a sweep: one per member
+      value = value[member if member is not None else 0]
     if value is not None and (best is None or value > best):
       best, best_step = value, step
   return best_step

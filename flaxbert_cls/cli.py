@@ -4,6 +4,7 @@
   flaxbert-cls eval --workdir=DIR [--config=... --config.validation_file=...] [--step=N]
   flaxbert-cls report --workdir=DIR   (writes DIR/report/index.html)
   flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N] [--quantize=int8]
+      [--member=best|I]
   flaxbert-cls predict --model=DIR_OR_HF_DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
       [--quantize=int8] [--batch_size=N]
   flaxbert-cls monitor --model=DIR_OR_HF_DIR --reference=FILE --current=FILE [--output=DIR]
@@ -32,6 +33,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "export: new HF model directory; p
                               "results file (.csv or .jsonl); monitor: report directory.")
 _MODEL = flags.DEFINE_string("model", None, "predict, monitor: a workdir or an exported HF "
                              "directory.")
+_MEMBER = flags.DEFINE_string("member", None, "eval/export/predict of a sweep's workdir: "
+                              "which member, best (default) or its index.")
 _INPUT = flags.DEFINE_string("input", None, "predict: texts to classify (.tsv, .csv, .jsonl).")
 _TEXT_COLUMNS = flags.DEFINE_list("text_columns", None,
                                   "predict: input columns holding the text (default: the run's).")
@@ -103,16 +106,19 @@ def _main(argv: list[str]) -> None:
     _print_metrics("dev", result["eval"])
     _print_next_steps(_WORKDIR.value, report.page_path(_WORKDIR.value))
   elif command == "eval":
-    results = evaluate.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value))
+    results = evaluate.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value),
+                                        _MEMBER.value)
     _print_metrics("eval", results)
   elif command == "report":
     print(f"report: {report.write_report(_WORKDIR.value)}", flush=True)
   elif command == "export":
-    print(f"exported: {export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _QUANTIZE.value)}",
-          flush=True)
+    output = export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _QUANTIZE.value,
+                           _MEMBER.value)
+    print(f"exported: {output}", flush=True)
   elif command == "predict":
     stats = predict.predict_file(_MODEL.value, _INPUT.value, _OUTPUT.value, _STEP.value,
-                                 _TEXT_COLUMNS.value, _QUANTIZE.value, _BATCH_SIZE.value)
+                                 _TEXT_COLUMNS.value, _QUANTIZE.value, _BATCH_SIZE.value,
+                                 _MEMBER.value)
     print(f"predicted: {stats['rows']} rows -> {_OUTPUT.value} "
           f"({stats['examples_per_sec']:.1f} examples/s)", flush=True)
   elif command == "monitor":

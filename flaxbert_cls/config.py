@@ -122,6 +122,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.layerwise_lr_decay = 1.0  # < 1: lr * decay^(L+1-depth); head 1, embeddings decay^(L+1)
   c.gradient_accumulation_steps = 1  # k micro-batches of batch_size/k per update
   c.seed = 42
+  # Hyper-parameter sweep (sweep.py): a tuple of values per key; the grid of all keys'
+  # values trains as one program, members stacked on a leading axis of the train state.
+  # () = not swept (the key above holds). --config.sweep.learning_rate='(1e-5,2e-5)'.
+  c.sweep = ml_collections.ConfigDict(
+      {"learning_rate": (), "seed": (), "weight_decay": (), "warmup_ratio": ()})
 
   # Loop, evaluation, checkpoints, logging.
   c.log_every_steps = 50
@@ -214,6 +219,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "use True, False or None (None: tune for multi-label only)")
   check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
         "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
+  from flaxbert_cls import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  sweep_lib.validate(config)
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")

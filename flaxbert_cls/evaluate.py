@@ -199,19 +199,67 @@ class BestTracker:
     self.best = meta.get("best")
     self.evals_without_improvement = meta.get("evals_without_improvement", 0)
 
+  def checkpoint_metric(self, metrics: dict[str, float]) -> float:
+    """What best-k checkpointing ranks an evaluated step by."""
+    return metrics[self.key]
+
+
+class MemberBests:
+  """A sweep's BestTracker per member (same interface); the run stops early once every
+  member would have stopped. Checkpoint metadata holds each member's and the best member."""
+
+  def __init__(self, key: str, patience: int, members: int):
+    self.key = key
+    self.trackers = [BestTracker(key, patience) for _ in range(members)]
+    self.latest: list[dict[str, float]] = []
+
+  def update(self, step: int, member_metrics: list[dict[str, float]]) -> None:
+    self.latest = member_metrics
+    for tracker, metrics in zip(self.trackers, member_metrics):
+      tracker.update(step, metrics)
+
+  @property
+  def should_stop(self) -> bool:
+    return all(t.should_stop for t in self.trackers)
+
+  def best_member(self) -> int | None:
+    """The member with the highest best metric (ties: the lower index)."""
+    scored = [(t.best["metrics"][self.key], -i) for i, t in enumerate(self.trackers) if t.best]
+    return -max(scored)[1] if scored else None
+
+  @property
+  def best(self) -> dict[str, Any] | None:
+    """The best member's best eval, with 'member'."""
+    member = self.best_member()
+    return None if member is None else {**self.trackers[member].best, "member": member}
+
+  def state(self) -> dict[str, Any]:
+    return {"best": [t.best for t in self.trackers], "best_member": self.best_member(),
+            "evals_without_improvement": [t.evals_without_improvement for t in self.trackers]}
+
+  def restore(self, meta: dict[str, Any]) -> None:
+    for i, tracker in enumerate(self.trackers):
+      tracker.best = (meta.get("best") or [None] * len(self.trackers))[i]
+      tracker.evals_without_improvement = (meta.get("evals_without_improvement")
+                                           or [0] * len(self.trackers))[i]
+
+  def checkpoint_metric(self, metrics: dict[str, float]) -> list[float]:  # pylint: disable=unused-argument
+    return [m[self.key] for m in self.latest]
+
 
 def format_metrics(metrics: dict[str, float]) -> str:
   return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None = None,
-                     step: int | str | None = None) -> dict[str, float]:
+                     step: int | str | None = None, member: int | str | None = None
+                     ) -> dict[str, float]:
   """Re-evaluates a run's checkpoint on its validation data (or an overridden file).
 
   Also writes workdir/eval/: predictions.jsonl (every example), errors.jsonl (the
   misclassified ones, most confident first) and eval.json (step, metrics, tasks).
   """
-  exp, params = experiment_lib.load_run(workdir, overrides, step)
+  exp, params = experiment_lib.load_run(workdir, overrides, step, member=member)
   read = experiment_lib.read_examples_tokenized(exp, "validation")
   results, _, logits = evaluate_tasks(
       exp, params, [t for _, t in read],

@@ -33,6 +33,7 @@ from flaxbert_cls import ops
 from flaxbert_cls import optim
 from flaxbert_cls import readers
 from flaxbert_cls import sharding as sharding_lib
+from flaxbert_cls import sweep as sweep_lib
 from flaxbert_cls import tasks as tasks_lib
 from flaxbert_cls import tokenization
 from flaxbert_cls import workdir as workdir_lib
@@ -84,6 +85,7 @@ class Experiment:
   checkpoint_meta: dict[str, Any] | None = None
   # Set by create_train_state when it loads a start: where from (refinetune.STARTED_FROM_NAME).
   started_from: dict[str, Any] | None = None
+  member: int | None = None  # set by load_run for a sweep: the member whose params it loaded
 
   @property
   def task(self) -> tasks_lib.Task:
@@ -192,8 +194,11 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   `label_names`: a tuple (single task) or {task: names} (multi-task); None = from the data.
   """
   config_lib.validate(config)
-  data_parallel = tuple(-1 if a == "data" else 1 for a in config.mesh_axes)
-  mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape or data_parallel, devices)
+  axes, shape = sweep_lib.mesh_axes(config)
+  if not config.mesh_shape:  # automatic: data parallel first, sized from the model below
+    shape = tuple(-1 if a == "data" else 1 for a in axes)
+  mesh = sharding_lib.create_mesh(axes, shape, devices)
+  sweep_lib.check_mesh(config, mesh)
   platform = mesh.devices.flat[0].platform
   config_lib.validate_for_platform(config, platform)
   tasks = _run_tasks(config, label_names)
@@ -296,6 +301,68 @@ def create_train_state(exp: Experiment, total_steps: int, pretrained_dir: str | 
   return state, state_shardings, tx, schedule
 
 
+def load_pretrained(exp: Experiment, pretrained_dir: str, params: Any) -> Any:
+  """The checkpoint's weights (NumPy) in the tree of `params`; ShapeDtypeStruct leaves where
+  the checkpoint has no value (newly initialised)."""
+  loaded, new, unused = hf.params_from_state_dict(hf.load_state_dict(pretrained_dir), params,
+                                                  exp.hf_config.model_type)
+  log.info("Loaded %s. Newly initialised: %s. Unused from the checkpoint: %s",
+           pretrained_dir, ", ".join(new) or "none", ", ".join(unused) or "none")
+  return loaded
+
+
+def abstract_sweep_state(exp: Experiment, tx: optax.GradientTransformation) -> tuple[Any, Any]:
+  """(boxed abstract stacked TrainState, its NamedShardings): trained params and the optimizer
+  state get a leading [members] axis named 'member' (sweep.py); frozen params stay single."""
+  abstract, _ = abstract_train_state(exp, tx)
+  params, opt_state = sweep_lib.stack_abstract(
+      abstract.params, abstract.opt_state, sweep_lib.frozen_mask(exp.config, abstract.params),
+      len(sweep_lib.grid(exp.config)))
+  stacked = abstract.replace(params=params, opt_state=opt_state)
+  return stacked, sharding_lib.logical_to_shardings(
+      stacked, exp.mesh, sweep_lib.logical_axis_rules(exp.config),
+      exp.config.get("min_size_to_shard_mb", 0.0))
+
+
+def create_sweep_state(exp: Experiment, total_steps: int, pretrained_dir: str | None
+                       ) -> tuple[TrainState, Any, optax.GradientTransformation]:
+  """The stacked train state of a sweep (sweep.py), on its shardings.
+
+  Each member's random init comes from its own seed, as in its solo run; the pre-trained
+  weights are read once and broadcast (a host view: each device copies its slice). A frozen
+  parameter is stored once: if the checkpoint lacks it, the first member's init is shared.
+  """
+  config = exp.config
+  boxed, _ = exp.abstract_params()
+  params_template = nn.unbox(boxed)
+  tx, _ = sweep_lib.optimizer(config, params_template, total_steps)
+  _, shardings = abstract_sweep_state(exp, tx)
+  frozen = sweep_lib.frozen_mask(config, params_template)
+  members = len(sweep_lib.grid(config))
+
+  def init(seeds: jax.Array) -> TrainState:
+    keys = jax.vmap(jax.random.key)(seeds)
+    stacked = jax.vmap(lambda k: nn.unbox(_init_state(exp, tx, k)))(keys)
+    first = nn.unbox(exp.init_params(keys[0]))
+    params = jax.tree.map(lambda f, s, one: one if f else s, frozen, stacked.params, first)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=stacked.opt_state)
+
+  seeds = jnp.asarray(sweep_lib.member_seeds(config), jnp.int32)
+  state = jax.jit(init, out_shardings=shardings)(seeds)
+  if pretrained_dir is not None:
+    loaded = load_pretrained(exp, pretrained_dir, params_template)
+
+    def place(current, pre, sharding, is_frozen):
+      if isinstance(pre, jax.ShapeDtypeStruct):
+        return current
+      full = pre if is_frozen else np.broadcast_to(pre, (members, *pre.shape))
+      return jax.make_array_from_callback(full.shape, sharding, lambda idx: full[idx])
+
+    state = state.replace(params=jax.tree.map(place, state.params, loaded, shardings.params,
+                                              frozen))
+  return state, shardings, tx
+
+
 def save_model_dir(exp: Experiment, workdir: str) -> None:
   """workdir/model: HF config with the label map + tokenizer, so eval/export need no hub."""
   if jax.process_index() != 0:
@@ -315,11 +382,12 @@ def save_model_dir(exp: Experiment, workdir: str) -> None:
 
 
 def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
-             step: int | str | None = None, devices: list[jax.Device] | None = None
-             ) -> tuple[Experiment, Any]:
+             step: int | str | None = None, devices: list[jax.Device] | None = None,
+             member: int | str | None = None) -> tuple[Experiment, Any]:
   """A finished (or checkpointed) run: its experiment and restored parameters.
 
   `step`: None = the latest, 'best' = the best by the task's main metric, or a number.
+  A sweep's `member`: None / 'best' (the best member) or an index; its own best step.
   LoRA adapters come back folded into the base kernels: eval, predict and export only
   ever see a plain BERT.
   """
@@ -332,8 +400,13 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
   if overrides is not None:
     config.update(overrides)
   ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  members = sweep_lib.grid(config)
+  if members:
+    member = sweep_lib.member_index(member, members, ckpt.read_meta()[0], ckpt.directory)
+  elif member not in (None, "best"):
+    raise UserError(f"--member={member}: {workdir} is not a sweep (config.sweep is empty)")
   if step == "best":
-    step = ckpt.best_step()
+    step = ckpt.best_step(member if members else None)
     if step is None:
       raise UserError(f"{ckpt.directory}: no checkpoint was saved with eval metrics")
   meta, _ = ckpt.read_meta(step)
@@ -342,13 +415,22 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
     label_names = tuple(label_names)
   exp = build_experiment(config, label_names=label_names, devices=devices,
                          model_dir=workdir_lib.local_dir(workdir_lib.join(workdir, MODEL_SUBDIR)))
-  boxed, _ = exp.abstract_params()
-  tx, _ = optim.create_optimizer(config, nn.unbox(boxed), meta["total_steps"])
-  abstract_state, state_shardings = abstract_train_state(exp, tx)
+  boxed, param_shardings = exp.abstract_params()
+  if members:
+    tx, _ = sweep_lib.optimizer(config, nn.unbox(boxed), meta["total_steps"])
+    abstract_state, state_shardings = abstract_sweep_state(exp, tx)
+  else:
+    tx, _ = optim.create_optimizer(config, nn.unbox(boxed), meta["total_steps"])
+    abstract_state, state_shardings = abstract_train_state(exp, tx)
   state, exp.checkpoint_meta, exp.checkpoint_step = ckpt.restore(
       checkpoint_lib.abstract_with_shardings(nn.unbox(abstract_state), state_shardings), step)
   ckpt.close()
   params = state.params
+  if members:
+    exp.member = member
+    frozen = sweep_lib.frozen_mask(config, nn.unbox(boxed))
+    params = jax.jit(lambda p: sweep_lib.unstack(p, frozen, member),
+                     out_shardings=param_shardings)(params)
   if exp.model.config.lora_rank:
     params = jax.jit(functools.partial(layers.merge_lora, lora_alpha=config.lora_alpha))(params)
     exp.model = exp.model.clone(config=dataclasses.replace(exp.model.config, lora_rank=0))

@@ -127,10 +127,11 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
 
 
 def export(workdir: str, output: str, step: int | str | None = None,
-           quantize: str | None = None) -> str:
+           quantize: str | None = None, member: int | str | None = None) -> str:
   """Exports the run in `workdir` (checkpoint `step`: latest, 'best' or N) to `output`.
 
-  `quantize='int8'`: each exported directory also gets model.int8.onnx.
+  `quantize='int8'`: each exported directory also gets model.int8.onnx. A sweep exports
+  one `member` (default: the best; sweep.member_index).
   """
   from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top  (orbax)
   step = parse_step(step)
@@ -144,7 +145,7 @@ def export(workdir: str, output: str, step: int | str | None = None,
       quantize_lib.write_int8(directory)
     return out
   check_step(workdir, step)
-  exp, params = experiment_lib.load_run(workdir, step=step)
+  exp, params = experiment_lib.load_run(workdir, step=step, member=member)
   if not exp.multitask:
     return _export_head(exp, exp.tasks[0], params, workdir, output, step)
   output = os.path.abspath(output)
@@ -176,6 +177,9 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
+  if exp.member is not None:  # a sweep member: which one, and its values
+    from flaxbert_cls import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+    metadata.update(member=exp.member, member_values=sweep_lib.grid(exp.config)[exp.member])
   from flaxbert_cls import refinetune  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   started = workdir_lib.join(workdir, refinetune.STARTED_FROM_NAME)

@@ -105,21 +105,25 @@ def _scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def create_optimizer(config: ConfigDict, params: Any, total_steps: int
+def create_optimizer(config: ConfigDict, params: Any, total_steps: int,
+                     schedule: optax.Schedule | None = None, weight_decay: Any = None
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (HF recipe: eps 1e-6, no decay on biases and LayerNorm) + clipping + freezing.
 
   Built from optax parts so layer-wise LR decay scales the whole AdamW step
   (decay included), as a per-layer learning rate does. Frozen parameters go
   through optax.set_to_zero, so they get no optimizer state.
+  A sweep member (sweep.py) passes its own `schedule` and `weight_decay` (traced values);
+  an explicit `weight_decay` always adds the decay step, so every member's state matches.
   """
-  schedule = create_learning_rate_schedule(config, total_steps)
+  schedule = schedule or create_learning_rate_schedule(config, total_steps)
   decay_mask = _map_paths(params, lambda p: not any(
       re.search(pat, p) for pat in config.weight_decay_exclude))
   parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm > 0 else []
   parts += [optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)]
-  if config.weight_decay > 0:
-    parts.append(optax.add_decayed_weights(config.weight_decay, decay_mask))
+  if weight_decay is not None or config.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(
+        config.weight_decay if weight_decay is None else weight_decay, decay_mask))
   if config.layerwise_lr_decay != 1.0:
     parts.append(_scale_by_tree(learning_rate_multipliers(params, config)))
   parts.append(optax.scale_by_learning_rate(schedule))

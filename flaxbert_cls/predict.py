@@ -88,7 +88,8 @@ class Predictor:
   @classmethod
   def from_path(cls, path: str, step: int | str | None = None,
                 text_fields: Sequence[str] | None = None,
-                batch_size: int | None = None, quantize: str | None = None) -> "Predictor":
+                batch_size: int | None = None, quantize: str | None = None,
+                member: int | str | None = None) -> "Predictor":
     """A workdir (its checkpoint `step`: latest, 'best' or N) or an HF model directory.
 
     `text_fields` overrides the input columns holding the text (default: the
@@ -98,11 +99,13 @@ class Predictor:
     quantize_lib.check_mode(quantize)
     path = os.path.abspath(path)
     if _is_workdir(path):
-      predictor = cls._from_workdir(path, export_lib.parse_step(step))
+      predictor = cls._from_workdir(path, export_lib.parse_step(step), member)
     elif os.path.isfile(os.path.join(path, "config.json")):
       if step is not None and step != "latest":
         raise UserError(f"--step={step}: {path} is a Hugging Face directory, not a workdir; "
                         "it has one set of weights")
+      if member is not None:
+        raise UserError(f"--member={member}: {path} is a Hugging Face directory, not a sweep")
       predictor = cls._from_hf_dir(path)
     else:
       raise UserError(f"{path}: neither a flaxbert-cls workdir (config.json, model/, "
@@ -117,14 +120,15 @@ class Predictor:
       predictor.batch_size = -(-predictor.batch_size // shards) * shards
     if quantize:
       predictor.quantized = quantize_lib.load_int8(path, _is_workdir(path),
-                                                   export_lib.parse_step(step))
+                                                   export_lib.parse_step(step), member)
       predictor.quantized.window_pooling = predictor.window_pooling
     return predictor
 
   @classmethod
-  def _from_workdir(cls, workdir: str, step: int | str | None) -> "Predictor":
+  def _from_workdir(cls, workdir: str, step: int | str | None,
+                    member: int | str | None = None) -> "Predictor":
     export_lib.check_step(workdir, step)
-    exp, params = experiment_lib.load_run(workdir, step=step)
+    exp, params = experiment_lib.load_run(workdir, step=step, member=member)  # sweep: best
     if exp.multitask:
       raise UserError(f"{workdir}: a multi-task run ({', '.join(t.name for t in exp.tasks)}); "
                       "export it (flaxbert-cls export --output=OUT) and predict with OUT/<task>")
@@ -275,10 +279,11 @@ class Predictor:
 
 def predict_file(model: str, input_path: str, output_path: str, step: int | str | None = None,
                  text_fields: Sequence[str] | None = None, quantize: str | None = None,
-                 batch_size: int | None = None) -> dict[str, float]:
+                 batch_size: int | None = None, member: int | str | None = None
+                 ) -> dict[str, float]:
   """`flaxbert-cls predict`: Predictor.from_path(model).predict_file(input, output)."""
   predictor = Predictor.from_path(model, step=step, text_fields=text_fields,
-                                  batch_size=batch_size, quantize=quantize)
+                                  batch_size=batch_size, quantize=quantize, member=member)
   return predictor.predict_file(input_path, output_path)
 
 

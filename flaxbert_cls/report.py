@@ -108,14 +108,22 @@ def classification_arrays(rows: list[dict[str, Any]], label_names: list[str]
   return labels, predictions, probs.reshape(len(rows), len(label_names))
 
 
+# Numbers in metrics.jsonl records that are not metrics: the step, a sweep member's values.
+_NOT_METRICS = ("step", "member", "learning_rate", "seed", "weight_decay", "warmup_ratio")
+
+
 def eval_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
   """metrics.jsonl as {group: {metric: [(step, value)]}}; group '' for a single task,
-  else the task's name (and 'average')."""
+  else the task's name (and 'average'); a sweep's groups are 'member<i>[/task]'."""
+  def group_of(r: dict[str, Any]) -> str:
+    return "/".join(x for x in (f"member{r['member']}" if "member" in r else "",
+                                r.get("task", "")) if x)
+
   out: dict[str, dict[str, list[tuple[int, float]]]] = {}
-  for group in dict.fromkeys(r.get("task", "") for r in records):
-    rows = last_per_step([r for r in records if r.get("task", "") == group])
+  for group in dict.fromkeys(group_of(r) for r in records):
+    rows = last_per_step([r for r in records if group_of(r) == group])
     names = dict.fromkeys(k for r in rows for k, v in r.items()
-                          if k != "step" and isinstance(v, (int, float)))
+                          if k not in _NOT_METRICS and isinstance(v, (int, float)))
     out[group] = {n: [(r["step"], float(r[n])) for r in rows if n in r] for n in names}
   return out
 

@@ -35,6 +35,7 @@ from flaxbert_cls import optim
 from flaxbert_cls import progress as progress_lib
 from flaxbert_cls import refinetune
 from flaxbert_cls import sharding as sharding_lib
+from flaxbert_cls import sweep as sweep_lib
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import Preempted, UserError
 from flaxbert_cls.experiment import TrainState
@@ -215,6 +216,62 @@ def jit_train_step(exp: experiment_lib.Experiment, params: Any, state_shardings:
       compiler_options=train_step_compiler_options(exp.mesh, config.cpu_scheduler))
 
 
+def sweep_train_step(state: TrainState, batch: dict[str, jax.Array], hyper: dict[str, jax.Array],
+                     *, exp: experiment_lib.Experiment, total_steps: int, frozen: Any
+                     ) -> tuple[TrainState, TrainMetrics, jax.Array]:
+  """`train_step` of every sweep member at once: vmapped over the stacked state, the
+  [members, batch, ...] batch and the members' `hyper` rows (sweep.member_hyper).
+
+  Each member builds its optimizer from its own learning-rate table and weight decay and
+  draws dropout from its own seed; frozen parameters (`frozen` True) are one shared copy.
+  Metrics are averaged over members; the finite flag is all members'.
+  """
+  config = exp.config
+  solo_frozen = _frozen_mask(state.params, config)
+
+  def member_step(trained, opt_state, member_batch, member_hyper):
+    params = sweep_lib.merge_trained(state.params, frozen, trained)
+    tx, schedule = sweep_lib.optimizer(config, params, total_steps, member_hyper)
+    new, metrics, finite = train_step(
+        TrainState(step=state.step, params=params, opt_state=opt_state), member_batch,
+        model=exp.model, tx=tx, schedule=schedule, is_regression=exp.head_losses,
+        dropout_seed=member_hyper["seed"], accumulation_steps=config.gradient_accumulation_steps,
+        frozen=solo_frozen, window_pooling=config.get("window_pooling", "mean"))
+    return sweep_lib.split_trained(new.params, frozen), new.opt_state, metrics, finite
+
+  spmd_axis = sweep_lib.MEMBER_AXIS if sweep_lib.MEMBER_AXIS in exp.mesh.axis_names else None
+  trained, opt_state, metrics, finite = jax.vmap(member_step, spmd_axis_name=spmd_axis)(
+      sweep_lib.split_trained(state.params, frozen), state.opt_state, batch, hyper)
+  params = sweep_lib.merge_trained(state.params, frozen, trained)
+  return (TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics.reduce(),
+          jnp.all(finite))
+
+
+def jit_sweep_train_step(exp: experiment_lib.Experiment, state_shardings: Any, total_steps: int
+                         ) -> Callable:
+  """The sweep's step as training compiles it: (state, batch) -> (state, metrics, finite)."""
+  config = exp.config
+  boxed, _ = exp.abstract_params()
+  frozen = sweep_lib.frozen_mask(config, nn.unbox(boxed))
+  hyper = jax.device_put(sweep_lib.member_hyper(config, total_steps),
+                         sharding_lib.replicated(exp.mesh))
+  step = jax.jit(
+      functools.partial(sweep_train_step, exp=exp, total_steps=total_steps, frozen=frozen),
+      in_shardings=(state_shardings, sweep_batch_sharding(exp.mesh),
+                    sharding_lib.replicated(exp.mesh)),
+      out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
+                     sharding_lib.replicated(exp.mesh)),
+      donate_argnums=0,
+      compiler_options=train_step_compiler_options(exp.mesh, config.cpu_scheduler))
+  return lambda state, batch: step(state, batch, hyper)
+
+
+def sweep_batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """[members, batch, ...]: members over the 'member' axis, rows as a solo run's."""
+  rows = sharding_lib.batch_sharding(mesh).spec[0]
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sweep_lib.MEMBER_AXIS, rows))
+
+
 def _frozen_mask(params: Any, config: ml_collections.ConfigDict) -> Any | None:
   """Static True/False per parameter (None when nothing is frozen)."""
   patterns = optim.freeze_patterns(config)
@@ -262,20 +319,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_splits = experiment_lib.read_tokenized(exp, "train")
   class_weights_lib.resolve_for_run(exp, [split.labels for split in train_splits])
   eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
+  members = sweep_lib.grid(config)  # [] = one run; else a sweep: members stacked in the state
   mixture = _task_mixture(exp, train_splits)
   total_steps = _total_steps(config, mixture)
   ckpt = checkpoint_lib.Checkpoints(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                    keep_best=config.keep_best_checkpoints)
+                                    keep_best=config.keep_best_checkpoints, members=len(members))
   run_meta = _run_meta(exp, total_steps, train_splits)
   state, state_shardings, tx, schedule, best = _restore_or_init(exp, ckpt, run_meta)
-  jit_train = jit_train_step(exp, state.params, state_shardings, tx, schedule)
-  jit_eval = evaluate_lib.jit_eval_step(exp.model, state_shardings.params, exp.batch_sharding,
-                                        config.get("window_pooling", "mean"))
+  pooling = config.get("window_pooling", "mean")
+  if members:
+    jit_train = jit_sweep_train_step(exp, state_shardings, total_steps)
+    jit_eval = evaluate_lib.jit_eval_step(exp.model, exp.abstract_params()[1], exp.batch_sharding,
+                                          pooling)
+  else:
+    jit_train = jit_train_step(exp, state.params, state_shardings, tx, schedule)
+    jit_eval = evaluate_lib.jit_eval_step(exp.model, state_shardings.params, exp.batch_sharding,
+                                          pooling)
   _write_run_files(exp, workdir)
 
   start_step = int(state.step)
   batches = _global_batches(exp, train_splits, mixture, range(start_step, total_steps))
-  train_log = progress_lib.TrainLog(workdir, total_steps, start_step, config.batch_size,
+  train_log = progress_lib.TrainLog(workdir, total_steps, start_step,
+                                    config.batch_size * max(len(members), 1),
                                     config.log_every_steps)
   finite = _FiniteGuard(config.nonfinite_policy, ckpt)
   preemption = checkpoint_lib.PreemptionWatcher(config.log_every_steps)
@@ -292,14 +357,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         finite.check_now()
         train_log.write_train(step)
       evaluated = _eval_due(config, step, total_steps)
-      if evaluated:
+      if evaluated and members:
+        eval_metrics = _evaluate_members(exp, state.params, eval_data, jit_eval, step,
+                                         train_log, best, workdir)
+      elif evaluated:
         eval_metrics = _evaluate(exp, state.params, eval_data, jit_eval, step, train_log, best,
                                  workdir)
       preempted = preemption.reached(step)
       # After every eval too: best-k checkpoints need the evaluated step on disk.
       if preempted or evaluated or _checkpoint_due(config, step, total_steps, save_timer):
         _save(ckpt, step, state, {**run_meta, **best.state()},
-              eval_metrics[best.key] if evaluated else None)
+              best.checkpoint_metric(eval_metrics) if evaluated else None)
       if preempted:
         _exit_preempted(ckpt, step)
       if best.should_stop:
@@ -308,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     preemption.close()
     ckpt.close()
     train_log.close()
-  return _finish(state, eval_metrics, train_log, best)
+  return _finish(state, eval_metrics, train_log, best, workdir, members)
 
 
 def _with_cache_dir(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -322,11 +390,13 @@ def _with_cache_dir(config: ml_collections.ConfigDict, workdir: str) -> ml_colle
   return config
 
 
-def _task_mixture(exp: experiment_lib.Experiment, splits: list[data_lib.TokenizedSplit]
-                  ) -> data_lib.TaskMixture:
+def _task_mixture(exp: experiment_lib.Experiment, splits: list[data_lib.TokenizedSplit],
+                  seed: int | None = None) -> data_lib.TaskMixture:
   """Which task and examples each step trains. One task is the 1-task mixture: every step
-  is its step, exactly the single-task order."""
+  is its step, exactly the single-task order. `seed`: a sweep member's (default config.seed)."""
   config = exp.config
+  if seed is not None:
+    config = sweep_lib.member_config(config, {"seed": seed})
   orders = []
   for i, (run_task, split) in enumerate(zip(exp.tasks, splits)):
     try:
@@ -338,7 +408,7 @@ def _task_mixture(exp: experiment_lib.Experiment, splits: list[data_lib.Tokenize
       orders, data_lib.mixing_probabilities([len(s) for s in splits],
                                             [t.weight for t in exp.tasks], config.mixing,
                                             config.mixing_temperature), config.seed)
-  if exp.multitask:
+  if exp.multitask and seed is None:
     log.info("Mixing (%s): %s", config.mixing, "  ".join(
         f"{t.name} {p:.3f}" for t, p in zip(exp.tasks, mixture.probabilities)))
   return mixture
@@ -356,6 +426,21 @@ def _global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeni
   config = exp.config
   # Every task's labels in one dtype: one jit signature whichever task a step draws.
   labels_dtype = np.float32 if any(t.task.is_regression for t in exp.tasks) else np.int32
+  members = sweep_lib.grid(config)
+  if members:  # each member's batches in its own seed's order, stacked [members, batch, ...]
+    seeds = sweep_lib.member_seeds(config)
+    if len(set(seeds)) > 1 and len(config.seq_buckets) > 1:
+      log.warning("Sweep: members with other seeds draw other batches; each step pads all to the "
+                  "longest one's bucket, so a member's dropout masks (drawn per padded shape) "
+                  "differ from its solo run's. It trains like it, not bit for bit; for exact "
+                  "equality use one bucket (config.seq_buckets=(max_seq_length,)).")
+    by_seed = {seed: _task_mixture(exp, splits, seed) for seed in set(seeds)}
+    return data_lib.prefetch(
+        data_lib.to_global(sweep_lib.stack_batches([
+            data_lib.train_batch(splits, by_seed[seed], step, config.seq_buckets,
+                                 config.max_seq_length, labels_dtype) for seed in seeds]),
+                           sweep_batch_sharding(exp.mesh))
+        for step in steps)
   return data_lib.prefetch(
       data_lib.to_global(data_lib.train_batch(splits, mixture, step, config.seq_buckets,
                                               config.max_seq_length, labels_dtype,
@@ -382,6 +467,34 @@ def _evaluate(exp: experiment_lib.Experiment, params: Any,
     evaluate_lib.write_eval_files(workdir, exp, [examples for examples, _ in eval_data], logits,
                                   metrics, step, step)
   return metrics
+
+
+def _evaluate_members(exp: experiment_lib.Experiment, params: Any,
+                      eval_data: list[tuple[Any, data_lib.TokenizedSplit]], jit_eval: Callable,
+                      step: int, train_log: progress_lib.TrainLog,
+                      best: evaluate_lib.MemberBests, workdir: str) -> dict[str, float]:
+  """Every sweep member's dev metrics; metrics.jsonl records carry the member's index and
+  values. Returns them flat as 'member<i>/<metric>'. A new best member's best step writes
+  workdir/eval/ (as a solo run's best does)."""
+  members = sweep_lib.grid(exp.config)
+  boxed, param_shardings = exp.abstract_params()
+  frozen = sweep_lib.frozen_mask(exp.config, nn.unbox(boxed))
+  unstack = jax.jit(lambda p, i: sweep_lib.unstack(p, frozen, i), out_shardings=param_shardings)
+  flat, member_metrics, member_logits = {}, [], []
+  for i, member in enumerate(members):
+    metrics, records, logits = evaluate_lib.evaluate_tasks(
+        exp, unstack(params, i), [split for _, split in eval_data], jit_eval)
+    train_log.write_eval(step, {f"member{i}/{k}": v for k, v in metrics.items()},
+                         [{"member": i, **member, **r} for r in records])
+    member_metrics.append(metrics)
+    member_logits.append(logits)
+    flat.update({f"member{i}/{k}": v for k, v in metrics.items()})
+  best.update(step, member_metrics)
+  if best.best and best.best["step"] == step and jax.process_index() == 0:
+    member = best.best["member"]
+    evaluate_lib.write_eval_files(workdir, exp, [examples for examples, _ in eval_data],
+                                  member_logits[member], member_metrics[member], step, step)
+  return flat
 
 
 def _eval_due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> bool:
@@ -428,10 +541,13 @@ def _run_meta(exp: experiment_lib.Experiment, total_steps: int,
               train_splits: list[data_lib.TokenizedSplit]) -> dict[str, Any]:
   """What every checkpoint records about the run (resume checks it)."""
   task_name, label_names = exp.run_identity()
-  return {"label_names": label_names, "task_name": task_name, "total_steps": total_steps,
+  meta = {"label_names": label_names, "task_name": task_name, "total_steps": total_steps,
           "model_name_or_path": exp.config.model_name_or_path,
           "batch_size": exp.config.batch_size,
           "train_data": "+".join(split.content_hash for split in train_splits)}
+  if sweep_lib.grid(exp.config):
+    meta["sweep"] = sweep_lib.grid(exp.config)  # another grid cannot resume these members
+  return meta
 
 
 # Recorded since a later version: a checkpoint without them resumes unchecked.
@@ -470,9 +586,18 @@ def _restore_or_init(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkp
   resuming = bool(ckpt.all_steps())
   if resuming:
     _check_same_run(ckpt, run_meta)
-  state, state_shardings, tx, schedule = experiment_lib.create_train_state(
-      exp, run_meta["total_steps"], None if resuming else hf.resolve(config.model_name_or_path))
-  best = evaluate_lib.BestTracker(exp.selection_key(), config.early_stopping_patience)
+  pretrained = None if resuming else hf.resolve(config.model_name_or_path)
+  members = sweep_lib.grid(config)
+  if members:
+    state, state_shardings, tx = experiment_lib.create_sweep_state(
+        exp, run_meta["total_steps"], pretrained)
+    schedule = None  # per member: sweep.member_hyper
+    best = evaluate_lib.MemberBests(exp.selection_key(), config.early_stopping_patience,
+                                    len(members))
+  else:
+    state, state_shardings, tx, schedule = experiment_lib.create_train_state(
+        exp, run_meta["total_steps"], pretrained)
+    best = evaluate_lib.BestTracker(exp.selection_key(), config.early_stopping_patience)
   if resuming:
     state, saved_meta, restored_step = ckpt.restore(
         checkpoint_lib.abstract_with_shardings(state, state_shardings))
@@ -511,11 +636,19 @@ def _write_run_files(exp: experiment_lib.Experiment, workdir: str) -> None:
 
 
 def _finish(state: TrainState, eval_metrics: dict[str, float], train_log: progress_lib.TrainLog,
-            best: evaluate_lib.BestTracker) -> dict[str, Any]:
+            best: Any, workdir: str, members: list[dict[str, Any]]) -> dict[str, Any]:
   if best.best:
-    log.info("Best %s %.4f at step %d: %s", best.key, best.best["metrics"][best.key],
-             best.best["step"], evaluate_lib.format_metrics(best.best["metrics"]))
+    log.info("Best %s %.4f at step %d%s: %s", best.key, best.best["metrics"][best.key],
+             best.best["step"], f" (member {best.best['member']})" if members else "",
+             evaluate_lib.format_metrics(best.best["metrics"]))
   seconds = time.time() - train_log.t_start
   log.info("Done in %s.", progress_lib.format_duration(seconds))
-  return {"step": int(state.step), "eval": eval_metrics, "train_log": train_log.history,
-          "state": state, "best": best.best, "seconds": seconds}
+  result = {"step": int(state.step), "eval": eval_metrics, "train_log": train_log.history,
+            "state": state, "best": best.best, "seconds": seconds}
+  if members and all(t.best for t in best.trackers):
+    # Each member scored by its best evaluation (the checkpoint export --member picks).
+    result["sweep"] = sweep_lib.results_table(
+        members, [t.best["metrics"][best.key] for t in best.trackers], best.key)
+    log.info("Sweep (%d members), %s per setting over seeds:\n%s", len(members), best.key,
+             sweep_lib.write_results(workdir, result["sweep"]))
+  return result

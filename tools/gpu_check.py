@@ -2,6 +2,7 @@ r"""One-GPU check: numerics against the CPU, the CLI end to end, speed against P
 
   bash tools/gpu_check.sh                     # on the GPU machine (how: tools/gpu_check.sh)
   python tools/gpu_check.py [--smoke] [--sections=numerics,cli,bench] [--json=PATH]
+  python tools/gpu_check.py --sections=sweep  # opt-in (~1-2 min): N=8 MiniLM sweep vs 1 member
 
 Sections, each in its own subprocess with its own timeout (numerics and cli side by
 side, then bench alone); a failure is recorded in the JSON and the others still run:
@@ -14,6 +15,10 @@ side, then bench alone); a failure is recorded in the JSON and the others still 
   bench     tools/bench.py's workers: BERT-base, seq 128, bf16 train step at batch 32 and
             larger ones while time is left, ours and PyTorch (bf16 autocast + SDPA): step
             time, the ratio, MFU, peak device memory, the card
+
+  sweep     (not in the default list, which must stay under 4 minutes) tools/bench_sweep.py:
+            8 MiniLM members (random weights, the carried config) in one program against
+            one member alone, bf16, batch 32 x 128: examples/s ratio (target >= 3), memory
 
 --smoke: the same on a CPU machine with BERT-Tiny and 2-3 steps, without the cuDNN flag,
 and PyTorch only where it has CUDA (or with --torch_on_cpu); it tests the plumbing, not
@@ -52,12 +57,18 @@ MODES = {
         cli=dict(steps=60, hidden=128, heads=2, min_accuracy=0.75),  # head dim 64: cuDNN's
         bench=dict(model="bert-base", seq=128, batches=(32, 128, 256, 64), steps=20, warmup=3),
         # Worst case 105 + 80 + 35 s; with the wheels' install, under 4 minutes.
-        timeouts=dict(numerics=105, cli=105, bench_jax=80, bench_torch=35), budget=225),
+        timeouts=dict(numerics=105, cli=105, bench_jax=80, bench_torch=35, sweep=150),
+        budget=225,
+        sweep=dict(model=TOKENIZER_DIR, members=8, batch=32, seq=128, steps=10, warmup=2,
+                   dtype="bfloat16", min_speedup=3.0)),
     "smoke": dict(
         numerics=dict(model="bert-tiny", batch=4, seq=16, steps=3),
         cli=dict(steps=3, hidden=32, heads=2, min_accuracy=0.0),
         bench=dict(model="bert-tiny", seq=32, batches=(8,), steps=2, warmup=1),  # 1 compile
-        timeouts=dict(numerics=120, cli=300, bench_jax=120, bench_torch=90), budget=600),
+        timeouts=dict(numerics=120, cli=300, bench_jax=120, bench_torch=90, sweep=300),
+        budget=600,
+        sweep=dict(model="bert-tiny", members=2, batch=8, seq=32, steps=2, warmup=1,
+                   dtype="float32", min_speedup=0.0)),
 }
 # What flaxbert_cls imports for train/eval/predict (gpu_check.sh carries the missing ones).
 IMPORTS = ("absl", "clu", "etils", "flax", "huggingface_hub", "jax", "ml_collections", "numpy",
@@ -213,9 +224,20 @@ def section_bench_torch(settings: dict, args: argparse.Namespace) -> dict[str, A
                                                     lambda r: args.save(dict(results=r))))
 
 
+def section_sweep(settings: dict, args: argparse.Namespace) -> dict[str, Any]:
+  """N members in one program against one member alone (tools/bench_sweep.py's workers)."""
+  import bench_sweep  # pylint: disable=g-import-not-at-top
+  s = settings["sweep"]
+  result = bench_sweep.compare(argparse.Namespace(lora_rank=0, **{
+      k: v for k, v in s.items() if k != "min_speedup"}))
+  result["passed"] = result["speedup_vs_sequential_solo"] >= s["min_speedup"]
+  return result
+
+
 SECTIONS: dict[str, Callable[[dict, Any], dict]] = {
     "numerics": section_numerics, "cli": section_cli,
-    "bench_jax": section_bench_jax, "bench_torch": section_bench_torch}
+    "bench_jax": section_bench_jax, "bench_torch": section_bench_torch,
+    "sweep": section_sweep}
 
 
 # ---------------------------------------------------------------- the parent
@@ -350,6 +372,8 @@ def run_all(args: argparse.Namespace) -> int:
     save()
   if "bench" in wanted:
     report["bench"] = run_bench(args, settings, budget_end)
+  if "sweep" in wanted:  # opt-in: after the others, in what is left of its own timeout
+    report["sweep"] = Child("sweep", args, settings["timeouts"]["sweep"]).finish()
   report["passed"] = all(bool(report[s].get("passed")) for s in wanted)
   save()
   for s in wanted:

@@ -1,0 +1,144 @@
+"""Sweeps: the grid, members equal their solo runs, exact resume, the results table, export."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from flaxbert_cls import checkpoint as checkpoint_lib
+from flaxbert_cls import config as config_lib
+from flaxbert_cls import experiment
+from flaxbert_cls import export
+from flaxbert_cls import hf
+from flaxbert_cls import sweep
+from flaxbert_cls import train
+from flaxbert_cls.errors import UserError
+from model_fixtures import make_tiny_checkpoint
+from numerics import assert_close
+from test_train import small_config
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
+
+
+def sweep_config(checkpoint, **overrides):
+  # One bucket: every member's batch pads to the length of its solo run's (sweep.py).
+  c = small_config(checkpoint, num_train_steps=4, warmup_steps=-1, warmup_ratio=0.25,
+                   weight_decay=0.01, seq_buckets=(64,), checkpoint_every_steps=2, **overrides)
+  c.sweep.learning_rate = (1e-3, 3e-3)
+  c.sweep.seed = (0, 1)
+  return c
+
+
+def _leaves(params):
+  return jax.tree.leaves(jax.device_get(params))
+
+
+def test_grid_order_and_bad_keys():
+  c = config_lib.default_config()
+  c.sweep.learning_rate = (1e-5, 2e-5)
+  c.sweep.seed = (0, 1, 2)
+  assert [(m["learning_rate"], m["seed"]) for m in sweep.grid(c)] == [
+      (1e-5, 0), (1e-5, 1), (1e-5, 2), (2e-5, 0), (2e-5, 1), (2e-5, 2)]
+  solo = sweep.member_config(c, sweep.grid(c)[4])
+  assert (solo.learning_rate, solo.seed, sweep.grid(solo)) == (2e-5, 1, [])
+  for key, value, message in (("seed", (0.5,), "seeds must be integers"),
+                              ("learning_rate", ("1e-5",), "values must be numbers"),
+                              ("learning_rate", (1e-5, -1.0), "learning_rate=-1.0: must be > 0"),
+                              ("weight_decay", (0.1, 0.1), "appears twice")):
+    bad = config_lib.default_config()
+    bad.sweep[key] = value
+    with pytest.raises(UserError, match=message) as e:
+      config_lib.validate(bad)
+    assert "\n" not in str(e.value) and "sweep" in str(e.value)
+  bad = config_lib.default_config()
+  with bad.sweep.unlocked():
+    bad.sweep.max_seq_length = (64,)
+  with pytest.raises(UserError, match="config.sweep.max_seq_length: not a sweep key"):
+    config_lib.validate(bad)
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_checkpoint, tmp_path_factory):
+  """A 2 lr x 2 seed sweep, members over a 'member' mesh axis of 2 (x 4 data shards)."""
+  workdir = str(tmp_path_factory.mktemp("sweep"))
+  config = sweep_config(tiny_checkpoint, mesh_axes=("member", "data", "fsdp", "tensor"),
+                        mesh_shape=(2, -1, 1, 1))
+  return config, workdir, train.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+
+
+def test_every_member_equals_its_solo_run(swept, tmp_path):
+  config, workdir, result = swept
+  members = sweep.grid(config)
+  # Trained leaves are stacked over a member axis split over 2 devices.
+  kernel = result["state"].params["classifier"]["kernel"]
+  assert kernel.shape[0] == 4 and kernel.sharding.spec[0] == "member"
+  # Member 3 (lr 3e-3, seed 1: both differ from member 0's) on the second device; solo
+  # runs take long on a loaded CPU: tools/bench_sweep.py --check compares every member.
+  for i in (3,):
+    member = members[i]
+    solo = train.train_and_evaluate(sweep.member_config(config, member), str(tmp_path / str(i)),
+                                    devices=jax.devices()[:1])
+    _, params = experiment.load_run(workdir, member=i)
+    for got, want in zip(_leaves(params), _leaves(solo["state"].params)):
+      # floor: a key bias is zero in exact arithmetic (rounding noise only); lr is the
+      # scale of one update.
+      assert_close(got, want, rel=1e-5, floor=member["learning_rate"],
+                   err_msg=f"member {i} {member}")
+    assert result["eval"][f"member{i}/accuracy"] == solo["eval"]["accuracy"], member
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert result["eval"]["member0/accuracy"] == records[0]["accuracy"]
+  assert [(r["member"], r["learning_rate"], r["seed"]) for r in records] == [
+      (i, m["learning_rate"], m["seed"]) for i, m in enumerate(members)]
+
+
+def test_resume_of_a_lora_sweep_is_exact(tiny_checkpoint, tmp_path):
+  config = sweep_config(tiny_checkpoint, lora_rank=2)
+  devices = jax.devices()[:1]
+  whole = train.train_and_evaluate(config, str(tmp_path / "whole"), devices=devices)
+  base = whole["state"].params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]
+  assert base["kernel"].ndim == 2 and base["lora_a"].shape[0] == 4  # base shared, adapters stacked
+  resumed_dir = str(tmp_path / "resumed")
+  shutil.copytree(str(tmp_path / "whole"), resumed_dir)
+  ckpt = checkpoint_lib.Checkpoints(resumed_dir)
+  ckpt.delete_after(2)  # as if killed after step 2's save
+  ckpt.close()
+  resumed = train.train_and_evaluate(config, resumed_dir, devices=devices)
+  assert resumed["train_log"][0][0] == 3
+  for got, want in zip(_leaves(resumed["state"]), _leaves(whole["state"])):
+    np.testing.assert_array_equal(got, want)
+  assert resumed["sweep"] == whole["sweep"]
+
+
+def test_results_table_matches_numpy():
+  members = [{"learning_rate": lr, "seed": s} for lr in (1e-5, 2e-5) for s in (0, 1, 2)]
+  values = [0.80, 0.84, 0.83, 0.86, 0.70, 0.88]
+  table = sweep.results_table(members, values, "accuracy")
+  for row, chunk in zip(table["settings"], (values[:3], values[3:])):
+    assert row["mean"] == pytest.approx(np.mean(chunk))
+    assert row["std"] == pytest.approx(np.std(chunk, ddof=1))
+    assert row["median"] == pytest.approx(np.median(chunk))
+  assert table["best_setting"] == 0  # mean 0.8233 > 0.8133, though member 5 is the best one
+  assert table["best_member"] == 5
+  assert "0.8233 ± 0.0208 **(best)**" in sweep.results_markdown(table)
+
+
+def test_export_member_picks_its_params(swept, tmp_path):
+  config, workdir, result = swept
+  assert json.load(open(os.path.join(workdir, sweep.RESULTS_JSON)))["members"][0]["seed"] == 0
+  stacked = jax.device_get(result["state"].params)
+  out = export.export(workdir, str(tmp_path / "m2"), member="2")
+  state_dict = load_file(os.path.join(out, hf.SAFETENSORS_NAME))
+  np.testing.assert_array_equal(state_dict["classifier.weight"],
+                                stacked["classifier"]["kernel"][2].T)
+  assert json.load(open(os.path.join(out, export.METADATA_NAME)))["member"] == 2
+  exp, _ = experiment.load_run(workdir)  # default: the best member
+  assert exp.member == result["best"]["member"]
+  with pytest.raises(UserError, match="members 0..3"):
+    experiment.load_run(workdir, member="7")
