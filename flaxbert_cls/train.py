@@ -435,11 +435,14 @@ def _global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeni
                   "differ from its solo run's. It trains like it, not bit for bit; for exact "
                   "equality use one bucket (config.seq_buckets=(max_seq_length,)).")
     by_seed = {seed: _task_mixture(exp, splits, seed) for seed in set(seeds)}
+    sharding = sweep_batch_sharding(exp.mesh)
+    # Rows are each process's contiguous block (process_rows without a sharding), which
+    # make_array_from_process_local_data places along the batch axis, after 'member'.
     return data_lib.prefetch(
-        data_lib.to_global(sweep_lib.stack_batches([
-            data_lib.train_batch(splits, by_seed[seed], step, config.seq_buckets,
-                                 config.max_seq_length, labels_dtype) for seed in seeds]),
-                           sweep_batch_sharding(exp.mesh))
+        {k: jax.make_array_from_process_local_data(sharding, v)
+         for k, v in sweep_lib.stack_batches([
+             data_lib.train_batch(splits, by_seed[seed], step, config.seq_buckets,
+                                  config.max_seq_length, labels_dtype) for seed in seeds]).items()}
         for step in steps)
   return data_lib.prefetch(
       data_lib.to_global(data_lib.train_batch(splits, mixture, step, config.seq_buckets,
