@@ -3,10 +3,11 @@
 Make the data first (a fixed-seed, stratified held-out split of the bydate train posts):
   python tools/newsgroups_split.py --heldout=0.1 --train_subset=800
 then compare the long-document layouts with identical settings:
-  flaxbert-cls train --config=configs/newsgroups.py --workdir=workdirs/ng_windows
-  flaxbert-cls train --config=configs/newsgroups.py --workdir=workdirs/ng_truncate \
-      --config.long_document=truncate
-Most posts are longer than 128 tokens: 'windows' reads up to max_windows x 128 of them.
+  flaxbert-cls train --config=configs/newsgroups.py --workdir=workdirs/ngB_windows
+  flaxbert-cls train --config=configs/newsgroups.py --workdir=workdirs/ngB_truncate \
+      --config.long_document=truncate   (and head_tail)
+Most posts are longer than 128 tokens: 'windows' reads up to max_windows x 126 of them
+(README "Long documents": windows 0.6784 vs truncate 0.6307 held-out accuracy).
 """
 
 import os
