@@ -62,6 +62,13 @@ def test_grid_order_and_bad_keys():
     bad.sweep.max_seq_length = (64,)
   with pytest.raises(UserError, match="config.sweep.max_seq_length: not a sweep key"):
     config_lib.validate(bad)
+  bad = config_lib.default_config()
+  bad.sweep.seed = (0, 1)
+  bad.long_document = "windows"
+  with pytest.raises(UserError, match="long_document='windows': not supported"):
+    config_lib.validate(bad)
+  bad.sweep = config_lib.default_config().sweep  # no sweep: windows are fine
+  config_lib.validate(bad)
 
 
 @pytest.fixture(scope="module")
