@@ -257,3 +257,17 @@ def test_multilabel_thresholds_in_predict_export_and_pytorch(multilabel_run):
   exec(_pytorch_lines("multi-label"), scope)  # pylint: disable=exec-used
   assert_close(scope["probs"].numpy(), expected, rel=1e-4, err_msg="README lines")
   assert scope["label_names"] == expected_labels
+
+
+def test_cross_fitted_decisions_use_thresholds_tuned_on_the_other_half():
+  rng = np.random.default_rng(3)
+  labels = (rng.random((200, 3)) < 0.3).astype(np.int64)
+  probabilities = np.clip(0.35 * labels + rng.random((200, 3)) * 0.6, 0, 1)
+  decided = thresholds.cross_fitted_decisions(probabilities, labels, seed=7)
+  halves = np.array_split(np.random.default_rng(7).permutation(200), 2)
+  for tune, score in (halves, halves[::-1]):
+    cut = thresholds.per_label_thresholds(probabilities[tune], labels[tune])
+    np.testing.assert_array_equal(decided[score], probabilities[score] >= cut)
+  # Separable labels (positives above 0.6, negatives below 0.4): every decision right.
+  separable = np.where(labels == 1, 0.6 + 0.4 * rng.random((200, 3)), 0.4 * rng.random((200, 3)))
+  np.testing.assert_array_equal(thresholds.cross_fitted_decisions(separable, labels), labels == 1)

@@ -81,12 +81,7 @@ def _unbiased_multilabel_scores(logits: np.ndarray, labels: np.ndarray) -> dict[
   from sklearn.metrics import f1_score  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import thresholds  # pylint: disable=g-import-not-at-top
   gold = labels.astype(bool)
-  probabilities = 1 / (1 + np.exp(-logits))
-  halves = np.array_split(np.random.default_rng(0).permutation(len(labels)), 2)
-  decided = np.zeros_like(gold)
-  for tune, score in (halves, halves[::-1]):
-    cut = thresholds.per_label_thresholds(probabilities[tune], labels[tune])
-    decided[score] = probabilities[score] >= cut
+  decided = thresholds.cross_fitted_decisions(1 / (1 + np.exp(-logits)), labels)
   return {"macro_f1_at_0.5": float(f1_score(gold, logits >= 0, average="macro", zero_division=0)),
           "macro_f1_cross_fitted": float(f1_score(gold, decided, average="macro",
                                                   zero_division=0))}

@@ -1,10 +1,12 @@
-"""Macro F1 of a multi-label run's dev predictions, at 0.5 and with per-label tuned thresholds.
+"""Macro F1 of a multi-label run's dev predictions: at 0.5, with per-label tuned thresholds,
+and with cross-fitted thresholds.
 
   python tools/multilabel_scores.py --workdir=DIR   (reads DIR/eval/predictions.jsonl)
 
-Each label's threshold is the one (of 0.02, 0.04, ..., 0.98) that maximises that label's F1
-on the same dev rows, the GoEmotions paper's protocol and the issue's ("tune thresholds on
-dev, evaluate on dev"); the decision helper's code does this inside eval/predict later.
+"Tuned": each label's threshold maximises its F1 on the same dev rows (thresholds.py's
+exact search), the GoEmotions paper's protocol and the issue's ("tune thresholds on dev,
+evaluate on dev"). "Cross-fitted": each half of dev is cut at the thresholds tuned on the
+other half, an estimate for rows the thresholds have not seen.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 import common  # pylint: disable=unused-import  (puts the repo on sys.path)
-
-GRID = np.round(np.arange(0.02, 0.99, 0.02), 2)
+from flaxbert_cls import thresholds as thresholds_lib
 
 
 def read_predictions(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -30,27 +31,20 @@ def read_predictions(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
   return names, probs, gold
 
 
-def tuned_thresholds(probs: np.ndarray, gold: np.ndarray) -> np.ndarray:
-  """Per label, the grid threshold with the best F1 (the lowest on ties)."""
-  best = []
-  for j in range(probs.shape[1]):
-    scores = [skm.f1_score(gold[:, j], probs[:, j] > t, zero_division=0) for t in GRID]
-    best.append(GRID[int(np.argmax(scores))])
-  return np.array(best)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True)
   args = parser.parse_args()
   names, probs, gold = read_predictions(os.path.join(args.workdir, "eval", "predictions.jsonl"))
-  thresholds = tuned_thresholds(probs, gold)
-  for what, t in (("0.5", 0.5), ("tuned per label", thresholds)):
-    decisions = (probs > t).astype(np.int64)
+  thresholds = thresholds_lib.per_label_thresholds(probs, gold)
+  for what, decisions in (("0.5", probs >= 0.5), ("tuned per label", probs >= thresholds),
+                          ("cross-fitted per label",
+                           thresholds_lib.cross_fitted_decisions(probs, gold))):
+    decisions = decisions.astype(np.int64)
     print(f"threshold {what}: macro F1 {skm.f1_score(gold, decisions, average='macro', zero_division=0):.4f}  "
           f"micro F1 {skm.f1_score(gold, decisions, average='micro', zero_division=0):.4f}  "
           f"exact match {skm.accuracy_score(gold, decisions):.4f}")
-  per_label = skm.f1_score(gold, (probs > thresholds).astype(np.int64), average=None,
+  per_label = skm.f1_score(gold, (probs >= thresholds).astype(np.int64), average=None,
                            zero_division=0)
   print("tuned thresholds / F1: " + "  ".join(
       f"{n} {t:.2f}/{f:.2f}" for n, t, f in zip(names, thresholds, per_label)))
