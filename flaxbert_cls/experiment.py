@@ -333,6 +333,11 @@ def create_sweep_state(exp: Experiment, total_steps: int, pretrained_dir: str | 
   parameter is stored once: if the checkpoint lacks it, the first member's init is shared.
   """
   config = exp.config
+  from flaxbert_cls import refinetune  # pylint: disable=g-import-not-at-top  (imports this module)
+  if pretrained_dir is not None and refinetune.is_workdir(pretrained_dir):
+    # Re-fine-tuning (head by label name, started_from) is built for one run, not members.
+    raise UserError(f"model_name_or_path={pretrained_dir}: a sweep cannot start from a previous "
+                    "run's workdir; export it (flaxbert-cls export --output=OUT) and sweep from OUT")
   boxed, _ = exp.abstract_params()
   params_template = nn.unbox(boxed)
   tx, _ = sweep_lib.optimizer(config, params_template, total_steps)

@@ -149,3 +149,11 @@ def test_export_member_picks_its_params(swept, tmp_path):
   assert exp.member == result["best"]["member"]
   with pytest.raises(UserError, match="members 0..3"):
     experiment.load_run(workdir, member="7")
+
+
+def test_a_sweep_from_a_previous_run_is_refused_in_one_line(swept):
+  config, workdir, _ = swept
+  exp = experiment.build_experiment(config, devices=jax.devices()[:2])
+  with pytest.raises(UserError, match="a sweep cannot start from a previous run's workdir") as e:
+    experiment.create_sweep_state(exp, 4, workdir)
+  assert "\n" not in str(e.value)

@@ -79,9 +79,10 @@ def _unbiased_multilabel_scores(logits: np.ndarray, labels: np.ndarray) -> dict[
   """Macro F1 at 0.5, and with per-label thresholds cross-fitted (tuned on one half of the
   rows, scored on the other, both ways): neither model's own dev logits pick its thresholds."""
   from sklearn.metrics import f1_score  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import calibration  # pylint: disable=g-import-not-at-top
   from flaxbert_cls import thresholds  # pylint: disable=g-import-not-at-top
   gold = labels.astype(bool)
-  decided = thresholds.cross_fitted_decisions(1 / (1 + np.exp(-logits)), labels)
+  decided = thresholds.cross_fitted_decisions(calibration.sigmoid(logits), labels)
   return {"macro_f1_at_0.5": float(f1_score(gold, logits >= 0, average="macro", zero_division=0)),
           "macro_f1_cross_fitted": float(f1_score(gold, decided, average="macro",
                                                   zero_division=0))}
