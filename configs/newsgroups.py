@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from flaxbert_cls import hf
+from flaxbert_cls.model import hf
 from flaxbert_cls.config import default_config
 
 _DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from flaxbert_cls import hf
+from flaxbert_cls.model import hf
 from flaxbert_cls.config import default_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

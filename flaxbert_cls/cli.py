@@ -91,12 +91,15 @@ def _main(argv: list[str]) -> None:
   for noisy in ("absl", "jax", "orbax", "transformers", "datasets", "tensorflow"):
     std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
 
-  from flaxbert_cls import evaluate  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import export  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import predict  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import report  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import sharding  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import train  # pylint: disable=g-import-not-at-top
+  # Deferred on purpose (not a circle: nothing imports cli): flag errors and --help answer
+  # before JAX, TensorFlow and transformers load.
+  from flaxbert_cls.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import evaluate  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.serving import export  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.serving import predict  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.report import page as report  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import sharding  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _loaded_config()
   if command == "train":
@@ -106,7 +109,7 @@ def _main(argv: list[str]) -> None:
     _print_metrics("dev", result["eval"])
     _print_next_steps(_WORKDIR.value, report.page_path(_WORKDIR.value))
   elif command == "eval":
-    results = evaluate.evaluate_workdir(_WORKDIR.value, config, export.parse_step(_STEP.value),
+    results = evaluate.evaluate_workdir(_WORKDIR.value, config, checkpoints.parse_step(_STEP.value),
                                         _MEMBER.value)
     _print_metrics("eval", results)
   elif command == "report":
@@ -122,7 +125,7 @@ def _main(argv: list[str]) -> None:
     print(f"predicted: {stats['rows']} rows -> {_OUTPUT.value} "
           f"({stats['examples_per_sec']:.1f} examples/s)", flush=True)
   elif command == "monitor":
-    from flaxbert_cls import monitor  # pylint: disable=g-import-not-at-top
+    from flaxbert_cls.serving import monitor  # pylint: disable=g-import-not-at-top
     result = monitor.monitor(_MODEL.value, _REFERENCE.value, _CURRENT.value, _OUTPUT.value,
                              _PSI_THRESHOLD.value, _P_VALUE.value, _STEP.value,
                              _TEXT_COLUMNS.value, _LABEL_COLUMN.value)

@@ -5,9 +5,15 @@ HF run_glue.py names where users know them. Files in configs/ start from
 command line (--config.learning_rate=3e-5). `validate` checks values early.
 """
 
+import dataclasses
+import itertools
 from typing import Any
 
 import ml_collections
+
+from flaxbert_cls.data import class_weights as class_weights_lib
+from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.errors import UserError
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -158,9 +164,24 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Fails fast, naming the key, on values that would only break later."""
-  from flaxbert_cls.errors import UserError  # pylint: disable=g-import-not-at-top
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """What a checked config resolves to; the layers below take these values, not the checks.
+
+  `tasks`: (head name, mixing weight, that task's config) per task ('' for a single task).
+  `members`: a sweep's swept values per member, in grid order; () for one run.
+  `mesh_axes` / `mesh_shape`: the mesh the run asks for, a sweep's 'member' axis included
+  (shape () = automatic).
+  """
+
+  tasks: tuple[tuple[str, float, ml_collections.ConfigDict], ...]
+  members: tuple[dict[str, Any], ...]
+  mesh_axes: tuple[str, ...]
+  mesh_shape: tuple[int, ...]
+
+
+def validate(config: ml_collections.ConfigDict) -> RunPlan:
+  """Fails fast, naming the key, on values that would only break later; returns the plan."""
 
   def check(ok: bool, key: str, why: str):
     if not ok:
@@ -212,36 +233,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.get("problem_type", "") in ("", *PROBLEM_TYPES), "problem_type",
         f"use one of {PROBLEM_TYPES}")
   check(config.get("max_pos_weight", 1.0) >= 1, "max_pos_weight", "must be >= 1")
-  weights = parse_class_weights(config.get("class_weights", ""))
+  weights = class_weights_lib.parse_class_weights(config.get("class_weights", ""))
   check(weights is not None, "class_weights",
         "use '' (none), 'auto' or positive numbers in label order, e.g. '1,4.5'")
   check(config.get("tune_thresholds") in (None, True, False), "tune_thresholds",
         "use True, False or None (None: tune for multi-label only)")
   check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
         "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
-  from flaxbert_cls import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-  sweep_lib.validate(config)
+  members = _validate_sweep(config)
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")
+  tasks = tuple(tasks_lib.task_configs(config))
+  names = [name for name, _, _ in tasks]
+  check(not config.get("tasks") or config.selection_metric in ("average", *names),
+        "selection_metric", f"use 'average' or a task name {names}")
+  return RunPlan(tasks, tuple(members), *mesh_request(config))
 
 
-def parse_class_weights(value) -> "str | tuple[float, ...] | None":
-  """config.class_weights as () (none), 'auto' or a tuple of numbers; None if malformed.
-
-  Takes the string form ('', 'auto', '1,4.5') and a list/tuple (a config read from JSON)."""
-  if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-    return ()
-  if isinstance(value, str) and value.strip().lower() == "auto":
-    return "auto"
-  parts = value.split(",") if isinstance(value, str) else list(value)
-  try:
-    weights = tuple(float(p) for p in parts if not isinstance(p, bool))
-  except (TypeError, ValueError):
-    return None
-  if len(weights) != len(parts) or not all(w > 0 for w in weights):
-    return None
-  return weights
+def mesh_request(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """(mesh axes, shape) the config asks for: a sweep without a 'member' axis gets one of size
+  1 (every member on every device, vmapped). Shape () = automatic."""
+  axes, shape = tuple(config.mesh_axes), tuple(config.mesh_shape)
+  if grid(config) and MEMBER_AXIS not in axes:
+    axes, shape = (MEMBER_AXIS, *axes), ((1, *shape) if shape else ())
+  return axes, shape
 
 
 LONG_DOCUMENT = ("truncate", "head_tail", "windows")
@@ -267,67 +283,79 @@ def _validate_long_document(config: ml_collections.ConfigDict, check: Any) -> No
           "use 'mean' or 'max'")
 
 
+# Values that only change numbers inside the train step (or the data order): anything
+# that changes the program's shapes (batch size, LoRA rank, ...) cannot be a member axis.
+SWEEP_KEYS = ("learning_rate", "seed", "weight_decay", "warmup_ratio")
+MEMBER_AXIS = "member"  # mesh axis and logical axis of a sweep state's leading dimension
+
+
+def grid(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The members' swept values, in the fixed grid order; [] when nothing is swept."""
+  sweep = config.get("sweep") or {}
+  swept = [(key, tuple(sweep[key])) for key in SWEEP_KEYS if key in sweep and len(sweep[key])]
+  if not swept:
+    return []
+  keys = [key for key, _ in swept]
+  return [dict(zip(keys, values)) for values in itertools.product(*(v for _, v in swept))]
+
+
+def member_config(config: ml_collections.ConfigDict, member: dict[str, Any]
+                  ) -> ml_collections.ConfigDict:
+  """The solo run's config of one member: its values set, no sweep, no 'member' mesh axis."""
+  solo = ml_collections.ConfigDict(config.to_dict())
+  with solo.unlocked():
+    if MEMBER_AXIS in solo.mesh_axes:
+      keep = [i for i, axis in enumerate(solo.mesh_axes) if axis != MEMBER_AXIS]
+      solo.mesh_axes = tuple(solo.mesh_axes[i] for i in keep)
+      solo.mesh_shape = tuple(solo.mesh_shape[i] for i in keep)
+    for key, value in member.items():
+      solo[key] = int(value) if key == "seed" else float(value)
+    solo.sweep = ml_collections.ConfigDict({key: () for key in SWEEP_KEYS})
+  return solo
+
+
+def _validate_sweep(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """Known keys, a tuple of distinct numbers each (integers for seed), valid members.
+
+  Returns the members (grid order); each member's solo config is validated too."""
+  sweep = config.get("sweep")
+  if not sweep:
+    return []
+  for key in sweep.keys():
+    values = sweep[key]
+    where = f"config.sweep.{key}={values!r}"
+    if key not in SWEEP_KEYS:
+      raise UserError(f"config.sweep.{key}: not a sweep key; use {', '.join(SWEEP_KEYS)}")
+    if not isinstance(values, (tuple, list)):
+      raise UserError(f"{where}: give a tuple of values, e.g. '(1e-5,2e-5)'")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+      raise UserError(f"{where}: values must be numbers")
+    if key == "seed" and any(not float(v).is_integer() for v in values):
+      raise UserError(f"{where}: seeds must be integers")
+    if len(set(values)) != len(values):
+      raise UserError(f"{where}: a value appears twice")
+  if config.get("long_document", "truncate") == "windows" and grid(config):
+    # Members draw documents with other window counts; stacking them is not built.
+    raise UserError("config.sweep with long_document='windows': not supported; sweep with "
+                    "'truncate' or 'head_tail', or run the window settings one at a time")
+  members = grid(config)
+  for member in members:
+    try:
+      validate(member_config(config, member))
+    except UserError as e:
+      raise UserError(f"config.sweep member {member}: {e}") from None
+  return members
+
+
 def validate_for_platform(config: ml_collections.ConfigDict, platform: str) -> None:
   """What the devices decide: cuDNN attention needs a GPU."""
-  from flaxbert_cls.errors import UserError  # pylint: disable=g-import-not-at-top
   if config.attention_impl == "cudnn" and platform != "gpu":
     raise UserError(f"config.attention_impl='cudnn': needs a GPU, this run's devices are "
                     f"{platform}; use attention_impl='' (auto) or 'xla'")
 
 
-# Keys a `config.tasks` entry may set (besides task_name, name and weight).
-TASK_KEYS = ("train_file", "validation_file", "data_dir", "dataset_name", "dataset_config_name",
-             "tfds_name", "tfds_data_dir", "text_columns", "label_column", "label_names",
-             "is_regression", "metrics", "main_metric", "problem_type", "label_delimiter",
-             "label_names_file", "file_columns", "class_weights")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 MIXING = ("proportional", "temperature", "equal")
-
-
-def task_configs(config: ml_collections.ConfigDict
-                 ) -> list[tuple[str, float, ml_collections.ConfigDict]]:
-  """(head name, weight, that task's config) per task; one entry for a single-task config.
-
-  A task's config is the run's config with the entry's keys on top, so `task_name`,
-  `data_dir`, ... mean the same as in a single-task run.
-  """
-  from flaxbert_cls.errors import UserError  # pylint: disable=g-import-not-at-top
-  entries = list(config.get("tasks") or ())
-  if not entries:
-    return [("", 1.0, config)]
-  out, names = [], set()
-  for i, entry in enumerate(entries):
-    where = f"config.tasks[{i}]"
-    if not hasattr(entry, "items"):
-      raise UserError(f"{where}={entry!r}: give a dict with task_name (and data keys)")
-    entry = dict(entry.items())
-    unknown = sorted(set(entry) - {"task_name", "name", "weight", *TASK_KEYS})
-    if unknown:
-      raise UserError(f"{where}: unknown key {unknown[0]!r}; known: "
-                      f"{['task_name', 'name', 'weight', *TASK_KEYS]}")
-    if not isinstance(entry.get("task_name"), str) or not entry["task_name"].strip():
-      raise UserError(f"{where}: task_name is not set (a GLUE task or 'custom')")
-    weight = entry.pop("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-      raise UserError(f"{where}.weight={weight!r}: must be a number > 0")
-    name = str(entry.pop("name", "") or entry["task_name"]).strip().lower().replace("-", "")
-    if entry["task_name"].strip().lower() == "custom" and "name" not in dict(entries[i]):
-      raise UserError(f"{where}: a custom task needs a name (its head's name)")
-    if not name.replace("_", "").isalnum():
-      raise UserError(f"{where}.name={name!r}: use letters, digits and '_'")
-    if name in names:
-      raise UserError(f"{where}.name={name!r}: two tasks with this name; set distinct names")
-    names.add(name)
-    task_config = ml_collections.ConfigDict(config.to_dict())
-    with task_config.unlocked():
-      task_config.tasks = ()
-      for key, value in entry.items():
-        try:
-          task_config[key] = tuple(value) if isinstance(value, list) else value
-        except (TypeError, ValueError) as e:
-          raise UserError(f"{where}.{key}={value!r}: {e}") from None
-    out.append((name, float(weight), task_config))
-  return out
 
 
 def glue_config(task_name: str, **overrides) -> ml_collections.ConfigDict:

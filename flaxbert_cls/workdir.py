@@ -103,3 +103,25 @@ def local_dir(path: str) -> str:
     if item.is_file():
       item.copy(epath.Path(copy) / item.name, overwrite=True)
   return copy
+
+
+# A run's workdir as a start (re-fine-tuning, training/starts.py): its layout's names.
+MODEL_SUBDIR = "model"  # HF config.json (with the label map) + tokenizer files
+STARTED_FROM_NAME = "started_from.json"  # where a run's weights came from
+
+
+def is_workdir(path: str) -> bool:
+  """A flaxbert-cls workdir: its run config and checkpoints (an HF directory has neither)."""
+  return (os.path.isfile(os.path.join(path, "config.json"))
+          and os.path.isdir(os.path.join(path, "checkpoints")))
+
+
+def model_source(path: str) -> str:
+  """Where a start's HF config and tokenizer are: a workdir's model/, else `path` itself."""
+  if is_workdir(path):
+    model_dir = os.path.join(path, MODEL_SUBDIR)
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+      raise UserError(f"{path}: a workdir without model/config.json (the run never started "
+                      "training); use another model_name_or_path")
+    return model_dir
+  return path

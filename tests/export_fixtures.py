@@ -15,11 +15,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxbert_cls import evaluate
-from flaxbert_cls import experiment
-from flaxbert_cls import export
-from flaxbert_cls import readers
-from flaxbert_cls import train
+from flaxbert_cls.training import runs
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.training import experiment
+from flaxbert_cls.serving import export
+from flaxbert_cls.data import readers
+from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from model_fixtures import DEMO_DATA, minilm_dir
 
@@ -84,7 +85,7 @@ def trained_run() -> Run:
   one_device = jax.devices()[:1]
   train.train_and_evaluate(tiny_run_config(checkpoint, validation_file=few), workdir,
                            devices=one_device)
-  exp, params = experiment.load_run(workdir, devices=one_device)
+  exp, params = runs.load_run(workdir, devices=one_device)
   examples = readers.read_file(DEV, exp.task, exp.label_names)
   jit_eval = jax.jit(lambda p, b: evaluate.eval_step(p, b, model=exp.model))
   _, logits = evaluate.evaluate(exp, params, exp.tokenize(examples), jit_eval)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from flaxbert_cls import hf
-from flaxbert_cls import model as model_lib
+from flaxbert_cls.model import hf
+from flaxbert_cls.model import bert as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DATA = os.path.join(REPO, "examples", "data", "sst2")

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxbert_cls import evaluate
-from flaxbert_cls import layers
-from flaxbert_cls import ops
-from flaxbert_cls import predict
-from flaxbert_cls import train
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.model import layers
+from flaxbert_cls.model import ops
+from flaxbert_cls.serving import predict
+from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 from numerics import assert_close

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxbert_cls import layers
-from flaxbert_cls import model as model_lib
-from flaxbert_cls import ops
+from flaxbert_cls.model import layers
+from flaxbert_cls.model import bert as model_lib
+from flaxbert_cls.model import ops
 from numerics import assert_close
 
 B, L, H, HEADS = 3, 7, 16, 4

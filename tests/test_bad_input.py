@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
+from flaxbert_cls.training import runs
 from flaxbert_cls import cli
-from flaxbert_cls import experiment
+from flaxbert_cls.training import experiment
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 
 DEV = os.path.join(DEMO_DATA, "dev.tsv")
@@ -163,6 +164,6 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_checkpoint, t
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert steps, "the checkpoints saved before the disk filled up are kept"
     import jax  # pylint: disable=g-import-not-at-top
-    experiment.load_run(str(workdir), step=steps[-1], devices=jax.devices()[:1])  # still restores
+    runs.load_run(str(workdir), step=steps[-1], devices=jax.devices()[:1])  # still restores
   finally:
     subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from flaxbert_cls import calibration
-from flaxbert_cls import decisions
-from flaxbert_cls import evaluate
-from flaxbert_cls import export
-from flaxbert_cls import predict
-from flaxbert_cls import thresholds
-from flaxbert_cls import tokenization
-from flaxbert_cls import train
+from flaxbert_cls.decisions import calibration
+from flaxbert_cls.decisions import tuning as decisions
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.serving import export
+from flaxbert_cls.serving import predict
+from flaxbert_cls.decisions import thresholds
+from flaxbert_cls.data import tokenization
+from flaxbert_cls.training import train
 from flaxbert_cls.errors import UserError
 import export_fixtures
 from model_fixtures import DEMO_DATA, REPO

@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls import experiment
-from flaxbert_cls import export
-from flaxbert_cls import hf
+from flaxbert_cls.training import checkpoints
+from flaxbert_cls.training import starts
+from flaxbert_cls.training import experiment
+from flaxbert_cls.serving import export
+from flaxbert_cls.model import hf
 from flaxbert_cls.errors import UserError
 import export_fixtures
 
@@ -56,7 +58,7 @@ def test_exported_directory_imports_back_bit_for_bit(run):
   config = export_fixtures.tiny_run_config(out)
   new_exp = experiment.build_experiment(config)
   assert new_exp.label_names == exp.label_names
-  state, *_ = experiment.create_train_state(new_exp, 10, hf.resolve(out))
+  state, *_ = starts.create_train_state(new_exp, 10, hf.resolve(out))
   flat_new = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
   flat_old = jax.tree_util.tree_leaves_with_path(params)
   assert [p for p, _ in flat_new] == [p for p, _ in flat_old]
@@ -76,4 +78,4 @@ def test_export_errors_name_the_problem(run, tmp_path):
   with pytest.raises(UserError, match=r"no checkpoint at step 7; saved steps: \[10\]"):
     export.export(workdir, str(tmp_path / "y"), step="7")
   assert not os.path.exists(tmp_path / "y")  # nothing half-written
-  assert export.parse_step("latest") is None and export.parse_step("10") == 10
+  assert checkpoints.parse_step("latest") is None and checkpoints.parse_step("10") == 10

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls import export
-from flaxbert_cls import hf
-from flaxbert_cls import model as model_lib
+from flaxbert_cls.serving import export
+from flaxbert_cls.model import hf
+from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.errors import UserError
 from model_fixtures import minilm_dir
 

@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls import experiment
-from flaxbert_cls import train
+from flaxbert_cls.training import runs
+from flaxbert_cls.training import experiment
+from flaxbert_cls.training import train
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, UserError
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 
@@ -46,7 +47,7 @@ def _env():
 
 
 def _params(workdir):
-  _, params = experiment.load_run(str(workdir), devices=jax.devices()[:1])
+  _, params = runs.load_run(str(workdir), devices=jax.devices()[:1])
   return jax.tree.map(np.asarray, params)
 
 
@@ -122,17 +123,17 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tiny_checkpoint, tmp_p
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(max(os.path.getsize(f.name) // 3, 1) if name.endswith("json") else 7)
   with caplog.at_level("WARNING"):
-    _, params = experiment.load_run(str(tmp_path), devices=jax.devices()[:1])
+    _, params = runs.load_run(str(tmp_path), devices=jax.devices()[:1])
   assert any("checkpoints/4 is damaged" in r.getMessage() for r in caplog.records)
   _assert_bitwise_equal(jax.tree.map(np.asarray, params), good)
   # With every step damaged: a clear error, not a traceback.
   shutil.rmtree(tmp_path / "checkpoints" / "2" / "state")
   with pytest.raises(UserError, match="damaged; none can be restored"):
-    experiment.load_run(str(tmp_path), devices=jax.devices()[:1])
+    runs.load_run(str(tmp_path), devices=jax.devices()[:1])
 
 
 def _params_at(workdir, step):
-  _, params = experiment.load_run(str(workdir), step=step, devices=jax.devices()[:1])
+  _, params = runs.load_run(str(workdir), step=step, devices=jax.devices()[:1])
   return jax.tree.map(np.asarray, params)
 
 
@@ -183,6 +184,6 @@ def test_best_checkpoint_and_early_stopping(tiny_checkpoint, tmp_path):
   assert result["best"]["step"] == 2
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records] == [2, 4, 6]
-  exp, params = experiment.load_run(str(tmp_path), step="best", devices=jax.devices()[:1])
+  exp, params = runs.load_run(str(tmp_path), step="best", devices=jax.devices()[:1])
   assert exp.task.name == "sst2"
   assert 2 in experiment.checkpoint_lib.Checkpoints(str(tmp_path), read_only=True).all_steps()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from flaxbert_cls import config as config_lib
-from flaxbert_cls import sharding
+from flaxbert_cls.model import sharding
 from model_fixtures import REPO
 
 

@@ -10,14 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxbert_cls import data as data_lib
-from flaxbert_cls import evaluate
-from flaxbert_cls import experiment
-from flaxbert_cls import hf
-from flaxbert_cls import long_documents
-from flaxbert_cls import predict
-from flaxbert_cls import tokenization
-from flaxbert_cls import train
+from flaxbert_cls.training import starts
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.training import experiment
+from flaxbert_cls.model import hf
+from flaxbert_cls.model import long_documents
+from flaxbert_cls.serving import predict
+from flaxbert_cls.data import tokenization
+from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from flaxbert_cls.errors import UserError
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint, minilm_dir
@@ -151,7 +152,7 @@ def test_windows_train_on_document_logits_and_eval_predict_per_document(document
   split = experiment.read_tokenized(exp, "train")[0]
   assert len(split) == 32 and split.window_counts.min() == 1 and split.num_truncated > 0
   assert split.window_counts.max() == 3
-  initial = experiment.create_train_state(exp, 3, checkpoint)[0].params
+  initial = starts.create_train_state(exp, 3, checkpoint)[0].params
   order = data_lib.TrainOrder(split.document_lengths, 8, config.seed)
   docs = order.batch_indices(0)
   want = _cross_entropy(_manual_document_logits(exp, jax.device_get(initial), split,

@@ -19,9 +19,9 @@ import pytest
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxbert_cls import data as data_lib
-from flaxbert_cls import experiment
-from flaxbert_cls import sharding
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.training import experiment
+from flaxbert_cls.model import sharding
 from flaxbert_cls.config import default_config
 from flaxbert_cls.errors import UserError
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
@@ -35,8 +35,8 @@ WORKER = textwrap.dedent("""
     import numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from flaxbert_cls import data as data_lib
-    from flaxbert_cls.tokenization import TokenizedSplit
+    from flaxbert_cls.data import batching as data_lib
+    from flaxbert_cls.data.tokenization import TokenizedSplit
 
     port, pid, out = sys.argv[1:]
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, int(pid))

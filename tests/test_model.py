@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls import hf
-from flaxbert_cls import model as model_lib
+from flaxbert_cls.model import hf
+from flaxbert_cls.model import bert as model_lib
 from model_fixtures import minilm_dir
 
 torch = pytest.importorskip("torch")

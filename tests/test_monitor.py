@@ -10,8 +10,8 @@ from safetensors.numpy import load_file, save_file
 from scipy import stats
 
 from flaxbert_cls import cli
-from flaxbert_cls import hf
-from flaxbert_cls import monitor
+from flaxbert_cls.model import hf
+from flaxbert_cls.serving import monitor
 from flaxbert_cls.errors import UserError
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint
 

@@ -20,8 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls import experiment
-from flaxbert_cls import train
+from flaxbert_cls.training import runs
+from flaxbert_cls.training import experiment
+from flaxbert_cls.training import train
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 
 TIMEOUT_S = 300  # a healthy run takes well under a minute
@@ -30,7 +31,8 @@ TIMEOUT_S = 300  # a healthy run takes well under a minute
 WORKER = textwrap.dedent("""
     import json, sys
     import jax
-    from flaxbert_cls import cli, train
+    from flaxbert_cls import cli
+    from flaxbert_cls.training import train
     out = sys.argv.pop(1)
     run = train.train_and_evaluate
     def capture(*args, **kwargs):
@@ -180,7 +182,7 @@ def test_two_processes_match_one_process(config_file, tmp_path):
 
   # The checkpoint both processes wrote (FSDP shards from each) restores in one
   # process and equals the single-process run's.
-  _, params_two = experiment.load_run(str(tmp_path / "two"))
-  _, params_one = experiment.load_run(str(tmp_path / "one"))
+  _, params_two = runs.load_run(str(tmp_path / "two"))
+  _, params_one = runs.load_run(str(tmp_path / "one"))
   for a, b in zip(jax.tree.leaves(params_two), jax.tree.leaves(params_one)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from flaxbert_cls import class_weights
-from flaxbert_cls import evaluate
-from flaxbert_cls import experiment
-from flaxbert_cls import export
-from flaxbert_cls import metrics
-from flaxbert_cls import model as model_lib
-from flaxbert_cls import readers
-from flaxbert_cls import tasks
-from flaxbert_cls import train
+from flaxbert_cls.training import runs
+from flaxbert_cls.model import losses as losses_lib
+from flaxbert_cls.data import class_weights
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.training import experiment
+from flaxbert_cls.serving import export
+from flaxbert_cls.decisions import metrics
+from flaxbert_cls.model import bert as model_lib
+from flaxbert_cls.data import readers
+from flaxbert_cls.data import tasks
+from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from flaxbert_cls.errors import UserError
 import export_fixtures
@@ -98,20 +100,20 @@ def test_losses_match_numpy():
   pos_weight = np.array([1.0, 2.5, 10.0, 0.5])
   p = 1 / (1 + np.exp(-logits.astype(np.float64)))
   expected = -(pos_weight * multi_hot * np.log(p) + (1 - multi_hot) * np.log(1 - p)).mean(-1)
-  spec = train.HeadLoss(tasks.MULTI_LABEL, tuple(pos_weight))
-  assert_close(train.example_losses(jnp.asarray(logits), jnp.asarray(multi_hot), spec),
+  spec = losses_lib.HeadLoss(tasks.MULTI_LABEL, tuple(pos_weight))
+  assert_close(losses_lib.example_losses(jnp.asarray(logits), jnp.asarray(multi_hot), spec),
                expected, 1e-5)
   unweighted = -(multi_hot * np.log(p) + (1 - multi_hot) * np.log(1 - p)).mean(-1)
-  assert_close(train.example_losses(logits, multi_hot, train.HeadLoss(tasks.MULTI_LABEL)),
+  assert_close(losses_lib.example_losses(logits, multi_hot, losses_lib.HeadLoss(tasks.MULTI_LABEL)),
                unweighted, 1e-5)
   # Weighted softmax cross-entropy: each example's CE times its class's weight.
   ids = rng.integers(0, 4, 6)
   log_softmax = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
   ce = -log_softmax[np.arange(6), ids]
-  spec = train.HeadLoss(tasks.SINGLE_LABEL, tuple(pos_weight))
-  assert_close(train.example_losses(logits, ids, spec), ce * pos_weight[ids], 1e-5)
-  assert_close(train.example_losses(logits, ids, False), ce, 1e-5)  # the old bool form
-  correct = train.example_correct(logits, multi_hot, train.HeadLoss(tasks.MULTI_LABEL))
+  spec = losses_lib.HeadLoss(tasks.SINGLE_LABEL, tuple(pos_weight))
+  assert_close(losses_lib.example_losses(logits, ids, spec), ce * pos_weight[ids], 1e-5)
+  assert_close(losses_lib.example_losses(logits, ids, False), ce, 1e-5)  # the old bool form
+  correct = losses_lib.example_correct(logits, multi_hot, losses_lib.HeadLoss(tasks.MULTI_LABEL))
   np.testing.assert_array_equal(correct, ((logits > 0) == (multi_hot > 0)).all(-1))
 
 
@@ -208,7 +210,7 @@ def test_tiny_multilabel_run_trains_evaluates_and_predicts(multilabel_run):
   rows = [json.loads(l) for l in open(root / "run" / "eval" / "predictions.jsonl")]
   assert len(rows) == 64 and isinstance(rows[0]["label"], list)
   assert rows[0]["prediction"] == [n for n, q in rows[0]["probabilities"].items() if q > 0.5]
-  from flaxbert_cls import predict  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.serving import predict  # pylint: disable=g-import-not-at-top
   out = predict.Predictor.from_path(str(root / "run")).predict(["a fine film", "awful"])
   assert set(out[0]["probabilities"]) == {"anger", "joy", "long"}
   assert isinstance(out[0]["label"], list)
@@ -221,7 +223,7 @@ def test_multilabel_export_matches_in_pytorch(multilabel_run):
   config = json.load(open(os.path.join(exported, "config.json")))
   assert config["problem_type"] == "multi_label_classification"
   assert config["id2label"] == {"0": "anger", "1": "joy", "2": "long"}
-  exp, params = experiment.load_run(str(root / "run"), devices=jax.devices()[:1])
+  exp, params = runs.load_run(str(root / "run"), devices=jax.devices()[:1])
   examples = readers.read_file(dev_file, exp.task, exp.label_names)
   _, flax_logits = evaluate.evaluate(exp, params, exp.tokenize(examples),
                                      evaluate.jit_eval_step(exp.model))

@@ -7,14 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls import data as data_lib
-from flaxbert_cls import dataset_sources
-from flaxbert_cls import evaluate
-from flaxbert_cls import experiment
-from flaxbert_cls import export
-from flaxbert_cls import readers
-from flaxbert_cls import tasks as tasks_lib
-from flaxbert_cls import train
+from flaxbert_cls.training import runs
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.data import sources as dataset_sources
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.training import experiment
+from flaxbert_cls.serving import export
+from flaxbert_cls.data import readers
+from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from flaxbert_cls.errors import Preempted, UserError
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint
@@ -135,7 +136,7 @@ def test_two_task_run_writes_per_task_metrics(two_task_run):
   assert result["eval"]["sst2/accuracy"] == sst2["accuracy"]
   assert result["best"]["metrics"]["average"] == max(r["score"] for r in records
                                                      if r["task"] == "average")
-  exp, params = experiment.load_run(workdir, devices=jax.devices()[:1])
+  exp, params = runs.load_run(workdir, devices=jax.devices()[:1])
   assert set(params["heads"]) == {"sst2", "score"} and "classifier" not in params
   assert params["heads"]["score"]["classifier"]["kernel"].shape[-1] == 1
   # Re-evaluating the checkpoint gives the same per-task numbers.
@@ -165,7 +166,7 @@ def test_each_task_exports_to_an_hf_directory_with_equal_logits(two_task_run, sm
   workdir, _ = two_task_run
   out = export.export(workdir, str(tmp_path / "out"))
   assert sorted(os.listdir(out)) == ["score", "sst2"]
-  exp, params = experiment.load_run(workdir, devices=jax.devices()[:1])
+  exp, params = runs.load_run(workdir, devices=jax.devices()[:1])
   split = exp.tokenize(readers.read_file(small_dev, exp.tasks[0].task, exp.tasks[0].label_names))
   batch = data_lib.pad_rows(split, np.arange(len(split)), 32)
   flax_logits = exp.model.apply({"params": jax.device_get(params)}, batch["input_ids"],

@@ -19,8 +19,10 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls import experiment
-from flaxbert_cls import train
+from flaxbert_cls.training import runs
+from flaxbert_cls.training import resume
+from flaxbert_cls.training import experiment
+from flaxbert_cls.training import train
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, UserError
 from model_fixtures import REPO
 from test_multihost import _free_port, _rows, write_run_files
@@ -102,7 +104,7 @@ def _finish(run, expect_rc=0):
 
 
 def _params(workdir):
-  _, params = experiment.load_run(str(workdir), devices=jax.devices()[:1])
+  _, params = runs.load_run(str(workdir), devices=jax.devices()[:1])
   return jax.tree.map(np.asarray, params)
 
 
@@ -203,7 +205,7 @@ def test_checkpoints_without_batch_size_or_data_hash_still_resume():
     def read_meta(self):
       return {"label_names": ["0", "1"], "task_name": "sst2", "model_name_or_path": "m"}, 8
 
-  train._check_same_run(Old(), {"label_names": ["0", "1"], "task_name": "sst2",
+  resume.check_same_run(Old(), {"label_names": ["0", "1"], "task_name": "sst2",
                                 "model_name_or_path": "m", "total_steps": 10,
                                 "batch_size": 32, "train_data": "abc"})
 
@@ -240,7 +242,7 @@ def test_glue_run_reads_a_remote_data_dir(setup, ram_filesystem, tmp_path):
 
 def test_sharded_safetensors_are_read_lazily(setup, tmp_path, monkeypatch):
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
   whole = load_file(os.path.join(setup["checkpoint"], hf.SAFETENSORS_NAME))
   names = sorted(whole)
   shards = {"model-00001-of-00002.safetensors": names[::2],
@@ -294,7 +296,7 @@ def test_pod_presets_train_bert_base_data_parallel():
 
 
 def test_tfds_splits_are_read_in_chunks(monkeypatch):
-  from flaxbert_cls import dataset_sources  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import sources as dataset_sources  # pylint: disable=g-import-not-at-top
 
   class Source:
     calls = []
@@ -315,7 +317,7 @@ def test_tfds_splits_are_read_in_chunks(monkeypatch):
 
 
 def test_missing_preemption_service_is_said_once(monkeypatch, caplog):
-  from flaxbert_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import checkpoints as checkpoint  # pylint: disable=g-import-not-at-top
   watcher = checkpoint.PreemptionWatcher(check_every=2)
   watcher._sync_point = True  # as in a multi-process run
 

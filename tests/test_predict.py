@@ -9,8 +9,8 @@ import pytest
 from absl import flags
 
 from flaxbert_cls import cli
-from flaxbert_cls import export
-from flaxbert_cls import predict
+from flaxbert_cls.serving import export
+from flaxbert_cls.serving import predict
 from flaxbert_cls.errors import UserError
 import export_fixtures
 

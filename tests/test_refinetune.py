@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from flaxbert_cls import experiment
-from flaxbert_cls import export
-from flaxbert_cls import hf
-from flaxbert_cls import refinetune
-from flaxbert_cls import train
+from flaxbert_cls.training import runs
+from flaxbert_cls.training import experiment
+from flaxbert_cls.serving import export
+from flaxbert_cls.model import hf
+from flaxbert_cls.training import starts as refinetune
+from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from flaxbert_cls.errors import UserError
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint
@@ -50,7 +51,7 @@ def base_run(tmp_path_factory):
   train.train_and_evaluate(config(checkpoint, write_data(root / "abc.jsonl", "abc")), workdir,
                            devices=ONE_DEVICE)
   exported = export.export(workdir, str(root / "exported"), None)
-  _, params = experiment.load_run(workdir)
+  _, params = runs.load_run(workdir)
   return {"root": root, "workdir": workdir, "export": exported,
           "params": traverse_util.flatten_dict(jax.device_get(params))}
 
@@ -60,7 +61,7 @@ def start_params(model, train_file, seed=42, **overrides):
   exp = experiment.build_experiment(config(model, train_file, seed=seed, **overrides),
                                     devices=ONE_DEVICE)
   pretrained = hf.resolve(model) if model else None
-  state, *_ = experiment.create_train_state(exp, 10, pretrained)
+  state, *_ = refinetune.create_train_state(exp, 10, pretrained)
   return traverse_util.flatten_dict(jax.device_get(state.params)), exp
 
 

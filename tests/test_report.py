@@ -20,15 +20,15 @@ from absl import flags
 from sklearn import calibration
 from sklearn import metrics as skm
 
-from flaxbert_cls import checkpoint
+from flaxbert_cls.training import checkpoints as checkpoint
 from flaxbert_cls import cli
-from flaxbert_cls import evaluate
-from flaxbert_cls import experiment
-from flaxbert_cls import progress
-from flaxbert_cls import readers
-from flaxbert_cls import report
-from flaxbert_cls import tasks as tasks_lib
-from flaxbert_cls import train
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.training import experiment
+from flaxbert_cls.training import progress
+from flaxbert_cls.data import readers
+from flaxbert_cls.report import page as report
+from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from flaxbert_cls.errors import UserError
 from export_fixtures import tiny_run_config

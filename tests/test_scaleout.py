@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from flaxbert_cls import evaluate
-from flaxbert_cls import experiment
-from flaxbert_cls import sharding
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.training import experiment
+from flaxbert_cls.model import sharding
 from flaxbert_cls.errors import UserError
 from model_fixtures import REPO, make_tiny_checkpoint
 

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from flaxbert_cls import export
-from flaxbert_cls import predict
-from flaxbert_cls import quantize
-from flaxbert_cls import readers
+from flaxbert_cls.serving import export
+from flaxbert_cls.serving import predict
+from flaxbert_cls.serving import quantize
+from flaxbert_cls.data import readers
+from flaxbert_cls.data import streaming
 from flaxbert_cls.errors import UserError
 import export_fixtures
 from numerics import assert_close
@@ -62,24 +63,24 @@ def test_chunks_are_bounded_and_name_the_right_lines(tmp_path):
   task = predict._unlabelled(export_fixtures.trained_run().exp.task)  # pylint: disable=protected-access
   source = tmp_path / "in.tsv"
   source.write_text("sentence\tlabel\n" + "".join(f"text {i}\t1\n" for i in range(25)) + "\n")
-  chunks = list(readers.read_file_chunks(str(source), task, chunk_rows=10))
+  chunks = list(streaming.read_file_chunks(str(source), task, chunk_rows=10))
   assert [len(c) for c in chunks] == [10, 10, 5]
   assert chunks[2].line_numbers == list(range(22, 27))  # header is line 1
   assert [t for c in chunks for (t,) in c.texts] == [f"text {i}" for i in range(25)]
   # A CSV record spanning two lines, and a bad line in a later chunk.
   quoted = tmp_path / "in.csv"
   quoted.write_text('sentence\n"two\nlines"\nthree\nfour\n')
-  assert [c.texts for c in readers.read_file_chunks(str(quoted), task, 2)] == [
+  assert [c.texts for c in streaming.read_file_chunks(str(quoted), task, 2)] == [
       [("two\nlines",), ("three",)], [("four",)]]
   bad = tmp_path / "bad.jsonl"
   bad.write_text("".join(json.dumps({"sentence": f"s{i}"}) + "\n" for i in range(12))
                  + '{"text": "x"}\n')
   with pytest.raises(UserError, match=r"bad.jsonl line 13: no key 'sentence'"):
-    list(readers.read_file_chunks(str(bad), task, chunk_rows=5))
+    list(streaming.read_file_chunks(str(bad), task, chunk_rows=5))
   gap = tmp_path / "gap.tsv"
   gap.write_text("sentence\na\n\nb\n")
   with pytest.raises(UserError, match=r"gap.tsv line 3: blank line between data rows"):
-    list(readers.read_file_chunks(str(gap), task, chunk_rows=5))
+    list(streaming.read_file_chunks(str(gap), task, chunk_rows=5))
 
 
 def test_csv_output_streams_with_one_header(run, predictor, tmp_path):

@@ -7,15 +7,18 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from safetensors.numpy import load_file
 
-from flaxbert_cls import checkpoint as checkpoint_lib
+from flaxbert_cls.training import runs
+from flaxbert_cls.training import starts
+from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls import config as config_lib
-from flaxbert_cls import experiment
-from flaxbert_cls import export
-from flaxbert_cls import hf
-from flaxbert_cls import sweep
-from flaxbert_cls import train
+from flaxbert_cls.training import experiment
+from flaxbert_cls.serving import export
+from flaxbert_cls.model import hf
+from flaxbert_cls.training import members as sweep
+from flaxbert_cls.training import train
 from flaxbert_cls.errors import UserError
 from model_fixtures import make_tiny_checkpoint
 from numerics import assert_close
@@ -44,10 +47,10 @@ def test_grid_order_and_bad_keys():
   c = config_lib.default_config()
   c.sweep.learning_rate = (1e-5, 2e-5)
   c.sweep.seed = (0, 1, 2)
-  assert [(m["learning_rate"], m["seed"]) for m in sweep.grid(c)] == [
+  assert [(m["learning_rate"], m["seed"]) for m in config_lib.grid(c)] == [
       (1e-5, 0), (1e-5, 1), (1e-5, 2), (2e-5, 0), (2e-5, 1), (2e-5, 2)]
-  solo = sweep.member_config(c, sweep.grid(c)[4])
-  assert (solo.learning_rate, solo.seed, sweep.grid(solo)) == (2e-5, 1, [])
+  solo = config_lib.member_config(c, config_lib.grid(c)[4])
+  assert (solo.learning_rate, solo.seed, config_lib.grid(solo)) == (2e-5, 1, [])
   for key, value, message in (("seed", (0.5,), "seeds must be integers"),
                               ("learning_rate", ("1e-5",), "values must be numbers"),
                               ("learning_rate", (1e-5, -1.0), "learning_rate=-1.0: must be > 0"),
@@ -82,7 +85,7 @@ def swept(tiny_checkpoint, tmp_path_factory):
 
 def test_every_member_equals_its_solo_run(swept, tmp_path):
   config, workdir, result = swept
-  members = sweep.grid(config)
+  members = config_lib.grid(config)
   # Trained leaves are stacked over a member axis split over 2 devices.
   kernel = result["state"].params["classifier"]["kernel"]
   assert kernel.shape[0] == 4 and kernel.sharding.spec[0] == "member"
@@ -90,9 +93,9 @@ def test_every_member_equals_its_solo_run(swept, tmp_path):
   # runs take long on a loaded CPU: tools/bench_sweep.py --check compares every member.
   for i in (3,):
     member = members[i]
-    solo = train.train_and_evaluate(sweep.member_config(config, member), str(tmp_path / str(i)),
+    solo = train.train_and_evaluate(config_lib.member_config(config, member), str(tmp_path / str(i)),
                                     devices=jax.devices()[:1])
-    _, params = experiment.load_run(workdir, member=i)
+    _, params = runs.load_run(workdir, member=i)
     for got, want in zip(_leaves(params), _leaves(solo["state"].params)):
       # floor: a key bias is zero in exact arithmetic (rounding noise only); lr is the
       # scale of one update.
@@ -145,15 +148,24 @@ def test_export_member_picks_its_params(swept, tmp_path):
   np.testing.assert_array_equal(state_dict["classifier.weight"],
                                 stacked["classifier"]["kernel"][2].T)
   assert json.load(open(os.path.join(out, export.METADATA_NAME)))["member"] == 2
-  exp, _ = experiment.load_run(workdir)  # default: the best member
+  exp, _ = runs.load_run(workdir)  # default: the best member
   assert exp.member == result["best"]["member"]
   with pytest.raises(UserError, match="members 0..3"):
-    experiment.load_run(workdir, member="7")
+    runs.load_run(workdir, member="7")
 
 
-def test_a_sweep_from_a_previous_run_is_refused_in_one_line(swept):
+def test_a_sweep_starts_from_a_previous_run_like_a_single_run(swept):
+  """A workdir start loads one way: every member gets its weights, the head by label name."""
   config, workdir, _ = swept
   exp = experiment.build_experiment(config, devices=jax.devices()[:2])
-  with pytest.raises(UserError, match="a sweep cannot start from a previous run's workdir") as e:
-    experiment.create_sweep_state(exp, 4, workdir)
-  assert "\n" not in str(e.value)
+  state, *_ = starts.create_train_state(exp, 4, workdir)
+  start_exp, start_params = runs.load_run(workdir)  # the best member, as a start reads it
+  assert exp.started_from["kind"] == "workdir"
+  assert exp.started_from["head"]["kept"] == list(start_exp.label_names)
+  members = traverse_util.flatten_dict(jax.device_get(state.params))
+  for path, value in traverse_util.flatten_dict(jax.device_get(start_params)).items():
+    stacked = members[path]
+    assert stacked.shape == (len(exp.members), *value.shape), path
+    for member in range(len(exp.members)):
+      np.testing.assert_array_equal(stacked[member], value, err_msg=str(path))
+

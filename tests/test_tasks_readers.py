@@ -10,10 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flaxbert_cls import dataset_sources
-from flaxbert_cls import metrics
-from flaxbert_cls import readers
-from flaxbert_cls import tasks
+from flaxbert_cls.data import sources as dataset_sources
+from flaxbert_cls.decisions import metrics
+from flaxbert_cls.data import labels
+from flaxbert_cls.data import readers
+from flaxbert_cls.data import tasks
 from flaxbert_cls.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -369,7 +370,7 @@ def test_custom_example_file():
     (["b", "a", "10", "9"], ("9", "10", "a", "b")),
 ])
 def test_sort_label_names(labels, expected):
-  assert readers.sort_label_names(labels) == expected
+  assert labels.sort_label_names(labels) == expected
 
 
 def test_build_label_names(tmp_path):

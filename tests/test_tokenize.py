@@ -6,10 +6,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flaxbert_cls import hf
-from flaxbert_cls import readers
-from flaxbert_cls import tasks
-from flaxbert_cls import tokenization
+from flaxbert_cls.model import hf
+from flaxbert_cls.data import readers
+from flaxbert_cls.data import tasks
+from flaxbert_cls.data import tokenization
 from model_fixtures import minilm_dir
 
 
@@ -82,7 +82,7 @@ def test_shared_tokenize_without_a_shared_cache_dir(tokenizer, tmp_path, monkeyp
   monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
   texts = [(f"row {i} of a small test set",) for i in range(11)]
   labels = np.arange(11, dtype=np.int32) % 2
-  with caplog.at_level("INFO", logger="flaxbert_cls.tokenization"):
+  with caplog.at_level("INFO", logger="flaxbert_cls.data.tokenization"):
     got = tokenization.cached_tokenize(tokenizer, texts, labels, 8, str(tmp_path))
   assert "Process 1 tokenized rows [5, 11) of 11" in caplog.text
   assert "part0of2.npz not found" in caplog.text

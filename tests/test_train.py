@@ -6,10 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls import data as data_lib
-from flaxbert_cls import evaluate
-from flaxbert_cls import experiment
-from flaxbert_cls import train
+from flaxbert_cls.training import runs
+from flaxbert_cls.training import starts
+from flaxbert_cls.training import step as step_lib
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.training import experiment
+from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint, minilm_dir
 
@@ -62,7 +65,7 @@ def test_eval_counts_every_example_once(tiny_checkpoint, tmp_path):
   config = small_config(tiny_checkpoint, validation_file=str(dev), num_train_steps=3,
                         eval_batch_size=16)
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
-  exp, params = experiment.load_run(str(tmp_path / "run"))
+  exp, params = runs.load_run(str(tmp_path / "run"))
   split = exp.tokenize(data_lib.read_split(exp.config, exp.task, "validation", exp.label_names))
   assert len(split) == 101
   logits = []
@@ -111,7 +114,9 @@ def test_real_sst2_finetune_beats_majority(glue_dir, tmp_path):
 
 def test_memory_scheduler_lowers_train_step_temp_memory():
   """config.cpu_scheduler='memory' reaches XLA and lowers the step's temp buffer."""
-  from flaxbert_cls import model as model_lib, sharding as sharding_lib, tasks  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import tasks  # pylint: disable=g-import-not-at-top
   config = default_config()  # mesh (-1, 1, 1): data parallel over the 8 CPU devices
   mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape)
   bert = model_lib.BertConfig.from_hf(
@@ -122,7 +127,7 @@ def test_memory_scheduler_lowers_train_step_temp_memory():
   exp = experiment.Experiment(config, (sst2,), None, None,
                               model_lib.BertForSequenceClassification(bert, 2), mesh,
                               sharding_lib.batch_sharding(mesh))
-  state, shardings, tx, schedule = experiment.create_train_state(exp, 100, None)
+  state, shardings, tx, schedule = starts.create_train_state(exp, 100, None)
   rng = np.random.default_rng(0)
   rows, length = 128, 128  # 16 rows per device
   batch = data_lib.to_global(dict(
@@ -133,9 +138,9 @@ def test_memory_scheduler_lowers_train_step_temp_memory():
                              exp.batch_sharding)
   temp = {}
   for scheduler in ("memory", "concurrency"):
-    options = train.train_step_compiler_options(mesh, scheduler)
-    assert options == {"xla_cpu_scheduler_type": train._CPU_SCHEDULERS[scheduler]}  # pylint: disable=protected-access
+    options = step_lib.train_step_compiler_options(mesh, scheduler)
+    assert options == {"xla_cpu_scheduler_type": step_lib._CPU_SCHEDULERS[scheduler]}  # pylint: disable=protected-access
     config.cpu_scheduler = scheduler
-    step = train.jit_train_step(exp, state.params, shardings, tx, schedule)  # as training does
+    step = step_lib.jit_train_step(exp, state.params, shardings, tx, schedule)  # as training does
     temp[scheduler] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   assert temp["memory"] < 0.95 * temp["concurrency"], temp  # measured 87 vs 102 MB

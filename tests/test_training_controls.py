@@ -6,10 +6,12 @@ import optax
 import pytest
 from flax import traverse_util
 
-from flaxbert_cls import evaluate
-from flaxbert_cls import experiment
-from flaxbert_cls import optim
-from flaxbert_cls import train
+from flaxbert_cls.training import runs
+from flaxbert_cls.training import starts
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.training import experiment
+from flaxbert_cls.training import optimizer as optim
+from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from model_fixtures import make_tiny_checkpoint
 from test_train import small_config
@@ -34,7 +36,7 @@ def _flat(params):
 def _loaded_params(checkpoint):
   """The parameters a run starts from (pre-trained encoder + the seeded new head)."""
   exp = experiment.build_experiment(small_config(checkpoint), devices=jax.devices()[:1])
-  return _flat(experiment.create_train_state(exp, 1, checkpoint)[0].params)
+  return _flat(starts.create_train_state(exp, 1, checkpoint)[0].params)
 
 
 def _opt_state_bytes(opt_state):
@@ -143,7 +145,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits(tiny_checkpoint, t
   assert {x.dtype for x in jax.tree.leaves(run["state"].params)} == {np.dtype("float32")}
   assert {x.dtype for x in jax.tree.leaves(run["state"].opt_state)
           if hasattr(x, "dtype") and x.ndim > 0} == {np.dtype("float32")}
-  exp, params = experiment.load_run(str(tmp_path), devices=jax.devices()[:1])
+  exp, params = runs.load_run(str(tmp_path), devices=jax.devices()[:1])
   batch = {k: np.ones((2, 8), np.int32) for k in ("input_ids", "attention_mask",
                                                   "token_type_ids")}
   logits = evaluate.eval_step(params, batch, model=exp.model)
@@ -170,7 +172,7 @@ def test_lora_trains_only_adapters_and_head_and_merges_exactly(tiny_checkpoint, 
                       k.startswith("classifier/"))
   assert _opt_state_bytes(run["state"].opt_state) <= 2 * trained_bytes + 64
   # Merged (plain BERT) logits equal the adapter model's logits.
-  exp, merged = experiment.load_run(str(tmp_path), devices=jax.devices()[:1])
+  exp, merged = runs.load_run(str(tmp_path), devices=jax.devices()[:1])
   assert exp.model.config.lora_rank == 0
   assert not any("lora_" in k for k in _flat(merged))
   rng = np.random.default_rng(0)

@@ -55,10 +55,14 @@ import bench_torch
 
 def _jax_setup(args):
   """(experiment, jitted step, state) for args' model, dtype, attention and mesh."""
-  from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import model as model_lib, ops, train  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import starts  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import ops  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
 
   if args.compilation_cache_dir:
@@ -80,8 +84,8 @@ def _jax_setup(args):
   exp = experiment_lib.Experiment(config, (task,), None, None,
                                   model_lib.BertForSequenceClassification(bert_config, 2), mesh,
                                   sharding_lib.batch_sharding(mesh))
-  state, state_shardings, tx, schedule = experiment_lib.create_train_state(exp, 1000, None)
-  return exp, train.jit_train_step(exp, state.params, state_shardings, tx, schedule), state
+  state, state_shardings, tx, schedule = starts.create_train_state(exp, 1000, None)
+  return exp, step_lib.jit_train_step(exp, state.params, state_shardings, tx, schedule), state
 
 
 def run_jax(args) -> dict[str, Any]:
@@ -98,7 +102,7 @@ def run_jax_batches(args, batches: Sequence[int], deadline: float | None = None,
   `progress(results so far)` after each batch size.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import batching as data_lib  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
   exp, step, state = _jax_setup(args)
@@ -165,7 +169,7 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 def run_data_only(args) -> dict[str, Any]:
   """Host batching per step: alone, and as the loop's wait for it with the model running."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import batching as data_lib  # pylint: disable=g-import-not-at-top
 
   split, buckets = bench_sst2.load_split(args), bench_lib.buckets(args)
   order = data_lib.TrainOrder(split.lengths, args.batch, 0, args.grouping_window)

@@ -47,7 +47,7 @@ def hf_config_dict(model: str) -> dict[str, Any]:
                 type_vocab_size=2, layer_norm_eps=1e-12, model_type="bert")
     return {**base, **SIZES[model]}
   if model == "minilm":
-    from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
+    from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
     model = hf.packaged_minilm_dir()
   with open(os.path.join(model, "config.json")) as f:
     return json.load(f)

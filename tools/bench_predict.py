@@ -29,9 +29,9 @@ import common
 
 
 def bench_int8(args) -> dict:
-  from flaxbert_cls import predict  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import readers  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import tokenization  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.serving import predict  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import readers  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import tokenization  # pylint: disable=g-import-not-at-top
   float32 = predict.Predictor.from_path(args.model)
   int8 = predict.Predictor.from_path(args.model, quantize="int8")
   task = dataclasses.replace(float32.task, label_field=args.label_column,
@@ -69,7 +69,7 @@ def bench_int8(args) -> dict:
 
 def _decide(predictor, logits: np.ndarray) -> np.ndarray:
   """The predictor's decisions (its temperature and thresholds): class ids, or [N, L] bools."""
-  from flaxbert_cls import decisions as decisions_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.decisions import tuning as decisions_lib  # pylint: disable=g-import-not-at-top
   decisions = predictor.decisions or decisions_lib.Decisions()
   multilabel = predictor.task.is_multilabel
   return decisions.predictions(decisions.probabilities(logits, multilabel), multilabel)
@@ -79,8 +79,8 @@ def _unbiased_multilabel_scores(logits: np.ndarray, labels: np.ndarray) -> dict[
   """Macro F1 at 0.5, and with per-label thresholds cross-fitted (tuned on one half of the
   rows, scored on the other, both ways): neither model's own dev logits pick its thresholds."""
   from sklearn.metrics import f1_score  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import calibration  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import thresholds  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.decisions import calibration  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.decisions import thresholds  # pylint: disable=g-import-not-at-top
   gold = labels.astype(bool)
   decided = thresholds.cross_fitted_decisions(calibration.sigmoid(logits), labels)
   return {"macro_f1_at_0.5": float(f1_score(gold, logits >= 0, average="macro", zero_division=0)),
@@ -113,7 +113,7 @@ def make_tiny(args) -> dict:
   """A random-init BERT classifier (hidden 32, 2 layers) with the MiniLM tokenizer."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
   config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    intermediate_size=64, max_position_embeddings=128,
                                    num_labels=2)

@@ -19,8 +19,8 @@ import common
 def tokenize_sst2(args, path: str) -> str:
   """Tokenizes SST-2 train with the MiniLM tokenizer into an .npz the workers read."""
   import transformers  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import tokenization  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import tokenization  # pylint: disable=g-import-not-at-top
   train_tsv = common.data_path("glue", "SST-2", "train.tsv", override=args.data_dir)
   with open(train_tsv, newline="") as f:
     rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -34,7 +34,7 @@ def tokenize_sst2(args, path: str) -> str:
 
 def load_split(args) -> Any:
   """The token-length source: SST-2 train (--split_file) or 4,096 examples of --seq tokens."""
-  from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import batching as data_lib  # pylint: disable=g-import-not-at-top
   if args.split_file:
     with np.load(args.split_file) as z:
       return data_lib.TokenizedSplit(z["input_ids"], z["token_type_ids"], z["offsets"],
@@ -49,7 +49,7 @@ def load_split(args) -> Any:
 def epoch_lengths(lengths: np.ndarray, batch: int, max_seq: int, buckets: Sequence[int],
                   grouping_window: int) -> dict[str, np.ndarray]:
   """Padded length of each batch of one epoch (data.TrainOrder), per padding strategy."""
-  from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import batching as data_lib  # pylint: disable=g-import-not-at-top
   plain = data_lib.TrainOrder(lengths, batch, 0)._epoch_batches(0)  # pylint: disable=protected-access
   grouped = data_lib.TrainOrder(lengths, batch, 0, grouping_window)._epoch_batches(0)  # pylint: disable=protected-access
   longest = np.minimum(lengths[plain].max(1), max_seq)

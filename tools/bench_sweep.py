@@ -5,8 +5,8 @@ r"""Sweep speed and memory: N members in one program against solo runs; members 
   python tools/bench_sweep.py --check                  # every member of a 2 lr x 2 seed MiniLM
                                                        # sweep against its solo run
 
-Speed: one worker process times the solo train step (train.jit_train_step), another the
-N-member sweep step (train.jit_sweep_train_step) on the same random full-length batch, after
+Speed: one worker process times the solo train step (step_lib.jit_train_step), another the
+N-member sweep step (step_lib.jit_stacked_train_step) on the same random full-length batch, after
 compiling; N solo runs one after another take N solo steps per step of all N, so the ratio is
 sweep examples/s over solo examples/s. Each worker reports its peak RSS (host memory: on CPU,
 the device memory). Weights are random (speed does not depend on them).
@@ -36,11 +36,13 @@ DEVICE_BYTES = {"H100 80GB": 80e9, "H200 141GB": 141e9, "16 GB": 16e9}
 
 def _experiment(args, members: int):
   """An Experiment for args' model (random init, no tokenizer), solo or a sweep."""
-  from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import model as model_lib, ops  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import config as config_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import ops  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import members as sweep_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
 
   cfg = bench_lib.hf_config_dict(args.model)
@@ -49,7 +51,7 @@ def _experiment(args, members: int):
   config.lora_rank = args.lora_rank
   if members:
     config.sweep.learning_rate = tuple(1e-5 * (i + 1) for i in range(members))
-  mesh = sharding_lib.create_mesh(*sweep_lib.mesh_axes(config))
+  mesh = sharding_lib.create_mesh(*config_lib.mesh_request(config))
   bert_config = model_lib.BertConfig.from_hf(
       cfg, dtype=args.dtype, mesh=mesh, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
       lora_targets=tuple(config.lora_targets),
@@ -59,27 +61,32 @@ def _experiment(args, members: int):
   task = experiment_lib.RunTask("sst2", tasks_lib.GLUE_TASKS["sst2"], ("0", "1"), config)
   return experiment_lib.Experiment(config, (task,), None, None,
                                    model_lib.BertForSequenceClassification(bert_config, 2), mesh,
-                                   sharding_lib.batch_sharding(mesh))
+                                   sharding_lib.batch_sharding(mesh),
+                                   members=tuple(config_lib.grid(config)))
 
 
 def _setup(args, members: int):
   """(experiment, jitted step, state, batch) for a solo run (members 0) or a sweep."""
+  from flaxbert_cls.training import members as members_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import starts  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import data as data_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import sweep as sweep_lib, train  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import batching as data_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import members as sweep_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   exp = _experiment(args, members)
   mesh = exp.mesh
   batch = bench_lib.batch_numpy(args.batch, args.seq,
                                 exp.model.config.vocab_size)
   if members:
-    state, shardings, _ = experiment_lib.create_sweep_state(exp, 1000, None)
-    step = train.jit_sweep_train_step(exp, shardings, 1000)
+    state, shardings, *_ = starts.create_train_state(exp, 1000, None)
+    step = step_lib.jit_stacked_train_step(exp, shardings, 1000)
     batch = data_lib.to_global(sweep_lib.stack_batches([batch] * members),
-                               train.sweep_batch_sharding(mesh))
+                               members_lib.stacked_batch_sharding(mesh))
   else:
-    state, shardings, tx, schedule = experiment_lib.create_train_state(exp, 1000, None)
-    step = train.jit_train_step(exp, state.params, shardings, tx, schedule)
+    state, shardings, tx, schedule = starts.create_train_state(exp, 1000, None)
+    step = step_lib.jit_train_step(exp, state.params, shardings, tx, schedule)
     batch = data_lib.to_global(batch, exp.batch_sharding)
   return exp, step, state, batch, jax
 
@@ -135,7 +142,8 @@ def fit_sizes(model: str, lora_rank: int) -> dict[str, int]:
   """Trained and frozen parameter bytes of `model` (abstract: nothing allocated)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import model as model_lib, optim  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import optimizer as optim  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
   config = default_config()
   config.lora_rank = lora_rank
@@ -155,16 +163,20 @@ def fit_sizes(model: str, lora_rank: int) -> dict[str, int]:
 def temp_bytes(model: str, batch: int, seq: int, lora_rank: int) -> int:
   """XLA's temporary bytes of the compiled solo train step (activations + gradients),
   compiled from abstract shapes (nothing allocated)."""
+  from flaxbert_cls.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import checkpoint as checkpoint_lib, experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import optim, train  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import checkpoints as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import optimizer as optim  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   exp = _experiment(argparse.Namespace(model=model, dtype="float32", lora_rank=lora_rank), 0)
   boxed, _ = exp.abstract_params()
   tx, schedule = optim.create_optimizer(exp.config, nn.unbox(boxed), 1000)
-  abstract, shardings = experiment_lib.abstract_train_state(exp, tx)
+  abstract, shardings = state_lib.abstract_train_state(exp, tx)
   abstract = nn.unbox(abstract)
-  step = train.jit_train_step(exp, abstract.params, shardings, tx, schedule)
+  step = step_lib.jit_train_step(exp, abstract.params, shardings, tx, schedule)
   batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=exp.batch_sharding)
                   for k, v in bench_lib.batch_numpy(batch, seq, 30522).items()}
   compiled = step.lower(checkpoint_lib.abstract_with_shardings(abstract, shardings),
@@ -191,8 +203,12 @@ def fit(args) -> list[dict[str, Any]]:
 
 def check(args) -> list[dict[str, Any]]:
   """Every member of a 2 lr x 2 seed MiniLM sweep against its solo run (SST-2 sample)."""
+  from flaxbert_cls import config as config_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import runs  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import experiment, sweep, train  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import experiment  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import members as sweep  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   config = common.short_run_config(
       args.steps, train_file=os.path.join(common.DEMO_DATA, "train.tsv"),
       validation_file=os.path.join(common.DEMO_DATA, "dev.tsv"), seq_buckets=(64,),
@@ -202,10 +218,10 @@ def check(args) -> list[dict[str, Any]]:
   workdir = os.path.join(args.workdir, "sweep")
   result = train.train_and_evaluate(config, workdir)
   rows = []
-  for i, member in enumerate(sweep.grid(config)):
-    solo = train.train_and_evaluate(sweep.member_config(config, member),
+  for i, member in enumerate(config_lib.grid(config)):
+    solo = train.train_and_evaluate(config_lib.member_config(config, member),
                                     os.path.join(args.workdir, f"solo{i}"))
-    _, params = experiment.load_run(workdir, member=i)
+    _, params = runs.load_run(workdir, member=i)
     ratios = [float(np.abs(a - b).max() / max(np.abs(b).max(), member["learning_rate"]))
               for a, b in zip(jax.tree.leaves(jax.device_get(params)),
                               jax.tree.leaves(jax.device_get(solo["state"].params)))]

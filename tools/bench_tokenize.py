@@ -41,11 +41,13 @@ def write_jsonl(path: str, repeat: int) -> int:
 
 def run_path(name: str, path: str, max_seq_length: int) -> dict[str, float]:
   """One path, timed in this process; returns rows, seconds, CPU seconds, peak RSS."""
-  from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
   tokenizer = hf.load_tokenizer(hf.packaged_minilm_dir())
   start, cpu = time.perf_counter(), time.process_time()
   if name == "ours":
-    from flaxbert_cls import readers, tasks, tokenization  # pylint: disable=g-import-not-at-top
+    from flaxbert_cls.data import readers  # pylint: disable=g-import-not-at-top
+    from flaxbert_cls.data import tasks  # pylint: disable=g-import-not-at-top
+    from flaxbert_cls.data import tokenization  # pylint: disable=g-import-not-at-top
     task = tasks.Task("custom", ("sentence",), "label", ("0", "1"))
     examples = readers.read_file(path, task)
     rows = len(tokenization.cached_tokenize(tokenizer, examples.texts, examples.labels,

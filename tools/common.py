@@ -38,7 +38,7 @@ def data_path(*parts: str, override: str = "") -> str:
 
 def short_run_config(steps: int, **overrides: Any) -> Any:
   """The tools' short fine-tune: the packaged MiniLM, lr 1e-4, 10% warmup, four log lines."""
-  from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
   c = default_config()
   c.model_name_or_path = hf.packaged_minilm_dir()

@@ -14,8 +14,8 @@ import tempfile
 
 import jax
 
-from flaxbert_cls import optim
-from flaxbert_cls import train
+from flaxbert_cls.training import optimizer as optim
+from flaxbert_cls.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {

@@ -27,12 +27,12 @@ import jax
 import numpy as np
 
 from common import DEMO_DATA, short_run_config
-from flaxbert_cls import evaluate as evaluate_lib
-from flaxbert_cls import experiment as experiment_lib
-from flaxbert_cls import export
-from flaxbert_cls import predict
-from flaxbert_cls import readers
-from flaxbert_cls import train
+from flaxbert_cls.training import evaluate as evaluate_lib
+from flaxbert_cls.training import experiment as experiment_lib
+from flaxbert_cls.serving import export
+from flaxbert_cls.serving import predict
+from flaxbert_cls.data import readers
+from flaxbert_cls.training import train
 
 DEV = os.path.join(DEMO_DATA, "dev.tsv")
 
@@ -63,6 +63,7 @@ def _torch_logits(directory, sentences, max_length):
 
 
 def main():
+  from flaxbert_cls.training import runs  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=48)
   parser.add_argument("--workdir", default="/tmp/export_parity")
@@ -78,7 +79,7 @@ def main():
   train_seconds = time.perf_counter() - t0
   export.export(workdir, exported)
 
-  exp, params = experiment_lib.load_run(workdir)
+  exp, params = runs.load_run(workdir)
   examples = readers.read_file(DEV, exp.task, exp.label_names)
   sentences = [t[0] for t in examples.texts]
   jit_eval = evaluate_lib.jit_eval_step(exp.model)

@@ -134,7 +134,7 @@ def write_sentences(path: str, rows: int, seed: int) -> str:
 def section_cli(settings: dict, args: argparse.Namespace) -> dict[str, Any]:
   """train / eval / predict through the CLI, each a subprocess; partial results saved."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import hf  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(common.REPO, "tests"))
   from model_fixtures import make_tiny_checkpoint  # pylint: disable=g-import-not-at-top
 

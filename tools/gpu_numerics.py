@@ -11,7 +11,7 @@ Compared:
                   norm is at least 1e-4 of the largest (attention key biases' is 0 exactly:
                   softmax ignores them; what is left there is rounding noise)
   loss_after_N    |diff| / max(ref, 0.1) of the mean loss over the last 5 of N train steps
-                  (flaxbert_cls.train.train_step: AdamW, clipping, warmup)
+                  (flaxbert_cls.training.step_lib.train_step: AdamW, clipping, warmup)
 
 The reference is float32 on `jax.devices('cpu')`; the checked side is the first device in
 the given dtype (on a CPU-only machine, bf16 against f32 on the CPU: the smoke run).
@@ -59,10 +59,14 @@ def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dic
 def _side(cfg: dict, params: Any, data: list[dict], device: Any, dtype: str,
           attention_impl: str) -> dict[str, Any]:
   """First-batch logits and gradients, then one train step per batch, on `device`."""
+  from flaxbert_cls.model import losses as losses_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import model as model_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import optim, train  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import optimizer as optim  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
@@ -75,7 +79,7 @@ def _side(cfg: dict, params: Any, data: list[dict], device: Any, dtype: str,
   def loss_and_logits(p, b):
     logits = model.apply({"params": p}, b["input_ids"], b["attention_mask"],
                          b["token_type_ids"], deterministic=True)
-    losses, _ = train.head_losses(logits, b["labels"], None, False)
+    losses, _ = losses_lib.head_losses(logits, b["labels"], None, False)
     return jnp.sum(losses * b["weights"]) / jnp.sum(b["weights"]), logits
 
   put = functools.partial(jax.device_put, device=device)
@@ -83,9 +87,9 @@ def _side(cfg: dict, params: Any, data: list[dict], device: Any, dtype: str,
   grad_fn = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True))
   (_, logits), grads = grad_fn(params, put(data[0]))
   logits, grads = jax.device_get((logits, grads))
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                   is_regression=False, dropout_seed=0))
-  state = put(train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
+                                   head_loss=False, dropout_seed=0))
+  state = put(state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params)))
   metrics = []
   for b in data:
@@ -127,8 +131,8 @@ def run(model: str, batch: int, seq: int, steps: int, dtype: str = "bfloat16",
   """
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import model as model_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import ops  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import ops  # pylint: disable=g-import-not-at-top
 
   cfg = dict(bench_lib.hf_config_dict(model), hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0)  # deterministic: both sides see one function

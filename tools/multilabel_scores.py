@@ -19,7 +19,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 import common  # pylint: disable=unused-import  (puts the repo on sys.path)
-from flaxbert_cls import thresholds as thresholds_lib
+from flaxbert_cls.decisions import thresholds as thresholds_lib
 
 
 def read_predictions(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -29,10 +29,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 import common
-from flaxbert_cls import data as data_lib
-from flaxbert_cls import readers
-from flaxbert_cls import tasks as tasks_lib
-from flaxbert_cls import train
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.data import readers
+from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.training import train
 
 TASKS = ("sst2", "cola", "mrpc", "rte")
 

@@ -23,12 +23,12 @@ from sklearn import linear_model, metrics as skm, multiclass
 
 import common
 
-from flaxbert_cls import data as data_lib
-from flaxbert_cls import hf
-from flaxbert_cls import model as model_lib
-from flaxbert_cls import readers
-from flaxbert_cls import tasks as tasks_lib
-from flaxbert_cls import tokenization
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.model import hf
+from flaxbert_cls.model import bert as model_lib
+from flaxbert_cls.data import readers
+from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.data import tokenization
 import multilabel_scores
 
 

@@ -39,12 +39,12 @@ import ml_collections
 import numpy as np
 
 from common import DEMO_DATA, short_run_config
-from flaxbert_cls import data as data_lib
-from flaxbert_cls import evaluate as evaluate_lib
-from flaxbert_cls import experiment as experiment_lib
-from flaxbert_cls import hf
-from flaxbert_cls import sharding as sharding_lib
-from flaxbert_cls import train
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.training import evaluate as evaluate_lib
+from flaxbert_cls.training import experiment as experiment_lib
+from flaxbert_cls.model import hf
+from flaxbert_cls.model import sharding as sharding_lib
+from flaxbert_cls.training import train
 
 # (data, fsdp, tensor); (1, 1, 1) runs on the first device only and is the reference.
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (2, 1, 4))
@@ -92,6 +92,8 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
   optimizer state, every state array's PartitionSpec, the wall and CPU time and, with
   `evaluate`, the dev metrics.
   """
+  from flaxbert_cls.training import starts  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import step as step_lib  # pylint: disable=g-import-not-at-top
   start, start_cpu = time.time(), _cpu_seconds()
   config = scaleout_config(mesh_shape, validation_file, steps)
   devices = jax.devices()[:1] if int(np.prod(mesh_shape)) == 1 else None
@@ -100,12 +102,12 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
   order = data_lib.TrainOrder(split.lengths, config.batch_size, config.seed,
                               config.length_grouping_window)
   mixture = data_lib.TaskMixture([order], np.ones(1), config.seed)
-  state, shardings, tx, schedule = experiment_lib.create_train_state(
+  state, shardings, tx, schedule = starts.create_train_state(
       exp, steps, hf.resolve(config.model_name_or_path))
 
   def step_fn(state, batch):
-    out = train.train_step(state, batch, model=exp.model, tx=tx, schedule=schedule,
-                           is_regression=exp.is_regression, dropout_seed=config.seed)
+    out = step_lib.train_step(state, batch, model=exp.model, tx=tx, schedule=schedule,
+                           head_loss=exp.head_losses, dropout_seed=config.seed)
     return out[0], out[1]  # (state, metrics)
 
   jit_step = jax.jit(step_fn, in_shardings=(shardings, exp.batch_sharding),
@@ -145,16 +147,17 @@ def state_bytes_per_device(tree: Any) -> dict[jax.Device, int]:
   return dict(per_device)
 
 
-def max_bytes_per_device(state: experiment_lib.TrainState) -> int:
+def max_bytes_per_device(state: Any) -> int:  # a TrainState
   """The largest per-device footprint of parameters + optimizer state."""
   return max(state_bytes_per_device((state.params, state.opt_state)).values())
 
 
 def initial_state_bytes(mesh_shape: Sequence[int], validation_file: str) -> int:
   """Per-device bytes of the freshly created (pre-trained) state on `mesh_shape`."""
+  from flaxbert_cls.training import starts  # pylint: disable=g-import-not-at-top
   config = scaleout_config(mesh_shape, validation_file)
   exp = experiment_lib.build_experiment(config)
-  state, _, _, _ = experiment_lib.create_train_state(exp, config.num_train_steps,
+  state, _, _, _ = starts.create_train_state(exp, config.num_train_steps,
                                             hf.resolve(config.model_name_or_path))
   return max_bytes_per_device(state)
 

@@ -21,10 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxbert_cls import ops
-from flaxbert_cls.layers import (CLASSES, EMBED, HEADS, HIDDEN_ACTIVATION, MLP, VOCAB, Dense,
+from flaxbert_cls.model import ops
+from flaxbert_cls.model.layers import (CLASSES, EMBED, HEADS, HIDDEN_ACTIVATION, MLP, VOCAB, Dense,
                                  Dropout, Embed, LayerNorm, constrain)
-from flaxbert_cls.sharding import ACTIVATION_BATCH, ACTIVATION_HEADS, ACTIVATION_MLP
+from flaxbert_cls.model.sharding import ACTIVATION_BATCH, ACTIVATION_HEADS, ACTIVATION_MLP
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:

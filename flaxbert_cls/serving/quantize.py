@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxbert_cls import long_documents
+from flaxbert_cls.model import long_documents
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -111,22 +111,3 @@ class OnnxClassifier:
   def _run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
     feed = {n: np.asarray(batch[n], np.int64) for n in self.input_names}
     return self.session.run(None, feed)[0].astype(np.float32)
-
-
-def load_int8(path: str, is_workdir: bool, step: int | str | None = None,
-              member: int | str | None = None) -> OnnxClassifier:
-  """The int8 model of an exported directory (its model.int8.onnx, else made now) or of a
-  workdir's checkpoint `step` (and sweep `member`), exported and quantized now in a
-  temporary directory."""
-  if not is_workdir and os.path.isfile(os.path.join(path, INT8_NAME)):
-    return OnnxClassifier(os.path.join(path, INT8_NAME))
-  require_onnxruntime()  # the one-line error before any export work
-  with tempfile.TemporaryDirectory() as tmp:
-    hf_dir = path
-    if is_workdir:
-      from flaxbert_cls import export as export_lib  # pylint: disable=g-import-not-at-top
-      hf_dir = export_lib.export(path, os.path.join(tmp, "hf"), step, member=member)
-    log.info("%s has no %s: quantizing now (export --quantize=int8 writes it once)", path,
-             INT8_NAME)
-    # The session holds the model in memory: the temporary files can go.
-    return OnnxClassifier(write_int8(hf_dir, os.path.join(tmp, INT8_NAME)))

@@ -32,11 +32,12 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from flaxbert_cls import evaluate as evaluate_lib
-from flaxbert_cls import metrics as metrics_lib
-from flaxbert_cls import predict as predict_lib
-from flaxbert_cls import readers
-from flaxbert_cls import tokenization
+from flaxbert_cls.training import evaluate as evaluate_lib
+from flaxbert_cls.decisions import metrics as metrics_lib
+from flaxbert_cls.report import plots
+from flaxbert_cls.serving import predict as predict_lib
+from flaxbert_cls.data import readers
+from flaxbert_cls.data import tokenization
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -185,11 +186,10 @@ def verdict_line(report: dict[str, Any]) -> str:
 
 def write_figure(reference: View, current: View, report: dict[str, Any], path: str) -> None:
   """One panel per feature, reference and current side by side (shares of examples)."""
-  from flaxbert_cls.report_plots import _figure  # pylint: disable=g-import-not-at-top
   names = list(report["features"])
   cols = min(3, len(names))
   rows = -(-len(names) // cols)
-  fig, axes = _figure(4.2 * cols, 3.2 * rows, rows, cols)
+  fig, axes = plots.figure(4.2 * cols, 3.2 * rows, rows, cols)
   for ax in axes.flat[len(names):]:
     ax.set_visible(False)
   for ax, name in zip(axes.flat, names):

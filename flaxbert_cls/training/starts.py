@@ -7,8 +7,10 @@ label NAME: a label of both runs keeps its row; a new label gets a row initialis
 fresh head; a label of the start that this run lacks is refused unless
 `config.drop_removed_labels`. The run records where it started in `started_from.json`.
 
-`experiment.create_train_state` calls `load_start` for every fresh run, so a plain
-pre-trained checkpoint goes the same way (its head, which it lacks, is new).
+`create_train_state` makes every fresh run's state on its shardings (a sweep's stacked,
+each member from its own seed) and calls `load_start`, so a plain pre-trained checkpoint,
+an export and a workdir load one way, into a run or into every member of a sweep: the
+start's weights are broadcast over the member axis, the head grafted by label name.
 """
 
 from __future__ import annotations
@@ -20,34 +22,25 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import traverse_util
 
-from flaxbert_cls import experiment as experiment_lib
-from flaxbert_cls import hf
-from flaxbert_cls import layers
+from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import UserError
+from flaxbert_cls.model import hf
+from flaxbert_cls.model import layers
+from flaxbert_cls.training import checkpoints as checkpoint_lib
+from flaxbert_cls.training import experiment as experiment_lib
+from flaxbert_cls.training import members as members_lib
+from flaxbert_cls.training import runs
+from flaxbert_cls.training import state as state_lib
+from flaxbert_cls.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
-STARTED_FROM_NAME = "started_from.json"  # in the new run's workdir
-
-
-def is_workdir(path: str) -> bool:
-  """A flaxbert-cls workdir: its run config and checkpoints (an HF directory has neither)."""
-  return (os.path.isfile(os.path.join(path, "config.json"))
-          and os.path.isdir(os.path.join(path, "checkpoints")))
-
-
-def model_source(path: str) -> str:
-  """Where a start's HF config and tokenizer are: a workdir's model/, else `path` itself."""
-  if is_workdir(path):
-    model_dir = os.path.join(path, "model")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-      raise UserError(f"{path}: a workdir without model/config.json (the run never started "
-                      "training); use another model_name_or_path")
-    return model_dir
-  return path
+STARTED_FROM_NAME = workdir_lib.STARTED_FROM_NAME  # in the new run's workdir
 
 
 def output_layer_paths(boxed_params: Any) -> list[tuple[str, ...]]:
@@ -122,6 +115,41 @@ class Without(Mapping):
     return sum(1 for _ in self)
 
 
+def create_train_state(exp: experiment_lib.Experiment, total_steps: int,
+                       pretrained_dir: str | None
+                       ) -> tuple[TrainState, Any, optax.GradientTransformation, Any]:
+  """(state, its shardings, optimizer, schedule) of a fresh run, made on its shardings.
+
+  A sweep's state is stacked (state.abstract_stacked_state): each member's random init comes
+  from its own seed, as in its solo run, and the schedule is None (per member: the step's
+  hyper rows). A frozen parameter is stored once: the first member's init when the start
+  lacks it. `pretrained_dir` None: random init (a resume restores over it).
+  """
+  boxed, _ = exp.abstract_params()
+  template = nn.unbox(boxed)
+  tx, schedule = state_lib.optimizer(exp, template, total_steps)
+  _, shardings = state_lib.abstract_state(exp, tx)
+  if exp.members:
+    frozen = members_lib.frozen_mask(exp.config, template)
+
+    def init(seeds: jax.Array) -> TrainState:
+      keys = jax.vmap(jax.random.key)(seeds)
+      stacked = jax.vmap(lambda k: nn.unbox(state_lib.init_state(exp, tx, k)))(keys)
+      first = nn.unbox(exp.init_params(keys[0]))
+      params = jax.tree.map(lambda f, s, one: one if f else s, frozen, stacked.params, first)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=stacked.opt_state)
+
+    seeds = jnp.asarray(members_lib.member_seeds(exp.config, exp.members), jnp.int32)
+    state = jax.jit(init, out_shardings=shardings)(seeds)
+  else:
+    state = jax.jit(lambda r: nn.unbox(state_lib.init_state(exp, tx, r)),
+                    out_shardings=shardings)(jax.random.key(exp.config.seed))
+  if pretrained_dir is not None:
+    state = state.replace(params=load_start(exp, pretrained_dir, boxed, state.params,
+                                            shardings.params))
+  return state, shardings, tx, schedule
+
+
 def load_start(exp: experiment_lib.Experiment, pretrained_dir: str, boxed: Any, fresh: Any,
                shardings: Any) -> Any:
   """`fresh` params with the start's weights loaded onto their shardings (head by label)."""
@@ -137,10 +165,7 @@ def load_start(exp: experiment_lib.Experiment, pretrained_dir: str, boxed: Any, 
   new = [n for n in new if tuple(n.split("/")) not in old_head]  # grafted below
   log.info("Loaded %s. Newly initialised: %s. Unused from the checkpoint: %s",
            pretrained_dir, ", ".join(new) or "none", ", ".join(unused) or "none")
-  params = jax.tree.map(
-      lambda cur, pre, sh: cur if isinstance(pre, jax.ShapeDtypeStruct)
-      else jax.make_array_from_callback(pre.shape, sh, lambda idx, pre=pre: pre[idx]),
-      fresh, loaded, shardings)
+  params = jax.tree.map(_place, fresh, loaded, shardings)
   if old_head:
     params = _graft_head(exp, params, shardings, old_head)
   else:  # a pre-trained encoder: its config's label map (if any) names no head
@@ -152,20 +177,28 @@ def load_start(exp: experiment_lib.Experiment, pretrained_dir: str, boxed: Any, 
   return params
 
 
+def _place(current: jax.Array, start: Any, sharding: Any) -> jax.Array:
+  """The start's value on `current`'s sharding; broadcast over a sweep's member axis (a host
+  view: each device copies its slice). No value (a new parameter): `current`, as initialised."""
+  if isinstance(start, jax.ShapeDtypeStruct):
+    return current
+  full = start if start.shape == current.shape else np.broadcast_to(start, current.shape)
+  return jax.make_array_from_callback(full.shape, sharding, lambda idx: full[idx])
+
+
 def _start_weights(exp: experiment_lib.Experiment, path: str) -> tuple[Any, dict[str, Any]]:
   """(PyTorch-named state dict, where it came from) of a checkpoint, an export or a workdir."""
   record = {"path": os.path.abspath(path), "kind": "hf_directory", "step": None,
             "label_names": None}
-  if not is_workdir(path):
+  if not workdir_lib.is_workdir(path):
     start_config = hf.load_config(path)
     if not (start_config.problem_type == "regression" or start_config.num_labels == 1):
       record["label_names"] = [str(start_config.id2label[i])
                                for i in range(start_config.num_labels)]
     return hf.load_state_dict(path), record
-  from flaxbert_cls import export as export_lib  # pylint: disable=g-import-not-at-top
-  step = export_lib.parse_step(exp.config.get("start_step", "latest"))
-  export_lib.check_step(path, step)
-  start, params = experiment_lib.load_run(path, step=step)
+  step = checkpoint_lib.parse_step(exp.config.get("start_step", "latest"))
+  checkpoint_lib.check_step(path, step)
+  start, params = runs.load_run(path, step=step)
   if start.multitask:
     raise UserError(f"model_name_or_path={path}: a multi-task run; export it (flaxbert-cls "
                     "export --output=OUT) and start from OUT/<task>")

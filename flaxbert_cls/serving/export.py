@@ -21,43 +21,25 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from flaxbert_cls import decisions as decisions_lib
-from flaxbert_cls import hf
-from flaxbert_cls import tokenization
+from flaxbert_cls import workdir as workdir_lib
+from flaxbert_cls.data import tokenization
+from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.errors import UserError
+from flaxbert_cls.model import bert as model_lib
+from flaxbert_cls.model import hf
+from flaxbert_cls.serving import quantize as quantize_lib
+from flaxbert_cls.training import checkpoints as checkpoint_lib
+from flaxbert_cls.training import runs
 
 log = logging.getLogger(__name__)
 
 METADATA_NAME = "flaxbert_cls.json"
-
-
-def parse_step(step: int | str | None) -> int | str | None:
-  """--step: None or 'latest' -> None (the latest), 'best', or a step number."""
-  if step is None or step == "latest":
-    return None
-  if isinstance(step, int) or (isinstance(step, str) and step.isdigit()):
-    return int(step)
-  if step == "best":
-    return step
-  raise UserError(f"--step={step!r}: use 'latest', 'best' or a step number")
-
-
-def check_step(workdir: str, step: int | str | None) -> None:
-  """A step number must name a saved checkpoint; the error lists the ones there are."""
-  if not isinstance(step, int):
-    return
-  from flaxbert_cls import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
-  steps = ckpt.all_steps()
-  ckpt.close()
-  if step not in steps:
-    raise UserError(f"--step={step}: {ckpt.directory} has no checkpoint at step {step}; "
-                    f"saved steps: {steps}")
 
 
 def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None,
@@ -133,10 +115,8 @@ def export(workdir: str, output: str, step: int | str | None = None,
   `quantize='int8'`: each exported directory also gets model.int8.onnx. A sweep exports
   one `member` (default: the best; sweep.member_index).
   """
-  from flaxbert_cls import experiment as experiment_lib  # pylint: disable=g-import-not-at-top  (orbax)
-  step = parse_step(step)
+  step = checkpoint_lib.parse_step(step)
   if quantize:
-    from flaxbert_cls import quantize as quantize_lib  # pylint: disable=g-import-not-at-top
     quantize_lib.check_mode(quantize)
     quantize_lib.require_onnxruntime()  # before the export's work
     out = export(workdir, output, step)
@@ -144,14 +124,13 @@ def export(workdir: str, output: str, step: int | str | None = None,
         os.path.join(out, d) for d in sorted(os.listdir(out))]:
       quantize_lib.write_int8(directory)
     return out
-  check_step(workdir, step)
-  exp, params = experiment_lib.load_run(workdir, step=step, member=member)
+  checkpoint_lib.check_step(workdir, step)
+  exp, params = runs.load_run(workdir, step=step, member=member)
   if not exp.multitask:
     return _export_head(exp, exp.tasks[0], params, workdir, output, step)
   output = os.path.abspath(output)
   if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
     raise UserError(f"--output={output}: exists and is not an empty directory; choose a new one")
-  from flaxbert_cls import model as model_lib  # pylint: disable=g-import-not-at-top
   for run_task in exp.tasks:
     _export_head(exp, run_task, model_lib.task_params(params, run_task.name), workdir,
                  os.path.join(output, run_task.name), step)
@@ -178,11 +157,8 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
   }
   if exp.member is not None:  # a sweep member: which one, and its values
-    from flaxbert_cls import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-    metadata.update(member=exp.member, member_values=sweep_lib.grid(exp.config)[exp.member])
-  from flaxbert_cls import refinetune  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  started = workdir_lib.join(workdir, refinetune.STARTED_FROM_NAME)
+    metadata.update(member=exp.member, member_values=exp.members[exp.member])
+  started = workdir_lib.join(workdir, workdir_lib.STARTED_FROM_NAME)
   if workdir_lib.exists(started):  # a re-fine-tuned run's lineage travels with its export
     metadata["started_from"] = json.loads(workdir_lib.read_text(started))
   # predict reads long documents as the run did (head_tail / windows + pooling).
@@ -196,3 +172,22 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
            task.name, hf.family(exp.hf_config.model_type).architecture,
            1 if run_task.label_names is None else len(run_task.label_names), out)
   return out
+
+
+def load_int8(path: str, is_workdir: bool, step: int | str | None = None,
+              member: int | str | None = None) -> quantize_lib.OnnxClassifier:
+  """The int8 model of an exported directory (its model.int8.onnx, else made now) or of a
+  workdir's checkpoint `step` (and sweep `member`), exported and quantized now in a
+  temporary directory."""
+  if not is_workdir and os.path.isfile(os.path.join(path, quantize_lib.INT8_NAME)):
+    return quantize_lib.OnnxClassifier(os.path.join(path, quantize_lib.INT8_NAME))
+  quantize_lib.require_onnxruntime()  # the one-line error before any export work
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_dir = path
+    if is_workdir:
+      hf_dir = export(path, os.path.join(tmp, "hf"), step, member=member)
+    log.info("%s has no %s: quantizing now (export --quantize=int8 writes it once)", path,
+             quantize_lib.INT8_NAME)
+    # The session holds the model in memory: the temporary files can go.
+    int8_path = quantize_lib.write_int8(hf_dir, os.path.join(tmp, quantize_lib.INT8_NAME))
+    return quantize_lib.OnnxClassifier(int8_path)

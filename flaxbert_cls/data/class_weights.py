@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from flaxbert_cls.errors import UserError
-from flaxbert_cls.tasks import MULTI_LABEL, REGRESSION
+from flaxbert_cls.data.tasks import MULTI_LABEL, REGRESSION
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,28 @@ def auto_pos_weights(multi_hot: np.ndarray, max_pos_weight: float) -> np.ndarray
   return np.clip(ratio, 1.0 / max_pos_weight, max_pos_weight)
 
 
+def parse_class_weights(value: Any) -> "str | tuple[float, ...] | None":
+  """config.class_weights as () (none), 'auto' or a tuple of numbers; None if malformed.
+
+  Takes the string form ('', 'auto', '1,4.5') and a list/tuple (a config read from JSON)."""
+  if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+    return ()
+  if isinstance(value, str) and value.strip().lower() == "auto":
+    return "auto"
+  parts = value.split(",") if isinstance(value, str) else list(value)
+  try:
+    weights = tuple(float(p) for p in parts if not isinstance(p, bool))
+  except (TypeError, ValueError):
+    return None
+  if len(weights) != len(parts) or not all(w > 0 for w in weights):
+    return None
+  return weights
+
+
 def resolve(setting: Any, labels: np.ndarray | None, label_names: Sequence[str] | None,
             problem_type: str, max_pos_weight: float = 30.0,
             key: str = "config.class_weights") -> tuple[float, ...]:
   """The weights a setting ('' / (), 'auto' or numbers in label order) means for these labels."""
-  from flaxbert_cls.config import parse_class_weights  # pylint: disable=g-import-not-at-top
   parsed = parse_class_weights(setting)
   if parsed is None:
     raise UserError(f"{key}={setting!r}: use '' (none), 'auto' or positive numbers in label "

@@ -8,13 +8,13 @@ run of `member_config(config, m)`: its learning-rate schedule (a table of values
 weight decay, parameter init, dropout stream and data order come from its own values.
 Trained parameters and the optimizer state are stacked [members, ...] and sharded over the
 'member' mesh axis; frozen parameters (LoRA's base, config.freeze) are stored once.
-This module holds the grid, the per-member values, stacking and the results table; the
-stacked state is made in experiment.py and the vmapped step lives in train.py.
+The grid itself is the config's (config.grid, config.member_config); this module holds the
+per-member values, stacking and the results table. The stacked state is made in
+starts.py, the vmapped step is step.py's and layouts.py picks them for a sweep.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from typing import Any, Sequence
@@ -26,85 +26,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from flaxbert_cls import optim
+from flaxbert_cls import config as config_lib
+from flaxbert_cls.model import sharding as sharding_lib
+from flaxbert_cls.training import optimizer as optim
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import UserError
 
-# Values that only change numbers inside the train step (or the data order): anything
-# that changes the program's shapes (batch size, LoRA rank, ...) cannot be a member axis.
-SWEEP_KEYS = ("learning_rate", "seed", "weight_decay", "warmup_ratio")
-MEMBER_AXIS = "member"  # mesh axis and logical axis of the stacked state's leading dimension
+SWEEP_KEYS, MEMBER_AXIS = config_lib.SWEEP_KEYS, config_lib.MEMBER_AXIS
 RESULTS_JSON = "sweep_results.json"
 RESULTS_MARKDOWN = "sweep_results.md"
 
 
-def grid(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """The members' swept values, in the fixed grid order; [] when nothing is swept."""
-  sweep = config.get("sweep") or {}
-  swept = [(key, tuple(sweep[key])) for key in SWEEP_KEYS if key in sweep and len(sweep[key])]
-  if not swept:
-    return []
-  keys = [key for key, _ in swept]
-  return [dict(zip(keys, values)) for values in itertools.product(*(v for _, v in swept))]
-
-
-def member_config(config: ml_collections.ConfigDict, member: dict[str, Any]
-                  ) -> ml_collections.ConfigDict:
-  """The solo run's config of one member: its values set, no sweep, no 'member' mesh axis."""
-  solo = ml_collections.ConfigDict(config.to_dict())
-  with solo.unlocked():
-    if MEMBER_AXIS in solo.mesh_axes:
-      keep = [i for i, axis in enumerate(solo.mesh_axes) if axis != MEMBER_AXIS]
-      solo.mesh_axes = tuple(solo.mesh_axes[i] for i in keep)
-      solo.mesh_shape = tuple(solo.mesh_shape[i] for i in keep)
-    for key, value in member.items():
-      solo[key] = int(value) if key == "seed" else float(value)
-    solo.sweep = ml_collections.ConfigDict({key: () for key in SWEEP_KEYS})
-  return solo
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Known keys, a tuple of distinct numbers each (integers for seed), valid members."""
-  sweep = config.get("sweep")
-  if not sweep:
-    return
-  for key in sweep.keys():
-    values = sweep[key]
-    where = f"config.sweep.{key}={values!r}"
-    if key not in SWEEP_KEYS:
-      raise UserError(f"config.sweep.{key}: not a sweep key; use {', '.join(SWEEP_KEYS)}")
-    if not isinstance(values, (tuple, list)):
-      raise UserError(f"{where}: give a tuple of values, e.g. '(1e-5,2e-5)'")
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
-      raise UserError(f"{where}: values must be numbers")
-    if key == "seed" and any(not float(v).is_integer() for v in values):
-      raise UserError(f"{where}: seeds must be integers")
-    if len(set(values)) != len(values):
-      raise UserError(f"{where}: a value appears twice")
-  if config.get("long_document", "truncate") == "windows" and grid(config):
-    # Members draw documents with other window counts; stacking them is not built.
-    raise UserError("config.sweep with long_document='windows': not supported; sweep with "
-                    "'truncate' or 'head_tail', or run the window settings one at a time")
-  from flaxbert_cls import config as config_lib  # pylint: disable=g-import-not-at-top  (cycle)
-  for member in grid(config):
-    try:
-      config_lib.validate(member_config(config, member))
-    except UserError as e:
-      raise UserError(f"config.sweep member {member}: {e}") from None
-
-
-def mesh_axes(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[int, ...]]:
-  """config.mesh_axes/mesh_shape; a sweep without a 'member' axis gets one of size 1 (every
-  member on every device, vmapped)."""
-  axes, shape = tuple(config.mesh_axes), tuple(config.mesh_shape)
-  if grid(config) and MEMBER_AXIS not in axes:
-    return (MEMBER_AXIS, *axes), (1, *shape)
-  return axes, shape
-
-
-def check_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+def check_mesh(members: Sequence[dict[str, Any]], mesh: jax.sharding.Mesh) -> None:
   """The member mesh axis must divide the number of members."""
-  members = grid(config)
   size = dict(mesh.shape).get(MEMBER_AXIS, 1)
   if members and len(members) % size:
     raise UserError(f"config.mesh_shape: the '{MEMBER_AXIS}' axis of {size} devices does not "
@@ -120,33 +54,34 @@ def logical_axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, An
   return (*rules, (MEMBER_AXIS, MEMBER_AXIS))
 
 
-def member_seeds(config: ml_collections.ConfigDict) -> list[int]:
+def member_seeds(config: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
+                 ) -> list[int]:
   """Each member's seed (config.seed where seed is not swept)."""
-  return [int(m.get("seed", config.seed)) for m in grid(config)]
+  return [int(m.get("seed", config.seed)) for m in members]
 
 
-def member_hyper(config: ml_collections.ConfigDict, total_steps: int) -> dict[str, np.ndarray]:
+def member_hyper(config: ml_collections.ConfigDict, members: Sequence[dict[str, Any]],
+                 total_steps: int) -> dict[str, np.ndarray]:
   """Per member, what the step takes as arrays: 'lr' [M, total_steps + 1] (the member's
   schedule at every step, so warmup_ratio and the peak both sweep), 'weight_decay' [M],
   'seed' [M] (dropout stream)."""
   steps = jnp.arange(total_steps + 1)
-  solos = [member_config(config, m) for m in grid(config)]
+  solos = [config_lib.member_config(config, m) for m in members]
   return {
       "lr": np.stack([np.asarray(optim.create_learning_rate_schedule(c, total_steps)(steps),
                                  np.float32) for c in solos]),
       "weight_decay": np.asarray([c.weight_decay for c in solos], np.float32),
-      "seed": np.asarray(member_seeds(config), np.int32),
+      "seed": np.asarray(member_seeds(config, members), np.int32),
   }
 
 
-def optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
-              hyper: dict[str, jax.Array] | None = None
+def optimizer(config: ml_collections.ConfigDict, members: Sequence[dict[str, Any]], params: Any,
+              total_steps: int, hyper: dict[str, jax.Array] | None = None
               ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """One member's optimizer from its `hyper` values (one row of `member_hyper`, traced).
 
   Without `hyper`: the template whose state structure every member shares (init, restore).
   """
-  members = grid(config)
   swept = members[0].keys() if members else ()
   weight_decay = None
   if "weight_decay" in swept:
@@ -221,6 +156,12 @@ def member_index(member: int | str | None, members: Sequence[dict[str, Any]],
   if not 0 <= int(member) < len(members):
     raise UserError(f"--member={member}: the sweep in {where} has members 0..{len(members) - 1}")
   return int(member)
+
+
+def stacked_batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """[members, batch, ...]: members over the 'member' axis, rows as a solo run's."""
+  rows = sharding_lib.batch_sharding(mesh).spec[0]
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MEMBER_AXIS, rows))
 
 
 def stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -20,11 +20,11 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from flaxbert_cls import dataset_sources
-from flaxbert_cls import readers
-from flaxbert_cls import tasks as tasks_lib
+from flaxbert_cls.data import sources as dataset_sources
+from flaxbert_cls.data import readers
+from flaxbert_cls.data import tasks as tasks_lib
 from flaxbert_cls.errors import UserError
-from flaxbert_cls.tokenization import TokenizedSplit
+from flaxbert_cls.data.tokenization import TokenizedSplit
 
 log = logging.getLogger(__name__)
 

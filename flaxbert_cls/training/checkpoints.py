@@ -221,6 +221,29 @@ class Checkpoints:
       self.manager.close()
 
 
+def parse_step(step: int | str | None) -> int | str | None:
+  """--step: None or 'latest' -> None (the latest), 'best', or a step number."""
+  if step is None or step == "latest":
+    return None
+  if isinstance(step, int) or (isinstance(step, str) and step.isdigit()):
+    return int(step)
+  if step == "best":
+    return step
+  raise UserError(f"--step={step!r}: use 'latest', 'best' or a step number")
+
+
+def check_step(workdir: str, step: int | str | None) -> None:
+  """A step number must name a saved checkpoint; the error lists the ones there are."""
+  if not isinstance(step, int):
+    return
+  ckpt = Checkpoints(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  if step not in steps:
+    raise UserError(f"--step={step}: {ckpt.directory} has no checkpoint at step {step}; "
+                    f"saved steps: {steps}")
+
+
 def _best_from_meta(ckpt: Checkpoints, member: int | None = None) -> int | None:
   best, best_step = None, None
   for step in ckpt.all_steps():  # ascending: ties go to the earlier step

@@ -22,15 +22,16 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flaxbert_cls import data as data_lib
-from flaxbert_cls import decisions as decisions_lib
-from flaxbert_cls import experiment as experiment_lib
-from flaxbert_cls import long_documents
-from flaxbert_cls import metrics as metrics_lib
-from flaxbert_cls import progress as progress_lib
-from flaxbert_cls import readers
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.decisions import tuning as decisions_lib
+from flaxbert_cls.training import experiment as experiment_lib
+from flaxbert_cls.training import runs
+from flaxbert_cls.model import long_documents
+from flaxbert_cls.decisions import metrics as metrics_lib
+from flaxbert_cls.training import progress as progress_lib
+from flaxbert_cls.data import readers
 from flaxbert_cls import workdir as workdir_lib
-from flaxbert_cls.calibration import sigmoid, softmax  # also evaluate.softmax / .sigmoid
+from flaxbert_cls.decisions.calibration import sigmoid, softmax  # also evaluate.softmax / .sigmoid
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +200,18 @@ class BestTracker:
     self.best = meta.get("best")
     self.evals_without_improvement = meta.get("evals_without_improvement", 0)
 
-  def checkpoint_metric(self, metrics: dict[str, float]) -> float:
-    """What best-k checkpointing ranks an evaluated step by."""
-    return metrics[self.key]
 
+class Bests:
+  """The best eval so far of each member of a run (one for a single run) and early stopping.
 
-class MemberBests:
-  """A sweep's BestTracker per member (same interface); the run stops early once every
-  member would have stopped. Checkpoint metadata holds each member's and the best member."""
+  The run stops early once every member would have stopped. Checkpoint metadata holds a
+  single run's one BestTracker as it always has ({'best', 'evals_without_improvement'}), a
+  sweep's each member's and the best member (`members` > 0).
+  """
 
-  def __init__(self, key: str, patience: int, members: int):
-    self.key = key
-    self.trackers = [BestTracker(key, patience) for _ in range(members)]
+  def __init__(self, key: str, patience: int, members: int = 0):
+    self.key, self.stacked = key, members > 0
+    self.trackers = [BestTracker(key, patience) for _ in range(max(members, 1))]
     self.latest: list[dict[str, float]] = []
 
   def update(self, step: int, member_metrics: list[dict[str, float]]) -> None:
@@ -229,22 +230,32 @@ class MemberBests:
 
   @property
   def best(self) -> dict[str, Any] | None:
-    """The best member's best eval, with 'member'."""
+    """The best member's best eval ({'step', 'metrics'}; a sweep's with 'member')."""
     member = self.best_member()
-    return None if member is None else {**self.trackers[member].best, "member": member}
+    if member is None:
+      return None
+    best = self.trackers[member].best
+    return {**best, "member": member} if self.stacked else best
 
   def state(self) -> dict[str, Any]:
+    if not self.stacked:
+      return self.trackers[0].state()
     return {"best": [t.best for t in self.trackers], "best_member": self.best_member(),
             "evals_without_improvement": [t.evals_without_improvement for t in self.trackers]}
 
   def restore(self, meta: dict[str, Any]) -> None:
+    if not self.stacked:
+      self.trackers[0].restore(meta)
+      return
     for i, tracker in enumerate(self.trackers):
       tracker.best = (meta.get("best") or [None] * len(self.trackers))[i]
       tracker.evals_without_improvement = (meta.get("evals_without_improvement")
                                            or [0] * len(self.trackers))[i]
 
-  def checkpoint_metric(self, metrics: dict[str, float]) -> list[float]:  # pylint: disable=unused-argument
-    return [m[self.key] for m in self.latest]
+  def checkpoint_metric(self) -> float | list[float]:
+    """What best-k checkpointing ranks the last evaluated step by (a sweep: per member)."""
+    values = [m[self.key] for m in self.latest]
+    return values if self.stacked else values[0]
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -259,7 +270,7 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
   Also writes workdir/eval/: predictions.jsonl (every example), errors.jsonl (the
   misclassified ones, most confident first) and eval.json (step, metrics, tasks).
   """
-  exp, params = experiment_lib.load_run(workdir, overrides, step, member=member)
+  exp, params = runs.load_run(workdir, overrides, step, member=member)
   read = experiment_lib.read_examples_tokenized(exp, "validation")
   results, _, logits = evaluate_tasks(
       exp, params, [t for _, t in read],

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from flaxbert_cls import checkpoint as checkpoint_lib
-from flaxbert_cls import evaluate as evaluate_lib
-from flaxbert_cls import progress as progress_lib
-from flaxbert_cls import report_plots
+from flaxbert_cls.training import checkpoints as checkpoint_lib
+from flaxbert_cls.training import evaluate as evaluate_lib
+from flaxbert_cls.training import progress as progress_lib
+from flaxbert_cls.report import plots as report_plots
 from flaxbert_cls import workdir as workdir_lib
-from flaxbert_cls.calibration import calibration_bins
+from flaxbert_cls.decisions.calibration import calibration_bins
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)

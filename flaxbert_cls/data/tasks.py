@@ -11,6 +11,9 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 from typing import Any
 
+import ml_collections
+
+from flaxbert_cls import workdir as files
 from flaxbert_cls.errors import UserError
 
 # Kept in sync with `metrics.METRIC_NAMES`; duplicated here so that building a
@@ -316,7 +319,6 @@ def _custom_task(config: Any) -> Task:
 
 def _read_label_names_file(path: Any) -> tuple[str, ...]:
   """Label names one a line (blank lines at the end ignored), e.g. GoEmotions' emotions.txt."""
-  from flaxbert_cls import workdir as files  # pylint: disable=g-import-not-at-top
   if not isinstance(path, str) or not files.is_file(path):
     raise UserError(f"config.label_names_file={path!r}: file not found")
   lines = files.read_text(path).rstrip("\n").split("\n")
@@ -332,3 +334,55 @@ def with_label_names(task: Task, label_names: Sequence[str]) -> Task:
   if task.is_regression:
     raise ValueError(f"task {task.name!r} is a regression task")
   return dataclasses.replace(task, label_names=tuple(label_names))
+
+
+# Keys a `config.tasks` entry may set (besides task_name, name and weight).
+TASK_KEYS = ("train_file", "validation_file", "data_dir", "dataset_name", "dataset_config_name",
+             "tfds_name", "tfds_data_dir", "text_columns", "label_column", "label_names",
+             "is_regression", "metrics", "main_metric", "problem_type", "label_delimiter",
+             "label_names_file", "file_columns", "class_weights")
+
+
+def task_configs(config: ml_collections.ConfigDict
+                 ) -> list[tuple[str, float, ml_collections.ConfigDict]]:
+  """(head name, weight, that task's config) per task; one entry for a single-task config.
+
+  A task's config is the run's config with the entry's keys on top, so `task_name`,
+  `data_dir`, ... mean the same as in a single-task run.
+  """
+  entries = list(config.get("tasks") or ())
+  if not entries:
+    return [("", 1.0, config)]
+  out, names = [], set()
+  for i, entry in enumerate(entries):
+    where = f"config.tasks[{i}]"
+    if not hasattr(entry, "items"):
+      raise UserError(f"{where}={entry!r}: give a dict with task_name (and data keys)")
+    entry = dict(entry.items())
+    unknown = sorted(set(entry) - {"task_name", "name", "weight", *TASK_KEYS})
+    if unknown:
+      raise UserError(f"{where}: unknown key {unknown[0]!r}; known: "
+                      f"{['task_name', 'name', 'weight', *TASK_KEYS]}")
+    if not isinstance(entry.get("task_name"), str) or not entry["task_name"].strip():
+      raise UserError(f"{where}: task_name is not set (a GLUE task or 'custom')")
+    weight = entry.pop("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+      raise UserError(f"{where}.weight={weight!r}: must be a number > 0")
+    name = str(entry.pop("name", "") or entry["task_name"]).strip().lower().replace("-", "")
+    if entry["task_name"].strip().lower() == "custom" and "name" not in dict(entries[i]):
+      raise UserError(f"{where}: a custom task needs a name (its head's name)")
+    if not name.replace("_", "").isalnum():
+      raise UserError(f"{where}.name={name!r}: use letters, digits and '_'")
+    if name in names:
+      raise UserError(f"{where}.name={name!r}: two tasks with this name; set distinct names")
+    names.add(name)
+    task_config = ml_collections.ConfigDict(config.to_dict())
+    with task_config.unlocked():
+      task_config.tasks = ()
+      for key, value in entry.items():
+        try:
+          task_config[key] = tuple(value) if isinstance(value, list) else value
+        except (TypeError, ValueError) as e:
+          raise UserError(f"{where}.{key}={value!r}: {e}") from None
+    out.append((name, float(weight), task_config))
+  return out

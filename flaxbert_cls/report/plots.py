@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-def _figure(width: float, height: float, rows: int = 1, cols: int = 1, **kwargs: Any):
+def figure(width: float, height: float, rows: int = 1, cols: int = 1, **kwargs: Any):
   """A matplotlib Figure on the Agg canvas (no pyplot: no global state, no display)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -28,7 +28,7 @@ def _png(fig: Any) -> str:
 
 
 def train_plot(records: list[dict[str, Any]]) -> str:
-  fig, axes = _figure(10, 3, 1, 2)
+  fig, axes = figure(10, 3, 1, 2)
   steps = [r["step"] for r in records]
   for ax, key, title in ((axes[0, 0], "loss", "training loss (mean since the last log line)"),
                          (axes[0, 1], "learning_rate", "learning rate")):
@@ -44,7 +44,7 @@ def eval_plot(series: dict[str, list[tuple[int, float]]], best_step: int | None)
   names = list(series)
   cols = min(4, len(names))
   rows = -(-len(names) // cols)
-  fig, axes = _figure(2.6 * cols + 0.4, 2.3 * rows, rows, cols)
+  fig, axes = figure(2.6 * cols + 0.4, 2.3 * rows, rows, cols)
   for ax in axes.flat[len(names):]:
     ax.set_visible(False)
   for ax, name in zip(axes.flat, names):
@@ -66,7 +66,7 @@ def eval_plot(series: dict[str, list[tuple[int, float]]], best_step: int | None)
 def confusion_plot(confusion: np.ndarray, label_names: list[str]) -> str:
   k = len(label_names)
   size = min(2.5 + 0.5 * k, 9)
-  fig, axes = _figure(size + 1, size)
+  fig, axes = figure(size + 1, size)
   ax = axes[0, 0]
   # Colours by row share (recall), so small classes show their errors too; cells hold counts.
   shares = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
@@ -85,7 +85,7 @@ def confusion_plot(confusion: np.ndarray, label_names: list[str]) -> str:
 
 
 def scatter_plot(labels: np.ndarray, predictions: np.ndarray) -> str:
-  fig, axes = _figure(4.5, 4.2)
+  fig, axes = figure(4.5, 4.2)
   ax = axes[0, 0]
   ax.scatter(labels, predictions, s=8, alpha=0.5)
   low = float(min(labels.min(), predictions.min()))
@@ -99,7 +99,7 @@ def scatter_plot(labels: np.ndarray, predictions: np.ndarray) -> str:
 
 
 def reliability_plot(bins: dict[str, Any]) -> str:
-  fig, axes = _figure(4.8, 4.6, 2, 1, sharex=True, height_ratios=(3, 1))
+  fig, axes = figure(4.8, 4.6, 2, 1, sharex=True, height_ratios=(3, 1))
   top, bottom = axes[0, 0], axes[1, 0]
   edges, width = bins["edges"], np.diff(bins["edges"])
   filled = bins["count"] > 0

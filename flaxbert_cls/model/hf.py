@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
-from flaxbert_cls import model as model_lib
+from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)

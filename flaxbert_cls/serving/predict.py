@@ -29,19 +29,20 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from flaxbert_cls import data as data_lib
-from flaxbert_cls import decisions as decisions_lib
-from flaxbert_cls import evaluate as evaluate_lib
-from flaxbert_cls import experiment as experiment_lib
-from flaxbert_cls import export as export_lib
-from flaxbert_cls import hf
-from flaxbert_cls import model as model_lib
-from flaxbert_cls import progress as progress_lib
-from flaxbert_cls import quantize as quantize_lib
-from flaxbert_cls import readers
-from flaxbert_cls import sharding as sharding_lib
-from flaxbert_cls import tasks as tasks_lib
-from flaxbert_cls import tokenization
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.decisions import tuning as decisions_lib
+from flaxbert_cls.training import evaluate as evaluate_lib
+from flaxbert_cls.training import checkpoints as checkpoint_lib
+from flaxbert_cls.training import runs
+from flaxbert_cls.serving import export as export_lib
+from flaxbert_cls.model import hf
+from flaxbert_cls.model import bert as model_lib
+from flaxbert_cls.training import progress as progress_lib
+from flaxbert_cls.serving import quantize as quantize_lib
+from flaxbert_cls.data import streaming
+from flaxbert_cls.model import sharding as sharding_lib
+from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.data import tokenization
 from flaxbert_cls import workdir as files
 from flaxbert_cls.errors import UserError
 
@@ -99,7 +100,7 @@ class Predictor:
     quantize_lib.check_mode(quantize)
     path = os.path.abspath(path)
     if _is_workdir(path):
-      predictor = cls._from_workdir(path, export_lib.parse_step(step), member)
+      predictor = cls._from_workdir(path, checkpoint_lib.parse_step(step), member)
     elif os.path.isfile(os.path.join(path, "config.json")):
       if step is not None and step != "latest":
         raise UserError(f"--step={step}: {path} is a Hugging Face directory, not a workdir; "
@@ -119,16 +120,16 @@ class Predictor:
       shards = predictor.batch_sharding.mesh.size
       predictor.batch_size = -(-predictor.batch_size // shards) * shards
     if quantize:
-      predictor.quantized = quantize_lib.load_int8(path, _is_workdir(path),
-                                                   export_lib.parse_step(step), member)
+      predictor.quantized = export_lib.load_int8(path, _is_workdir(path),
+                                                   checkpoint_lib.parse_step(step), member)
       predictor.quantized.window_pooling = predictor.window_pooling
     return predictor
 
   @classmethod
   def _from_workdir(cls, workdir: str, step: int | str | None,
                     member: int | str | None = None) -> "Predictor":
-    export_lib.check_step(workdir, step)
-    exp, params = experiment_lib.load_run(workdir, step=step, member=member)  # sweep: best
+    checkpoint_lib.check_step(workdir, step)
+    exp, params = runs.load_run(workdir, step=step, member=member)  # sweep: best
     if exp.multitask:
       raise UserError(f"{workdir}: a multi-task run ({', '.join(t.name for t in exp.tasks)}); "
                       "export it (flaxbert-cls export --output=OUT) and predict with OUT/<task>")
@@ -254,7 +255,7 @@ class Predictor:
     progress = progress_lib.RowProgress("predict", total)
     try:
       with _ResultWriter(output_path, self.task.text_fields, self.label_names) as writer:
-        for examples in readers.read_file_chunks(input_path, self.task, chunk_rows):
+        for examples in streaming.read_file_chunks(input_path, self.task, chunk_rows):
           start = time.perf_counter()
           split = self._tokenize(examples.texts)
           done_before = rows

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from flaxbert_cls import readers
+from flaxbert_cls.data import labels as labels_lib
+from flaxbert_cls.data import readers
 from flaxbert_cls.errors import UserError
-from flaxbert_cls.tasks import Task
+from flaxbert_cls.data.tasks import Task
 
 # `datasets` builders that read local files (`data_files=`), not the Hub.
 _LOCAL_BUILDERS = ("csv", "json", "text", "parquet", "arrow", "pandas")
@@ -109,7 +110,7 @@ def _examples_from_table(ds: Any, source: str, own_dataset: bool, task: Task,
                                             label_names)
     if raw is not None:
       rows = [(i, t, r) for (i, t, _), r in zip(rows, raw)]
-      labels = readers.label_array(source, rows, task, label_names, "row")
+      labels = labels_lib.label_array(source, rows, task, label_names, "row")
   return readers.Examples(texts=[r[1] for r in rows], labels=labels,
                           source=source, line_numbers=[r[0] for r in rows])
 
@@ -155,7 +156,7 @@ def _map_class_label(source: str, ids: Sequence[int],
   if label_names is None and task.label_names is None:
     # Custom task without a label map: the ClassLabel names are the map.
     label_names = tuple(class_names)
-  names = readers.resolve_label_names(task, label_names)
+  names = labels_lib.resolve_label_names(task, label_names)
   class_names = [str(c) for c in class_names]
   if set(class_names) <= set(names):
     table = class_names
@@ -196,10 +197,10 @@ def _label_names_from_table(source: str, task: Task,
         f"{table.column_names}")
   class_names = _class_names(table, task.label_field)
   if class_names is not None:
-    return readers.check_label_count(source, tuple(str(c) for c in class_names))
-  labels = [readers.label_string(source, f"row {i}", v)
+    return labels_lib.check_label_count(source, tuple(str(c) for c in class_names))
+  labels = [labels_lib.label_string(source, f"row {i}", v)
             for i, v in enumerate(table[task.label_field])]
-  return readers.check_label_count(source, readers.sort_label_names(labels))
+  return labels_lib.check_label_count(source, labels_lib.sort_label_names(labels))
 
 
 def hf_label_names(name: str, config_name: str | None, split: str,

@@ -24,10 +24,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from flaxbert_cls import calibration
-from flaxbert_cls import metrics as metrics_lib
-from flaxbert_cls import tasks as tasks_lib
-from flaxbert_cls import thresholds as thresholds_lib
+from flaxbert_cls.decisions import calibration
+from flaxbert_cls.decisions import metrics as metrics_lib
+from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.decisions import thresholds as thresholds_lib
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import UserError
 

@@ -13,9 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxbert_cls import ops
-from flaxbert_cls import sharding as sharding_lib
-from flaxbert_cls.sharding import ACTIVATION_BATCH
+from flaxbert_cls.model import ops
+from flaxbert_cls.model import sharding as sharding_lib
+from flaxbert_cls.model.sharding import ACTIVATION_BATCH
 
 # Logical axis names used on parameters and activations. Rules in the config map
 # them to mesh axes ('data', 'fsdp', 'tensor').

@@ -1,0 +1,78 @@
+"""A saved run read back: its experiment and the parameters of one checkpoint (and member).
+
+What eval, predict, export and a re-fine-tuning start load a workdir through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from flaxbert_cls import config as config_lib
+from flaxbert_cls import workdir as workdir_lib
+from flaxbert_cls.errors import UserError
+from flaxbert_cls.model import layers
+from flaxbert_cls.training import checkpoints as checkpoint_lib
+from flaxbert_cls.training import experiment as experiment_lib
+from flaxbert_cls.training import members as members_lib
+from flaxbert_cls.training import state as state_lib
+
+
+def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
+             step: int | str | None = None, devices: list[jax.Device] | None = None,
+             member: int | str | None = None) -> tuple[experiment_lib.Experiment, Any]:
+  """A finished (or checkpointed) run: its experiment and restored parameters.
+
+  `step`: None = the latest, 'best' = the best by the task's main metric, or a number.
+  A sweep's `member`: None / 'best' (the best member) or an index; its own best step.
+  LoRA adapters come back folded into the base kernels: eval, predict and export only
+  ever see a plain BERT.
+  """
+  workdir = workdir_lib.resolve(workdir)
+  config_path = workdir_lib.join(workdir, "config.json")
+  if not workdir_lib.exists(config_path):
+    raise UserError(f"{workdir}: not a flaxbert-cls workdir (no config.json)")
+  with io.StringIO(workdir_lib.read_text(config_path)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if overrides is not None:
+    config.update(overrides)
+  ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  members = config_lib.grid(config)  # before building: --member is checked first
+  if members:
+    member = members_lib.member_index(member, members, ckpt.read_meta()[0], ckpt.directory)
+  elif member not in (None, "best"):
+    raise UserError(f"--member={member}: {workdir} is not a sweep (config.sweep is empty)")
+  if step == "best":
+    step = ckpt.best_step(member if members else None)
+    if step is None:
+      raise UserError(f"{ckpt.directory}: no checkpoint was saved with eval metrics")
+  meta, _ = ckpt.read_meta(step)
+  label_names = meta["label_names"]  # {task: names} for a multi-task run
+  if isinstance(label_names, list):
+    label_names = tuple(label_names)
+  model_dir = workdir_lib.local_dir(workdir_lib.join(workdir, workdir_lib.MODEL_SUBDIR))
+  exp = experiment_lib.build_experiment(config, label_names=label_names, devices=devices,
+                                        model_dir=model_dir)
+  boxed, param_shardings = exp.abstract_params()
+  tx, _ = state_lib.optimizer(exp, nn.unbox(boxed), meta["total_steps"])
+  abstract_state, state_shardings = state_lib.abstract_state(exp, tx)
+  state, exp.checkpoint_meta, exp.checkpoint_step = ckpt.restore(
+      checkpoint_lib.abstract_with_shardings(nn.unbox(abstract_state), state_shardings), step)
+  ckpt.close()
+  params = state.params
+  if members:
+    exp.member = member
+    frozen = members_lib.frozen_mask(config, nn.unbox(boxed))
+    params = jax.jit(lambda p: members_lib.unstack(p, frozen, member),
+                     out_shardings=param_shardings)(params)
+  if exp.model.config.lora_rank:
+    params = jax.jit(functools.partial(layers.merge_lora, lora_alpha=config.lora_alpha))(params)
+    exp.model = exp.model.clone(config=dataclasses.replace(exp.model.config, lora_rank=0))
+  return exp, params

@@ -1,0 +1,174 @@
+"""Fine-tuning: create the sharded state -> one jitted train step -> the loop.
+
+Reads like Flax's lm1b: `train_and_evaluate(config, workdir)` is the whole run. The
+experiment (model, tasks, mesh) is `experiment.py`'s, the state `starts.py`'s, the step
+`step.py`'s, the batches `batches.py`'s, resuming and saving `resume.py`'s; a sweep is the
+same loop over a stacked layout (`layouts.py`).
+"""
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from flaxbert_cls import workdir as workdir_lib
+from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.data import class_weights as class_weights_lib
+from flaxbert_cls.decisions import tuning as decisions_lib
+from flaxbert_cls.training import batches as batches_lib
+from flaxbert_cls.training import checkpoints as checkpoint_lib
+from flaxbert_cls.training import evaluate as evaluate_lib
+from flaxbert_cls.training import experiment as experiment_lib
+from flaxbert_cls.training import layouts
+from flaxbert_cls.training import progress as progress_lib
+from flaxbert_cls.training import resume
+
+log = logging.getLogger(__name__)
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache (every program, however fast to compile)."""
+  if not directory:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@dataclasses.dataclass
+class Run:
+  """What the loop starts from: the experiment, its layout, data, state and programs."""
+
+  exp: experiment_lib.Experiment
+  layout: layouts.SingleRun
+  train_splits: list[data_lib.TokenizedSplit]
+  eval_data: list[tuple[Any, data_lib.TokenizedSplit]]
+  mixture: data_lib.TaskMixture
+  total_steps: int
+  ckpt: checkpoint_lib.Checkpoints
+  run_meta: dict[str, Any]
+  best: evaluate_lib.Bests
+  state: Any
+  jit_train: Callable
+  jit_eval: Callable
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str,
+          devices: list[jax.Device] | None = None) -> Run:
+  """Experiment -> data -> state (restored, or fresh with the start's weights) -> programs."""
+  enable_compilation_cache(config.compilation_cache_dir)
+  exp = experiment_lib.build_experiment(config, devices=devices)
+  decisions_lib.check_run(exp)
+  train_splits = experiment_lib.read_tokenized(exp, "train")
+  class_weights_lib.resolve_for_run(exp, [split.labels for split in train_splits])
+  eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
+  layout = layouts.for_experiment(exp)
+  mixture = batches_lib.task_mixture(exp, train_splits)
+  total_steps = batches_lib.total_steps(config, mixture)
+  ckpt = checkpoint_lib.Checkpoints(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                    keep_best=config.keep_best_checkpoints,
+                                    members=len(exp.members))
+  run_meta = resume.run_meta(exp, total_steps, train_splits)
+  best = layout.tracker()
+  state, state_shardings, tx, schedule = resume.restore_or_init(exp, ckpt, run_meta, best)
+  jit_train = layout.jit_step(state, state_shardings, tx, schedule, total_steps)
+  jit_eval = evaluate_lib.jit_eval_step(exp.model, exp.abstract_params()[1], exp.batch_sharding,
+                                        config.get("window_pooling", "mean"))
+  resume.write_run_files(exp, workdir)
+  return Run(exp, layout, train_splits, eval_data, mixture, total_steps, ckpt, run_meta, best,
+             state, jit_train, jit_eval)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Fine-tunes per `config` in `workdir`, resuming its latest checkpoint (unless resume=False).
+
+  Returns {'step', 'eval', 'train_log', 'state', 'best', 'seconds'} (a sweep: and 'sweep').
+  """
+  workdir = workdir_lib.prepare(workdir)
+  run = setup(resume.with_cache_dir(config, workdir), workdir, devices)
+  config, state, best, ckpt, total_steps = (run.exp.config, run.state, run.best, run.ckpt,
+                                            run.total_steps)
+  start_step = int(state.step)
+  batches = run.layout.batches(run.train_splits, run.mixture, range(start_step, total_steps))
+  train_log = progress_lib.TrainLog(workdir, total_steps, start_step,
+                                    config.batch_size * run.layout.size, config.log_every_steps)
+  finite = resume.FiniteGuard(config.nonfinite_policy, ckpt)
+  preemption = checkpoint_lib.PreemptionWatcher(config.log_every_steps)
+  save_timer = checkpoint_lib.SaveTimer(config.checkpoint_every_minutes, config.log_every_steps)
+  log.info("Training steps %d..%d (%d per epoch) of %d examples on a %s mesh.", start_step + 1,
+           total_steps, run.mixture.steps_per_epoch, config.batch_size, dict(run.exp.mesh.shape))
+  eval_metrics = {}
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, step_metrics, step_finite = run.jit_train(state, next(batches))
+      finite.check_later(step, step_finite)
+      train_log.record(step, step_metrics)
+      if train_log.due(step):
+        finite.check_now()
+        train_log.write_train(step)
+      evaluated = resume.eval_due(config, step, total_steps)
+      if evaluated:
+        eval_metrics = _evaluate(run, state.params, step, train_log, workdir)
+      preempted = preemption.reached(step)
+      # After every eval too: best-k checkpoints need the evaluated step on disk.
+      if preempted or evaluated or resume.checkpoint_due(config, step, total_steps, save_timer):
+        resume.save(ckpt, step, state, {**run.run_meta, **best.state()},
+                    best.checkpoint_metric() if evaluated else None)
+      if preempted:
+        resume.exit_preempted(ckpt, step)
+      if best.should_stop:
+        break
+  finally:
+    preemption.close()
+    ckpt.close()
+    train_log.close()
+  return _finish(run.layout, state, eval_metrics, train_log, best, workdir)
+
+
+def _evaluate(run: Run, params: Any, step: int, train_log: progress_lib.TrainLog,
+              workdir: str) -> dict[str, float]:
+  """Every member's dev metrics (every task's), logged and tracked; a new best also writes
+  workdir/eval/ (predictions and errors: the report page reads them without evaluating)."""
+  exp, layout, eval_data, best = run.exp, run.layout, run.eval_data, run.best
+  splits = [split for _, split in eval_data]
+  flat, member_metrics, member_logits = {}, [], []
+  for member, member_params in layout.each_member(params):
+    metrics, records, logits = evaluate_lib.evaluate_tasks(exp, member_params, splits, run.jit_eval)
+    fitted = layout.decide(workdir, step, logits[0], splits[0].labels)
+    metrics.update(fitted)
+    records[0].update(fitted)
+    named, records = layout.named(member, metrics, records)
+    train_log.write_eval(step, named, records)
+    flat.update(named)
+    member_metrics.append(metrics)
+    member_logits.append(logits)
+  best.update(step, member_metrics)
+  if best.best and best.best["step"] == step and jax.process_index() == 0:
+    member = best.best_member()
+    evaluate_lib.write_eval_files(workdir, exp, [examples for examples, _ in eval_data],
+                                  member_logits[member], member_metrics[member], step, step)
+  return flat
+
+
+def _finish(layout: layouts.SingleRun, state: Any, eval_metrics: dict[str, float],
+            train_log: progress_lib.TrainLog, best: evaluate_lib.Bests, workdir: str
+            ) -> dict[str, Any]:
+  if best.best:
+    log.info("Best %s %.4f at step %d%s: %s", best.key, best.best["metrics"][best.key],
+             best.best["step"], f" (member {best.best['member']})" if "member" in best.best
+             else "", evaluate_lib.format_metrics(best.best["metrics"]))
+  seconds = time.time() - train_log.t_start
+  log.info("Done in %s.", progress_lib.format_duration(seconds))
+  result = {"step": int(state.step), "eval": eval_metrics, "train_log": train_log.history,
+            "state": state, "best": best.best, "seconds": seconds}
+  sweep = layout.results(best, workdir)
+  if sweep:
+    log.info("Sweep (%d members), %s per setting over seeds:\n%s", len(layout.exp.members),
+             best.key, sweep.pop("sweep_markdown"))
+    result.update(sweep)
+  return result
