@@ -12,7 +12,7 @@ import pytest
 
 from flaxbert_cls.data import sources as dataset_sources
 from flaxbert_cls.decisions import metrics
-from flaxbert_cls.data import labels
+from flaxbert_cls.data import labels as labels_lib
 from flaxbert_cls.data import readers
 from flaxbert_cls.data import tasks
 from flaxbert_cls.errors import UserError
@@ -370,7 +370,7 @@ def test_custom_example_file():
     (["b", "a", "10", "9"], ("9", "10", "a", "b")),
 ])
 def test_sort_label_names(labels, expected):
-  assert labels.sort_label_names(labels) == expected
+  assert labels_lib.sort_label_names(labels) == expected
 
 
 def test_build_label_names(tmp_path):
