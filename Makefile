@@ -19,7 +19,8 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test]'
+	# [tpu]: libtpu, so tests/test_plan.py compiles for TPU topologies (CPU tests stay on CPU).
+	$(BIN)/pip install -q -e '.[test,tpu]'
 	touch $@
 
 install: $(VENV)/.installed

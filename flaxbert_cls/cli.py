@@ -9,6 +9,9 @@
       [--quantize=int8] [--batch_size=N]
   flaxbert-cls monitor --model=DIR_OR_HF_DIR --reference=FILE --current=FILE [--output=DIR]
       (exit status 0: stable, 3: drift)
+  flaxbert-cls plan --config=... --topology=v5e:4x4 [--num_slices=N] [--json=FILE]
+      [--largest_only] | plan --list   (compiles for a TPU topology on any host; exit 3:
+      a program does not fit)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ml_collections import config_flags
 
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
-COMMANDS = ("train", "eval", "report", "export", "predict", "monitor")
+COMMANDS = ("train", "eval", "report", "export", "predict", "monitor", "plan")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _STEP = flags.DEFINE_string("step", None,
@@ -54,6 +57,14 @@ _P_VALUE = flags.DEFINE_float("p_value", 0.01, "monitor: ... and its two-sample 
                               "is below this.")
 _LABEL_COLUMN = flags.DEFINE_string("label_column", None, "monitor: gold labels in both files "
                                     "(adds each set's metrics to the report).")
+# plan (compile for a TPU topology without one: training/plan.py).
+_TOPOLOGY = flags.DEFINE_string("topology", None, "plan: TPU topology, e.g. v5e:4x4, v4:2x2x1 "
+                                "(plan --list).")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "plan: slices of that topology (multi-slice).")
+_JSON = flags.DEFINE_string("json", None, "plan: also write every figure to this JSON file.")
+_LIST = flags.DEFINE_bool("list", False, "plan: list the topology names this libtpu accepts.")
+_LARGEST_ONLY = flags.DEFINE_bool("largest_only", False, "plan: compile the longest sequence "
+                                  "bucket only (the peak memory), not every bucket.")
 # Multi-process runs without a scheduler (SLURM and Cloud TPU pods are detected alone).
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -81,6 +92,9 @@ def _main(argv: list[str]) -> None:
     for flag in (_MODEL, _REFERENCE, _CURRENT):
       if not flag.value:
         raise UserError(f"monitor needs --{flag.name}")
+  elif command == "plan":
+    if not _LIST.value and (not _TOPOLOGY.value or _CONFIG.value is None):
+      raise UserError("plan needs --config=FILE and --topology=NAME (or --list)")
   elif not _WORKDIR.value:
     raise UserError("--workdir is required")
   if command == "export" and not _OUTPUT.value:
@@ -100,6 +114,9 @@ def _main(argv: list[str]) -> None:
   from flaxbert_cls.report import page as report  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import sharding  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
+  if command == "plan":
+    _plan()
+    return
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _loaded_config()
   if command == "train":
@@ -136,6 +153,24 @@ def _main(argv: list[str]) -> None:
     print(monitor.verdict_line(result), flush=True)
     if result["verdict"] == "drift":
       sys.exit(monitor.DRIFT_EXIT_CODE)
+
+
+def _plan() -> None:
+  """Compile the run's programs for --topology; exit 3 (one line) when one does not fit."""
+  from flaxbert_cls.model import topologies  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.report import plan_table  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  if _LIST.value:
+    print("\n".join(topologies.accepted_topologies()), flush=True)
+    return
+  plan = plan_lib.make_plan(_loaded_config(), _TOPOLOGY.value, _NUM_SLICES.value,
+                            _LARGEST_ONLY.value)
+  print(plan_table.table(plan), flush=True)
+  if _JSON.value:
+    plan_table.write_json(plan, _JSON.value)
+  if not plan.fits:
+    print(plan_table.refusal_line(plan), file=sys.stderr, flush=True)
+    sys.exit(plan_lib.NOT_FITTING_EXIT_CODE)
 
 
 def _loaded_config():
@@ -184,6 +219,10 @@ def run() -> None:
   """Console-script entry point: bad input is one line on stderr and exit status 2."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF (clu writers) only; quiets its banner
+  if sys.argv[1:2] == ["plan"]:  # compile-only: no TPU is used, nor its metadata server asked
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # plans and tests side by side
   try:
     app.run(_main, flags_parser=_parse_flags)
   except UserError as e:

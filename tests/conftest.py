@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# libtpu (the [tpu] extra, for test_plan.py's TPU compiles) on a host without a TPU: no
+# metadata-server queries, and no per-process lock against other test processes.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # pylint: disable=g-import-not-at-top
 

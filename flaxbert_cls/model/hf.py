@@ -123,8 +123,11 @@ def model_config(hf_config: Any, **overrides: Any) -> model_lib.BertConfig:
                     **overrides})
 
 
-def resolve(name_or_path: str) -> str:
-  """Returns a local directory for a checkpoint directory or a hub id."""
+def resolve(name_or_path: str, config_only: bool = False) -> str:
+  """Returns a local directory for a checkpoint directory or a hub id.
+
+  `config_only`: of a hub id, fetch config.json alone (shapes, for `plan`).
+  """
   if os.path.isdir(name_or_path):
     if not os.path.isfile(os.path.join(name_or_path, "config.json")):
       raise UserError(f"{name_or_path}: not a BERT checkpoint directory (no config.json)")
@@ -133,7 +136,8 @@ def resolve(name_or_path: str) -> str:
     raise UserError(f"{name_or_path}: checkpoint directory not found")
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
-    return huggingface_hub.snapshot_download(name_or_path, allow_patterns=_HUB_PATTERNS)
+    return huggingface_hub.snapshot_download(
+        name_or_path, allow_patterns=["config.json"] if config_only else _HUB_PATTERNS)
   except Exception as e:  # pylint: disable=broad-except
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     why = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if offline else str(e).splitlines()[0]

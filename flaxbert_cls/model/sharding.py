@@ -9,9 +9,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flaxbert_cls.errors import UserError
+from flaxbert_cls.model import topologies
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,27 @@ def mesh_shape_for(axis_sizes: Sequence[int], num_devices: int) -> tuple[int, ..
   return tuple(sizes)
 
 
-def device_memory_bytes(device: Any) -> int | None:
-  """The memory XLA may use on `device`; None where the platform does not say (CPU)."""
+def device_memory(device: Any) -> tuple[int | None, str]:
+  """(bytes XLA may use on `device`, where that figure comes from).
+
+  The device's own memory_stats() where it reports them; else its chip's HBM
+  (topologies.CHIPS: compile-only TPU topology devices report nothing); None on CPU.
+  """
   try:
     stats = device.memory_stats()
   except Exception:  # pylint: disable=broad-except  (not implemented on some platforms)
-    return None
-  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), "memory_stats"
+  chip = topologies.chip_for(device)
+  if chip is not None:
+    return chip.hbm_bytes, f"the {chip.name} chip's HBM"
+  return None, "not reported"
+
+
+def device_memory_bytes(device: Any) -> int | None:
+  """The memory XLA may use on `device`; None where the platform does not say (CPU)."""
+  return device_memory(device)[0]
 
 
 def auto_mesh_shape(axis_names: Sequence[str], state_bytes: int, devices: Sequence[Any],
@@ -57,7 +73,7 @@ def auto_mesh_shape(axis_names: Sequence[str], state_bytes: int, devices: Sequen
     raise UserError(f"config.mesh_shape=(): the automatic mesh needs 'data' and 'fsdp' in "
                     f"config.mesh_axes={tuple(names)}; give mesh_shape explicitly")
   n, fsdp = len(devices), 1
-  limit = device_memory_bytes(devices[0])
+  limit, source = device_memory(devices[0])
   if limit:
     budget = memory_fraction * limit
     fitting = [f for f in range(1, n + 1) if n % f == 0 and state_bytes / f <= budget]
@@ -71,7 +87,7 @@ def auto_mesh_shape(axis_names: Sequence[str], state_bytes: int, devices: Sequen
   shape[names.index("data")], shape[names.index("fsdp")] = n // fsdp, fsdp
   log.info("Automatic mesh %s: train state %.2f GiB, device memory %s.",
            dict(zip(names, shape)), state_bytes / 2**30,
-           f"{limit / 2**30:.1f} GiB" if limit else "not reported")
+           f"{limit / 2**30:.1f} GiB ({source})" if limit else source)
   return tuple(shape)
 
 
@@ -94,9 +110,13 @@ def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
   the batch rows its devices hold (data.process_rows / data.to_global ask the sharding).
   """
   try:
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     return mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # pylint: disable=broad-except  (CPU/odd topologies: a plain reshape is fine)
+  except Exception as e:  # pylint: disable=broad-except  (mesh_utils refuses odd shapes)
+    if devices and getattr(devices[0], "platform", "cpu") != "cpu":  # CPU: no interconnect
+      log.warning("Mesh %s: jax's mesh_utils cannot lay it out on these %d %s devices (%s); "
+                  "a plain reshape is used, which ignores the interconnect: choose "
+                  "config.mesh_shape to match the topology.", tuple(shape), len(devices),
+                  devices[0].platform, " ".join(str(e).split())[:160])
     return np.asarray(devices, dtype=object).reshape(shape)
 
 

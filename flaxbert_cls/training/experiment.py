@@ -172,10 +172,13 @@ def _check_batch_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
 
 def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = None,
                      label_names: Any = None,
-                     devices: list[jax.Device] | None = None) -> Experiment:
+                     devices: list[jax.Device] | None = None,
+                     shapes_only: bool = False) -> Experiment:
   """Resolves the checkpoint (or a run's saved `model_dir`), task(s), labels and mesh.
 
   `label_names`: a tuple (single task) or {task: names} (multi-task); None = from the data.
+  `shapes_only`: the checkpoint's config.json is all that is read, no tokenizer (its
+  `tokenizer` is None): what `plan` compiles from.
   """
   plan = config_lib.validate(config)
   axes, shape = plan.mesh_axes, plan.mesh_shape
@@ -187,11 +190,14 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   config_lib.validate_for_platform(config, platform)
   tasks = _run_tasks(config, plan, label_names)
   # A previous run's workdir starts from its model/ (re-fine-tuning, starts.py).
-  source = model_dir or workdir_lib.model_source(hf.resolve(config.model_name_or_path))
+  source = model_dir or workdir_lib.model_source(
+      hf.resolve(config.model_name_or_path, config_only=shapes_only))
   hf_config = hf.load_config(source)
-  tokenizer_source = model_dir or (hf.resolve(config.tokenizer_name) if config.tokenizer_name
-                                   else source)
-  tokenizer = hf.load_tokenizer(tokenizer_source, vocab_size=hf_config.vocab_size)
+  tokenizer = None
+  if not shapes_only:
+    tokenizer_source = model_dir or (hf.resolve(config.tokenizer_name) if config.tokenizer_name
+                                     else source)
+    tokenizer = hf.load_tokenizer(tokenizer_source, vocab_size=hf_config.vocab_size)
   overrides = {}
   if config.classifier_dropout >= 0:
     overrides["classifier_dropout"] = config.classifier_dropout
@@ -221,7 +227,7 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
     config = ml_collections.ConfigDict(config.to_dict())
     config.mesh_shape = sharding_lib.auto_mesh_shape(
         config.mesh_axes, _train_state_bytes(model), list(mesh.devices.flat))
-    return build_experiment(config, model_dir, label_names, devices)
+    return build_experiment(config, model_dir, label_names, devices, shapes_only)
   return Experiment(config, tasks, hf_config, tokenizer, model, mesh,
                     sharding_lib.batch_sharding(mesh), members=plan.members)
 

@@ -158,11 +158,21 @@ def stacked_train_step(state: TrainState, batch: dict[str, jax.Array], hyper: di
 def jit_stacked_train_step(exp: experiment_lib.Experiment, state_shardings: Any, total_steps: int
                          ) -> Callable:
   """The sweep's step as training compiles it: (state, batch) -> (state, metrics, finite)."""
+  step, hyper = stacked_step_program(exp, state_shardings, total_steps)
+  hyper = jax.device_put(hyper, sharding_lib.replicated(exp.mesh))
+  return lambda state, batch: step(state, batch, hyper)
+
+
+def stacked_step_program(exp: experiment_lib.Experiment, state_shardings: Any, total_steps: int
+                         ) -> tuple[Callable, dict[str, Any]]:
+  """(the sweep's jitted (state, batch, hyper) step, the members' host `hyper` rows):
+
+  what jit_stacked_train_step binds, and what `plan` lowers without devices.
+  """
   config = exp.config
   boxed, _ = exp.abstract_params()
   frozen = members_lib.frozen_mask(config, nn.unbox(boxed))
-  hyper = jax.device_put(members_lib.member_hyper(config, exp.members, total_steps),
-                         sharding_lib.replicated(exp.mesh))
+  hyper = members_lib.member_hyper(config, exp.members, total_steps)
   step = jax.jit(
       functools.partial(stacked_train_step, exp=exp, total_steps=total_steps, frozen=frozen),
       in_shardings=(state_shardings, members_lib.stacked_batch_sharding(exp.mesh),
@@ -171,7 +181,7 @@ def jit_stacked_train_step(exp: experiment_lib.Experiment, state_shardings: Any,
                      sharding_lib.replicated(exp.mesh)),
       donate_argnums=0,
       compiler_options=train_step_compiler_options(exp.mesh, config.cpu_scheduler))
-  return lambda state, batch: step(state, batch, hyper)
+  return step, hyper
 
 
 def frozen_mask(params: Any, config: ml_collections.ConfigDict) -> Any | None:
