@@ -34,6 +34,7 @@ from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.model import hf
 from flaxbert_cls.serving import quantize as quantize_lib
+from flaxbert_cls.serving import remote_code
 from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import runs
 
@@ -70,12 +71,13 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
                   label_names: Sequence[str] | None,
                   metadata: dict[str, Any] | None = None,
                   problem_type: str = "single_label_classification",
-                  decision_fields: dict[str, Any] | None = None) -> str:
+                  decision_fields: dict[str, Any] | None = None, pooling: str = "cls") -> str:
   """Writes an HF model directory (config, safetensors, tokenizer) to a new `output`.
 
   `params` are the Flax classification model's parameters (any arrays); they are
   written under the names of `hf_config.model_type`'s family. `decision_fields`
-  (temperature, threshold(s): decisions.py) go into config.json. The directory
+  (temperature, threshold(s): decisions.py; the run's pooling and window keys) go into
+  config.json; pooling='mean' points it at the modeling file (remote_code.py). The directory
   appears whole or not at all: files go to a temporary sibling that is renamed.
   """
   output = os.path.abspath(output)
@@ -95,6 +97,7 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
     # "format": "pt" is what transformers writes; readers use it to pick a framework.
     save_file(state, os.path.join(tmp, hf.SAFETENSORS_NAME), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
+    remote_code.write(tmp, hf_config.model_type, pooling)
     if metadata is not None:
       with open(os.path.join(tmp, METADATA_NAME), "w") as f:
         json.dump(metadata, f, indent=2)
@@ -141,12 +144,8 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
                  step: int | str | None) -> str:
   """One task's HF directory; `params` named as a one-task model's."""
   task = run_task.task
-  if exp.config.get("pooling", "cls") != "cls":
-    # transformers' *ForSequenceClassification heads read [CLS] (BERT: its pooler); a mean-
-    # pooled model would load without error and predict something else.
-    raise UserError(f"{workdir}: pooling={exp.config.pooling!r} cannot be exported: "
-                    "transformers' sequence-classification models read the [CLS] token only; "
-                    "predict with the workdir itself (flaxbert-cls predict --model=WORKDIR)")
+  remote_code.check_run_settings(exp.config, workdir)
+  pooling = exp.config.get("pooling", "cls")
   metadata = {
       "source_workdir": os.path.abspath(workdir),
       "step": "latest" if step is None else step,
@@ -155,6 +154,7 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "file_columns": list(task.file_columns) if task.file_columns else None,
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
+      "pooling": pooling,
   }
   if exp.member is not None:  # a sweep member: which one, and its values
     metadata.update(member=exp.member, member_values=exp.members[exp.member])
@@ -166,8 +166,9 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
                    if k in exp.config})
   decisions = None if exp.multitask or task.is_regression else decisions_lib.load(
       workdir, exp.checkpoint_step, run_task.num_labels, task.is_multilabel)
+  fields = remote_code.run_fields(exp.config) | (decisions.hf_fields() if decisions else {})
   out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata,
-                      task.problem_type, decisions.hf_fields() if decisions else None)
+                      task.problem_type, fields, pooling)
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
            task.name, hf.family(exp.hf_config.model_type).architecture,
            1 if run_task.label_names is None else len(run_task.label_names), out)
