@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from flaxbert_cls.data import tokenization
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import hf
 from flaxbert_cls.serving import export
@@ -142,3 +143,34 @@ def test_unknown_pooling_or_layout_names_the_key():
   c.pooling, c.long_document = "mean", "chunks"
   with pytest.raises(UserError, match=r"config.long_document='chunks' cannot be exported"):
     remote_code.check_run_settings(c, "wd")
+
+
+def test_float_onnx_is_predict_with_the_temperature(mean_run, tmp_path):
+  ort = pytest.importorskip("onnxruntime")
+  workdir, _, texts = mean_run
+  out = export.export(workdir, str(tmp_path / "onnx"), export_format="onnx", quantize="int8")
+  assert {"model.onnx", "model.int8.onnx", "config.json", "tokenizer.json",
+          "modeling_flaxbert_cls.py"} <= set(os.listdir(out))
+  session = ort.InferenceSession(os.path.join(out, "model.onnx"),
+                                 providers=["CPUExecutionProvider"])
+  assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask",
+                                                    "token_type_ids"]
+  assert session.get_inputs()[0].shape == ["batch", "sequence"]
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  # The graph scores rows (window pooling is the caller's): predict reading one row per text.
+  rows = predict.Predictor.from_path(workdir)
+  rows.layout = tokenization.TRUNCATE
+  temperature = rows.decisions.temperature
+  assert temperature != 1.0  # calibrated: the test sees the division
+  for batch in (texts[:3], texts[5:16]):  # two batch sizes and lengths: dynamic axes
+    enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="np")
+    logits = session.run(None, {k: v.astype(np.int64) for k, v in enc.items()})[0]
+    want = rows.logits(rows._tokenize([(t,) for t in batch]))  # pylint: disable=protected-access
+    assert_close(logits, want / temperature, 1e-4)
+  # --quantize=int8 beside it still serves the mean-pooled model (raw logits, int8 weights).
+  int8 = predict.Predictor.from_path(out, quantize="int8")
+  int8.layout = tokenization.TRUNCATE
+  split = rows._tokenize([(t,) for t in texts])  # pylint: disable=protected-access
+  float_margin = np.diff(rows.logits(split), axis=-1)[:, 0]
+  int8_margin = np.diff(int8.logits(split), axis=-1)[:, 0]
+  assert np.corrcoef(float_margin, int8_margin)[0, 1] > 0.9

@@ -1,6 +1,7 @@
 """Export a run's checkpoint as a Hugging Face model directory for PyTorch users.
 
   flaxbert-cls export --workdir=DIR --output=OUT [--step=latest|best|N] [--quantize=int8]
+      [--format=hf|onnx]
 
 OUT holds config.json (architectures, id2label/label2id, problem_type),
 model.safetensors (float32, written from NumPy: no torch needed) and the
@@ -11,7 +12,9 @@ It also holds flaxbert_cls.json (text columns, max_seq_length, ...), which
 
 A multi-task run (config.tasks) exports one such directory per task, OUT/<task>/:
 the shared encoder with that task's head, named as a single-task model's.
-`quantize='int8'` also writes OUT/model.int8.onnx for CPU serving (`quantize.py`).
+`quantize='int8'` also writes OUT/model.int8.onnx for CPU serving (`quantize.py`);
+`export_format='onnx'` also writes OUT/model.onnx, float, calibrated (`onnx_export.py`).
+A mean-pooled run's directory names its modeling file (`remote_code.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.model import hf
+from flaxbert_cls.serving import onnx_export
 from flaxbert_cls.serving import quantize as quantize_lib
 from flaxbert_cls.serving import remote_code
 from flaxbert_cls.training import checkpoints as checkpoint_lib
@@ -112,20 +116,26 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
 
 
 def export(workdir: str, output: str, step: int | str | None = None,
-           quantize: str | None = None, member: int | str | None = None) -> str:
+           quantize: str | None = None, member: int | str | None = None,
+           export_format: str = "hf") -> str:
   """Exports the run in `workdir` (checkpoint `step`: latest, 'best' or N) to `output`.
 
-  `quantize='int8'`: each exported directory also gets model.int8.onnx. A sweep exports
-  one `member` (default: the best; sweep.member_index).
+  `quantize='int8'`: each exported directory also gets model.int8.onnx; `export_format=
+  'onnx'`: model.onnx. A sweep exports one `member` (default: the best; sweep.member_index).
   """
   step = checkpoint_lib.parse_step(step)
+  onnx_export.check_format(export_format)
   if quantize:
     quantize_lib.check_mode(quantize)
     quantize_lib.require_onnxruntime()  # before the export's work
-    out = export(workdir, output, step)
+  if quantize or export_format != "hf":
+    out = export(workdir, output, step, member=member)
     for directory in [out] if os.path.isfile(os.path.join(out, "config.json")) else [
         os.path.join(out, d) for d in sorted(os.listdir(out))]:
-      quantize_lib.write_int8(directory)
+      if export_format == "onnx":
+        onnx_export.write_float(directory)
+      if quantize:
+        quantize_lib.write_int8(directory)
     return out
   checkpoint_lib.check_step(workdir, step)
   exp, params = runs.load_run(workdir, step=step, member=member)
