@@ -88,6 +88,7 @@ def test_float_onnx_of_a_cls_run_equals_flax_in_onnx_runtime(run, tmp_path):
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["architectures"] == ["BertForSequenceClassification"]  # no remote code
   assert config["pooling"] == "cls" and config["max_seq_length"] == 64
+  assert config["calibration_temperature"] == 1.0  # uncalibrated: still one formula for users
   session = ort.InferenceSession(os.path.join(out, "model.onnx"),
                                  providers=["CPUExecutionProvider"])
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)

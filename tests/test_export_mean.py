@@ -6,18 +6,23 @@ import json
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from flaxbert_cls.data import tokenization
 from flaxbert_cls.errors import UserError
+from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.model import hf
 from flaxbert_cls.serving import export
 from flaxbert_cls.serving import predict
 from flaxbert_cls.serving import remote_code
 from flaxbert_cls.training import train
 import export_fixtures
+import test_families
+from test_families import tokenizer_files  # noqa: F401  pylint: disable=unused-import  (a fixture)
 from model_fixtures import DEMO_DATA
 from numerics import assert_close
 
@@ -174,3 +179,37 @@ def test_float_onnx_is_predict_with_the_temperature(mean_run, tmp_path):
   float_margin = np.diff(rows.logits(split), axis=-1)[:, 0]
   int8_margin = np.diff(int8.logits(split), axis=-1)[:, 0]
   assert np.corrcoef(float_margin, int8_margin)[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("model_type", list(test_families.FAMILIES))
+def test_every_family_exports_mean_pooled_with_equal_logits(model_type, tokenizer_files, tmp_path):
+  """A random mean-pooled model of each family: Flax logits == the exported class's in PyTorch."""
+  test_families._checkpoint(model_type, str(tmp_path / "ckpt"), tokenizer_files)  # pylint: disable=protected-access
+  hf_config = hf.load_config(str(tmp_path / "ckpt"))
+  module = model_lib.BertForSequenceClassification(hf.model_config(hf_config, pooling="mean"),
+                                                   len(test_families.LABELS))
+  dummy = np.ones((1, 8), np.int32)
+  shapes = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), dummy, dummy, dummy)))
+  params, new, _ = hf.params_from_state_dict(hf.load_state_dict(str(tmp_path / "ckpt")),
+                                             shapes["params"], model_type)
+  assert "bert/pooler/dense/kernel" not in traverse_util.flatten_dict(params, sep="/")
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else
+                        rng.normal(0, 0.2, x.shape).astype(np.float32), params)
+  tokenizer = hf.load_tokenizer(str(tmp_path / "ckpt"))
+  out = export.save_hf_model(str(tmp_path / "exported"), params, hf_config, tokenizer,
+                             test_families.LABELS, pooling="mean")
+  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, trust_remote_code=True, output_loading_info=True)
+  assert isinstance(model, getattr(transformers, hf.FAMILIES[model_type].architecture))
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  enc = test_families._inputs(tokenizer, hf_config)  # pylint: disable=protected-access
+  flax_logits = np.asarray(jax.jit(module.apply)({"params": params}, enc["input_ids"],
+                                                 enc["attention_mask"], enc["token_type_ids"]))
+  with torch.no_grad():
+    torch_logits = model.eval()(**test_families._torch_kwargs(enc, model_type)).logits.numpy()  # pylint: disable=protected-access
+  assert_close(torch_logits, flax_logits, 1e-4)
+  # Read back without running its code: the family's config with pooling='mean'.
+  again = hf.load_config(out)
+  assert again.model_type == model_type and again.pooling == "mean"
+  assert hf.model_config(again).pooling == "mean"

@@ -176,7 +176,10 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
                    if k in exp.config})
   decisions = None if exp.multitask or task.is_regression else decisions_lib.load(
       workdir, exp.checkpoint_step, run_task.num_labels, task.is_multilabel)
-  fields = remote_code.run_fields(exp.config) | (decisions.hf_fields() if decisions else {})
+  # Every classifier's config.json has a temperature (1.0: uncalibrated), so users' code is one.
+  fields = remote_code.run_fields(exp.config) | (
+      decisions.hf_fields() if decisions else
+      {} if task.is_regression else {decisions_lib.HF_TEMPERATURE: 1.0})
   out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata,
                       task.problem_type, fields, pooling)
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],

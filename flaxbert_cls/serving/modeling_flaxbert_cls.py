@@ -97,52 +97,25 @@ class MeanPooledBertForSequenceClassification(_MeanPooled,
 
 
 # --- RoBERTa family and ELECTRA: their classification head reads position 0; give it the mean.
-class MeanPooledRobertaConfig(transformers.RobertaConfig):
-  model_type = MEAN_MODEL_TYPES["roberta"]
+def _first_token_family(stem: str, model_type: str) -> tuple[type, type]:
+  """MeanPooled<stem>Config and MeanPooled<stem>ForSequenceClassification."""
+  config_class = type(f"MeanPooled{stem}Config", (getattr(transformers, f"{stem}Config"),),
+                      {"model_type": MEAN_MODEL_TYPES[model_type], "__module__": __name__})
+  head = lambda self, pooled: self.classifier(pooled[:, None])  # pylint: disable=unnecessary-lambda-assignment
+  model_class = type(f"MeanPooled{stem}ForSequenceClassification",
+                     (_MeanPooled, getattr(transformers, f"{stem}ForSequenceClassification")),
+                     {"config_class": config_class, "_head": head, "__module__": __name__})
+  return config_class, model_class
 
 
-class MeanPooledRobertaForSequenceClassification(
-    _MeanPooled, transformers.RobertaForSequenceClassification):
-  config_class = MeanPooledRobertaConfig
-
-  def _head(self, pooled):
-    return self.classifier(pooled[:, None])
-
-
-class MeanPooledXLMRobertaConfig(transformers.XLMRobertaConfig):
-  model_type = MEAN_MODEL_TYPES["xlm-roberta"]
-
-
-class MeanPooledXLMRobertaForSequenceClassification(
-    _MeanPooled, transformers.XLMRobertaForSequenceClassification):
-  config_class = MeanPooledXLMRobertaConfig
-
-  def _head(self, pooled):
-    return self.classifier(pooled[:, None])
-
-
-class MeanPooledCamembertConfig(transformers.CamembertConfig):
-  model_type = MEAN_MODEL_TYPES["camembert"]
-
-
-class MeanPooledCamembertForSequenceClassification(
-    _MeanPooled, transformers.CamembertForSequenceClassification):
-  config_class = MeanPooledCamembertConfig
-
-  def _head(self, pooled):
-    return self.classifier(pooled[:, None])
-
-
-class MeanPooledElectraConfig(transformers.ElectraConfig):
-  model_type = MEAN_MODEL_TYPES["electra"]
-
-
-class MeanPooledElectraForSequenceClassification(
-    _MeanPooled, transformers.ElectraForSequenceClassification):
-  config_class = MeanPooledElectraConfig
-
-  def _head(self, pooled):
-    return self.classifier(pooled[:, None])
+MeanPooledRobertaConfig, MeanPooledRobertaForSequenceClassification = _first_token_family(
+    "Roberta", "roberta")
+MeanPooledXLMRobertaConfig, MeanPooledXLMRobertaForSequenceClassification = _first_token_family(
+    "XLMRoberta", "xlm-roberta")
+MeanPooledCamembertConfig, MeanPooledCamembertForSequenceClassification = _first_token_family(
+    "Camembert", "camembert")
+MeanPooledElectraConfig, MeanPooledElectraForSequenceClassification = _first_token_family(
+    "Electra", "electra")
 
 
 # --- DistilBERT: pre_classifier -> ReLU -> dropout -> classifier on the mean.
