@@ -213,3 +213,11 @@ def test_every_family_exports_mean_pooled_with_equal_logits(model_type, tokenize
   again = hf.load_config(out)
   assert again.model_type == model_type and again.pooling == "mean"
   assert hf.model_config(again).pooling == "mean"
+
+
+def test_a_run_started_from_an_export_does_not_inherit_its_decisions():
+  config = transformers.BertConfig()
+  config.calibration_temperature, config.thresholds = 2.0, [0.1, 0.2]
+  exported = export.hf_config_for_export(config, ["a", "b"])
+  assert not hasattr(exported, "calibration_temperature") and not hasattr(exported, "thresholds")
+  assert config.calibration_temperature == 2.0  # the run's own config is untouched

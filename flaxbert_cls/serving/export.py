@@ -56,6 +56,10 @@ def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None,
   """
   fam = hf.family(hf_config.model_type)
   config = copy.deepcopy(hf_config)
+  # A run started from an export: its decisions and remote-code keys are not this run's.
+  for stale in (decisions_lib.HF_TEMPERATURE, "threshold", "thresholds", "auto_map"):
+    if stale in vars(config):
+      delattr(config, stale)
   config.architectures = [fam.architecture]
   if label_names is None:
     config.num_labels = 1
