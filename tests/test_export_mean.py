@@ -79,7 +79,7 @@ def test_mean_export_loads_with_remote_code_and_matches_predict(mean_run):
   assert type(model).__name__ == "MeanPooledBertForSequenceClassification"
   assert model.bert.pooler is None
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-  tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
   # One window per text: the plain forward is the run's model.
   short = [t for t in texts if len(tokenizer(t)["input_ids"]) <= MAX_LEN][:12]
   enc = tokenizer(short, padding=True, return_tensors="pt")
@@ -161,7 +161,7 @@ def test_float_onnx_is_predict_with_the_temperature(mean_run, tmp_path):
   assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask",
                                                     "token_type_ids"]
   assert session.get_inputs()[0].shape == ["batch", "sequence"]
-  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
   # The graph scores rows (window pooling is the caller's): predict reading one row per text.
   rows = predict.Predictor.from_path(workdir)
   rows.layout = tokenization.TRUNCATE

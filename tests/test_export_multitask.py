@@ -100,7 +100,7 @@ def test_each_task_exports_with_its_problem_type_and_predicts_as_the_run(run):
     assert config["problem_type"] == exp.tasks[i].task.problem_type
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         directory, trust_remote_code=True).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
     with torch.no_grad():
       torch_logits = model(**enc).logits.numpy()

@@ -61,7 +61,7 @@ def _goemotions(root: str, steps: int, rows: int) -> dict:
                                             True)
   model = transformers.AutoModelForSequenceClassification.from_pretrained(
       out, trust_remote_code=True).eval()
-  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
   session = ort.InferenceSession(os.path.join(out, "model.onnx"),
                                  providers=["CPUExecutionProvider"])
   torch_probs, onnx_probs = [], []
