@@ -4,7 +4,7 @@
   flaxbert-cls eval --workdir=DIR [--config=... --config.validation_file=...] [--step=N]
   flaxbert-cls report --workdir=DIR   (writes DIR/report/index.html)
   flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N] [--quantize=int8]
-      [--member=best|I]
+      [--member=best|I] [--format=hf|onnx]
   flaxbert-cls predict --model=DIR_OR_HF_DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
       [--quantize=int8] [--batch_size=N]
   flaxbert-cls monitor --model=DIR_OR_HF_DIR --reference=FILE --current=FILE [--output=DIR]
@@ -44,6 +44,9 @@ _TEXT_COLUMNS = flags.DEFINE_list("text_columns", None,
 _QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"],
                               "export: also write model.int8.onnx; predict: predict with the "
                               "int8 ONNX Runtime model (needs the [quantize] extra).")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "onnx"],
+                            "export: 'onnx' also writes OUT/model.onnx (float, the calibration "
+                            "temperature applied) beside the HF directory's files.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
                                    "predict: examples per batch (default: the run's "
                                    "eval_batch_size, or 64).")
@@ -133,7 +136,7 @@ def _main(argv: list[str]) -> None:
     print(f"report: {report.write_report(_WORKDIR.value)}", flush=True)
   elif command == "export":
     output = export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _QUANTIZE.value,
-                           _MEMBER.value)
+                           _MEMBER.value, _FORMAT.value)
     print(f"exported: {output}", flush=True)
   elif command == "predict":
     stats = predict.predict_file(_MODEL.value, _INPUT.value, _OUTPUT.value, _STEP.value,

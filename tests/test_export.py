@@ -14,6 +14,7 @@ from flaxbert_cls.serving import export
 from flaxbert_cls.model import hf
 from flaxbert_cls.errors import UserError
 import export_fixtures
+from numerics import assert_close
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -79,3 +80,22 @@ def test_export_errors_name_the_problem(run, tmp_path):
     export.export(workdir, str(tmp_path / "y"), step="7")
   assert not os.path.exists(tmp_path / "y")  # nothing half-written
   assert checkpoints.parse_step("latest") is None and checkpoints.parse_step("10") == 10
+
+
+def test_float_onnx_of_a_cls_run_equals_flax_in_onnx_runtime(run, tmp_path):
+  ort = pytest.importorskip("onnxruntime")
+  out = export.export(run.workdir, str(tmp_path / "onnx"), export_format="onnx")
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["architectures"] == ["BertForSequenceClassification"]  # no remote code
+  assert config["pooling"] == "cls" and config["max_seq_length"] == 64
+  assert config["calibration_temperature"] == 1.0  # uncalibrated: still one formula for users
+  session = ort.InferenceSession(os.path.join(out, "model.onnx"),
+                                 providers=["CPUExecutionProvider"])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  enc = tokenizer(run.sentences[:96], padding=True, truncation=True, max_length=64,
+                  return_tensors="np")
+  logits = session.run(None, {i.name: enc[i.name].astype(np.int64)
+                              for i in session.get_inputs()})[0]
+  assert_close(logits, run.logits[:96], 1e-4)  # temperature 1: an uncalibrated run
+  with pytest.raises(UserError, match=r"--format=tflite: unknown; use one of \['hf', 'onnx'\]"):
+    export.export(run.workdir, str(tmp_path / "x"), export_format="tflite")

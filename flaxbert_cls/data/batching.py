@@ -267,11 +267,14 @@ class TaskMixture:
 
 def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: int,
                 buckets: Sequence[int], max_seq_length: int, labels_dtype: Any = None,
-                sharding: jax.sharding.Sharding | None = None) -> dict[str, np.ndarray]:
+                sharding: jax.sharding.Sharding | None = None,
+                label_width: int | None = None) -> dict[str, np.ndarray]:
   """This process's rows of global batch `step`, padded to the global batch's bucket.
 
   The step's task comes from `mixture` (one task: every step); with several tasks the
   batch also holds `task_ids` per row. `sharding`: the batch sharding `to_global` uses.
+  `label_width`: labels become [rows, label_width] (multi-hot rows from the left, a class
+  id or score in column 0), so single- and multi-label tasks share one jit signature.
   """
   task, rows = mixture.batch_indices(step)
   batch = pad_batch(splits[task], rows, buckets, max_seq_length, sharding)
@@ -279,6 +282,10 @@ def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: in
     batch["task_ids"] = np.full(len(batch["weights"]), task, np.int32)
     if labels_dtype is not None and "labels" in batch:
       batch["labels"] = batch["labels"].astype(labels_dtype)  # one jit signature for all tasks
+    if label_width is not None and "labels" in batch:
+      labels = batch["labels"].reshape(len(batch["labels"]), -1)
+      batch["labels"] = np.zeros((len(labels), label_width), labels.dtype)
+      batch["labels"][:, :labels.shape[1]] = labels
   return batch
 
 

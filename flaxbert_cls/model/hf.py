@@ -101,6 +101,24 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# A mean-pooled export's config.json model_type (serving/modeling_flaxbert_cls.py's classes):
+# one transformers does not know, so only trust_remote_code=True loads it.
+MEAN_MODEL_TYPE_PREFIX = "flaxbert_cls_mean_"
+
+
+def mean_model_type(model_type: str) -> str:
+  """The model_type a mean-pooled export of a `model_type` checkpoint writes."""
+  return MEAN_MODEL_TYPE_PREFIX + model_type.replace("-", "_")
+
+
+def base_model_type(model_type: str) -> str:
+  """The family's model_type of a mean-pooled export's `model_type` (others: unchanged)."""
+  for base in FAMILIES:
+    if model_type == mean_model_type(base):
+      return base
+  return model_type
+
+
 def family(model_type: str, where: str = "config.json") -> Family:
   """The family of an HF `model_type`; unsupported types are a UserError naming `where`."""
   if model_type not in FAMILIES:
@@ -149,6 +167,16 @@ def load_config(checkpoint_dir: str) -> Any:
   """The checkpoint's transformers config (AutoConfig; no remote code)."""
   import transformers  # pylint: disable=g-import-not-at-top
   try:
+    with open(os.path.join(checkpoint_dir, "config.json")) as f:
+      values = json.load(f)
+    model_type = values.get("model_type", "")
+    if model_type.startswith(MEAN_MODEL_TYPE_PREFIX):
+      # Our own mean-pooled export: read as its family's config (its code is not run).
+      values.pop("auto_map", None)
+      values.update(model_type=base_model_type(model_type), pooling="mean")
+      config = transformers.CONFIG_MAPPING[values["model_type"]].from_dict(values)
+      config.name_or_path = checkpoint_dir
+      return config
     return transformers.AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=False)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"{checkpoint_dir}/config.json: cannot read config: "

@@ -70,6 +70,8 @@ def head_losses(outputs: jax.Array | tuple[jax.Array, ...], labels: jax.Array,
   with `task_ids` naming each row's task; other heads' values are masked out with
   `where`, so they get no gradient and a wrong-range label cannot leak a NaN.
   `is_regression`: per head, a bool or a `HeadLoss` (problem type and class weights).
+  With task ids, labels may be [batch, width] rows (batching.train_batch's label_width): a
+  multi-label head reads its first num_labels columns, the others column 0.
   """
   if not isinstance(outputs, tuple):
     outputs, is_regression = (outputs,), (is_regression,)
@@ -78,9 +80,12 @@ def head_losses(outputs: jax.Array | tuple[jax.Array, ...], labels: jax.Array,
     spec = _head_loss(spec)
     regression = spec.problem_type == "regression"
     task_labels = labels
-    if task_ids is not None:
-      task_labels = (labels.astype(jnp.float32) if regression
-                     else jnp.clip(labels.astype(jnp.int32), 0, logits.shape[-1] - 1))
+    if task_ids is not None and labels.ndim == 2:
+      task_labels = (labels[:, :logits.shape[-1]] if spec.problem_type ==
+                     "multi_label_classification" else labels[:, 0])
+    if task_ids is not None and task_labels.ndim == 1:
+      task_labels = (task_labels.astype(jnp.float32) if regression
+                     else jnp.clip(task_labels.astype(jnp.int32), 0, logits.shape[-1] - 1))
     loss_t = example_losses(logits, task_labels, spec)
     correct_t = example_correct(logits, task_labels, spec)
     if task_ids is None:

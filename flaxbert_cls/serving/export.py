@@ -1,6 +1,7 @@
 """Export a run's checkpoint as a Hugging Face model directory for PyTorch users.
 
   flaxbert-cls export --workdir=DIR --output=OUT [--step=latest|best|N] [--quantize=int8]
+      [--format=hf|onnx]
 
 OUT holds config.json (architectures, id2label/label2id, problem_type),
 model.safetensors (float32, written from NumPy: no torch needed) and the
@@ -11,7 +12,9 @@ It also holds flaxbert_cls.json (text columns, max_seq_length, ...), which
 
 A multi-task run (config.tasks) exports one such directory per task, OUT/<task>/:
 the shared encoder with that task's head, named as a single-task model's.
-`quantize='int8'` also writes OUT/model.int8.onnx for CPU serving (`quantize.py`).
+`quantize='int8'` also writes OUT/model.int8.onnx for CPU serving (`quantize.py`);
+`export_format='onnx'` also writes OUT/model.onnx, float, calibrated (`onnx_export.py`).
+A mean-pooled run's directory names its modeling file (`remote_code.py`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.model import hf
+from flaxbert_cls.serving import onnx_export
 from flaxbert_cls.serving import quantize as quantize_lib
+from flaxbert_cls.serving import remote_code
 from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import runs
 
@@ -51,6 +56,10 @@ def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None,
   """
   fam = hf.family(hf_config.model_type)
   config = copy.deepcopy(hf_config)
+  # A run started from an export: its decisions and remote-code keys are not this run's.
+  for stale in (decisions_lib.HF_TEMPERATURE, "threshold", "thresholds", "auto_map"):
+    if stale in vars(config):
+      delattr(config, stale)
   config.architectures = [fam.architecture]
   if label_names is None:
     config.num_labels = 1
@@ -70,12 +79,13 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
                   label_names: Sequence[str] | None,
                   metadata: dict[str, Any] | None = None,
                   problem_type: str = "single_label_classification",
-                  decision_fields: dict[str, Any] | None = None) -> str:
+                  decision_fields: dict[str, Any] | None = None, pooling: str = "cls") -> str:
   """Writes an HF model directory (config, safetensors, tokenizer) to a new `output`.
 
   `params` are the Flax classification model's parameters (any arrays); they are
   written under the names of `hf_config.model_type`'s family. `decision_fields`
-  (temperature, threshold(s): decisions.py) go into config.json. The directory
+  (temperature, threshold(s): decisions.py; the run's pooling and window keys) go into
+  config.json; pooling='mean' points it at the modeling file (remote_code.py). The directory
   appears whole or not at all: files go to a temporary sibling that is renamed.
   """
   output = os.path.abspath(output)
@@ -95,6 +105,7 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
     # "format": "pt" is what transformers writes; readers use it to pick a framework.
     save_file(state, os.path.join(tmp, hf.SAFETENSORS_NAME), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
+    remote_code.write(tmp, hf_config.model_type, pooling)
     if metadata is not None:
       with open(os.path.join(tmp, METADATA_NAME), "w") as f:
         json.dump(metadata, f, indent=2)
@@ -109,20 +120,26 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
 
 
 def export(workdir: str, output: str, step: int | str | None = None,
-           quantize: str | None = None, member: int | str | None = None) -> str:
+           quantize: str | None = None, member: int | str | None = None,
+           export_format: str = "hf") -> str:
   """Exports the run in `workdir` (checkpoint `step`: latest, 'best' or N) to `output`.
 
-  `quantize='int8'`: each exported directory also gets model.int8.onnx. A sweep exports
-  one `member` (default: the best; sweep.member_index).
+  `quantize='int8'`: each exported directory also gets model.int8.onnx; `export_format=
+  'onnx'`: model.onnx. A sweep exports one `member` (default: the best; sweep.member_index).
   """
   step = checkpoint_lib.parse_step(step)
+  onnx_export.check_format(export_format)
   if quantize:
     quantize_lib.check_mode(quantize)
     quantize_lib.require_onnxruntime()  # before the export's work
-    out = export(workdir, output, step)
+  if quantize or export_format != "hf":
+    out = export(workdir, output, step, member=member)
     for directory in [out] if os.path.isfile(os.path.join(out, "config.json")) else [
         os.path.join(out, d) for d in sorted(os.listdir(out))]:
-      quantize_lib.write_int8(directory)
+      if export_format == "onnx":
+        onnx_export.write_float(directory)
+      if quantize:
+        quantize_lib.write_int8(directory)
     return out
   checkpoint_lib.check_step(workdir, step)
   exp, params = runs.load_run(workdir, step=step, member=member)
@@ -141,12 +158,8 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
                  step: int | str | None) -> str:
   """One task's HF directory; `params` named as a one-task model's."""
   task = run_task.task
-  if exp.config.get("pooling", "cls") != "cls":
-    # transformers' *ForSequenceClassification heads read [CLS] (BERT: its pooler); a mean-
-    # pooled model would load without error and predict something else.
-    raise UserError(f"{workdir}: pooling={exp.config.pooling!r} cannot be exported: "
-                    "transformers' sequence-classification models read the [CLS] token only; "
-                    "predict with the workdir itself (flaxbert-cls predict --model=WORKDIR)")
+  remote_code.check_run_settings(exp.config, workdir)
+  pooling = exp.config.get("pooling", "cls")
   metadata = {
       "source_workdir": os.path.abspath(workdir),
       "step": "latest" if step is None else step,
@@ -155,6 +168,7 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "file_columns": list(task.file_columns) if task.file_columns else None,
       "max_seq_length": int(exp.config.max_seq_length),
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
+      "pooling": pooling,
   }
   if exp.member is not None:  # a sweep member: which one, and its values
     metadata.update(member=exp.member, member_values=exp.members[exp.member])
@@ -166,8 +180,12 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
                    if k in exp.config})
   decisions = None if exp.multitask or task.is_regression else decisions_lib.load(
       workdir, exp.checkpoint_step, run_task.num_labels, task.is_multilabel)
+  # Every classifier's config.json has a temperature (1.0: uncalibrated), so users' code is one.
+  fields = remote_code.run_fields(exp.config) | (
+      decisions.hf_fields() if decisions else
+      {} if task.is_regression else {decisions_lib.HF_TEMPERATURE: 1.0})
   out = save_hf_model(output, params, exp.hf_config, exp.tokenizer, run_task.label_names, metadata,
-                      task.problem_type, decisions.hf_fields() if decisions else None)
+                      task.problem_type, fields, pooling)
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
            task.name, hf.family(exp.hf_config.model_type).architecture,
            1 if run_task.label_names is None else len(run_task.label_names), out)

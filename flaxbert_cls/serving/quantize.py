@@ -11,24 +11,21 @@ Serving needs only onnxruntime. The route was chosen by measurement (docs/design
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import tempfile
-import warnings
 from typing import Any
 
 import numpy as np
 
 from flaxbert_cls.model import long_documents
 from flaxbert_cls.errors import UserError
+from flaxbert_cls.serving import onnx_export
 
 log = logging.getLogger(__name__)
 
 MODES = ("int8",)
 INT8_NAME = "model.int8.onnx"  # beside model.safetensors in an exported directory
-_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-_OPSET = 17
 _EXTRA_HINT = "pip install 'flaxbert-cls[quantize]'"
 
 
@@ -50,26 +47,12 @@ def require_onnxruntime() -> Any:
 def write_int8(hf_dir: str, output_path: str | None = None) -> str:
   """Writes the int8 ONNX model of the HF directory `hf_dir` (default: hf_dir/model.int8.onnx)."""
   require_onnxruntime()
-  try:
-    import onnx  # pylint: disable=g-import-not-at-top,unused-import  (quantize_dynamic's)
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise UserError(f"writing an int8 model needs {e.name}, which is not installed: "
-                    f"{_EXTRA_HINT} (and torch, CPU build)") from None
   from onnxruntime.quantization import QuantType, quantize_dynamic  # pylint: disable=g-import-not-at-top
   output_path = output_path or os.path.join(hf_dir, INT8_NAME)
-  model = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
-  # DistilBERT has no token types: export the inputs its forward takes, in its order.
-  names = [n for n in _INPUT_NAMES if n in inspect.signature(model.forward).parameters]
-  dummy = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in names)
-  axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
-  with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # tracer warnings about HF's shape checks
+  model = onnx_export.load_torch_model(hf_dir)  # mean-pooled exports: their modeling file
+  with tempfile.TemporaryDirectory() as tmp:
     float_path = os.path.join(tmp, "model.onnx")
-    # The TorchScript exporter (dynamo=False): one graph with dynamic batch and length.
-    torch.onnx.export(model, dummy, float_path, input_names=names, output_names=["logits"],
-                      dynamic_axes=axes, opset_version=_OPSET, dynamo=False)
+    onnx_export.trace_to_onnx(model, float_path)  # raw logits: predict applies the temperature
     # MatMul weights only, per channel, 7-bit range: see docs/design.md for the numbers.
     quantize_dynamic(float_path, output_path, weight_type=QuantType.QInt8, per_channel=True,
                      reduce_range=True, op_types_to_quantize=["MatMul"])

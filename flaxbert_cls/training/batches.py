@@ -55,7 +55,16 @@ def total_steps(config: ml_collections.ConfigDict, mixture: data_lib.TaskMixture
 
 def labels_dtype(exp: experiment_lib.Experiment) -> type:
   """Every task's labels in one dtype: one jit signature whichever task a step draws."""
-  return np.float32 if any(t.task.is_regression for t in exp.tasks) else np.int32
+  return np.float32 if any(t.task.is_regression or t.task.is_multilabel
+                           for t in exp.tasks) else np.int32
+
+
+def label_width(exp: experiment_lib.Experiment) -> int | None:
+  """Multi-task runs with a multi-label head: every task's labels as [batch, width] rows
+  (multi-hot, or the class id / score in column 0), one jit signature; else None."""
+  if not exp.multitask or not any(t.task.is_multilabel for t in exp.tasks):
+    return None
+  return max(t.num_labels for t in exp.tasks if t.task.is_multilabel)
 
 
 def global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.TokenizedSplit],
@@ -65,7 +74,7 @@ def global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeniz
   return data_lib.prefetch(
       data_lib.to_global(data_lib.train_batch(splits, mixture, step, config.seq_buckets,
                                               config.max_seq_length, labels_dtype(exp),
-                                              exp.batch_sharding),
+                                              exp.batch_sharding, label_width(exp)),
                          exp.batch_sharding)
       for step in steps)
 
@@ -89,6 +98,7 @@ def stacked_global_batches(exp: experiment_lib.Experiment,
       {k: jax.make_array_from_process_local_data(sharding, v)
        for k, v in members_lib.stack_batches([
            data_lib.train_batch(splits, by_seed[seed], step, config.seq_buckets,
-                                config.max_seq_length, labels_dtype(exp))
+                                config.max_seq_length, labels_dtype(exp),
+                                label_width=label_width(exp))
            for seed in seeds]).items()}
       for step in steps)

@@ -148,9 +148,6 @@ def _run_tasks(config: ml_collections.ConfigDict, plan: config_lib.RunPlan, labe
       names = (label_names or {}).get(name) if multitask else label_names
       if names is None and not task.is_regression:
         names = data_lib.label_names_for(task_config, task)
-      if multitask and task.is_multilabel:
-        raise UserError("problem_type='multi_label_classification' is not supported in "
-                        "multi-task runs yet; train it as its own run")
     except UserError as e:
       raise UserError(f"{where}{e}") from None
     tasks.append(RunTask(name or task.name, task, tuple(names) if names else None, task_config,
