@@ -9,6 +9,8 @@
       [--quantize=int8] [--batch_size=N]
   flaxbert-cls monitor --model=DIR_OR_HF_DIR --reference=FILE --current=FILE [--output=DIR]
       (exit status 0: stable, 3: drift)
+  flaxbert-cls track --workdir=DIR [--report_to=mlflow] [--output=EXPORTED_DIR]
+      (uploads a finished or interrupted run to its experiment trackers, idempotently)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ml_collections import config_flags
 
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
-COMMANDS = ("train", "eval", "report", "export", "predict", "monitor")
+COMMANDS = ("train", "eval", "report", "export", "predict", "monitor", "track")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _STEP = flags.DEFINE_string("step", None,
@@ -54,6 +56,8 @@ _P_VALUE = flags.DEFINE_float("p_value", 0.01, "monitor: ... and its two-sample 
                               "is below this.")
 _LABEL_COLUMN = flags.DEFINE_string("label_column", None, "monitor: gold labels in both files "
                                     "(adds each set's metrics to the report).")
+_REPORT_TO = flags.DEFINE_list("report_to", None, "track: the trackers to upload to (default: "
+                               "the run's config.report_to), e.g. mlflow.")
 # Multi-process runs without a scheduler (SLURM and Cloud TPU pods are detected alone).
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -136,6 +140,10 @@ def _main(argv: list[str]) -> None:
     print(monitor.verdict_line(result), flush=True)
     if result["verdict"] == "drift":
       sys.exit(monitor.DRIFT_EXIT_CODE)
+  elif command == "track":
+    from flaxbert_cls.training import tracking  # pylint: disable=g-import-not-at-top
+    for name, sent in tracking.upload(_WORKDIR.value, _REPORT_TO.value, _OUTPUT.value).items():
+      print(f"{name}: run {sent['run_id']} ({sent['new_values']} new metric values)", flush=True)
 
 
 def _loaded_config():
