@@ -165,9 +165,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Experiment trackers (training/tracking.py, README "Experiment trackers"): process 0 also
   # logs there; metrics.jsonl stays the record. ('none',) = TensorBoard off too.
-  c.report_to = ("tensorboard",)  # any of 'tensorboard', 'mlflow', 'wandb'
-  c.mlflow_tracking_uri = ""  # '' = $MLFLOW_TRACKING_URI, else MLflow's default (./mlruns)
-  c.tracker_experiment = ""  # MLflow experiment / W&B project; '' = the task name
+  c.report_to = ("tensorboard",)  # any of 'tensorboard', 'mlflow' ('wandb': not built yet)
+  c.mlflow_tracking_uri = ""  # '' = $MLFLOW_TRACKING_URI, else MLflow's default (a local store)
+  c.tracker_experiment = ""  # the MLflow experiment; '' = the task name
   return c
 
 

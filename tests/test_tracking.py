@@ -143,7 +143,8 @@ def test_sweep_is_a_parent_with_nested_member_runs(server, tiny_checkpoint, tmp_
   for i, (run_id, lr) in enumerate(zip(members, (1e-3, 2e-3))):
     child = client.get_run(run_id)
     assert child.data.tags["mlflow.parentRunId"] == parent
-    assert child.data.params["learning_rate"] == str(lr) and child.data.params["sweep.learning_rate"] == "[]"
+    assert child.data.params["learning_rate"] == str(lr)
+    assert child.data.params["sweep.learning_rate"] == "[]"  # the member's own solo config
     assert _histories(client, run_id) == {
         k.replace(f"eval_member{i}/", "eval_"): v for k, v in expected.items()
         if k.startswith(f"eval_member{i}/")}
@@ -243,7 +244,8 @@ def test_bad_tracker_input_is_one_line_before_training(tmp_path, monkeypatch):
   assert "\n" not in str(e.value)
   monkeypatch.setitem(config_lib.TRACKERS, "mlflow", "no_such_tracker_package")
   config.report_to = ("mlflow",)
-  with pytest.raises(UserError, match=r"mlflow is not installed; pip install 'flaxbert-cls\[mlflow\]'"):
+  with pytest.raises(UserError,
+                     match=r"mlflow is not installed; pip install 'flaxbert-cls\[mlflow\]'"):
     config_lib.validate(config)
   monkeypatch.undo()
   config_lib.validate(config)  # installed: fine
@@ -256,12 +258,15 @@ def test_bad_tracker_input_is_one_line_before_training(tmp_path, monkeypatch):
   with pytest.raises(UserError, match=r"\$MLFLOW_TRACKING_URI=.*not a tracking URI"):
     tracking.check(config)
   monkeypatch.delenv("MLFLOW_TRACKING_URI")
+  config.report_to = ("mlflow", "wandb")
+  with pytest.raises(UserError, match=r"config.report_to=.*the W&B writer is not built yet"):
+    tracking.check(config)
   # On the command line: one line, exit status 2, before any data is read.
   args, env = _cli("train", f"--config={REPO}/configs/default.py", f"--workdir={tmp_path}/w",
-                   "--config.report_to=('mlflow','wandb','comet')",
+                   "--config.report_to=('mlflow','comet')",
                    "--config.train_file=/no/such/file.tsv")
   bad = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1] == (
-      "flaxbert-cls: error: config.report_to=('mlflow', 'wandb', 'comet'): unknown tracker "
+      "flaxbert-cls: error: config.report_to=('mlflow', 'comet'): unknown tracker "
       "'comet'; use any of ('tensorboard', 'mlflow', 'wandb'), or ('none',)")

@@ -61,7 +61,11 @@ def mlflow_tracking_uri(config: ml_collections.ConfigDict) -> str:
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """A tracking URI MLflow cannot use is refused in one line before anything is read."""
+  """A tracker not built yet, or a tracking URI MLflow cannot use, is refused in one line
+  before anything is read."""
+  if "wandb" in report_to(config):
+    raise UserError(f"config.report_to={tuple(config.report_to)!r}: the W&B writer is not built "
+                    "yet; use 'mlflow' (and 'tensorboard')")
   uri = mlflow_tracking_uri(config)
   if "mlflow" not in report_to(config) or not uri:
     return
@@ -253,8 +257,10 @@ class TrackerWriter(MetricWriter):
     done = threading.Event()
     self._put("flush", done)
     if not self.failed and not done.wait(timeout):
-      log.warning("%s: still sending after %.0f s; the run does not wait longer", self.name,
-                  timeout)
+      self.failed = True  # a hung tracker: no more waiting at the run's end
+      log.warning("%s: still sending after %.0f s; the run stops waiting for it. %s has every "
+                  "metric: `flaxbert-cls track --workdir=%s --report_to=%s` uploads the rest",
+                  self.name, timeout, progress_lib.METRICS_FILE, self.workdir, self.name)
 
   def finish(self, artifacts: list[tuple[str, str]], status: str) -> None:
     """Uploads the artifacts, ends the tracker's run with `status`, stops the thread."""
@@ -265,7 +271,10 @@ class TrackerWriter(MetricWriter):
 
   def close(self) -> None:
     self.flush()
-    self._queue.put(("stop", ()))
+    try:
+      self._queue.put_nowait(("stop", ()))
+    except queue.Full:  # a hung tracker's full queue: its daemon thread ends with the process
+      return
     self._thread.join(timeout=5)
 
 
@@ -278,7 +287,7 @@ def _backend(name: str, info: RunInfo, uri: str) -> Any:
   raise UserError(f"report_to {name!r}: no tracker backend")
 
 
-TRACKER_NAMES = tuple(name for name in config_lib.TRACKERS if name != "tensorboard")
+TRACKER_NAMES = ("mlflow",)  # the trackers with a backend ('tensorboard' is TrainLog's own)
 
 
 def open_writers(exp: experiment_lib.Experiment, workdir: str) -> list[TrackerWriter]:
@@ -300,19 +309,6 @@ def finish_writers(writers: list[TrackerWriter], workdir: str, finished: bool) -
                   "FINISHED" if finished else "KILLED")
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  if not workdir_lib.exists(path):
-    return []
-  rows = []
-  for number, line in enumerate(workdir_lib.read_text(path).splitlines(), 1):
-    if line.strip():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        raise UserError(f"{path}:{number}: not a JSON line") from None
-  return rows
-
-
 _NOT_METRICS = ("step", "member", "task", "split", *config_lib.SWEEP_KEYS)
 
 
@@ -325,11 +321,11 @@ def logged_scalars(workdir: str) -> dict[int, dict[str, float]]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       by_step.setdefault(int(step), {})[key] = float(value)
 
-  for row in _read_jsonl(workdir_lib.join(workdir, progress_lib.TRAIN_LOG_FILE)):
+  for row in workdir_lib.read_jsonl(workdir_lib.join(workdir, progress_lib.TRAIN_LOG_FILE)):
     for key, value in row.items():
       if key != "step":
         add(row["step"], f"train_{key}", value)
-  for row in _read_jsonl(workdir_lib.join(workdir, progress_lib.METRICS_FILE)):
+  for row in workdir_lib.read_jsonl(workdir_lib.join(workdir, progress_lib.METRICS_FILE)):
     # The names TrainLog.write_eval gave: eval_[member<i>/][<task>/]<metric>; a multi-task
     # run's 'average' record holds its 'score'.
     prefix = "eval_" + "".join(f"{p}/" for p in (
