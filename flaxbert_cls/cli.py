@@ -12,6 +12,8 @@
   flaxbert-cls plan --config=... --topology=v5e:4x4 [--num_slices=N] [--json=FILE]
       [--largest_only] | plan --list   (compiles for a TPU topology on any host; exit 3:
       a program does not fit)
+  flaxbert-cls track --workdir=DIR [--report_to=mlflow] [--output=EXPORTED_DIR]
+      (uploads a finished or interrupted run to its experiment trackers, idempotently)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ml_collections import config_flags
 
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
-COMMANDS = ("train", "eval", "report", "export", "predict", "monitor", "plan")
+COMMANDS = ("train", "eval", "report", "export", "predict", "monitor", "plan", "track")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _STEP = flags.DEFINE_string("step", None,
@@ -68,6 +70,8 @@ _JSON = flags.DEFINE_string("json", None, "plan: also write every figure to this
 _LIST = flags.DEFINE_bool("list", False, "plan: list the topology names this libtpu accepts.")
 _LARGEST_ONLY = flags.DEFINE_bool("largest_only", False, "plan: compile the longest sequence "
                                   "bucket only (the peak memory), not every bucket.")
+_REPORT_TO = flags.DEFINE_list("report_to", None, "track: the trackers to upload to (default: "
+                               "the run's config.report_to), e.g. mlflow.")
 # Multi-process runs without a scheduler (SLURM and Cloud TPU pods are detected alone).
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -156,6 +160,10 @@ def _main(argv: list[str]) -> None:
     print(monitor.verdict_line(result), flush=True)
     if result["verdict"] == "drift":
       sys.exit(monitor.DRIFT_EXIT_CODE)
+  elif command == "track":
+    from flaxbert_cls.training import tracking  # pylint: disable=g-import-not-at-top
+    for name, sent in tracking.upload(_WORKDIR.value, _REPORT_TO.value, _OUTPUT.value).items():
+      print(f"{name}: run {sent['run_id']} ({sent['new_values']} new metric values)", flush=True)
 
 
 def _plan() -> None:

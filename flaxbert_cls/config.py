@@ -6,6 +6,7 @@ command line (--config.learning_rate=3e-5). `validate` checks values early.
 """
 
 import dataclasses
+import importlib.util
 import itertools
 from typing import Any
 
@@ -161,6 +162,12 @@ def default_config() -> ml_collections.ConfigDict:
       ("heads", "tensor"),
       ("classes", None),
   )
+
+  # Experiment trackers (training/tracking.py, README "Experiment trackers"): process 0 also
+  # logs there; metrics.jsonl stays the record. ('none',) = TensorBoard off too.
+  c.report_to = ("tensorboard",)  # any of 'tensorboard', 'mlflow' ('wandb': not built yet)
+  c.mlflow_tracking_uri = ""  # '' = $MLFLOW_TRACKING_URI, else MLflow's default (a local store)
+  c.tracker_experiment = ""  # the MLflow experiment; '' = the task name
   return c
 
 
@@ -240,6 +247,7 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
         "use True, False or None (None: tune for multi-label only)")
   check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
         "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
+  _validate_trackers(config)
   members = _validate_sweep(config)
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
@@ -258,6 +266,20 @@ def mesh_request(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tu
   if grid(config) and MEMBER_AXIS not in axes:
     axes, shape = (MEMBER_AXIS, *axes), ((1, *shape) if shape else ())
   return axes, shape
+
+
+TRACKERS = {"tensorboard": None, "mlflow": "mlflow", "wandb": "wandb"}  # name: its package
+
+
+def _validate_trackers(config: ml_collections.ConfigDict) -> None:
+  """Known names whose package is installed (found, not imported: mlflow loads slowly).
+  .get: runs saved before trackers existed have no report_to."""
+  names = tuple(config.get("report_to", ("tensorboard",)))
+  for name in () if names == ("none",) else names:
+    if name not in TRACKERS or (TRACKERS[name] and not importlib.util.find_spec(TRACKERS[name])):
+      why = (f"{name} is not installed; pip install 'flaxbert-cls[{name}]'" if name in TRACKERS
+             else f"unknown tracker {name!r}; use any of {tuple(TRACKERS)}, or ('none',)")
+      raise UserError(f"config.report_to={names!r}: {why}")
 
 
 LONG_DOCUMENT = ("truncate", "head_tail", "windows")

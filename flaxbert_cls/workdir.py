@@ -8,8 +8,10 @@ from a local directory (tokenizer, HF config) are staged through a temp dir.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from typing import Any
 
 from etils import epath
 
@@ -66,6 +68,20 @@ def open_binary(path: str):
 
 def read_text(path: str) -> str:
   return epath.Path(path).read_text()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a JSON Lines file; [] when it does not exist."""
+  if not exists(path):
+    return []
+  records = []
+  for number, line in enumerate(read_text(path).splitlines(), 1):
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except ValueError as e:
+        raise UserError(f"{path} line {number}: not JSON ({e})") from None
+  return records
 
 
 def write_text(path: str, text: str) -> None:

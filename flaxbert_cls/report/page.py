@@ -48,18 +48,7 @@ SUMMARY_KEYS = ("model_name_or_path", "task_name", "tasks", "train_file", "valid
 # --- Data: the numbers the page shows ---------------------------------------------------
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The records of a JSON Lines file; [] when it does not exist."""
-  if not workdir_lib.exists(path):
-    return []
-  records = []
-  for number, line in enumerate(workdir_lib.read_text(path).splitlines(), 1):
-    if line.strip():
-      try:
-        records.append(json.loads(line))
-      except ValueError as e:
-        raise UserError(f"{path} line {number}: not JSON ({e})") from None
-  return records
+read_jsonl = workdir_lib.read_jsonl  # the records of a JSON Lines file; [] when missing
 
 
 def read_json(path: str) -> Any:

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import tqdm
@@ -90,11 +90,12 @@ class BatchProgress:
 
 
 class _TensorboardXWriter:
-  """clu's MetricWriter subset the loop uses, on tensorboardX (no TensorFlow); or a no-op."""
+  """clu's MetricWriter subset the loop uses, on tensorboardX (no TensorFlow) or none, and
+  to `trackers` (tracking.py's writers) too."""
 
-  def __init__(self, workdir: str):
-    self._writer = None
-    if jax.process_index() != 0:
+  def __init__(self, workdir: str, trackers: Sequence[Any] = (), tensorboard: bool = True):
+    self._writer, self._trackers = None, list(trackers)
+    if jax.process_index() != 0 or not tensorboard:
       return
     try:
       import tensorboardX  # pylint: disable=g-import-not-at-top
@@ -109,10 +110,14 @@ class _TensorboardXWriter:
     if self._writer is not None:
       for name, value in scalars.items():
         self._writer.add_scalar(name, value, step)
+    for tracker in self._trackers:
+      tracker.write_scalars(step, scalars)
 
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()
+    for tracker in self._trackers:
+      tracker.flush()
 
 
 def format_duration(seconds: float) -> str:
@@ -129,7 +134,9 @@ class TrainLog:
   """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, batch_size: int,
-               log_every: int):
+               log_every: int, trackers: Sequence[Any] = (), tensorboard: bool = True):
+    """`trackers`: more clu MetricWriters (tracking.py's MLflow, ...) beside TensorBoard;
+    `tensorboard=False` (config.report_to without it): the scalars go to the log only."""
     self.workdir = workdir
     self.total_steps, self.start_step = total_steps, start_step
     self.batch_size, self.log_every = batch_size, log_every
@@ -140,10 +147,12 @@ class TrainLog:
       # clu's writers import TensorFlow (~0.7 GB resident): only the loop needs them.
       from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
     except ImportError:
-      self.writer = _TensorboardXWriter(workdir)
+      self.writer = _TensorboardXWriter(workdir, trackers, tensorboard)
     else:
       self.writer = metric_writers.create_default_writer(
-          workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+          workdir, just_logging=jax.process_index() > 0 or not tensorboard, asynchronous=False)
+      if trackers:
+        self.writer = metric_writers.MultiWriter([self.writer, *trackers])
       self._report = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                                      writer=self.writer)
     self.t_start = self._t_last = time.time()

@@ -26,6 +26,7 @@ from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import layouts
 from flaxbert_cls.training import progress as progress_lib
 from flaxbert_cls.training import resume
+from flaxbert_cls.training import tracking
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +91,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns {'step', 'eval', 'train_log', 'state', 'best', 'seconds'} (a sweep: and 'sweep').
   """
   workdir = workdir_lib.prepare(workdir)
+  tracking.check(config)  # a malformed tracking URI: refused before any data is read
   run = setup(resume.with_cache_dir(config, workdir), workdir, devices)
   config, state, best, ckpt, total_steps = (run.exp.config, run.state, run.best, run.ckpt,
                                             run.total_steps)
   start_step = int(state.step)
   batches = run.layout.batches(run.train_splits, run.mixture, range(start_step, total_steps))
-  train_log = progress_lib.TrainLog(workdir, total_steps, start_step,
-                                    config.batch_size * run.layout.size, config.log_every_steps)
+  trackers = tracking.open_writers(run.exp, workdir)
+  train_log = progress_lib.TrainLog(
+      workdir, total_steps, start_step, config.batch_size * run.layout.size,
+      config.log_every_steps, trackers, "tensorboard" in tracking.report_to(config))
   finite = resume.FiniteGuard(config.nonfinite_policy, ckpt)
   preemption = checkpoint_lib.PreemptionWatcher(config.log_every_steps)
   save_timer = checkpoint_lib.SaveTimer(config.checkpoint_every_minutes, config.log_every_steps)
   log.info("Training steps %d..%d (%d per epoch) of %d examples on a %s mesh.", start_step + 1,
            total_steps, run.mixture.steps_per_epoch, config.batch_size, dict(run.exp.mesh.shape))
-  eval_metrics = {}
+  eval_metrics, finished = {}, False
   try:
     for step in range(start_step + 1, total_steps + 1):
       state, step_metrics, step_finite = run.jit_train(state, next(batches))
@@ -123,11 +127,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         resume.exit_preempted(ckpt, step)
       if best.should_stop:
         break
+    result = _finish(run.layout, state, eval_metrics, train_log, best, workdir)
+    finished = True
   finally:
     preemption.close()
     ckpt.close()
     train_log.close()
-  return _finish(run.layout, state, eval_metrics, train_log, best, workdir)
+    tracking.finish_writers(trackers, workdir, finished)  # after the sweep table is written
+  return result
 
 
 def _evaluate(run: Run, params: Any, step: int, train_log: progress_lib.TrainLog,
