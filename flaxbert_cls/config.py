@@ -13,6 +13,7 @@ import ml_collections
 
 from flaxbert_cls.data import class_weights as class_weights_lib
 from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.errors import UserError
 
 
@@ -161,6 +162,11 @@ def default_config() -> ml_collections.ConfigDict:
       ("heads", "tensor"),
       ("classes", None),
   )
+
+  # Baseline (decisions/baseline.py): TF-IDF + logistic regression on the same training
+  # rows, scored on the same validation rows, beside every eval ('baseline/<metric>').
+  c.baseline = "tfidf"  # 'tfidf' or 'none'; multi-task runs have none
+  c.baseline_max_rows = 200_000  # training rows it fits on at most (sampled with the seed)
   return c
 
 
@@ -240,6 +246,9 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
         "use True, False or None (None: tune for multi-label only)")
   check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
         "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
+  baseline_error = baseline_lib.check_config(config)
+  if baseline_error:
+    raise UserError(baseline_error)
   members = _validate_sweep(config)
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
