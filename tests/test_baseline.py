@@ -45,7 +45,8 @@ def _sklearn_accuracy(rows: np.ndarray) -> float:
 def test_run_shows_its_baseline_in_log_metrics_eval_and_report(tiny_checkpoint, tmp_path,
                                                                caplog):
   workdir = str(tmp_path / "run")
-  config = small_config(tiny_checkpoint, num_train_steps=3, baseline_max_rows=6000)
+  config = small_config(tiny_checkpoint, num_train_steps=3, baseline="tfidf",
+                        baseline_max_rows=6000)
   with caplog.at_level(logging.INFO):
     result = train.train_and_evaluate(config, workdir)
   # Capped: 6,000 of the demo's 8,000 rows, drawn with the run's seed (and the log says so).
@@ -71,7 +72,7 @@ def test_run_shows_its_baseline_in_log_metrics_eval_and_report(tiny_checkpoint, 
   # A resumed run reuses baseline.json: the same scores, said in the log, no refit.
   caplog.clear()
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(small_config(tiny_checkpoint, num_train_steps=5,
+    train.train_and_evaluate(small_config(tiny_checkpoint, num_train_steps=5, baseline="tfidf",
                                           baseline_max_rows=6000), workdir)
   assert "scores from baseline.json" in caplog.text
   record = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))][-1]
@@ -92,7 +93,7 @@ def _custom_config(tiny_checkpoint, tmp_path, texts, labels, **overrides):
   train_file, dev_file = _custom_data(tmp_path, texts, labels)
   config = small_config(tiny_checkpoint, task_name="custom", train_file=train_file,
                         validation_file=dev_file, num_train_steps=2, batch_size=8,
-                        eval_batch_size=8, **overrides)
+                        eval_batch_size=8, **{"baseline": "tfidf", **overrides})
   config.text_columns = ("sentence",)
   config.label_column = "label"
   config.label_names = ("no", "yes")
