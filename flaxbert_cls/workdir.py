@@ -8,8 +8,10 @@ from a local directory (tokenizer, HF config) are staged through a temp dir.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from typing import Any
 
 from etils import epath
 
@@ -66,6 +68,16 @@ def open_binary(path: str):
 
 def read_text(path: str) -> str:
   return epath.Path(path).read_text()
+
+
+def read_json(path: str) -> Any:
+  """A JSON file's value; None when it does not exist; UserError naming it when not JSON."""
+  if not exists(path):
+    return None
+  try:
+    return json.loads(read_text(path))
+  except ValueError as e:
+    raise UserError(f"{path}: not JSON: {e}") from None
 
 
 def write_text(path: str, text: str) -> None:

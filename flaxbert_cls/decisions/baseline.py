@@ -29,7 +29,6 @@ from flaxbert_cls.data import tasks as tasks_lib
 from flaxbert_cls.decisions import metrics as metrics_lib
 from flaxbert_cls.decisions import thresholds as thresholds_lib
 from flaxbert_cls.decisions import tuning
-from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +214,7 @@ def _format(metrics: dict[str, float]) -> str:
 
 def read(workdir: str) -> dict[str, Any] | None:
   """workdir/baseline.json, or None when the run has none."""
-  path = workdir_lib.join(workdir, BASELINE_FILE)
-  if not workdir_lib.exists(path):
-    return None
-  try:
-    return json.loads(workdir_lib.read_text(path))
-  except ValueError as e:
-    raise UserError(f"{path}: not JSON: {e}") from None
+  return workdir_lib.read_json(workdir_lib.join(workdir, BASELINE_FILE))
 
 
 def for_eval(workdir: str, validation: readers.Examples) -> dict[str, float]:
