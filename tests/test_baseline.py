@@ -147,9 +147,12 @@ def test_multilabel_baseline_tunes_per_label_thresholds():
   train_rows, dev_rows = _multilabel_examples(0, 400), _multilabel_examples(1, 200)
   config = small_config("unused", task_name="custom")
   tuned = baseline.fit_and_score(train_rows, dev_rows, task, config, 3)
-  assert set(tuned) == {"f1_macro", "f1_micro", "f1_macro_tuned", "f1_micro_tuned"}
-  # Each label's tuned threshold maximises its F1 on these rows: never below 0.5's.
+  assert set(tuned) == {"f1_macro", "f1_micro", "f1_macro_tuned", "f1_micro_tuned",
+                        "f1_macro_cross_fitted"}
+  # Each label's tuned threshold maximises its F1 on these rows: never below 0.5's; each half
+  # cut at the other half's thresholds is below that optimum.
   assert tuned["f1_macro_tuned"] >= tuned["f1_macro"] > 0.5
+  assert 0.5 < tuned["f1_macro_cross_fitted"] <= tuned["f1_macro_tuned"]
   config.tune_thresholds = False
   plain = baseline.fit_and_score(train_rows, dev_rows, task, config, 3)
   assert set(plain) == {"f1_macro", "f1_micro"}
