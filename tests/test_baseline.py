@@ -176,6 +176,21 @@ def test_regression_baseline_is_ridge():
   assert out["pearson"] > 0.8
 
 
+def test_two_text_tasks_join_their_texts():
+  task = tasks_lib.Task("custom", ("a", "b"), "label", ("no", "yes"), metrics=("accuracy",))
+  rng = np.random.default_rng(0)
+
+  def rows(n):
+    labels = rng.integers(0, 2, n)
+    # The label is in the second text only: a baseline reading the first alone is at chance.
+    texts = [(" ".join(rng.choice(["cats", "dogs", "rain", "sun"], 3)),
+              " ".join(rng.choice(["agree", "fine", "sure"] if y else ["refuse", "never"], 2)))
+             for y in labels]
+    return readers.Examples(texts, labels.astype(np.int32), "pairs", list(range(n)))
+  out = baseline.fit_and_score(rows(200), rows(100), task, small_config("unused"), 2)
+  assert out["accuracy"] > 0.95
+
+
 def test_sample_rows_is_seeded_and_in_file_order():
   rows = baseline.sample_rows(1000, 100, seed=3)
   assert len(set(rows.tolist())) == 100 and np.all(np.diff(rows) > 0) and rows.max() < 1000
