@@ -14,6 +14,7 @@ import ml_collections
 
 from flaxbert_cls.data import class_weights as class_weights_lib
 from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.errors import UserError
 
 
@@ -168,6 +169,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.report_to = ("tensorboard",)  # any of 'tensorboard', 'mlflow' ('wandb': not built yet)
   c.mlflow_tracking_uri = ""  # '' = $MLFLOW_TRACKING_URI, else MLflow's default (a local store)
   c.tracker_experiment = ""  # the MLflow experiment; '' = the task name
+  # Baseline (decisions/baseline.py): TF-IDF + logistic regression on the same training
+  # rows, scored on the same validation rows, beside every eval ('baseline/<metric>').
+  c.baseline = "tfidf"  # 'tfidf' or 'none'; multi-task runs have none
+  c.baseline_max_rows = 200_000  # training rows it fits on at most (sampled with the seed)
   return c
 
 
@@ -248,6 +253,9 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
         "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
   _validate_trackers(config)
+  baseline_error = baseline_lib.check_config(config)
+  if baseline_error:
+    raise UserError(baseline_error)
   members = _validate_sweep(config)
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,

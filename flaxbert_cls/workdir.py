@@ -84,6 +84,16 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return records
 
 
+def read_json(path: str) -> Any:
+  """A JSON file's value; None when it does not exist; UserError naming it when not JSON."""
+  if not exists(path):
+    return None
+  try:
+    return json.loads(read_text(path))
+  except ValueError as e:
+    raise UserError(f"{path}: not JSON: {e}") from None
+
+
 def write_text(path: str, text: str) -> None:
   epath.Path(path).write_text(text)
 

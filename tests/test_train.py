@@ -37,6 +37,7 @@ def small_config(checkpoint, **overrides):
   c.warmup_steps = 2
   c.log_every_steps = 1
   c.checkpoint_every_steps = 1000
+  c.baseline = "none"  # its fit costs CPU in every run; tests/test_baseline.py turns it on
   c.update(overrides)
   return c
 

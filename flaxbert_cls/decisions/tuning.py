@@ -241,7 +241,7 @@ def for_eval(exp: Any, workdir: str, logits: np.ndarray, labels: np.ndarray
 def save(workdir: str, decisions: Decisions) -> str:
   """Adds `decisions` under its step to workdir/decisions.json (process 0 only)."""
   path = workdir_lib.join(workdir, DECISIONS_FILE)
-  saved = _read(path) or {"steps": {}}
+  saved = workdir_lib.read_json(path) or {"steps": {}}
   saved["steps"][str(decisions.step)] = dataclasses.asdict(decisions)
   workdir_lib.write_text(path, json.dumps(saved, indent=2))
   return path
@@ -252,7 +252,7 @@ def load(workdir: str, step: int | None, num_labels: int, multi_label: bool
   """The decisions fitted at checkpoint `step` (else the last fitted, with a warning);
   None when the run saved none."""
   path = workdir_lib.join(workdir, DECISIONS_FILE)
-  saved = _read(path)
+  saved = workdir_lib.read_json(path)
   if not saved or not saved.get("steps"):
     return None
   steps = saved["steps"]
@@ -261,12 +261,3 @@ def load(workdir: str, step: int | None, num_labels: int, multi_label: bool
     key = max(steps, key=lambda s: int(s) if s.isdigit() else -1)
     log.warning("%s: no decisions fitted at step %s; using those of step %s", path, step, key)
   return Decisions.from_dict(steps[key], num_labels, multi_label, f"{path} step {key}")
-
-
-def _read(path: str) -> dict[str, Any] | None:
-  if not workdir_lib.exists(path):
-    return None
-  try:
-    return json.loads(workdir_lib.read_text(path))
-  except ValueError as e:
-    raise UserError(f"{path}: not JSON: {e}") from None

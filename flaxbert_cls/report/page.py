@@ -313,6 +313,12 @@ def _task_section(task: dict[str, Any], summary: dict[str, Any], rows: list[dict
   metrics = {k[len(prefix):]: v for k, v in summary["metrics"].items()
              if k.startswith(prefix) and "/" not in k[len(prefix):]}
   metric_line = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+  baseline = {k[len("baseline/"):]: v for k, v in summary["metrics"].items()
+              if k.startswith("baseline/") and not multitask}
+  compare = f'<div id="{slug}-baseline">' + _table(["", *baseline], [  # baseline row first
+      ["TF-IDF + linear model (baseline), same rows", *(f"{v:.4f}" for v in baseline.values())],
+      [f"this run, step {summary['step']}", *(f"{metrics[k]:.4f}" if k in metrics else "-"
+                                              for k in baseline)]]) + "</div>" if baseline else ""
   errors = errors[:NUM_ERRORS_SHOWN]
   body = (_regression_parts(rows, errors, slug) if task["is_regression"]
           else _multilabel_parts(task, errors, slug)
@@ -320,7 +326,7 @@ def _task_section(task: dict[str, Any], summary: dict[str, Any], rows: list[dict
           else _classification_parts(task, rows, errors, slug))
   return (f'<section id="{slug}" class="task"><h2>Task {_e(task["name"])}: checkpoint '
           f'step {_e(summary["step"])}</h2><p class="muted">{len(rows)} examples from '
-          f'{_e(task.get("source", ""))}; {_e(metric_line)}</p>{body}</section>')
+          f'{_e(task.get("source", ""))}; {_e(metric_line)}</p>{compare}{body}</section>')
 
 
 def render_page(workdir: str, config: dict[str, Any], train_records: list[dict[str, Any]],

@@ -41,7 +41,10 @@ def train_plot(records: list[dict[str, Any]]) -> str:
 
 
 def eval_plot(series: dict[str, list[tuple[int, float]]], best_step: int | None) -> str:
-  names = list(series)
+  """A panel per metric; a 'baseline/<metric>' series is a dotted line in its metric's."""
+  baselines = {n[len("baseline/"):]: s[-1][1] for n, s in series.items()
+               if n.startswith("baseline/")}
+  names = [n for n in series if not n.startswith("baseline/")]
   cols = min(4, len(names))
   rows = -(-len(names) // cols)
   fig, axes = figure(2.6 * cols + 0.4, 2.3 * rows, rows, cols)
@@ -50,10 +53,14 @@ def eval_plot(series: dict[str, list[tuple[int, float]]], best_step: int | None)
   for ax, name in zip(axes.flat, names):
     steps, values = zip(*series[name])
     ax.plot(steps, values, marker="o", markersize=3)
+    if name in baselines:
+      ax.axhline(baselines[name], color="gray", linestyle=":", label="TF-IDF baseline")
     if best_step is not None and best_step in steps:
       ax.axvline(best_step, color="tab:red", linestyle="--", linewidth=1)
       ax.plot([best_step], [values[steps.index(best_step)]], marker="*", markersize=12,
               color="tab:red", label=f"best (step {best_step})")
+    if name in baselines:
+      ax.legend(fontsize=7, loc="best")
     ax.set_title(name, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=8)

@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import runs
@@ -277,6 +278,7 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
       jit_eval_step(exp.model, window_pooling=exp.config.get("window_pooling", "mean")))
   # Metrics at the saved temperature / thresholds too (decisions.py).
   results.update(decisions_lib.for_eval(exp, workdir, logits[0], read[0][1].labels))
+  results.update(baseline_lib.for_eval(workdir, read[0][0]))  # scored when the run trained
   log.info("eval of %s (step %d): %s", workdir, exp.checkpoint_step, format_metrics(results))
   if jax.process_index() == 0:
     write_eval_files(workdir, exp, [e for e, _ in read], logits, results, exp.checkpoint_step,

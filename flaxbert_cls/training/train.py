@@ -18,6 +18,7 @@ import ml_collections
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.data import batching as data_lib
 from flaxbert_cls.data import class_weights as class_weights_lib
+from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.training import batches as batches_lib
 from flaxbert_cls.training import checkpoints as checkpoint_lib
@@ -56,6 +57,7 @@ class Run:
   state: Any
   jit_train: Callable
   jit_eval: Callable
+  baseline: baseline_lib.Pending = dataclasses.field(default_factory=baseline_lib.Pending)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,
@@ -64,9 +66,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   enable_compilation_cache(config.compilation_cache_dir)
   exp = experiment_lib.build_experiment(config, devices=devices)
   decisions_lib.check_run(exp)
-  train_splits = experiment_lib.read_tokenized(exp, "train")
+  train_data = experiment_lib.read_examples_tokenized(exp, "train")
+  train_splits = [split for _, split in train_data]
   class_weights_lib.resolve_for_run(exp, [split.labels for split in train_splits])
   eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
+  # In a thread from here: it overlaps the state's creation and the first compile.
+  baseline = baseline_lib.start(exp, workdir, train_data[0][0], eval_data[0][0],
+                                jax.process_index())
   layout = layouts.for_experiment(exp)
   mixture = batches_lib.task_mixture(exp, train_splits)
   total_steps = batches_lib.total_steps(config, mixture)
@@ -81,7 +87,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
                                         config.get("window_pooling", "mean"))
   resume.write_run_files(exp, workdir)
   return Run(exp, layout, train_splits, eval_data, mixture, total_steps, ckpt, run_meta, best,
-             state, jit_train, jit_eval)
+             state, jit_train, jit_eval, baseline)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -144,12 +150,15 @@ def _evaluate(run: Run, params: Any, step: int, train_log: progress_lib.TrainLog
   exp, layout, eval_data, best = run.exp, run.layout, run.eval_data, run.best
   splits = [split for _, split in eval_data]
   flat, member_metrics, member_logits = {}, [], []
+  baseline = run.baseline.metrics()  # the same rows' TF-IDF scores, beside each member's
   for member, member_params in layout.each_member(params):
     metrics, records, logits = evaluate_lib.evaluate_tasks(exp, member_params, splits, run.jit_eval)
     fitted = layout.decide(workdir, step, logits[0], splits[0].labels)
     metrics.update(fitted)
     records[0].update(fitted)
     named, records = layout.named(member, metrics, records)
+    named = {**named, **baseline}
+    records = [{**records[0], **baseline}, *records[1:]]
     train_log.write_eval(step, named, records)
     flat.update(named)
     member_metrics.append(metrics)
@@ -158,7 +167,8 @@ def _evaluate(run: Run, params: Any, step: int, train_log: progress_lib.TrainLog
   if best.best and best.best["step"] == step and jax.process_index() == 0:
     member = best.best_member()
     evaluate_lib.write_eval_files(workdir, exp, [examples for examples, _ in eval_data],
-                                  member_logits[member], member_metrics[member], step, step)
+                                  member_logits[member], {**member_metrics[member], **baseline},
+                                  step, step)
   return flat
 
 
