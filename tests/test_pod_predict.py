@@ -267,3 +267,25 @@ def test_remote_input_and_output(setup, ram_filesystem):
   with tf.io.gfile.GFile("ram://pod/out/part-00000-of-00001.jsonl") as f:
     _assert_matches([json.loads(line) for line in f], setup)
   assert tf.io.gfile.exists("ram://pod/out/_SUCCESS")
+
+
+def test_byte_ranges_read_what_the_stream_reads(tmp_path):
+  """Any number of ranges (more than lines too), any resume point: the whole file's rows."""
+  from flaxbert_cls.data import streaming  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import tasks  # pylint: disable=g-import-not-at-top
+  task = tasks.Task(name="t", text_fields=("sentence",), label_field="\x00none", label_names=None)
+  tsv = os.path.join(DEMO_DATA, "dev.tsv")  # a header, 872 rows
+  csv_path = tmp_path / "quoted.csv"
+  csv_path.write_bytes(b'\xef\xbb\xbfsentence,label\n"two\nlines",1\nplain,0\n"a ""b""",1\n')
+  for path, counts in ((tsv, (1, 3, 7, 2000)), (str(csv_path), (1,))):
+    whole = [t for c in streaming.read_file_chunks(path, task, 100) for t in c.texts]
+    for parts in counts:
+      ranges = byte_ranges.split_file(path, parts)
+      read = [t for r in ranges for c in byte_ranges.read_range_chunks(r, task, 37)
+              for t in c.examples.texts]
+      assert read == whole, (path, parts)
+    chunks = list(byte_ranges.read_range_chunks(byte_ranges.split_file(path, 1)[0], task, 2))
+    resumed = byte_ranges.read_range_chunks(byte_ranges.split_file(path, 1)[0], task, 2,
+                                            start=chunks[0].stop)
+    assert [t for c in resumed for t in c.examples.texts] == whole[2:]
+  assert whole == [("two\nlines",), ("plain",), ('a "b"',)]
