@@ -74,7 +74,9 @@ def open_binary(path: str):
 
 
 def open_write_binary(path: str):
-  """The file opened for writing bytes (local or remote; an object appears when closed)."""
+  """The file opened for writing bytes (local or remote; an object appears when closed),
+  its directory created if needed."""
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
   return epath.Path(path).open("wb")
 
 

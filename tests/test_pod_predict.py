@@ -213,6 +213,10 @@ def test_refuses_another_input_a_changed_input_and_a_split_csv(setup, tmp_path):
   (stray / "part-00000-of-00001.jsonl").write_text("{}\n")
   with pytest.raises(UserError, match=r"stray: holds part files but no _manifest.json"):
     pod_predict.predict_parts(setup["model"], str(first), str(stray))
+  header_only = tmp_path / "header.tsv"
+  header_only.write_text("sentence\tlabel\n")
+  with pytest.raises(UserError, match=r"header.tsv: no data rows"):
+    pod_predict.predict_parts(setup["model"], str(header_only), str(tmp_path / "none"))
   csv_path = tmp_path / "texts.csv"
   csv_path.write_text('sentence\n"two\nlines"\nplain\n')
   with pytest.raises(UserError, match=r"texts.csv: a CSV file cannot be split into 2 byte ranges"):

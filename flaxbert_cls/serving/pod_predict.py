@@ -130,8 +130,11 @@ def predict_parts(model: str, input_path: str, output_dir: str, output_ext: str 
   _write_atomically(files.join(output_dir, RECORDS_DIR, f"process-{me:05d}-of-{count:05d}.json"),
                     json.dumps(figures))
   _barrier(count, "predict: parts")
+  records = _part_records(output_dir, names)  # every process: all refuse alike
+  if not sum(r["rows"] for r in records):
+    raise UserError(f"{input_path}: no data rows")
   if me == 0:
-    _write_success(output_dir, names, identities, count)
+    _write_success(output_dir, records, identities, count)
   _barrier(count, "predict: success")
   success = json.loads(files.read_text(files.join(output_dir, SUCCESS_NAME)))
   return dict(success, process=figures)
@@ -283,16 +286,21 @@ class _PartWriter:
     log.info("predict: wrote %s: %d rows", self.path, record["rows"])
 
 
-def _write_success(output_dir: str, names: list[str], identities: list[dict[str, Any]],
-                   count: int) -> None:
-  """OUT/_SUCCESS once every part is whole: counts per part, figures per process."""
-  parts = []
+def _part_records(output_dir: str, names: list[str]) -> list[dict[str, Any]]:
+  """Every part's record, once every process has finished its parts."""
+  records = []
   for name in names:
     record_path = files.join(output_dir, RECORDS_DIR, name + ".json")
     if not (files.exists(files.join(output_dir, name)) and files.exists(record_path)):
       raise UserError(f"{output_dir}/{name}: missing after every process finished (is "
                       f"{output_dir} one directory every process sees?)")
-    parts.append(json.loads(files.read_text(record_path)))
+    records.append(json.loads(files.read_text(record_path)))
+  return records
+
+
+def _write_success(output_dir: str, parts: list[dict[str, Any]],
+                   identities: list[dict[str, Any]], count: int) -> None:
+  """OUT/_SUCCESS once every part is whole: counts per part, figures per process."""
   processes = [json.loads(files.read_text(files.join(
       output_dir, RECORDS_DIR, f"process-{i:05d}-of-{count:05d}.json"))) for i in range(count)]
   rows_this_run = sum(p["rows"] for p in processes)
@@ -302,6 +310,7 @@ def _write_success(output_dir: str, names: list[str], identities: list[dict[str,
              "rows_per_sec": rows_this_run / max(wall, 1e-9),
              "rows_per_sec_per_process": rows_this_run / max(wall, 1e-9) / count}
   _write_atomically(files.join(output_dir, SUCCESS_NAME), json.dumps(success, indent=1))
+  files.remove_tree(files.join(output_dir, TEMPORARY_DIR))  # every part is whole
   log.info("predict: %s: %d rows in %d parts; this run %d rows at %.1f rows/s in all (%d "
            "processes)", output_dir, success["rows"], len(parts), rows_this_run,
            success["rows_per_sec"], count)
