@@ -7,6 +7,8 @@
       [--member=best|I] [--format=hf|onnx]
   flaxbert-cls predict --model=DIR_OR_HF_DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
       [--quantize=int8] [--batch_size=N]
+  flaxbert-cls predict --model=... --input=FILE_OR_'part-*.jsonl' --output=DIR [--output_format=csv]
+      [--coordinator_address=... --num_processes=N --process_id=I]   (parts; pod_predict.py)
   flaxbert-cls monitor --model=DIR_OR_HF_DIR --reference=FILE --current=FILE [--output=DIR]
       (exit status 0: stable, 3: drift)
   flaxbert-cls plan --config=... --topology=v5e:4x4 [--num_slices=N] [--json=FILE]
@@ -35,7 +37,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _STEP = flags.DEFINE_string("step", None,
                             "eval/export/predict: checkpoint step: latest (default), best or N.")
 _OUTPUT = flags.DEFINE_string("output", None, "export: new HF model directory; predict: "
-                              "results file (.csv or .jsonl); monitor: report directory.")
+                              "results file (.csv or .jsonl) or a directory of parts; monitor: report directory.")
 _MODEL = flags.DEFINE_string("model", None, "predict, monitor: a workdir or an exported HF "
                              "directory.")
 _MEMBER = flags.DEFINE_string("member", None, "eval/export/predict of a sweep's workdir: "
@@ -52,6 +54,11 @@ _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "onnx"],
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
                                    "predict: examples per batch (default: the run's "
                                    "eval_batch_size, or 64).")
+# predict into a directory of parts, on one process or every process of a pod (pod_predict.py).
+_OUTPUT_FORMAT = flags.DEFINE_enum("output_format", "jsonl", ["jsonl", "csv"],
+                                   "predict --output=DIR: the parts' format.")
+_CHUNK_ROWS = flags.DEFINE_integer("chunk_rows", None, "predict: rows read, predicted and "
+                                   "written at a time (a rerun into DIR resumes at a chunk).")
 # monitor (drift between two data sets, monitor.py).
 _REFERENCE = flags.DEFINE_string("reference", None, "monitor: the reference data set (a file "
                                  "like predict's --input, e.g. the training or dev data).")
@@ -118,6 +125,7 @@ def _main(argv: list[str]) -> None:
   from flaxbert_cls.training import evaluate  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.serving import export  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.serving import predict  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.serving import pod_predict  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.report import page as report  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import sharding  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
@@ -142,10 +150,19 @@ def _main(argv: list[str]) -> None:
     output = export.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _QUANTIZE.value,
                            _MEMBER.value, _FORMAT.value)
     print(f"exported: {output}", flush=True)
+  elif command == "predict" and pod_predict.wants_parts(_INPUT.value, _OUTPUT.value):
+    stats = pod_predict.predict_parts(
+        _MODEL.value, _INPUT.value, _OUTPUT.value, _OUTPUT_FORMAT.value, _STEP.value,
+        _TEXT_COLUMNS.value, _QUANTIZE.value, _BATCH_SIZE.value, _MEMBER.value,
+        _CHUNK_ROWS.value or predict.CHUNK_ROWS)
+    mine = stats["process"]
+    print(f"predicted: process {mine['process']}: {mine['rows']} rows ({mine['rows_per_sec']:.1f}"
+          f" examples/s); {_OUTPUT.value}: {stats['rows']} rows in {len(stats['parts'])} parts, "
+          f"this run {stats['rows_per_sec']:.1f} examples/s in all", flush=True)
   elif command == "predict":
     stats = predict.predict_file(_MODEL.value, _INPUT.value, _OUTPUT.value, _STEP.value,
                                  _TEXT_COLUMNS.value, _QUANTIZE.value, _BATCH_SIZE.value,
-                                 _MEMBER.value)
+                                 _MEMBER.value, _CHUNK_ROWS.value or predict.CHUNK_ROWS)
     print(f"predicted: {stats['rows']} rows -> {_OUTPUT.value} "
           f"({stats['examples_per_sec']:.1f} examples/s)", flush=True)
   elif command == "monitor":

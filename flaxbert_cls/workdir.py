@@ -57,6 +57,15 @@ def is_dir(path: str) -> bool:
   return epath.Path(path).is_dir()
 
 
+def size_and_mtime(path: str) -> tuple[int, float]:
+  """(bytes, modification time in seconds): nanoseconds locally, what the store says remotely."""
+  if not is_remote(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns / 1e9
+  st = epath.Path(path).stat()
+  return int(st.length), float(st.mtime)
+
+
 def read_bytes(path: str) -> bytes:
   return epath.Path(path).read_bytes()
 
@@ -64,6 +73,33 @@ def read_bytes(path: str) -> bytes:
 def open_binary(path: str):
   """The file opened for reading bytes as a stream (local or remote)."""
   return epath.Path(path).open("rb")
+
+
+def open_write_binary(path: str):
+  """The file opened for writing bytes (local or remote; an object appears when closed),
+  its directory created if needed."""
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  return epath.Path(path).open("wb")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  epath.Path(path).write_bytes(data)
+
+
+def glob(pattern: str) -> list[str]:
+  """The files matching a pattern in its last component (`data/part-*.jsonl`), sorted."""
+  directory, name = os.path.split(pattern)
+  return sorted(str(p) for p in epath.Path(directory or ".").glob(name))
+
+
+def rename(source: str, destination: str) -> None:
+  """Moves a file (replacing `destination`); a copy and a delete on object stores."""
+  epath.Path(source).replace(destination)
+
+
+def remove_tree(path: str) -> None:
+  if exists(path):
+    epath.Path(path).rmtree()
 
 
 def read_text(path: str) -> str:

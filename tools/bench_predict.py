@@ -8,6 +8,8 @@
   python tools/bench_predict.py make_input --output=/tmp/big.jsonl --rows=1000000
   python tools/bench_predict.py make_tiny --output=/tmp/tiny_cls
   # then: /usr/bin/time -v flaxbert-cls predict --model=/tmp/tiny_cls --input=/tmp/big.jsonl ...
+  # predict into parts: 1 process, then --processes on 127.0.0.1 (pod_predict.py), same input:
+  python tools/bench_predict.py pod --model=/tmp/tiny_cls --input=/tmp/big.jsonl --processes=2
 
 Each timed pass tokenizes and predicts the whole file; the first pass of each (compiles)
 is not timed; the best of --repeats timed passes is reported (the machine is shared).
@@ -124,9 +126,53 @@ def make_tiny(args) -> dict:
   return {"output": args.output}
 
 
+def bench_pod(args) -> dict:
+  """rows/s in all and per process (from each run's _SUCCESS: prediction time, after the model
+  loaded) and rows per CPU-second of the whole command (imports, load and compile too): 1
+  process, then --processes (one CPU device each), each into a fresh output directory."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  results = {"input": args.input, "bytes": os.path.getsize(args.input), "cores": os.cpu_count()}
+  for count in (1, args.processes):
+    output = tempfile.mkdtemp(prefix=f"bench_pod_{count}_")
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "flaxbert_cls.cli", "predict", f"--model={args.model}",
+           f"--input={args.input}", f"--output={output}"]
+    distributed = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}"]
+    start = time.perf_counter()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs = [subprocess.Popen(cmd + (distributed + [f"--process_id={i}"] if count > 1 else []),
+                              env=env, cwd=repo, stdout=subprocess.DEVNULL) for i in range(count)]
+    if any(p.wait() for p in procs):
+      raise SystemExit(f"{count} processes: a predict failed")
+    with open(os.path.join(output, "_SUCCESS")) as f:
+      success = json.load(f)
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
+    results[f"processes_{count}"] = {
+        "rows": success["rows"], "wall_seconds": time.perf_counter() - start,
+        "rows_per_sec": success["rows_per_sec"],
+        "rows_per_sec_per_process": [p["rows_per_sec"] for p in success["processes"]],
+        "cpu_seconds": cpu, "rows_per_cpu_second": success["rows"] / cpu,
+        "bytes_read_per_part": [p["input"]["stop"] - p["input"]["start"]
+                                for p in success["parts"]]}
+    shutil.rmtree(output)
+  results["speedup"] = (results[f"processes_{args.processes}"]["rows_per_sec"]
+                        / results["processes_1"]["rows_per_sec"])
+  return results
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("mode", choices=["int8", "make_input", "make_tiny"])
+  parser.add_argument("mode", choices=["int8", "make_input", "make_tiny", "pod"])
   parser.add_argument("--model", help="int8: an exported directory (or a workdir)")
   parser.add_argument("--data", default="glue/SST-2/dev.tsv",
                       help="int8: a labelled file under the shared data folder")
@@ -135,9 +181,11 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=2, help="timed passes (0: scores only)")
   parser.add_argument("--output", help="make_input: the .jsonl; make_tiny: a new directory")
   parser.add_argument("--rows", type=int, default=1_000_000)
+  parser.add_argument("--input", help="pod: the file to predict")
+  parser.add_argument("--processes", type=int, default=2, help="pod: processes of the pod run")
   args = parser.parse_args()
   print(json.dumps({"int8": bench_int8, "make_input": make_input,
-                    "make_tiny": make_tiny}[args.mode](args), indent=2))
+                    "make_tiny": make_tiny, "pod": bench_pod}[args.mode](args), indent=2))
 
 
 if __name__ == "__main__":

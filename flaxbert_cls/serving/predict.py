@@ -17,7 +17,6 @@ A file is streamed: read, tokenized, predicted and written `chunk_rows` rows at 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -38,6 +37,7 @@ from flaxbert_cls.serving import export as export_lib
 from flaxbert_cls.model import hf
 from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.training import progress as progress_lib
+from flaxbert_cls.serving import output_format
 from flaxbert_cls.serving import quantize as quantize_lib
 from flaxbert_cls.data import streaming
 from flaxbert_cls.model import sharding as sharding_lib
@@ -90,24 +90,27 @@ class Predictor:
   def from_path(cls, path: str, step: int | str | None = None,
                 text_fields: Sequence[str] | None = None,
                 batch_size: int | None = None, quantize: str | None = None,
-                member: int | str | None = None) -> "Predictor":
+                member: int | str | None = None,
+                devices: Sequence[jax.Device] | None = None) -> "Predictor":
     """A workdir (its checkpoint `step`: latest, 'best' or N) or an HF model directory.
 
     `text_fields` overrides the input columns holding the text (default: the
     run's, or 'sentence' for an HF directory without flaxbert_cls.json).
     `quantize='int8'`: predict with the int8 ONNX model (`quantize.load_int8`).
+    `devices`: where to predict (default: every device; a pod's predict gives each process
+    its local ones, `pod_predict.py`).
     """
     quantize_lib.check_mode(quantize)
     path = os.path.abspath(path)
     if _is_workdir(path):
-      predictor = cls._from_workdir(path, checkpoint_lib.parse_step(step), member)
+      predictor = cls._from_workdir(path, checkpoint_lib.parse_step(step), member, devices)
     elif os.path.isfile(os.path.join(path, "config.json")):
       if step is not None and step != "latest":
         raise UserError(f"--step={step}: {path} is a Hugging Face directory, not a workdir; "
                         "it has one set of weights")
       if member is not None:
         raise UserError(f"--member={member}: {path} is a Hugging Face directory, not a sweep")
-      predictor = cls._from_hf_dir(path)
+      predictor = cls._from_hf_dir(path, devices)
     else:
       raise UserError(f"{path}: neither a flaxbert-cls workdir (config.json, model/, "
                       "checkpoints/) nor a Hugging Face model directory (config.json)")
@@ -126,10 +129,11 @@ class Predictor:
     return predictor
 
   @classmethod
-  def _from_workdir(cls, workdir: str, step: int | str | None,
-                    member: int | str | None = None) -> "Predictor":
+  def _from_workdir(cls, workdir: str, step: int | str | None, member: int | str | None = None,
+                    devices: Sequence[jax.Device] | None = None) -> "Predictor":
     checkpoint_lib.check_step(workdir, step)
-    exp, params = runs.load_run(workdir, step=step, member=member)  # sweep: best
+    exp, params = runs.load_run(workdir, step=step, member=member,  # sweep: best
+                                devices=None if devices is None else list(devices))
     if exp.multitask:
       raise UserError(f"{workdir}: a multi-task run ({', '.join(t.name for t in exp.tasks)}); "
                       "export it (flaxbert-cls export --output=OUT) and predict with OUT/<task>")
@@ -142,7 +146,8 @@ class Predictor:
                exp.config.get("window_pooling", "mean"))
 
   @classmethod
-  def _from_hf_dir(cls, directory: str) -> "Predictor":
+  def _from_hf_dir(cls, directory: str, devices: Sequence[jax.Device] | None = None
+                   ) -> "Predictor":
     hf_config = hf.load_config(directory)
     tokenizer = hf.load_tokenizer(directory, hf_config.vocab_size)
     is_regression = hf_config.problem_type == "regression" or hf_config.num_labels == 1
@@ -176,12 +181,13 @@ class Predictor:
     decisions = None if is_regression else decisions_lib.Decisions.from_hf_config(
         hf_config, os.path.join(directory, "config.json"))
     batch_sharding = None
-    if jax.local_device_count() > 1 and jax.process_count() == 1:
-      # As evaluate does: the batch split over every device, the weights on each.
-      mesh = sharding_lib.create_mesh(("data",), (-1,))
+    devices = list(devices or jax.local_devices())
+    if len(devices) > 1 or jax.process_count() > 1:
+      # As evaluate does: the batch split over the devices, the weights on each.
+      mesh = sharding_lib.create_mesh(("data",), (-1,), devices)
       batch_sharding = sharding_lib.batch_sharding(mesh)
       params = jax.device_put(params, sharding_lib.replicated(mesh))
-    return cls(model, jax.device_put(params), tokenizer, label_names, task,
+    return cls(model, jax.device_put(params, None if batch_sharding else devices[0]), tokenizer, label_names, task,
                int(meta.get("max_seq_length", _DEFAULT_MAX_SEQ_LENGTH)),
                tuple(meta.get("seq_buckets", _DEFAULT_BUCKETS)), _DEFAULT_BATCH_SIZE,
                batch_sharding, directory, decisions, tokenization.Layout.from_config(meta),
@@ -280,12 +286,12 @@ class Predictor:
 
 def predict_file(model: str, input_path: str, output_path: str, step: int | str | None = None,
                  text_fields: Sequence[str] | None = None, quantize: str | None = None,
-                 batch_size: int | None = None, member: int | str | None = None
-                 ) -> dict[str, float]:
+                 batch_size: int | None = None, member: int | str | None = None,
+                 chunk_rows: int = CHUNK_ROWS) -> dict[str, float]:
   """`flaxbert-cls predict`: Predictor.from_path(model).predict_file(input, output)."""
   predictor = Predictor.from_path(model, step=step, text_fields=text_fields,
                                   batch_size=batch_size, quantize=quantize, member=member)
-  return predictor.predict_file(input_path, output_path)
+  return predictor.predict_file(input_path, output_path, chunk_rows)
 
 
 def _count_lines(path: str) -> int:
@@ -336,32 +342,20 @@ class _ResultWriter:
                label_names: tuple[str, ...] | None):
     self.path, self.text_fields, self.label_names = path, tuple(text_fields), label_names
     self._tmp = f"{path}.tmp-{os.getpid()}"
-    self._file = self._csv = None
+    self._file = None
 
   def __enter__(self) -> "_ResultWriter":
     try:
       self._file = open(self._tmp, "w", newline="", encoding="utf-8")
     except OSError as e:
       raise UserError(f"--output={self.path}: cannot write: {e}") from None
-    if self.path.lower().endswith(".csv"):
-      self._csv = csv.writer(self._file)
-      tail = (["score"] if self.label_names is None else
-              ["label"] + [f"p_{n}" for n in self.label_names])
-      self._csv.writerow(list(self.text_fields) + tail)
+    self._file.write(output_format.header_text(self.path, self.text_fields, self.label_names))
     return self
 
   def write(self, texts: Sequence[tuple[str, ...]], results: list[dict[str, Any]]) -> None:
     try:
-      if self._csv is not None:
-        for row, r in zip(texts, results):
-          label = "|".join(r["label"]) if isinstance(r.get("label"), list) else r.get("label")
-          values = ([r["score"]] if self.label_names is None else
-                    [label] + [r["probabilities"][n] for n in self.label_names])
-          self._csv.writerow(list(row) + values)
-      else:
-        self._file.writelines(json.dumps(dict(zip(self.text_fields, row)) | r,
-                                         ensure_ascii=False) + "\n"
-                              for row, r in zip(texts, results))
+      self._file.write(output_format.results_text(self.path, self.text_fields, self.label_names, texts,
+                                    results))
     except OSError as e:
       raise UserError(f"--output={self.path}: cannot write: {e}") from None
 

@@ -82,7 +82,12 @@ def gather_logits(jit_eval: Callable, params: Any, split: data_lib.TokenizedSpli
                                                           max_seq_length, batch_sharding)):
     if batch_sharding is not None:
       batch = data_lib.to_global(batch, batch_sharding)
-    logits = np.asarray(multihost_utils.process_allgather(jit_eval(params, batch), tiled=True))
+    logits = jit_eval(params, batch)
+    # A batch on this process's devices only (a pod's predict: each process its own input)
+    # is all here; a batch over every process's devices is gathered.
+    if not (isinstance(logits, jax.Array) and logits.is_fully_addressable):
+      logits = multihost_utils.process_allgather(logits, tiled=True)
+    logits = np.asarray(logits)
     if out is None:
       out = np.zeros((len(split), *logits.shape[1:]), np.float32)
     real = rows >= 0
