@@ -14,6 +14,7 @@ import ml_collections
 
 from flaxbert_cls.data import class_weights as class_weights_lib
 from flaxbert_cls.data import tasks as tasks_lib
+from flaxbert_cls.data import tokenization
 from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.errors import UserError
 
@@ -227,7 +228,7 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(not config.mesh_shape or len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
         f"needs one size per axis in mesh_axes={tuple(config.mesh_axes)}")
   check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")
-  _validate_long_document(config, check)
+  tokenization.validate_long_document(config, check)
   check(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", "use 'stop' or 'skip'")
   for key in ("checkpoint_every_steps", "log_every_steps", "max_checkpoints_to_keep"):
     check(int(config[key]) > 0, key, "must be > 0")
@@ -288,29 +289,6 @@ def _validate_trackers(config: ml_collections.ConfigDict) -> None:
       why = (f"{name} is not installed; pip install 'flaxbert-cls[{name}]'" if name in TRACKERS
              else f"unknown tracker {name!r}; use any of {tuple(TRACKERS)}, or ('none',)")
       raise UserError(f"config.report_to={names!r}: {why}")
-
-
-LONG_DOCUMENT = ("truncate", "head_tail", "windows")
-
-
-def _validate_long_document(config: ml_collections.ConfigDict, check: Any) -> None:
-  """The long_document keys; .get: runs saved before they existed truncate."""
-  mode = config.get("long_document", "truncate")
-  check(mode in LONG_DOCUMENT, "long_document", f"use one of {LONG_DOCUMENT}")
-  # Every layout row is [CLS] content [SEP]: max_seq_length - 2 content tokens.
-  content = int(config.max_seq_length) - 2
-  if mode == "head_tail":
-    head = int(config.get("head_tokens", -1))
-    check(head == -1 or 0 <= head < content, "head_tokens",
-          f"must be -1 (auto) or in [0, max_seq_length - 2 = {content}): the head must leave "
-          "room for the tail")
-  if mode == "windows":
-    check(1 <= int(config.window_stride) <= content, "window_stride",
-          f"must be in [1, max_seq_length - 2 = {content}] (windows of max_seq_length="
-          f"{config.max_seq_length} hold {content} text tokens; a larger stride skips text)")
-    check(int(config.max_windows) >= 1, "max_windows", "must be >= 1")
-    check(config.get("window_pooling", "mean") in ("mean", "max"), "window_pooling",
-          "use 'mean' or 'max'")
 
 
 # Values that only change numbers inside the train step (or the data order): anything

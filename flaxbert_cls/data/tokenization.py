@@ -29,6 +29,28 @@ from flaxbert_cls.errors import UserError
 log = logging.getLogger(__name__)
 
 LONG_DOCUMENT_KEYS = ("long_document", "head_tokens", "window_stride", "max_windows")
+LONG_DOCUMENT_MODES = ("truncate", "head_tail", "windows")
+
+
+def validate_long_document(config: Any, check: Any) -> None:
+  """config.validate's checks of the long_document keys (`check(ok, key, why)` raises the
+  one-line error); .get: runs saved before they existed truncate."""
+  mode = config.get("long_document", "truncate")
+  check(mode in LONG_DOCUMENT_MODES, "long_document", f"use one of {LONG_DOCUMENT_MODES}")
+  # Every layout row is [CLS] content [SEP]: max_seq_length - 2 content tokens.
+  content = int(config.max_seq_length) - 2
+  if mode == "head_tail":
+    head = int(config.get("head_tokens", -1))
+    check(head == -1 or 0 <= head < content, "head_tokens",
+          f"must be -1 (auto) or in [0, max_seq_length - 2 = {content}): the head must leave "
+          "room for the tail")
+  if mode == "windows":
+    check(1 <= int(config.window_stride) <= content, "window_stride",
+          f"must be in [1, max_seq_length - 2 = {content}] (windows of max_seq_length="
+          f"{config.max_seq_length} hold {content} text tokens; a larger stride skips text)")
+    check(int(config.max_windows) >= 1, "max_windows", "must be >= 1")
+    check(config.get("window_pooling", "mean") in ("mean", "max"), "window_pooling",
+          "use 'mean' or 'max'")
 
 
 @dataclasses.dataclass(frozen=True)
