@@ -154,7 +154,7 @@ def _main(argv: list[str]) -> None:
     stats = pod_predict.predict_parts(
         _MODEL.value, _INPUT.value, _OUTPUT.value, _OUTPUT_FORMAT.value, _STEP.value,
         _TEXT_COLUMNS.value, _QUANTIZE.value, _BATCH_SIZE.value, _MEMBER.value,
-        _CHUNK_ROWS.value or predict.CHUNK_ROWS)
+        _chunk_rows(predict.CHUNK_ROWS))
     mine = stats["process"]
     print(f"predicted: process {mine['process']}: {mine['rows']} rows ({mine['rows_per_sec']:.1f}"
           f" examples/s); {_OUTPUT.value}: {stats['rows']} rows in {len(stats['parts'])} parts, "
@@ -162,7 +162,7 @@ def _main(argv: list[str]) -> None:
   elif command == "predict":
     stats = predict.predict_file(_MODEL.value, _INPUT.value, _OUTPUT.value, _STEP.value,
                                  _TEXT_COLUMNS.value, _QUANTIZE.value, _BATCH_SIZE.value,
-                                 _MEMBER.value, _CHUNK_ROWS.value or predict.CHUNK_ROWS)
+                                 _MEMBER.value, _chunk_rows(predict.CHUNK_ROWS))
     print(f"predicted: {stats['rows']} rows -> {_OUTPUT.value} "
           f"({stats['examples_per_sec']:.1f} examples/s)", flush=True)
   elif command == "monitor":
@@ -199,6 +199,10 @@ def _plan() -> None:
   if not plan.fits:
     print(plan_table.refusal_line(plan), file=sys.stderr, flush=True)
     sys.exit(plan_lib.NOT_FITTING_EXIT_CODE)
+
+
+def _chunk_rows(default: int) -> int:
+  return default if _CHUNK_ROWS.value is None else _CHUNK_ROWS.value
 
 
 def _loaded_config():

@@ -196,6 +196,9 @@ def test_refuses_another_input_a_changed_input_and_a_split_csv(setup, tmp_path):
   _assert_matches(_rows(output_dir, 1), setup)
   again = pod_predict.predict_parts(setup["model"], str(first), output_dir)  # all complete
   assert again["rows"] == ROWS and again["rows_this_run"] == 0
+  with pytest.raises(UserError, match=r"out: its parts were written with predicted_with="
+                                      r"\{'model': .*classifier'.*, this run has"):
+    pod_predict.predict_parts(str(tmp_path / "another_model"), str(first), output_dir)
   other = tmp_path / "other.jsonl"
   other.write_text('{"sentence": "fine"}\n')
   with pytest.raises(UserError, match=r"out: holds the parts of another input \(.*first.jsonl\), "
