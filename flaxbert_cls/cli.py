@@ -29,6 +29,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from flaxbert_cls import saved_config
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 COMMANDS = ("train", "eval", "report", "export", "predict", "monitor", "plan", "track")
@@ -239,7 +240,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(saved_config.with_saved_config(argv))
   except flags.Error as e:
     raise UserError(" ".join(str(e).split())) from None
   except (AttributeError, KeyError) as e:  # --config.KEY for a KEY the config does not have

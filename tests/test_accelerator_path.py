@@ -185,6 +185,12 @@ def test_cli_trains_evaluates_and_predicts_without_tensorflow(tiny_checkpoint, t
   assert (workdir / "metrics.jsonl").is_file()
   evaluated = run("eval", f"--workdir={workdir}")
   assert evaluated.returncode == 0 and "eval: loss=" in evaluated.stdout, evaluated.stderr[-2000:]
+  # A new file for a trained run needs no --config: the run's saved config takes the override.
+  subset = tmp_path / "dev40.tsv"
+  subset.write_text("".join(open(dev).readlines()[:41]))
+  on_subset = run("eval", f"--workdir={workdir}", f"--config.validation_file={subset}")
+  assert on_subset.returncode == 0, on_subset.stderr[-2000:]
+  assert len(open(workdir / "eval" / "predictions.jsonl").readlines()) == 40
   predicted = run("predict", f"--model={workdir}", f"--input={dev}",
                   f"--output={tmp_path / 'out.jsonl'}")
   assert predicted.returncode == 0, predicted.stderr[-2000:]

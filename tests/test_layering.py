@@ -21,7 +21,7 @@ LAYERS = (
     ('data',),
     ('model',),
     ('decisions',),
-    ('config',),
+    ('config', 'saved_config'),
     ('training',),
     ('report',),
     ('serving',),
