@@ -146,7 +146,7 @@ def document_rows(tokenizer: Any, text: str, config: Any) -> list[list[int]]:
   layout = getattr(config, "long_document", "truncate")
   if layout == "truncate":
     return [tokenizer(text, truncation=True, max_length=max_length)["input_ids"]]
-  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # whole text: no warning
   before, after = _special_tokens(tokenizer)
   width = max_length - len(before) - len(after)  # text tokens per row
   n = len(ids)
