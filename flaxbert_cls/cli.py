@@ -256,6 +256,7 @@ def run() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # plans and tests side by side
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs a false error
   try:
     app.run(_main, flags_parser=_parse_flags)
   except UserError as e:

@@ -109,6 +109,17 @@ def test_fsdp_holds_a_quarter_of_the_state_per_chip(tiny):
   assert 0.22 < ratio < 0.3, ratio
 
 
+def test_a_sweeps_stacked_step_compiles_with_every_members_state(tiny):
+  plan = plan_lib.make_plan(_config(tiny, mesh_shape=(4, 1, 1),
+                                    sweep={"learning_rate": (1e-4, 3e-4)}), "v5e:2x2")
+  train, evaluate = plan.programs
+  assert plan.fits and train.examples == 16 and evaluate.examples == 8  # eval: one member's
+  solo = _plan(tiny, "v5e:2x2", (4, 1, 1)).programs[0]
+  # Two members: twice the trained params, optimizer state and batch of a single run.
+  np.testing.assert_allclose(train.stats.argument_bytes, train.expected_argument_bytes, rtol=0.01)
+  assert 1.9 < train.stats.argument_bytes / solo.stats.argument_bytes < 2.1
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
   """`flaxbert-cls ARGS` in this process: (exit status, stdout, stderr)."""
   out, err = io.StringIO(), io.StringIO()
