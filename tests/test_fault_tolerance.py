@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import runs
-from flaxbert_cls.training import experiment
 from flaxbert_cls.training import train
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, UserError
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
@@ -186,4 +186,4 @@ def test_best_checkpoint_and_early_stopping(tiny_checkpoint, tmp_path):
   assert [r["step"] for r in records] == [2, 4, 6]
   exp, params = runs.load_run(str(tmp_path), step="best", devices=jax.devices()[:1])
   assert exp.task.name == "sst2"
-  assert 2 in experiment.checkpoint_lib.Checkpoints(str(tmp_path), read_only=True).all_steps()
+  assert 2 in checkpoint_lib.Checkpoints(str(tmp_path), read_only=True).all_steps()
