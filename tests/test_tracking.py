@@ -65,6 +65,13 @@ def tiny_checkpoint(tmp_path_factory):
   return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
 
 
+def _has_run(workdir, uri):
+  try:
+    return bool(_run_ids(workdir, uri)[0])
+  except (OSError, KeyError, ValueError):
+    return False
+
+
 def _run_ids(workdir, uri):
   saved = json.load(open(os.path.join(workdir, tracking.TRACKING_FILE)))["mlflow"]["runs"][uri]
   return saved["run_id"], saved["members"]
@@ -211,8 +218,11 @@ def test_killed_and_resumed_run_is_one_mlflow_run_without_a_step_twice(server, t
                           text=True)
   checkpoints = os.path.join(workdir, "checkpoints")
   deadline = time.time() + 300
+  # Killed once step 8 is saved and the tracker has made its run (a loaded machine can be
+  # slower to reach the server than to train 8 steps).
   while not (os.path.isdir(checkpoints) and any(d.isdigit() and int(d) >= 8
-                                                for d in os.listdir(checkpoints))):
+                                                for d in os.listdir(checkpoints))
+             and _has_run(workdir, server)):
     assert proc.poll() is None, proc.stderr.read()
     assert time.time() < deadline, "no checkpoint appeared"
     time.sleep(0.2)

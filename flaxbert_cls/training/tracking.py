@@ -230,6 +230,11 @@ class TrackerWriter(MetricWriter):
     if tracked:
       self._put("log", int(step), tracked)
 
+  def backfill(self, scalars_by_step: Mapping[int, Mapping[str, float]]) -> None:
+    """Earlier steps read back from the run's files; the backend sends those it lacks."""
+    self._put("log_steps", {step: {k: v for k, v in scalars.items() if is_tracked(k)}
+                            for step, scalars in scalars_by_step.items()})
+
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     del hparams  # the backend logs the resolved config itself when it starts
 
@@ -290,16 +295,26 @@ def _backend(name: str, info: RunInfo, uri: str) -> Any:
 TRACKER_NAMES = ("mlflow",)  # the trackers with a backend ('tensorboard' is TrainLog's own)
 
 
-def open_writers(exp: experiment_lib.Experiment, workdir: str) -> list[TrackerWriter]:
-  """Process 0: a writer per tracker in config.report_to (TensorBoard aside)."""
+def open_writers(exp: experiment_lib.Experiment, workdir: str, start_step: int = 0
+                 ) -> list[TrackerWriter]:
+  """Process 0: a writer per tracker in config.report_to (TensorBoard aside).
+
+  A resumed run (`start_step` > 0) first sends what its files hold up to that step and the
+  tracker lacks: a kill can stop the sending thread before the queue drained.
+  """
   names = [n for n in report_to(exp.config) if n in TRACKER_NAMES]
   if jax.process_index() != 0 or not names:
     return []
   tags = run_tags(exp)
   update_state(workdir, "run", "tags", tags)  # `track` tags the runs it creates the same
   info = run_info(exp.config, workdir, tags)
-  return [TrackerWriter(n, _backend(n, info, mlflow_tracking_uri(exp.config)), workdir)
-          for n in names]
+  writers = [TrackerWriter(n, _backend(n, info, mlflow_tracking_uri(exp.config)), workdir)
+             for n in names]
+  earlier = {step: scalars for step, scalars in logged_scalars(workdir).items()
+             if step <= start_step}
+  for writer in writers if earlier else ():
+    writer.backfill(earlier)
+  return writers
 
 
 def finish_writers(writers: list[TrackerWriter], workdir: str, finished: bool) -> None:

@@ -92,10 +92,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: list[jax.Device] | None = None) -> dict[str, Any]:
-  """Fine-tunes per `config` in `workdir`, resuming its latest checkpoint (unless resume=False).
-
-  Returns {'step', 'eval', 'train_log', 'state', 'best', 'seconds'} (a sweep: and 'sweep').
-  """
+  """Fine-tunes per `config` in `workdir`, resuming its latest checkpoint (unless resume=False);
+  returns {'step', 'eval', 'train_log', 'state', 'best', 'seconds'} (a sweep: and 'sweep')."""
   workdir = workdir_lib.prepare(workdir)
   tracking.check(config)  # a malformed tracking URI: refused before any data is read
   run = setup(resume.with_cache_dir(config, workdir), workdir, devices)
@@ -103,7 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                             run.total_steps)
   start_step = int(state.step)
   batches = run.layout.batches(run.train_splits, run.mixture, range(start_step, total_steps))
-  trackers = tracking.open_writers(run.exp, workdir)
+  trackers = tracking.open_writers(run.exp, workdir, start_step)
   train_log = progress_lib.TrainLog(
       workdir, total_steps, start_step, config.batch_size * run.layout.size,
       config.log_every_steps, trackers, "tensorboard" in tracking.report_to(config))
