@@ -38,7 +38,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _STEP = flags.DEFINE_string("step", None,
                             "eval/export/predict: checkpoint step: latest (default), best or N.")
 _OUTPUT = flags.DEFINE_string("output", None, "export: new HF model directory; predict: "
-                              "results file (.csv or .jsonl) or a directory of parts; monitor: report directory.")
+                              "results file (.csv or .jsonl) or a directory of parts; monitor: "
+                              "report directory.")
 _MODEL = flags.DEFINE_string("model", None, "predict, monitor: a workdir or an exported HF "
                              "directory.")
 _MEMBER = flags.DEFINE_string("member", None, "eval/export/predict of a sweep's workdir: "
