@@ -8,6 +8,7 @@ tells the two apart (from `exp.members`, the config's grid).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -85,13 +86,16 @@ class StackedMembers(SingleRun):
     return evaluate_lib.Bests(self.exp.selection_key(), self.exp.config.early_stopping_patience,
                               len(self.exp.members))
 
-  def each_member(self, params: Any) -> Iterator[tuple[int, Any]]:
+  @functools.cached_property
+  def _unstack(self) -> Callable:
+    """One member's params from the stacked ones: jitted once per run, not per eval."""
     boxed, param_shardings = self.exp.abstract_params()
     frozen = members_lib.frozen_mask(self.exp.config, nn.unbox(boxed))
-    unstack = jax.jit(lambda p, i: members_lib.unstack(p, frozen, i),
-                      out_shardings=param_shardings)
+    return jax.jit(lambda p, i: members_lib.unstack(p, frozen, i), out_shardings=param_shardings)
+
+  def each_member(self, params: Any) -> Iterator[tuple[int, Any]]:
     for i in range(len(self.exp.members)):
-      yield i, unstack(params, i)
+      yield i, self._unstack(params, i)
 
   def named(self, member: int, metrics: dict[str, float], records: list[dict[str, Any]]
             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
