@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo demo-sweep test install install-test bench clean
+.PHONY: demo demo-sweep test test-fast install install-test bench recipes clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,14 @@ demo-sweep: install  # 3 learning rates x 2 seeds in one program (README: Sweeps
 test: install-test
 	$(BIN)/python -m pytest -q --durations=15 tests
 
+test-fast: install-test  # without the tests marked slow (end-to-end runs on real data)
+	$(BIN)/python -m pytest -q --durations=15 -m "not slow" tests
+
 bench: install-test
 	$(BIN)/python tools/bench.py
+
+recipes: install  # every recipe against its baseline on unseen rows -> docs/results.md (~1 h)
+	$(BIN)/python benchmarks/recipes.py --recipe=all
 
 clean:
 	rm -rf workdirs build *.egg-info

@@ -29,7 +29,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from flaxbert_cls import saved_config
+from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 COMMANDS = ("train", "eval", "report", "export", "predict", "monitor", "plan", "track")
@@ -233,6 +233,23 @@ def _print_next_steps(workdir: str, page: str) -> None:
           flush=True)
 
 
+# A run's saved config as a config file (saved_config.get_config), for `eval --config.KEY=`.
+_SAVED_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_config.py")
+
+
+def _with_saved_config(argv: list[str]) -> list[str]:
+  """`argv` plus --config=<this file>:<workdir> when `eval` overrides config keys without a
+  --config file of its own."""
+  if len(argv) < 2 or argv[1] != "eval":
+    return argv
+  overrides = any(a.startswith("--config.") for a in argv)
+  has_file = any(a == "--config" or a.startswith("--config=") for a in argv)
+  workdirs = [a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")]
+  if not overrides or has_file or not workdirs:
+    return argv
+  return [*argv[:2], f"--config={_SAVED_CONFIG_FILE}:{workdirs[-1]}", *argv[2:]]
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with every flag or config-key error turned into one line."""
   # config_flags defines one `config.KEY` flag per key when it loads the file; drop
@@ -241,7 +258,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
   try:
-    return flags.FLAGS(saved_config.with_saved_config(argv))
+    return flags.FLAGS(_with_saved_config(argv))
   except flags.Error as e:
     raise UserError(" ".join(str(e).split())) from None
   except (AttributeError, KeyError) as e:  # --config.KEY for a KEY the config does not have
@@ -262,6 +279,12 @@ def run() -> None:
     app.run(_main, flags_parser=_parse_flags)
   except UserError as e:
     print(f"flaxbert-cls: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:  # a full disk in any writer not wrapped (exports, libraries): one line
+    if e.errno not in workdir_lib.NO_SPACE:
+      raise
+    print(f"flaxbert-cls: error: {e.filename or 'a file'}: cannot write: "
+          f"{os.strerror(e.errno).lower()}", file=sys.stderr)
     sys.exit(2)
   except Preempted as e:
     print(f"flaxbert-cls: {e}; run the same command again to resume", file=sys.stderr)

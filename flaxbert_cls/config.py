@@ -26,7 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model_name_or_path = "bert-base-uncased"
   c.tokenizer_name = ""  # '' = the tokenizer saved with the model
   # Re-fine-tuning (model_name_or_path = a previous run's workdir or an exported directory;
-  # refinetune.py): the workdir checkpoint to start from ('latest', 'best' or a step), and
+  # training/starts.py): the workdir checkpoint to start from ('latest', 'best' or a step), and
   # whether labels of the start missing from this run may be dropped (else refused).
   c.start_step = "latest"
   c.drop_removed_labels = False
@@ -77,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mixing = "proportional"  # which task each step trains: proportional | temperature | equal
   c.mixing_temperature = 2.0  # 'temperature': p(task) ~ weight * size^(1/T)
   c.selection_metric = "average"  # best-k / early stopping: 'average' of main metrics or a task
-  # Decisions (decisions.py), fitted on the validation set after each evaluation and saved
+  # Decisions (decisions/tuning.py), fitted on the validation set after each evaluation and saved
   # with the run and its export. calibrate: temperature scaling of the logits (min NLL).
   c.calibrate = False
   # Thresholds maximising F1 on validation: None = yes for multi-label (per label), no for
@@ -91,7 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
   # last hidden state over non-padding tokens, as sentence-transformers models were trained).
   c.pooling = "cls"
   c.length_grouping_window = 0  # > 0: sort by length within windows of this many batches
-  # Texts longer than max_seq_length (single-text tasks; README "Long documents"):
+  # Texts longer than max_seq_length (single-text tasks; docs/long_documents.md):
   # 'truncate' keeps the first tokens; 'head_tail' the first head_tokens and the last
   # ones (Sun et al. 2019); 'windows' reads up to max_windows windows whose starts are
   # window_stride tokens apart and classifies the document by the mean (or max,
@@ -131,7 +131,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.layerwise_lr_decay = 1.0  # < 1: lr * decay^(L+1-depth); head 1, embeddings decay^(L+1)
   c.gradient_accumulation_steps = 1  # k micro-batches of batch_size/k per update
   c.seed = 42
-  # Hyper-parameter sweep (sweep.py): a tuple of values per key; the grid of all keys'
+  # Hyper-parameter sweep (training/members.py): a tuple of values per key; the grid of all keys'
   # values trains as one program, members stacked on a leading axis of the train state.
   # () = not swept (the key above holds). --config.sweep.learning_rate='(1e-5,2e-5)'.
   c.sweep = ml_collections.ConfigDict(
@@ -165,7 +165,7 @@ def default_config() -> ml_collections.ConfigDict:
       ("classes", None),
   )
 
-  # Experiment trackers (training/tracking.py, README "Experiment trackers"): process 0 also
+  # Experiment trackers (training/tracking.py, docs/report.md): process 0 also
   # logs there; metrics.jsonl stays the record. ('none',) = TensorBoard off too.
   c.report_to = ("tensorboard",)  # any of 'tensorboard', 'mlflow' ('wandb': not built yet)
   c.mlflow_tracking_uri = ""  # '' = $MLFLOW_TRACKING_URI, else MLflow's default (a local store)
@@ -198,14 +198,13 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
 
   def check(ok: bool, key: str, why: str):
     if not ok:
-      raise UserError(f"config.{key}={config.get(key)!r}: {why}")
+      raise UserError(f"config.{key}={getattr(config, key, None)!r}: {why}")
 
   check(bool(config.model_name_or_path), "model_name_or_path", "must name a checkpoint")
-  # .get: runs saved before re-fine-tuning existed have neither key.
-  start_step = str(config.get("start_step", "latest"))
+  start_step = str(config.start_step)
   check(start_step in ("latest", "best") or start_step.isdigit(), "start_step",
         "use 'latest', 'best' or a step number")
-  check(isinstance(config.get("drop_removed_labels", False), bool), "drop_removed_labels",
+  check(isinstance(config.drop_removed_labels, bool), "drop_removed_labels",
         "must be True or False")
   for key in ("batch_size", "eval_batch_size", "max_seq_length"):
     check(int(config[key]) > 0, key, "must be > 0")
@@ -221,7 +220,7 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(config.attention_impl != "cudnn" or config.dtype == "bfloat16", "attention_impl",
         f"cuDNN flash attention has no {config.dtype} kernel; set dtype='bfloat16' (or "
         "attention_impl='' to pick by itself)")
-  check(config.get("attention_dropout", -1.0) < 1, "attention_dropout",
+  check(config.attention_dropout < 1, "attention_dropout",
         "must be < 1 (< 0: the checkpoint's)")
   check(config.cpu_scheduler in ("memory", "concurrency"), "cpu_scheduler",
         "use 'memory' or 'concurrency'")
@@ -232,26 +231,25 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", "use 'stop' or 'skip'")
   for key in ("checkpoint_every_steps", "log_every_steps", "max_checkpoints_to_keep"):
     check(int(config[key]) > 0, key, "must be > 0")
-  check(config.get("min_size_to_shard_mb", 0.0) >= 0, "min_size_to_shard_mb", "must be >= 0")
+  check(config.min_size_to_shard_mb >= 0, "min_size_to_shard_mb", "must be >= 0")
   for key in ("eval_every_steps", "keep_best_checkpoints", "early_stopping_patience"):
     check(int(config[key]) >= 0, key, "must be >= 0")
   check(config.lora_rank >= 0, "lora_rank", "must be >= 0")
   check(set(config.lora_targets) <= {"query", "key", "value"}, "lora_targets",
         "choose from 'query', 'key', 'value'")
-  # .get: a run saved before multi-task existed has no mixing keys.
-  check(config.get("mixing", "proportional") in MIXING, "mixing", f"use one of {MIXING}")
-  check(config.get("mixing_temperature", 1.0) > 0, "mixing_temperature", "must be > 0")
+  check(config.mixing in MIXING, "mixing", f"use one of {MIXING}")
+  check(config.mixing_temperature > 0, "mixing_temperature", "must be > 0")
   check(0 < config.layerwise_lr_decay <= 1, "layerwise_lr_decay", "must be in (0, 1]")
-  check(config.get("pooling", "cls") in ("cls", "mean"), "pooling", "use 'cls' or 'mean'")
-  check(config.get("problem_type", "") in ("", *PROBLEM_TYPES), "problem_type",
+  check(config.pooling in ("cls", "mean"), "pooling", "use 'cls' or 'mean'")
+  check(config.problem_type in ("", *PROBLEM_TYPES), "problem_type",
         f"use one of {PROBLEM_TYPES}")
-  check(config.get("max_pos_weight", 1.0) >= 1, "max_pos_weight", "must be >= 1")
-  weights = class_weights_lib.parse_class_weights(config.get("class_weights", ""))
+  check(config.max_pos_weight >= 1, "max_pos_weight", "must be >= 1")
+  weights = class_weights_lib.parse_class_weights(config.class_weights)
   check(weights is not None, "class_weights",
         "use '' (none), 'auto' or positive numbers in label order, e.g. '1,4.5'")
-  check(config.get("tune_thresholds") in (None, True, False), "tune_thresholds",
+  check(config.tune_thresholds in (None, True, False), "tune_thresholds",
         "use True, False or None (None: tune for multi-label only)")
-  check(not (config.get("thresholds_file") and config.get("tune_thresholds")),
+  check(not (config.thresholds_file and config.tune_thresholds),
         "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
   _validate_trackers(config)
   baseline_error = baseline_lib.check_config(config)
@@ -263,7 +261,7 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")
   tasks = tuple(tasks_lib.task_configs(config))
   names = [name for name, _, _ in tasks]
-  check(not config.get("tasks") or config.selection_metric in ("average", *names),
+  check(not config.tasks or config.selection_metric in ("average", *names),
         "selection_metric", f"use 'average' or a task name {names}")
   return RunPlan(tasks, tuple(members), *mesh_request(config))
 
@@ -281,9 +279,8 @@ TRACKERS = {"tensorboard": None, "mlflow": "mlflow", "wandb": "wandb"}  # name: 
 
 
 def _validate_trackers(config: ml_collections.ConfigDict) -> None:
-  """Known names whose package is installed (found, not imported: mlflow loads slowly).
-  .get: runs saved before trackers existed have no report_to."""
-  names = tuple(config.get("report_to", ("tensorboard",)))
+  """Known names whose package is installed (found, not imported: mlflow loads slowly)."""
+  names = tuple(config.report_to)
   for name in () if names == ("none",) else names:
     if name not in TRACKERS or (TRACKERS[name] and not importlib.util.find_spec(TRACKERS[name])):
       why = (f"{name} is not installed; pip install 'flaxbert-cls[{name}]'" if name in TRACKERS
@@ -299,7 +296,7 @@ MEMBER_AXIS = "member"  # mesh axis and logical axis of a sweep state's leading 
 
 def grid(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """The members' swept values, in the fixed grid order; [] when nothing is swept."""
-  sweep = config.get("sweep") or {}
+  sweep = config.sweep or {}
   swept = [(key, tuple(sweep[key])) for key in SWEEP_KEYS if key in sweep and len(sweep[key])]
   if not swept:
     return []
@@ -326,7 +323,7 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """Known keys, a tuple of distinct numbers each (integers for seed), valid members.
 
   Returns the members (grid order); each member's solo config is validated too."""
-  sweep = config.get("sweep")
+  sweep = config.sweep
   if not sweep:
     return []
   for key in sweep.keys():
@@ -342,7 +339,7 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
       raise UserError(f"{where}: seeds must be integers")
     if len(set(values)) != len(values):
       raise UserError(f"{where}: a value appears twice")
-  if config.get("long_document", "truncate") == "windows" and grid(config):
+  if config.long_document == "windows" and grid(config):
     # Members draw documents with other window counts; stacking them is not built.
     raise UserError("config.sweep with long_document='windows': not supported; sweep with "
                     "'truncate' or 'head_tail', or run the window settings one at a time")

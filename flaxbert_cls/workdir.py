@@ -8,6 +8,7 @@ from a local directory (tokenizer, HF config) are staged through a temp dir.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -130,15 +131,46 @@ def read_json(path: str) -> Any:
     raise UserError(f"{path}: not JSON: {e}") from None
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(path: str, error: OSError, kept: str) -> UserError:
+  """A full disk (or quota) while writing `path`, as the CLI's one line; `kept`: what is intact."""
+  return UserError(f"{path}: cannot write: {os.strerror(error.errno).lower()}; {kept}")
+
+
 def write_text(path: str, text: str) -> None:
-  epath.Path(path).write_text(text)
+  """Replaces the file whole: written beside it, then renamed, so a full disk leaves the
+  previous version as it was (and raises UserError naming the path)."""
+  if is_remote(path):
+    epath.Path(path).write_text(text)
+    return
+  temporary = f"{path}.partial"
+  try:
+    with open(temporary, "w") as f:
+      f.write(text)
+    os.replace(temporary, path)
+  except OSError as e:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    if e.errno in NO_SPACE:
+      raise no_space(path, e, "its previous version is kept") from None
+    raise
 
 
 def append_line(path: str, line: str) -> None:
-  """Appends one line. Object stores cannot append: there the file is rewritten."""
+  """Appends one line. Object stores cannot append: there the file is rewritten. A full disk
+  cuts the file back to its earlier lines (UserError naming it)."""
   if not is_remote(path):
-    with open(path, "a") as f:
-      f.write(line + "\n")
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+      with open(path, "a") as f:
+        f.write(line + "\n")
+    except OSError as e:
+      if e.errno not in NO_SPACE:
+        raise
+      os.truncate(path, size)
+      raise no_space(path, e, "its earlier lines are kept") from None
     return
   p = epath.Path(path)
   p.write_text((p.read_text() if p.exists() else "") + line + "\n")

@@ -26,3 +26,35 @@ def glue_dir() -> str:
       pytest.fail(message)
     pytest.skip(message)
   return path
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+  """`flaxbert-cls ARGS` in this process as a user runs it (bad input: one line, exit 2):
+  (exit status, stdout, stderr)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import cli  # pylint: disable=g-import-not-at-top
+  out, err = io.StringIO(), io.StringIO()
+  sys.argv = ["flaxbert-cls", *args]
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+      pytest.raises(SystemExit) as exit_info:
+    cli.run()
+  return exit_info.value.code or 0, out.getvalue(), err.getvalue()
+
+
+def call_cli(*args: str) -> None:
+  """`flaxbert-cls ARGS` in this process, exceptions raised as they are (absl flags are
+  global: reset first)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls import cli  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.unparse_flags()
+  cli._main(flags.FLAGS(["flaxbert-cls", *args]))  # pylint: disable=protected-access
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (coordinators, MLflow servers)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

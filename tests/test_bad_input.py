@@ -2,18 +2,18 @@
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from flaxbert_cls.training import runs
-from flaxbert_cls import cli
+from flaxbert_cls import workdir as workdir_lib
+from flaxbert_cls.errors import UserError
 from flaxbert_cls.training import experiment
+from conftest import run_cli
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 
 DEV = os.path.join(DEMO_DATA, "dev.tsv")
@@ -22,15 +22,6 @@ DEV = os.path.join(DEMO_DATA, "dev.tsv")
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
   return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-  """Runs `flaxbert-cls ARGS` in this process; returns (exit status, stderr)."""
-  err = io.StringIO()
-  sys.argv = ["flaxbert-cls", *args]
-  with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
-    cli.run()
-  return exit_info.value.code, err.getvalue()
 
 
 def train_args(workdir, checkpoint, **overrides):
@@ -64,7 +55,7 @@ def _write(path, content: bytes | str) -> str:
 def finished_run(tiny_checkpoint, tmp_path_factory):
   """A workdir holding a finished run: every bad-input case below must leave it intact."""
   workdir = tmp_path_factory.mktemp("finished")
-  code, err = run_cli(*train_args(workdir, tiny_checkpoint))
+  code, _, err = run_cli(*train_args(workdir, tiny_checkpoint))
   assert code is None or code == 0, err
   return workdir
 
@@ -130,7 +121,7 @@ def test_bad_input_table(finished_run, tiny_checkpoint, tmp_path):
   before = _tree_hash(finished_run / "checkpoints")
   report = []
   for name, overrides, pattern in _cases(tmp_path, tiny_checkpoint):
-    code, err = run_cli(*train_args(finished_run, tiny_checkpoint, **overrides))
+    code, _, err = run_cli(*train_args(finished_run, tiny_checkpoint, **overrides))
     lines = [l for l in err.splitlines() if l.startswith("flaxbert-cls:")]
     report.append(f"{name}: {lines[-1] if lines else err[-300:]}")
     assert code == 2, f"{name}: exit {code}: {err[-500:]}"
@@ -142,28 +133,70 @@ def test_bad_input_table(finished_run, tiny_checkpoint, tmp_path):
 
 def test_unwritable_workdir(tiny_checkpoint, tmp_path):
   blocker = _write(tmp_path / "a_file", "x")
-  code, err = run_cli(*train_args(os.path.join(blocker, "run"), tiny_checkpoint))
+  code, _, err = run_cli(*train_args(os.path.join(blocker, "run"), tiny_checkpoint))
   assert code == 2 and "a_file/run: cannot create" in err
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_checkpoint, tmp_path):
-  """A real full disk: a tmpfs too small for the second checkpoint."""
-  mount = tmp_path / "small_disk"
-  mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+@contextlib.contextmanager
+def _small_disk(path, size: str):
+  """A real full disk: a tmpfs of `size` mounted at `path` (root only)."""
+  path.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                     capture_output=True).returncode:
     pytest.skip("needs root to mount a small tmpfs")
   try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(disk) -> None:
+  """Fills the disk to its last byte."""
+  fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+  for size in (1 << 20, 1 << 12, 1):
+    try:
+      while True:
+        os.write(fd, b"\0" * size)
+    except OSError:
+      pass
+  os.close(fd)
+
+
+def test_a_full_disk_keeps_a_file_being_replaced_or_appended_to(tmp_path):
+  """workdir.write_text / append_line, with the disk full before the write: one line naming
+  the file, and the file as it was."""
+  with _small_disk(tmp_path / "disk", "1m") as disk:
+    replaced, appended = disk / "predictions.jsonl", disk / "metrics.jsonl"
+    replaced.write_text('{"old": 1}\n')
+    appended.write_text('{"step": 1}\n')
+    _fill(disk)
+    with pytest.raises(UserError, match=r"predictions.jsonl: cannot write: no space left on "
+                       r"device; its previous version is kept"):
+      workdir_lib.write_text(str(replaced), '{"new": 2}\n' * 10_000)
+    assert replaced.read_text() == '{"old": 1}\n'
+    assert not (disk / "predictions.jsonl.partial").exists()
+    with pytest.raises(UserError, match=r"metrics.jsonl: cannot write: no space left on device; "
+                       r"its earlier lines are kept"):
+      workdir_lib.append_line(str(appended), '{"step": 2, "x": "' + "y" * 100_000 + '"}')
+    assert appended.read_text() == '{"step": 1}\n'
+
+
+def test_disk_full_during_training_ends_in_one_line_and_keeps_the_checkpoints(
+    tiny_checkpoint, tmp_path):
+  """A tmpfs too small for the run: wherever the disk fills (a checkpoint, an eval file, a
+  log), one line naming what could not be written, exit 2, the earlier checkpoints intact."""
+  with _small_disk(tmp_path / "small_disk", "24m") as mount:
     workdir = mount / "run"
-    code, err = run_cli(*train_args(workdir, tiny_checkpoint, checkpoint_every_steps=1,
+    code, _, err = run_cli(*train_args(workdir, tiny_checkpoint, checkpoint_every_steps=1,
                                     max_checkpoints_to_keep=5, keep_best_checkpoints=0,
                                     num_train_steps=6, cache_dir=str(tmp_path / "cache")))
     lines = [l for l in err.splitlines() if l.startswith("flaxbert-cls:")]
     assert code == 2, err[-800:]
-    assert len(lines) == 1 and "cannot save checkpoint" in lines[0], err[-800:]
+    assert len(lines) == 1, err[-800:]
+    assert ("cannot save checkpoint: no space left" in lines[0]
+            or "cannot write: no space left on device" in lines[0]), lines[0]
+    assert "Traceback" not in err, err[-800:]
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert steps, "the checkpoints saved before the disk filled up are kept"
     import jax  # pylint: disable=g-import-not-at-top
     runs.load_run(str(workdir), step=steps[-1], devices=jax.devices()[:1])  # still restores
-  finally:
-    subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -162,6 +162,26 @@ def test_multilabel_baseline_tunes_per_label_thresholds():
   assert weighted["f1_macro"] != plain["f1_macro"]
 
 
+def test_binary_baseline_with_a_tuned_threshold_is_also_cross_fitted():
+  """Spam-like rows (a rare class signalled by noisy cues): the tuned threshold's F1 on the
+  rows it was tuned on, and each half cut at the other half's threshold (its unseen estimate)."""
+  task = tasks_lib.Task("custom", ("text",), "label", ("ham", "spam"), metrics=("f1", "accuracy"),
+                        main_metric="f1")
+  rng = np.random.default_rng(0)
+
+  def rows(n):
+    labels = (rng.random(n) < 0.15).astype(np.int32)
+    texts = [(" ".join([*(w for w in ("win", "prize", "free") if y and rng.random() < 0.6),
+                        *rng.choice(["call", "me", "later", "ok", "free"], 4)]),) for y in labels]
+    return readers.Examples(texts, labels, "synthetic", list(range(n)))
+  config = small_config("unused", task_name="custom", tune_thresholds=True)
+  out = baseline.fit_and_score(rows(400), rows(300), task, config, 2)
+  assert {"f1", "f1_tuned", "f1_cross_fitted", "accuracy_tuned"} <= set(out)
+  assert out["f1_tuned"] >= out["f1"] and 0.3 < out["f1_cross_fitted"] <= out["f1_tuned"]
+  config.tune_thresholds = False
+  assert "f1_cross_fitted" not in baseline.fit_and_score(rows(400), rows(300), task, config, 2)
+
+
 def test_regression_baseline_is_ridge():
   task = tasks_lib.Task("custom", ("text",), "score", None, is_regression=True,
                         metrics=("pearson", "spearmanr"), main_metric="pearson")

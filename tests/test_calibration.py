@@ -135,9 +135,9 @@ def calibrated_run(tmp_path_factory):
 
 
 def _pytorch_lines(kind: str = "binary single-label") -> str:
-  """The README's PyTorch lines for a `kind` export."""
-  readme = open(os.path.join(REPO, "README.md")).read()
-  block = re.search(rf"```python\n# {kind} export.*?\n(.*?)```", readme, re.S)
+  """docs/decisions.md's PyTorch lines for a `kind` export."""
+  page = open(os.path.join(REPO, "docs", "decisions.md")).read()
+  block = re.search(rf"```python\n# {kind} export.*?\n(.*?)```", page, re.S)
   return block.group(1)
 
 
@@ -168,7 +168,7 @@ def test_train_eval_predict_export_apply_the_decisions(calibrated_run, tmp_path)
     assert_close(probs, expected, rel=1e-5, err_msg=predictor.source)
     assert [r["label"] for r in out] == expected_labels.tolist()
 
-  # The export's config.json, and the README's PyTorch lines on it.
+  # The export's config.json, and docs/decisions.md's PyTorch lines on it.
   config = json.load(open(os.path.join(exported, "config.json")))
   assert config["calibration_temperature"] == pytest.approx(fitted.temperature)
   assert config["threshold"] == pytest.approx(fitted.threshold)
@@ -180,7 +180,7 @@ def test_train_eval_predict_export_apply_the_decisions(calibrated_run, tmp_path)
     logits = model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits
   scope = {"torch": torch, "model": model, "logits": logits}
   exec(_pytorch_lines(), scope)  # pylint: disable=exec-used
-  assert_close(scope["probs"].numpy(), expected, rel=1e-4, err_msg="README lines")
+  assert_close(scope["probs"].numpy(), expected, rel=1e-4, err_msg="docs/decisions.md lines")
   assert scope["label_names"] == expected_labels.tolist()
 
   # A hand-edited export with a temperature <= 0 is refused in one line.
@@ -255,7 +255,7 @@ def test_multilabel_thresholds_in_predict_export_and_pytorch(multilabel_run):
     logits = model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits
   scope = {"torch": torch, "model": model, "logits": logits}
   exec(_pytorch_lines("multi-label"), scope)  # pylint: disable=exec-used
-  assert_close(scope["probs"].numpy(), expected, rel=1e-4, err_msg="README lines")
+  assert_close(scope["probs"].numpy(), expected, rel=1e-4, err_msg="docs/decisions.md lines")
   assert scope["label_names"] == expected_labels
 
 

@@ -8,7 +8,6 @@ import ast
 import pathlib
 import subprocess
 import sys
-import warnings
 
 import pytest
 
@@ -16,12 +15,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'flaxbert_cls'
 
 # Lower layers first; a module may import its own folder and any layer below its own.
 LAYERS = (
-    ('errors', 'moved'),
+    ('errors',),
     ('workdir',),
     ('data',),
     ('model',),
     ('decisions',),
-    ('config', 'saved_config'),
+    ('config',),
+    ('saved_config', 'config_reference'),  # read or render the config
     ('training',),
     ('report',),
     ('serving',),
@@ -133,15 +133,3 @@ def test_every_module_imports_in_a_fresh_interpreter_in_dependency_order():
   done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                         timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
-
-
-def test_old_flat_module_names_are_deprecated_aliases():
-  from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
-  with pytest.warns(DeprecationWarning, match='flaxbert_cls.hf moved to flaxbert_cls.model.hf'):
-    from flaxbert_cls import hf as old_hf  # pylint: disable=g-import-not-at-top
-  assert old_hf is hf
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', DeprecationWarning)
-    import flaxbert_cls.refinetune as old_starts  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import starts  # pylint: disable=g-import-not-at-top
-  assert old_starts is starts and starts.__name__ == 'flaxbert_cls.training.starts'

@@ -25,7 +25,7 @@ from flaxbert_cls.model import sharding
 from flaxbert_cls.config import default_config
 from flaxbert_cls.errors import UserError
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
-from test_multihost import _free_port
+from conftest import free_port
 
 TIMEOUT_S = 180
 
@@ -93,7 +93,7 @@ def test_interleaved_meshes_feed_the_same_global_batches_as_one_process(tmp_path
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
   (tmp_path / "worker.py").write_text(WORKER)
-  out, port = str(tmp_path / "out"), _free_port()
+  out, port = str(tmp_path / "out"), free_port()
   procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(port), str(i), out],
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True) for i in range(2)]

@@ -5,14 +5,13 @@ import os
 
 import numpy as np
 import pytest
-from absl import flags
 from safetensors.numpy import load_file, save_file
 from scipy import stats
 
-from flaxbert_cls import cli
 from flaxbert_cls.model import hf
 from flaxbert_cls.serving import monitor
 from flaxbert_cls.errors import UserError
+from conftest import call_cli
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint
 
 
@@ -87,12 +86,6 @@ def _sentences():
   return [r.split("\t")[0].strip() for r in rows]
 
 
-def _cli(*args):
-  """`flaxbert-cls ARGS` in this process (absl flags are global: reset them first)."""
-  flags.FLAGS.unparse_flags()
-  cli._main(flags.FLAGS(["flaxbert-cls", *args]))  # pylint: disable=protected-access
-
-
 def test_cli_stable_exits_0_and_shifted_exits_3(classifier, tmp_path, capsys):
   sentences = _sentences()
   reference = _write(tmp_path / "ref.jsonl", sentences[:400], ["neg", "pos"] * 200)
@@ -102,7 +95,7 @@ def test_cli_stable_exits_0_and_shifted_exits_3(classifier, tmp_path, capsys):
                    [f"{a} {b} \u2603\u2604 {c} \U0001F9EA" for a, b, c in
                     zip(sentences[800:1200], sentences[1200:1600], sentences[1600:2000])])
 
-  _cli("monitor", f"--model={classifier}", f"--reference={reference}", f"--current={same}",
+  call_cli("monitor", f"--model={classifier}", f"--reference={reference}", f"--current={same}",
        f"--output={tmp_path / 'stable'}", "--label_column=label")
   out = capsys.readouterr().out
   assert out.splitlines()[-1].startswith("monitor: STABLE")
@@ -114,7 +107,7 @@ def test_cli_stable_exits_0_and_shifted_exits_3(classifier, tmp_path, capsys):
   assert open(tmp_path / "stable" / monitor.FIGURE_NAME, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
   with pytest.raises(SystemExit) as e:
-    _cli("monitor", f"--model={classifier}", f"--reference={reference}",
+    call_cli("monitor", f"--model={classifier}", f"--reference={reference}",
          f"--current={shifted}", f"--output={tmp_path / 'drift'}")
   assert e.value.code == monitor.DRIFT_EXIT_CODE
   assert capsys.readouterr().out.splitlines()[-1].startswith("monitor: DRIFT")
@@ -125,7 +118,7 @@ def test_cli_stable_exits_0_and_shifted_exits_3(classifier, tmp_path, capsys):
   assert os.path.getsize(tmp_path / "drift" / monitor.FIGURE_NAME) > 1000
 
   # A threshold above every PSI: the same data is stable.
-  _cli("monitor", f"--model={classifier}", f"--reference={reference}", f"--current={shifted}",
+  call_cli("monitor", f"--model={classifier}", f"--reference={reference}", f"--current={shifted}",
        "--psi_threshold=1000")
   assert capsys.readouterr().out.splitlines()[-1].startswith("monitor: STABLE")
 
@@ -133,7 +126,7 @@ def test_cli_stable_exits_0_and_shifted_exits_3(classifier, tmp_path, capsys):
 def test_bad_monitor_input_is_one_line(classifier, tmp_path):
   reference = _write(tmp_path / "ref.jsonl", _sentences()[:20])
   with pytest.raises(UserError, match="monitor needs --current"):
-    _cli("monitor", f"--model={classifier}", f"--reference={reference}")
+    call_cli("monitor", f"--model={classifier}", f"--reference={reference}")
   with pytest.raises(UserError, match="p_value"):
     monitor.monitor(classifier, reference, reference, p_value=1.5)
   labelled = _write(tmp_path / "labelled.jsonl", ["fine", "good"], ["pos", "neg"])

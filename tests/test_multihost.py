@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ import pytest
 from flaxbert_cls.training import runs
 from flaxbert_cls.training import experiment
 from flaxbert_cls.training import train
+from conftest import free_port
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 
 TIMEOUT_S = 300  # a healthy run takes well under a minute
@@ -80,12 +80,6 @@ def _rows(path: str, n: int, out: str) -> str:
   return out
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def write_run_files(tmp, config_template: str, train_rows: int, dev_rows: int,
                     **fields) -> dict[str, str]:
   """A tiny checkpoint, the demo data's first rows, config.py (the template filled in) and
@@ -116,7 +110,7 @@ def _launch(config_file: str, workdir: str, out: str, num_processes: int,
              JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
              TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
   worker = os.path.join(os.path.dirname(config_file), "worker.py")
-  port = _free_port()
+  port = free_port()
   procs = []
   for i in range(num_processes):
     cmd = [sys.executable, worker, out, "train", f"--config={config_file}",

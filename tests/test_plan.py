@@ -4,8 +4,6 @@ Needs libtpu (the [tpu] extra, which `make test` installs); skipped with that re
 it. The checkpoints here are a config.json alone: plan reads no weights and no tokenizer.
 """
 
-import contextlib
-import io
 import json
 import os
 import sys
@@ -13,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 
-from flaxbert_cls import cli
 from flaxbert_cls.config import default_config
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import topologies
 from flaxbert_cls.report import plan_table
 from flaxbert_cls.training import experiment
 from flaxbert_cls.training import plan as plan_lib
+from conftest import run_cli
 from model_fixtures import REPO, minilm_dir
 
 pytestmark = pytest.mark.skipif(not topologies.libtpu_available(),
@@ -118,16 +116,6 @@ def test_a_sweeps_stacked_step_compiles_with_every_members_state(tiny):
   # Two members: twice the trained params, optimizer state and batch of a single run.
   np.testing.assert_allclose(train.stats.argument_bytes, train.expected_argument_bytes, rtol=0.01)
   assert 1.9 < train.stats.argument_bytes / solo.stats.argument_bytes < 2.1
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-  """`flaxbert-cls ARGS` in this process: (exit status, stdout, stderr)."""
-  out, err = io.StringIO(), io.StringIO()
-  sys.argv = ["flaxbert-cls", *args]
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-      pytest.raises(SystemExit) as exit_info:
-    cli.run()
-  return exit_info.value.code or 0, out.getvalue(), err.getvalue()
 
 
 def _plan_args(checkpoint, topology, **overrides):

@@ -25,7 +25,8 @@ from flaxbert_cls.training import experiment
 from flaxbert_cls.training import train
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, UserError
 from model_fixtures import REPO
-from test_multihost import _free_port, _rows, write_run_files
+from conftest import free_port
+from test_multihost import _rows, write_run_files
 
 DEADLINE_S = 150  # per 2-process run; a healthy one takes ~15 s
 STEPS = 12
@@ -66,7 +67,7 @@ def _start(setup, workdir, name, *overrides):
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2",
              PYTHONPATH=REPO)  # this checkout's code, whatever is installed
-  port = _free_port()
+  port = free_port()
   out = str(setup["tmp"] / name)
   procs = []
   for i in range(2):
@@ -206,9 +207,12 @@ def test_checkpoints_without_batch_size_or_data_hash_still_resume():
     def read_meta(self):
       return {"label_names": ["0", "1"], "task_name": "sst2", "model_name_or_path": "m"}, 8
 
-  resume.check_same_run(Old(), {"label_names": ["0", "1"], "task_name": "sst2",
-                                "model_name_or_path": "m", "total_steps": 10,
-                                "batch_size": 32, "train_data": "abc"})
+  run = {"label_names": ["0", "1"], "task_name": "sst2", "model_name_or_path": "m",
+         "total_steps": 10, "batch_size": 32, "train_data": "abc"}
+  resume.check_same_run(Old(), run)  # no UserError: the fields it lacks are not compared
+  with pytest.raises(UserError, match=r"old: checkpoint was made with task_name='sst2', this "
+                     r"config has 'cola'"):
+    resume.check_same_run(Old(), dict(run, task_name="cola"))  # what it has still is
 
 
 # Remote data, sharded checkpoints, meshes that fit the model: one process, no network.

@@ -24,7 +24,7 @@ from flaxbert_cls.errors import UserError
 from flaxbert_cls.serving import pod_predict
 from flaxbert_cls.serving import predict
 from model_fixtures import DEMO_DATA, REPO, minilm_dir
-from test_multihost import _free_port
+from conftest import free_port
 from test_pod import ram_filesystem  # pylint: disable=unused-import  (a fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -99,7 +99,7 @@ def _start(setup, output_dir, name, stall_process=None, chunk_rows=20):
              PYTHONPATH=REPO)
   if stall_process is not None:
     env["POD_TEST_STALL_PROCESS"] = str(stall_process)
-  port, procs = _free_port(), []
+  port, procs = free_port(), []
   for i in range(2):
     log = str(setup["tmp"] / f"{name}.log.{i}")
     procs.append((subprocess.Popen(

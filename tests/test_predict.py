@@ -6,12 +6,11 @@ import os
 
 import numpy as np
 import pytest
-from absl import flags
 
-from flaxbert_cls import cli
 from flaxbert_cls.serving import export
 from flaxbert_cls.serving import predict
 from flaxbert_cls.errors import UserError
+from conftest import call_cli
 import export_fixtures
 
 pytest.importorskip("transformers")
@@ -27,17 +26,11 @@ def _softmax(logits):
   return e / e.sum(-1, keepdims=True)
 
 
-def _cli(*args):
-  """`flaxbert-cls ARGS` in this process (absl flags are global: reset them first)."""
-  flags.FLAGS.unparse_flags()
-  cli._main(flags.FLAGS(["flaxbert-cls", *args]))  # pylint: disable=protected-access
-
-
 def test_workdir_and_export_predict_eval_logits_in_input_order(run, tmp_path, caplog):
   expected = _softmax(run.logits)
   # A workdir; the GLUE TSV with its label column (ignored), written as CSV.
   caplog.set_level("INFO", logger="flaxbert_cls")
-  _cli("predict", f"--model={run.workdir}", f"--input={export_fixtures.DEV}",
+  call_cli("predict", f"--model={run.workdir}", f"--input={export_fixtures.DEV}",
        f"--output={tmp_path / 'dev.csv'}")
   assert any("examples/s" in r.getMessage() for r in caplog.records)
   rows = list(csv.DictReader(open(tmp_path / "dev.csv", newline="")))

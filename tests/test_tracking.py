@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from flaxbert_cls import config as config_lib
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.training import tracking
 from flaxbert_cls.training import train
+from conftest import free_port
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 from test_train import small_config
 
@@ -28,17 +28,11 @@ mlflow = pytest.importorskip("mlflow", reason="pip install -e '.[test]' (make te
 from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
   """`mlflow server` on a sqlite store with proxied artifacts; its URI."""
   root = tmp_path_factory.mktemp("mlflow")
-  port = _free_port()
+  port = free_port()
   proc = subprocess.Popen(
       [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
        f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
@@ -161,7 +155,7 @@ def test_sweep_is_a_parent_with_nested_member_runs(server, tiny_checkpoint, tmp_
 def test_tracker_down_costs_one_warning_then_track_uploads_everything(
     server, tiny_checkpoint, tmp_path, caplog, monkeypatch):
   workdir = str(tmp_path / "down")
-  down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+  down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
   config = small_config(tiny_checkpoint, num_train_steps=4, report_to=("mlflow",),
                         mlflow_tracking_uri=down, tracker_experiment="down")
   with caplog.at_level(logging.WARNING, logger="flaxbert_cls"):

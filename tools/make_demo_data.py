@@ -7,7 +7,7 @@ dev.tsv: GLUE SST-2 dev, copied byte for byte.
 
   python tools/make_demo_data.py [--sst2_dir=DIR] --out_dir=examples/data/sst2
 
-Fresh rows for re-fine-tuning the demo model (README): rows the demo never saw, i.e.
+Fresh rows for re-fine-tuning the demo model (docs/training.md): rows the demo never saw, i.e.
 whose bytes are not in `--exclude` (the demo's train.tsv); only train.tsv is written:
 
   python tools/make_demo_data.py --out_dir=workdirs/sst2_unseen --seed=1 \

@@ -1,4 +1,4 @@
-r"""Makes the README's drift-monitoring inputs from the shared data folder.
+r"""Makes docs/monitor.md's drift-monitoring inputs from the shared data folder.
 
   python tools/make_monitor_data.py --out_dir=workdirs/monitor_data [--seed=0]
 

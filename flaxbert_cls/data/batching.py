@@ -54,9 +54,9 @@ def read_split(config: Any, task: tasks_lib.Task, split: str,
   path = _split_file(config, task, split)
   if path is not None:
     examples = readers.read_file(path, task, label_names)
-  elif config.get("tfds_name"):
+  elif config.tfds_name:
     examples = dataset_sources.read_tfds(config.tfds_name, task.hf_split_name(split), task,
-                                         label_names, data_dir=config.get("tfds_data_dir") or None)
+                                         label_names, data_dir=config.tfds_data_dir or None)
   else:
     name, config_name = _hf_dataset(config, task)
     examples = dataset_sources.read_hf_dataset(name, config_name, task.hf_split_name(split),
@@ -73,9 +73,9 @@ def label_names_for(config: Any, task: tasks_lib.Task) -> tuple[str, ...]:
   path = _split_file(config, task, "train")
   if path is not None:
     return readers.build_label_names(path, task)
-  if config.get("tfds_name"):
+  if config.tfds_name:
     return dataset_sources.tfds_label_names(config.tfds_name, task.hf_split_name("train"), task,
-                                            data_dir=config.get("tfds_data_dir") or None)
+                                            data_dir=config.tfds_data_dir or None)
   name, config_name = _hf_dataset(config, task)
   return dataset_sources.hf_label_names(name, config_name, task.hf_split_name("train"), task)
 

@@ -1,7 +1,7 @@
 """Reads labelled text files (TSV, CSV, JSON Lines; local or remote) into memory; labels to ids.
 
 Named datasets (Hugging Face `datasets`, TFDS) are read into the same `Examples`
-by `dataset_sources.py`. Every problem with the input raises `UserError` with one
+by `data/sources.py`. Every problem with the input raises `UserError` with one
 line naming the file (or dataset), the line (or row) and the column. Nothing is
 skipped silently: a bad row stops the read. GLUE file lookup is `glue_file`.
 """

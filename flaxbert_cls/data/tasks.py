@@ -179,11 +179,8 @@ def _normalize(name: str) -> str:
 
 
 def _get(config: Any, key: str, default: Any) -> Any:
-  # Works for ConfigDict, FrozenConfigDict and plain dicts.
-  try:
-    value = config.get(key, default)
-  except AttributeError:
-    value = getattr(config, key, default)
+  # A run's config (ConfigDict, FrozenConfigDict) or a plain dict of task keys.
+  value = config[key] if key in config else default
   return default if value is None else value
 
 
@@ -350,7 +347,7 @@ def task_configs(config: ml_collections.ConfigDict
   A task's config is the run's config with the entry's keys on top, so `task_name`,
   `data_dir`, ... mean the same as in a single-task run.
   """
-  entries = list(config.get("tasks") or ())
+  entries = list(config.tasks or ())
   if not entries:
     return [("", 1.0, config)]
   out, names = [], set()

@@ -34,13 +34,13 @@ LONG_DOCUMENT_MODES = ("truncate", "head_tail", "windows")
 
 def validate_long_document(config: Any, check: Any) -> None:
   """config.validate's checks of the long_document keys (`check(ok, key, why)` raises the
-  one-line error); .get: runs saved before they existed truncate."""
-  mode = config.get("long_document", "truncate")
+  one-line error)."""
+  mode = config.long_document
   check(mode in LONG_DOCUMENT_MODES, "long_document", f"use one of {LONG_DOCUMENT_MODES}")
   # Every layout row is [CLS] content [SEP]: max_seq_length - 2 content tokens.
   content = int(config.max_seq_length) - 2
   if mode == "head_tail":
-    head = int(config.get("head_tokens", -1))
+    head = int(config.head_tokens)
     check(head == -1 or 0 <= head < content, "head_tokens",
           f"must be -1 (auto) or in [0, max_seq_length - 2 = {content}): the head must leave "
           "room for the tail")
@@ -49,7 +49,7 @@ def validate_long_document(config: Any, check: Any) -> None:
           f"must be in [1, max_seq_length - 2 = {content}] (windows of max_seq_length="
           f"{config.max_seq_length} hold {content} text tokens; a larger stride skips text)")
     check(int(config.max_windows) >= 1, "max_windows", "must be >= 1")
-    check(config.get("window_pooling", "mean") in ("mean", "max"), "window_pooling",
+    check(config.window_pooling in ("mean", "max"), "window_pooling",
           "use 'mean' or 'max'")
 
 
@@ -64,8 +64,13 @@ class Layout:
 
   @classmethod
   def from_config(cls, config: Any) -> "Layout":
-    """The config's layout; configs saved before these keys existed truncate."""
-    return cls(**{k: config.get(k, getattr(cls, k)) for k in LONG_DOCUMENT_KEYS})
+    """A run config's layout."""
+    return cls(**{k: config[k] for k in LONG_DOCUMENT_KEYS})
+
+  @classmethod
+  def from_export(cls, fields: dict[str, Any]) -> "Layout":
+    """An export's config.json layout; exports without these keys (any HF model) truncate."""
+    return cls(**{k: fields.get(k, getattr(cls, k)) for k in LONG_DOCUMENT_KEYS})
 
   def head_size(self, width: int) -> int:
     """Tokens kept from the start of a `width`-token row (head_tail)."""

@@ -111,19 +111,19 @@ class Decisions:
 
 def tunes_thresholds(config: ml_collections.ConfigDict, multi_label: bool) -> bool:
   """tune_thresholds None (the default): multi-label yes, binary single-label no."""
-  tune = config.get("tune_thresholds")
+  tune = config.tune_thresholds
   return multi_label if tune is None else bool(tune)
 
 
 def enabled(config: ml_collections.ConfigDict, multi_label: bool) -> bool:
-  return bool(config.get("calibrate") or config.get("thresholds_file")
+  return bool(config.calibrate or config.thresholds_file
               or tunes_thresholds(config, multi_label))
 
 
 def check_run(exp: Any) -> None:
   """Before training: decisions need one classification task; binary thresholds two classes."""
   config = exp.config
-  if not any(config.get(k) for k in ("calibrate", "tune_thresholds", "thresholds_file")):
+  if not any(config[k] for k in ("calibrate", "tune_thresholds", "thresholds_file")):
     return
   if exp.multitask:
     raise UserError("config.calibrate / tune_thresholds / thresholds_file: single-task runs "
@@ -132,19 +132,19 @@ def check_run(exp: Any) -> None:
   if task.task.is_regression:
     raise UserError("config.calibrate / tune_thresholds / thresholds_file: for classification; "
                     f"task {task.name} is a regression")
-  if (config.get("tune_thresholds") or config.get("thresholds_file")) and not (
+  if (config.tune_thresholds or config.thresholds_file) and not (
       task.task.is_multilabel or task.num_labels == 2):
     raise UserError(f"config.tune_thresholds / thresholds_file: a single-label task needs two "
                     f"classes (the threshold is on P(label id 1)); {task.name} has "
                     f"{task.num_labels}")
-  if config.get("thresholds_file"):
+  if config.thresholds_file:
     user_thresholds(config, task.num_labels, task.task.is_multilabel)
 
 
 def user_thresholds(config: ml_collections.ConfigDict, num_labels: int,
                     multi_label: bool) -> np.ndarray | None:
   """config.thresholds_file's thresholds (one per label, or one for a binary task)."""
-  if not config.get("thresholds_file"):
+  if not config.thresholds_file:
     return None
   return thresholds_lib.read_thresholds_file(config.thresholds_file,
                                              num_labels if multi_label else 1)
@@ -155,7 +155,7 @@ def fit(config: ml_collections.ConfigDict, logits: np.ndarray, labels: np.ndarra
   """Temperature (config.calibrate), then thresholds on the calibrated probabilities
   (tuned, or config.thresholds_file's) on validation logits and labels."""
   decisions = Decisions(step=step)
-  if config.get("calibrate"):
+  if config.calibrate:
     decisions.temperature = calibration.fit_temperature(logits, labels, multi_label)
   probabilities = decisions.probabilities(logits, multi_label)
   given = user_thresholds(config, logits.shape[-1], multi_label)

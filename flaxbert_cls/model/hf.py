@@ -35,7 +35,7 @@ _HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "to
 _LEGACY_LEAVES = {"gamma": "weight", "beta": "bias"}
 # Leaves in PyTorch checkpoints that are buffers, not parameters.
 _BUFFERS = ("position_ids", "token_type_ids")
-# The encoder's top-level name in our Flax tree, for every family (see model.py).
+# The encoder's top-level name in our Flax tree, for every family (see bert.py).
 _FLAX_ENCODER = "bert"
 
 

@@ -132,7 +132,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-# Logical names of activation dimensions; model.py pins activations with them when it
+# Logical names of activation dimensions; bert.py pins activations with them when it
 # runs on a mesh. Unless the config's rules name them, `activation_rules` derives
 # their rules: the batch is split like the inputs (over BATCH_AXES), attention heads
 # and MLP features like their weights ('heads', 'mlp'). Pinning the batch is what

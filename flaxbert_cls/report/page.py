@@ -10,7 +10,7 @@ reliability diagram and the most confidently wrong examples. The eval runs first
 (`evaluate.evaluate_workdir`) when its files are missing or are for another step.
 
 The numbers come from small NumPy functions (`confusion_matrix`, `per_class_scores`,
-`calibration.calibration_bins`), tested against scikit-learn; plots in `report_plots.py`.
+`calibration.calibration_bins`), tested against scikit-learn; plots in `report/plots.py`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import logging
 import re
 from typing import Any
 
+import ml_collections
 import numpy as np
 
+from flaxbert_cls import saved_config
 from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import progress as progress_lib
@@ -198,26 +200,27 @@ def _slug(name: str) -> str:
   return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "task"
 
 
-def config_summary(config: dict[str, Any]) -> list[tuple[str, Any]]:
+def config_summary(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
   """The SUMMARY_KEYS a run set: not empty, not -1 ('unset'), not overridden by another."""
   shadowed = set()
-  if config.get("tasks"):
+  if config.tasks:
     shadowed.add("task_name")  # each task names its own
-  if config.get("num_train_steps", -1) > 0:
+  if config.num_train_steps > 0:
     shadowed.add("num_train_epochs")
-  if config.get("warmup_steps", -1) >= 0:
+  if config.warmup_steps >= 0:
     shadowed.add("warmup_ratio")
-  if not config.get("lora_rank"):
+  if not config.lora_rank:
     shadowed.add("lora_rank")
-  return [(k, json.dumps(config[k]) if isinstance(config[k], (list, dict)) else config[k])
+  values = config.to_dict()
+  return [(k, json.dumps(values[k]) if isinstance(values[k], (list, tuple, dict)) else values[k])
           for k in SUMMARY_KEYS
-          if k not in shadowed and config.get(k) not in (None, "", [], -1)]
+          if k not in shadowed and values[k] not in (None, "", (), [], -1)]
 
 
-def _config_section(config: dict[str, Any]) -> str:
+def _config_section(config: ml_collections.ConfigDict) -> str:
   rows = [list(row) for row in config_summary(config)]
   return (f'<section id="config"><h2>Config</h2>{_table(["key", "value"], rows, 9)}'
-          f"<details><summary>config.json</summary><pre>{_e(json.dumps(config, indent=2))}"
+          f"<details><summary>config.json</summary><pre>{_e(config.to_json(indent=2))}"
           "</pre></details></section>")
 
 
@@ -329,7 +332,8 @@ def _task_section(task: dict[str, Any], summary: dict[str, Any], rows: list[dict
           f'{_e(task.get("source", ""))}; {_e(metric_line)}</p>{compare}{body}</section>')
 
 
-def render_page(workdir: str, config: dict[str, Any], train_records: list[dict[str, Any]],
+def render_page(workdir: str, config: ml_collections.ConfigDict,
+                train_records: list[dict[str, Any]],
                 eval_records: list[dict[str, Any]], summary: dict[str, Any],
                 predictions: list[dict[str, Any]], errors: list[dict[str, Any]]) -> str:
   """The whole page as one HTML string."""
@@ -349,7 +353,7 @@ def render_page(workdir: str, config: dict[str, Any], train_records: list[dict[s
   generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}'
           f"</title><style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>"
-          f'<p class="muted">{_e(config.get("model_name_or_path", ""))}; generated {generated}; '
+          f'<p class="muted">{_e(config.model_name_or_path)}; generated {generated}; '
           f"analysis of checkpoint step {_e(summary['step'])} on the validation set.</p>"
           f"<nav>{nav}</nav>{''.join(sections)}<script>{_IMAGE_CHECK}</script></body></html>\n")
 
@@ -364,13 +368,11 @@ def write_report(workdir: str) -> str:
   Returns the page's path.
   """
   workdir = workdir_lib.resolve(workdir)
-  config_path = workdir_lib.join(workdir, "config.json")
-  if not workdir_lib.exists(config_path):
-    raise UserError(f"{workdir}: not a flaxbert-cls workdir (no config.json)")
+  config = saved_config.load_saved(workdir)
   summary = ensure_eval(workdir)
   eval_dir = workdir_lib.join(workdir, evaluate_lib.EVAL_DIR)
   page = render_page(
-      workdir, read_json(config_path),
+      workdir, config,
       read_jsonl(workdir_lib.join(workdir, progress_lib.TRAIN_LOG_FILE)),
       read_jsonl(workdir_lib.join(workdir, progress_lib.METRICS_FILE)), summary,
       read_jsonl(workdir_lib.join(eval_dir, evaluate_lib.PREDICTIONS_FILE)),

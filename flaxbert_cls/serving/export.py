@@ -84,7 +84,7 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
 
   `params` are the Flax classification model's parameters (any arrays); they are
   written under the names of `hf_config.model_type`'s family. `decision_fields`
-  (temperature, threshold(s): decisions.py; the run's pooling and window keys) go into
+  (temperature, threshold(s): decisions/tuning.py; the run's pooling and window keys) go into
   config.json; pooling='mean' points it at the modeling file (remote_code.py). The directory
   appears whole or not at all: files go to a temporary sibling that is renamed.
   """
@@ -159,7 +159,7 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
   """One task's HF directory; `params` named as a one-task model's."""
   task = run_task.task
   remote_code.check_run_settings(exp.config, workdir)
-  pooling = exp.config.get("pooling", "cls")
+  pooling = exp.config.pooling
   metadata = {
       "source_workdir": os.path.abspath(workdir),
       "step": "latest" if step is None else step,

@@ -143,7 +143,7 @@ class Predictor:
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
                int(exp.config.eval_batch_size), exp.batch_sharding, workdir, decisions,
                tokenization.Layout.from_config(exp.config),
-               exp.config.get("window_pooling", "mean"))
+               exp.config.window_pooling)
 
   @classmethod
   def _from_hf_dir(cls, directory: str, devices: Sequence[jax.Device] | None = None
@@ -190,7 +190,7 @@ class Predictor:
     return cls(model, jax.device_put(params, None if batch_sharding else devices[0]), tokenizer, label_names, task,
                int(meta.get("max_seq_length", _DEFAULT_MAX_SEQ_LENGTH)),
                tuple(meta.get("seq_buckets", _DEFAULT_BUCKETS)), _DEFAULT_BATCH_SIZE,
-               batch_sharding, directory, decisions, tokenization.Layout.from_config(meta),
+               batch_sharding, directory, decisions, tokenization.Layout.from_export(meta),
                meta.get("window_pooling", "mean"))
 
   @property
@@ -227,7 +227,7 @@ class Predictor:
   def _results(self, logits: np.ndarray) -> list[dict[str, Any]]:
     if self.is_regression:
       return [{"score": float(s)} for s in logits[:, 0]]
-    # Probabilities after the temperature; labels by the thresholds (decisions.py).
+    # Probabilities after the temperature; labels by the thresholds (decisions/tuning.py).
     decisions = self.decisions or decisions_lib.Decisions()
     multilabel = self.task.is_multilabel
     probs = decisions.probabilities(logits, multilabel)

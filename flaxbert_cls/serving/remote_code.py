@@ -38,15 +38,15 @@ def class_names(model_type: str) -> tuple[str, str]:
 
 def check_run_settings(config: Any, where: str) -> None:
   """The run's pooling and long-document keys are ones the export can reproduce (one line)."""
-  pooling = config.get("pooling", "cls")
+  pooling = config.pooling
   if pooling not in POOLINGS:
     raise UserError(f"{where}: config.pooling={pooling!r} cannot be exported; the export "
                     f"knows {list(POOLINGS)}")
-  layout = config.get("long_document", "truncate")
+  layout = config.long_document
   if layout not in LAYOUTS:
     raise UserError(f"{where}: config.long_document={layout!r} cannot be exported; the export "
                     f"knows {list(LAYOUTS)}")
-  window_pooling = config.get("window_pooling", "mean")
+  window_pooling = config.window_pooling
   if layout == "windows" and window_pooling not in long_documents.POOLINGS:
     raise UserError(f"{where}: config.window_pooling={window_pooling!r} cannot be exported; "
                     f"the export knows {list(long_documents.POOLINGS)}")
@@ -54,11 +54,10 @@ def check_run_settings(config: Any, where: str) -> None:
 
 def run_fields(config: Any) -> dict[str, Any]:
   """config.json keys telling the modeling file how the run read its inputs."""
-  fields = {"pooling": config.get("pooling", "cls"),
+  fields = {"pooling": config.pooling,
             "max_seq_length": int(config.max_seq_length),
-            "window_pooling": config.get("window_pooling", "mean")}
-  fields.update({k: config.get(k, getattr(tokenization.Layout, k))
-                 for k in tokenization.LONG_DOCUMENT_KEYS})
+            "window_pooling": config.window_pooling}
+  fields.update({k: config[k] for k in tokenization.LONG_DOCUMENT_KEYS})
   return fields
 
 

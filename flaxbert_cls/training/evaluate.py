@@ -280,8 +280,8 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
   read = experiment_lib.read_examples_tokenized(exp, "validation")
   results, _, logits = evaluate_tasks(
       exp, params, [t for _, t in read],
-      jit_eval_step(exp.model, window_pooling=exp.config.get("window_pooling", "mean")))
-  # Metrics at the saved temperature / thresholds too (decisions.py).
+      jit_eval_step(exp.model, window_pooling=exp.config.window_pooling))
+  # Metrics at the saved temperature / thresholds too (decisions/tuning.py).
   results.update(decisions_lib.for_eval(exp, workdir, logits[0], read[0][1].labels))
   results.update(baseline_lib.for_eval(workdir, read[0][0]))  # scored when the run trained
   log.info("eval of %s (step %d): %s", workdir, exp.checkpoint_step, format_metrics(results))

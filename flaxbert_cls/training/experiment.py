@@ -99,7 +99,7 @@ class Experiment:
   @property
   def multitask(self) -> bool:
     """Several heads (config.tasks set): params bert/... and heads/<task>/..."""
-    return bool(self.config.get("tasks"))
+    return bool(self.config.tasks)
 
   def selection_key(self) -> str:
     """The eval metric that picks best checkpoints and stops early."""
@@ -127,7 +127,7 @@ class Experiment:
     boxed = jax.eval_shape(self.init_params, jax.random.key(0))
     shardings = sharding_lib.logical_to_shardings(
         boxed, self.mesh, self.config.logical_axis_rules,
-        self.config.get("min_size_to_shard_mb", 0.0))
+        self.config.min_size_to_shard_mb)
     return boxed, shardings
 
   def tokenize(self, examples: Any) -> data_lib.TokenizedSplit:
@@ -140,7 +140,7 @@ def _run_tasks(config: ml_collections.ConfigDict, plan: config_lib.RunPlan, labe
                ) -> tuple[RunTask, ...]:
   """The run's tasks; `label_names`: a tuple (single task) or {task: names} (multi-task)."""
   tasks = []
-  multitask = bool(config.get("tasks"))
+  multitask = bool(config.tasks)
   for i, (name, weight, task_config) in enumerate(plan.tasks):
     where = f"config.tasks[{i}] ({name}): " if multitask else ""
     try:
@@ -198,13 +198,13 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   overrides = {}
   if config.classifier_dropout >= 0:
     overrides["classifier_dropout"] = config.classifier_dropout
-  if config.get("attention_dropout", -1.0) >= 0:
+  if config.attention_dropout >= 0:
     overrides["attention_probs_dropout_prob"] = config.attention_dropout
   bert_config = hf.model_config(  # any supported family (hf.FAMILIES)
       hf_config, dtype=config.dtype, mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh),
       lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-      lora_targets=tuple(config.lora_targets), pooling=config.get("pooling", "cls"), **overrides)
+      lora_targets=tuple(config.lora_targets), pooling=config.pooling, **overrides)
   bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
       config.attention_impl, platform, config.dtype, bert_config.head_dim))
   # Positions past the table would be gathered out of range: NaN embeddings, not an error.
@@ -215,7 +215,7 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
                     f"{bert_config.max_position_embeddings}); use max_seq_length <= {positions}")
   sharding_lib.check_heads(config.logical_axis_rules, mesh, bert_config.num_attention_heads)
   _check_batch_splits(config, mesh)
-  if config.get("tasks"):
+  if config.tasks:
     model = model_lib.BertForSequenceClassification(
         bert_config, tuple(t.num_labels for t in tasks), tuple(t.name for t in tasks))
   else:

@@ -22,6 +22,7 @@ from flaxbert_cls.training import batches as batches_lib
 from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import members as members_lib
+from flaxbert_cls.training import optimizer as optim
 from flaxbert_cls.training import step as step_lib
 
 
@@ -90,7 +91,7 @@ class StackedMembers(SingleRun):
   def _unstack(self) -> Callable:
     """One member's params from the stacked ones: jitted once per run, not per eval."""
     boxed, param_shardings = self.exp.abstract_params()
-    frozen = members_lib.frozen_mask(self.exp.config, nn.unbox(boxed))
+    frozen = optim.frozen_mask(nn.unbox(boxed), self.exp.config)
     return jax.jit(lambda p, i: members_lib.unstack(p, frozen, i), out_shardings=param_shardings)
 
   def each_member(self, params: Any) -> Iterator[tuple[int, Any]]:

@@ -93,14 +93,6 @@ def optimizer(config: ml_collections.ConfigDict, members: Sequence[dict[str, Any
                                 weight_decay=weight_decay)
 
 
-def frozen_mask(config: ml_collections.ConfigDict, params: Any) -> Any:
-  """True per parameter that is frozen: stored once and shared by all members."""
-  patterns = optim.freeze_patterns(config)
-  if patterns:
-    return optim.path_mask(params, patterns)
-  return jax.tree.map(lambda _: False, params, is_leaf=_is_box)
-
-
 def _is_box(x: Any) -> bool:
   return isinstance(x, nn.Partitioned)
 

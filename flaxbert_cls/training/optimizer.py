@@ -34,13 +34,19 @@ def _map_paths(params: Any, fn: Callable[[str], Any]) -> Any:
   return traverse_util.unflatten_dict({k: fn("/".join(k)) for k in flat})
 
 
+def frozen_mask(params: Any, config: ConfigDict) -> Any:
+  """True per parameter that stays fixed (`freeze_patterns`): its gradient is zeroed
+  statically, it has no optimizer state, and a sweep's members share one copy of it."""
+  return path_mask(params, freeze_patterns(config))
+
+
 def freeze_patterns(config: ConfigDict) -> tuple[str, ...]:
   """`config.freeze` regexes plus the `freeze_bottom_layers` shortcut."""
-  patterns = list(config.get("freeze", ()))
-  k = int(config.get("freeze_bottom_layers", 0))
+  patterns = list(config.freeze)
+  k = int(config.freeze_bottom_layers)
   if k:
     patterns += ["bert/embeddings/"] + [f"bert/encoder/layer/{i}/" for i in range(k)]
-  if int(config.get("lora_rank", 0)):
+  if int(config.lora_rank):
     # LoRA: everything but the adapters and the classification head stays fixed.
     patterns.append(r"^(?!.*/lora_[ab]$)(?!classifier/|pre_classifier/|heads/)")
   return tuple(patterns)
@@ -113,7 +119,7 @@ def create_optimizer(config: ConfigDict, params: Any, total_steps: int,
   Built from optax parts so layer-wise LR decay scales the whole AdamW step
   (decay included), as a per-layer learning rate does. Frozen parameters go
   through optax.set_to_zero, so they get no optimizer state.
-  A sweep member (sweep.py) passes its own `schedule` and `weight_decay` (traced values);
+  A sweep member (training/members.py) passes its own `schedule` and `weight_decay` (traced values);
   an explicit `weight_decay` always adds the decay step, so every member's state matches.
   """
   schedule = schedule or create_learning_rate_schedule(config, total_steps)

@@ -100,7 +100,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   automatic_mesh = not tuple(config.mesh_shape)
   exp = experiment_lib.build_experiment(config, devices=devices, shapes_only=True)
   config = exp.config
-  if config.get("long_document", "truncate") == "windows":
+  if config.long_document == "windows":
     raise UserError("config.long_document='windows': plan does not cover window batches yet "
                     "(their window count comes from the data); plan with 'truncate'")
   boxed, param_shardings = exp.abstract_params()
@@ -112,7 +112,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   param_shapes = checkpoint_lib.abstract_with_shardings(params, param_shardings)
   train_step, extra = _train_program(exp, state, state_shardings, tx, schedule, total_steps)
   eval_step = evaluate_lib.jit_eval_step(exp.model, param_shardings, exp.batch_sharding,
-                                         config.get("window_pooling", "mean"))
+                                         config.window_pooling)
   members = max(len(exp.members), 1)
   lengths = sorted({b for b in config.seq_buckets if b <= config.max_seq_length}
                    | {config.max_seq_length})

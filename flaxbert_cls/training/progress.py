@@ -3,16 +3,19 @@
 On a terminal (stderr is a TTY) process 0 draws live tqdm bars for training, evaluation
 and predict, and log lines print above them; in a log file or a pipe the same figures
 come as periodic log lines. Only process 0 writes files: train_log.jsonl (every train
-log line) and metrics.jsonl (every evaluation). TensorBoard scalars go through clu's
-writer, which needs TensorFlow; without it (e.g. a GPU image with jax only) through
-tensorboardX when that is installed, else nowhere, said once.
+log line) and metrics.jsonl (every evaluation). TensorBoard scalars go through
+TensorBoard's own event writer, which needs no TensorFlow (clu's would import it: ~0.7 GB
+resident in every run); without the tensorboard package, nowhere, said once.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -89,33 +92,46 @@ class BatchProgress:
       log.info("%s: batch %d/%d", self.desc, done, total)
 
 
-class _TensorboardXWriter:
-  """clu's MetricWriter subset the loop uses, on tensorboardX (no TensorFlow) or none, and
-  to `trackers` (tracking.py's writers) too."""
+class ScalarWriter:
+  """Scalars to TensorBoard event files in the workdir (process 0, unless `tensorboard` is
+  off) and to `trackers` (tracking.py's writers). A remote workdir's events are written to a
+  local directory and copied to the workdir at each flush."""
 
   def __init__(self, workdir: str, trackers: Sequence[Any] = (), tensorboard: bool = True):
-    self._writer, self._trackers = None, list(trackers)
+    self._events, self._trackers = None, list(trackers)
+    self._local, self._remote = workdir, None
     if jax.process_index() != 0 or not tensorboard:
       return
     try:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
+      # pylint: disable=g-import-not-at-top
+      from tensorboard.compat.proto import event_pb2, summary_pb2
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
     except ImportError:
-      log.info("TensorFlow and tensorboardX are not installed: no TensorBoard scalars (the log "
-               "and %s have the metrics)", METRICS_FILE)
+      log.info("tensorboard is not installed: no TensorBoard scalars (the log and %s have the "
+               "metrics)", METRICS_FILE)
       return
-    log.info("TensorFlow is not installed: TensorBoard scalars through tensorboardX")
-    self._writer = tensorboardX.SummaryWriter(workdir)
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    if workdir_lib.is_remote(workdir):
+      self._local, self._remote = tempfile.mkdtemp(prefix="flaxbert_cls_events_"), workdir
+    self._events = EventFileWriter(self._local)
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-    if self._writer is not None:
-      for name, value in scalars.items():
-        self._writer.add_scalar(name, value, step)
+    if self._events is not None:
+      values = [self._summary_pb2.Summary.Value(tag=name, simple_value=float(value))
+                for name, value in scalars.items()]
+      self._events.add_event(self._event_pb2.Event(
+          wall_time=time.time(), step=int(step), summary=self._summary_pb2.Summary(value=values)))
     for tracker in self._trackers:
       tracker.write_scalars(step, scalars)
 
   def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
+    if self._events is not None:
+      self._events.flush()
+      if self._remote:
+        for path in glob.glob(os.path.join(self._local, "events.out.tfevents.*")):
+          with open(path, "rb") as f:
+            workdir_lib.write_bytes(workdir_lib.join(self._remote, os.path.basename(path)),
+                                    f.read())
     for tracker in self._trackers:
       tracker.flush()
 
@@ -135,26 +151,14 @@ class TrainLog:
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, batch_size: int,
                log_every: int, trackers: Sequence[Any] = (), tensorboard: bool = True):
-    """`trackers`: more clu MetricWriters (tracking.py's MLflow, ...) beside TensorBoard;
+    """`trackers`: more writers (tracking.py's MLflow, ...) beside TensorBoard;
     `tensorboard=False` (config.report_to without it): the scalars go to the log only."""
     self.workdir = workdir
     self.total_steps, self.start_step = total_steps, start_step
     self.batch_size, self.log_every = batch_size, log_every
     self.history: list[tuple[int, float]] = []  # (step, mean train loss since the last line)
     self._metrics = None
-    self._report = None
-    try:
-      # clu's writers import TensorFlow (~0.7 GB resident): only the loop needs them.
-      from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      self.writer = _TensorboardXWriter(workdir, trackers, tensorboard)
-    else:
-      self.writer = metric_writers.create_default_writer(
-          workdir, just_logging=jax.process_index() > 0 or not tensorboard, asynchronous=False)
-      if trackers:
-        self.writer = metric_writers.MultiWriter([self.writer, *trackers])
-      self._report = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                                     writer=self.writer)
+    self.writer = ScalarWriter(workdir, trackers, tensorboard)
     self.t_start = self._t_last = time.time()
     self._last_logged = start_step
     self._bar = (_open_bar(total=total_steps, initial=start_step, desc="train", unit="step")
@@ -166,8 +170,6 @@ class TrainLog:
   def record(self, step: int, metrics: Any) -> None:
     """Accumulates one step's metrics (device arrays: no host sync until a log line)."""
     self._metrics = metrics if self._metrics is None else self._metrics.merge(metrics)
-    if self._report is not None:
-      self._report(step)
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
 

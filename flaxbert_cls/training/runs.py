@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 from typing import Any
 
 import flax.linen as nn
@@ -16,12 +14,14 @@ import jax
 import ml_collections
 
 from flaxbert_cls import config as config_lib
+from flaxbert_cls import saved_config
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import layers
 from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import members as members_lib
+from flaxbert_cls.training import optimizer as optim
 from flaxbert_cls.training import state as state_lib
 
 
@@ -36,13 +36,9 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
   ever see a plain BERT.
   """
   workdir = workdir_lib.resolve(workdir)
-  config_path = workdir_lib.join(workdir, "config.json")
-  if not workdir_lib.exists(config_path):
-    raise UserError(f"{workdir}: not a flaxbert-cls workdir (no config.json)")
-  with io.StringIO(workdir_lib.read_text(config_path)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if overrides is not None:
-    config.update(overrides)
+  config = saved_config.load_saved(workdir)
+  if overrides is not None:  # values, not references: both come from default_config()
+    config.update(overrides.to_dict())
   ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
   members = config_lib.grid(config)  # before building: --member is checked first
   if members:
@@ -69,7 +65,7 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
   params = state.params
   if members:
     exp.member = member
-    frozen = members_lib.frozen_mask(config, nn.unbox(boxed))
+    frozen = optim.frozen_mask(nn.unbox(boxed), config)
     params = jax.jit(lambda p: members_lib.unstack(p, frozen, member),
                      out_shardings=param_shardings)(params)
   if exp.model.config.lora_rank:

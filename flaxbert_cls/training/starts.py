@@ -34,6 +34,7 @@ from flaxbert_cls.model import layers
 from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import members as members_lib
+from flaxbert_cls.training import optimizer as optim
 from flaxbert_cls.training import runs
 from flaxbert_cls.training import state as state_lib
 from flaxbert_cls.training.state import TrainState
@@ -130,7 +131,7 @@ def create_train_state(exp: experiment_lib.Experiment, total_steps: int,
   tx, schedule = state_lib.optimizer(exp, template, total_steps)
   _, shardings = state_lib.abstract_state(exp, tx)
   if exp.members:
-    frozen = members_lib.frozen_mask(exp.config, template)
+    frozen = optim.frozen_mask(template, exp.config)
 
     def init(seeds: jax.Array) -> TrainState:
       keys = jax.vmap(jax.random.key)(seeds)
@@ -196,7 +197,7 @@ def _start_weights(exp: experiment_lib.Experiment, path: str) -> tuple[Any, dict
       record["label_names"] = [str(start_config.id2label[i])
                                for i in range(start_config.num_labels)]
     return hf.load_state_dict(path), record
-  step = checkpoint_lib.parse_step(exp.config.get("start_step", "latest"))
+  step = checkpoint_lib.parse_step(exp.config.start_step)
   checkpoint_lib.check_step(path, step)
   start, params = runs.load_run(path, step=step)
   if start.multitask:
@@ -227,7 +228,7 @@ def _graft_head(exp: experiment_lib.Experiment, params: Any, shardings: Any,
     rows = list(range(len(old_labels))) if same else [None] * len(exp.label_names or [0])
   else:
     rows = head_rows(old_labels, exp.label_names,
-                     bool(exp.config.get("drop_removed_labels", False)), record["path"])
+                     bool(exp.config.drop_removed_labels), record["path"])
   names = exp.label_names or ["score"]
   record["head"] = {"kept": [n for n, r in zip(names, rows) if r is not None],
                     "new": [n for n, r in zip(names, rows) if r is None],

@@ -41,7 +41,7 @@ def abstract_train_state(exp: experiment_lib.Experiment, tx: optax.GradientTrans
   abstract = jax.eval_shape(functools.partial(init_state, exp, tx), jax.random.key(0))
   return abstract, sharding_lib.logical_to_shardings(
       abstract, exp.mesh, exp.config.logical_axis_rules,
-      exp.config.get("min_size_to_shard_mb", 0.0))
+      exp.config.min_size_to_shard_mb)
 
 
 def abstract_stacked_state(exp: experiment_lib.Experiment, tx: optax.GradientTransformation
@@ -51,11 +51,11 @@ def abstract_stacked_state(exp: experiment_lib.Experiment, tx: optax.GradientTra
   abstract, _ = abstract_train_state(exp, tx)
   params, opt_state = members_lib.stack_abstract(
       abstract.params, abstract.opt_state,
-      members_lib.frozen_mask(exp.config, abstract.params), len(exp.members))
+      optim.frozen_mask(abstract.params, exp.config), len(exp.members))
   stacked = abstract.replace(params=params, opt_state=opt_state)
   return stacked, sharding_lib.logical_to_shardings(
       stacked, exp.mesh, members_lib.logical_axis_rules(exp.config),
-      exp.config.get("min_size_to_shard_mb", 0.0))
+      exp.config.min_size_to_shard_mb)
 
 
 def abstract_state(exp: experiment_lib.Experiment, tx: optax.GradientTransformation

@@ -13,7 +13,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from clu import metrics as clu_metrics
 
@@ -115,8 +114,8 @@ def jit_train_step(exp: experiment_lib.Experiment, params: Any, state_shardings:
                         head_loss=exp.head_losses,
                         dropout_seed=config.seed,
                         accumulation_steps=config.gradient_accumulation_steps,
-                        frozen=frozen_mask(params, config),
-                        window_pooling=config.get("window_pooling", "mean")),
+                        frozen=optim.frozen_mask(params, config),
+                        window_pooling=config.window_pooling),
       in_shardings=(state_shardings, exp.batch_sharding),
       out_shardings=(state_shardings, sharding_lib.replicated(exp.mesh),
                      sharding_lib.replicated(exp.mesh)),
@@ -135,7 +134,7 @@ def stacked_train_step(state: TrainState, batch: dict[str, jax.Array], hyper: di
   Metrics are averaged over members; the finite flag is all members'.
   """
   config = exp.config
-  solo_frozen = frozen_mask(state.params, config)
+  solo_frozen = optim.frozen_mask(state.params, config)
 
   def member_step(trained, opt_state, member_batch, member_hyper):
     params = members_lib.merge_trained(state.params, frozen, trained)
@@ -144,7 +143,7 @@ def stacked_train_step(state: TrainState, batch: dict[str, jax.Array], hyper: di
         TrainState(step=state.step, params=params, opt_state=opt_state), member_batch,
         model=exp.model, tx=tx, schedule=schedule, head_loss=exp.head_losses,
         dropout_seed=member_hyper["seed"], accumulation_steps=config.gradient_accumulation_steps,
-        frozen=solo_frozen, window_pooling=config.get("window_pooling", "mean"))
+        frozen=solo_frozen, window_pooling=config.window_pooling)
     return members_lib.split_trained(new.params, frozen), new.opt_state, metrics, finite
 
   spmd_axis = members_lib.MEMBER_AXIS if members_lib.MEMBER_AXIS in exp.mesh.axis_names else None
@@ -171,7 +170,7 @@ def stacked_step_program(exp: experiment_lib.Experiment, state_shardings: Any, t
   """
   config = exp.config
   boxed, _ = exp.abstract_params()
-  frozen = members_lib.frozen_mask(config, nn.unbox(boxed))
+  frozen = optim.frozen_mask(nn.unbox(boxed), config)
   hyper = members_lib.member_hyper(config, exp.members, total_steps)
   step = jax.jit(
       functools.partial(stacked_train_step, exp=exp, total_steps=total_steps, frozen=frozen),
@@ -182,12 +181,6 @@ def stacked_step_program(exp: experiment_lib.Experiment, state_shardings: Any, t
       donate_argnums=0,
       compiler_options=train_step_compiler_options(exp.mesh, config.cpu_scheduler))
   return step, hyper
-
-
-def frozen_mask(params: Any, config: ml_collections.ConfigDict) -> Any | None:
-  """Static True/False per parameter (None when nothing is frozen)."""
-  patterns = optim.freeze_patterns(config)
-  return optim.path_mask(params, patterns) if patterns else None
 
 
 _CPU_SCHEDULERS = {"memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",

@@ -1,7 +1,7 @@
-"""Experiment trackers beside TensorBoard (config.report_to): MLflow as a clu MetricWriter.
+"""Experiment trackers beside TensorBoard (config.report_to): MLflow as a scalar writer.
 
-Process 0 opens one `TrackerWriter` per tracker; TrainLog combines them with its TensorBoard
-writer in clu's MultiWriter, so the loop writes scalars as before. A writer only puts the
+Process 0 opens one `TrackerWriter` per tracker; TrainLog's ScalarWriter hands them every
+scalar it writes to TensorBoard, so the loop writes scalars as before. A writer only puts the
 scalars in a bounded queue; a background thread sends them to the tracker (a backend:
 mlflow_tracker.py), so a slow tracker never slows a step. A tracker that is unreachable or
 refuses gives one warning line and is dropped: the run goes on. train_log.jsonl and
@@ -27,6 +27,7 @@ import jax
 import ml_collections
 
 from flaxbert_cls import config as config_lib
+from flaxbert_cls import saved_config
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.errors import UserError
@@ -35,11 +36,6 @@ from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import members as members_lib
 from flaxbert_cls.training import mlflow_tracker
 from flaxbert_cls.training import progress as progress_lib
-
-try:  # clu's writers package imports TensorFlow; without it (a jax-only image) duck-typed
-  from clu.metric_writers import MetricWriter
-except ImportError:
-  MetricWriter = object
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +46,14 @@ _URI_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql
 
 
 def report_to(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The trackers a run logs to ('tensorboard' among them); .get: older runs' TensorBoard."""
-  names = tuple(config.get("report_to", ("tensorboard",)))
+  """The trackers a run logs to ('tensorboard' among them)."""
+  names = tuple(config.report_to)
   return () if names == ("none",) else names
 
 
 def mlflow_tracking_uri(config: ml_collections.ConfigDict) -> str:
   """config.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI; '' = MLflow's default."""
-  return config.get("mlflow_tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI", "")
+  return config.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -69,7 +65,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   uri = mlflow_tracking_uri(config)
   if "mlflow" not in report_to(config) or not uri:
     return
-  where = ("config.mlflow_tracking_uri" if config.get("mlflow_tracking_uri")
+  where = ("config.mlflow_tracking_uri" if config.mlflow_tracking_uri
            else "$MLFLOW_TRACKING_URI")
   scheme, sep, rest = uri.partition("://")
   if (sep and scheme.split("+")[0] not in _URI_SCHEMES) or (not sep and ":" in uri) or (
@@ -126,7 +122,7 @@ def run_info(config: ml_collections.ConfigDict, workdir: str, tags: dict[str, st
   members = config_lib.grid(config)
   return RunInfo(
       workdir=workdir, name=os.path.basename(workdir.rstrip("/")) or workdir,
-      experiment=config.get("tracker_experiment", "") or config.task_name,
+      experiment=config.tracker_experiment or config.task_name,
       params=flatten_config(config), members=members,
       member_params=[flatten_config(config_lib.member_config(config, m)) for m in members],
       tags=tags)
@@ -177,8 +173,9 @@ def is_tracked(key: str) -> bool:
   return key.startswith(("train_", "eval_"))
 
 
-class TrackerWriter(MetricWriter):
-  """A clu MetricWriter whose writes a background thread sends to one tracker's backend.
+class TrackerWriter:
+  """A scalar writer (progress.ScalarWriter's interface) whose writes a background thread
+  sends to one tracker's backend.
 
   The backend's methods (start, log, artifacts, end) run on that thread only, in order;
   the first one that raises gives one warning and the tracker is dropped for the run.
@@ -234,28 +231,6 @@ class TrackerWriter(MetricWriter):
     """Earlier steps read back from the run's files; the backend sends those it lacks."""
     self._put("log_steps", {step: {k: v for k, v in scalars.items() if is_tracked(k)}
                             for step, scalars in scalars_by_step.items()})
-
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    del hparams  # the backend logs the resolved config itself when it starts
-
-  # clu's interface: what the loop never writes.
-  def write_summaries(self, step, values, metadata=None) -> None:
-    del step, values, metadata
-
-  def write_images(self, step, images) -> None:
-    del step, images
-
-  def write_videos(self, step, videos) -> None:
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate) -> None:
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts) -> None:
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None) -> None:
-    del step, arrays, num_buckets
 
   def flush(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
     """Waits (at most `timeout`) until what was written so far has been sent."""
@@ -360,10 +335,7 @@ def upload(workdir: str, names: tuple[str, ...] | None = None, export_dir: str |
   """`flaxbert-cls track`: sends a run's params, every metric of its files and its artifacts
   to each tracker (default: its config's report_to); returns {tracker: what was sent}."""
   workdir = workdir_lib.resolve(workdir)
-  config_path = workdir_lib.join(workdir, "config.json")
-  if not workdir_lib.exists(config_path):
-    raise UserError(f"{workdir}: not a flaxbert-cls workdir (no config.json)")
-  config = ml_collections.ConfigDict(json.loads(workdir_lib.read_text(config_path)))
+  config = saved_config.load_saved(workdir)
   names = tuple(names or [n for n in report_to(config) if n in TRACKER_NAMES])
   for name in names:
     if name not in TRACKER_NAMES:

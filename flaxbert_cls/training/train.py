@@ -69,6 +69,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   train_data = experiment_lib.read_examples_tokenized(exp, "train")
   train_splits = [split for _, split in train_data]
   class_weights_lib.resolve_for_run(exp, [split.labels for split in train_splits])
+  class_weights_lib.choose_selection_metrics(exp, [split.labels for split in train_splits])
   eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
   # In a thread from here: it overlaps the state's creation and the first compile.
   baseline = baseline_lib.start(exp, workdir, train_data[0][0], eval_data[0][0],
@@ -84,7 +85,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   state, state_shardings, tx, schedule = resume.restore_or_init(exp, ckpt, run_meta, best)
   jit_train = layout.jit_step(state, state_shardings, tx, schedule, total_steps)
   jit_eval = evaluate_lib.jit_eval_step(exp.model, exp.abstract_params()[1], exp.batch_sharding,
-                                        config.get("window_pooling", "mean"))
+                                        config.window_pooling)
   resume.write_run_files(exp, workdir)
   return Run(exp, layout, train_splits, eval_data, mixture, total_steps, ckpt, run_meta, best,
              state, jit_train, jit_eval, baseline)
