@@ -141,6 +141,7 @@ def _main(argv: list[str]) -> None:
       raise UserError("train needs --config=configs/<name>.py")
     result = train.train_and_evaluate(config, _WORKDIR.value)
     _print_metrics("dev", result["eval"])
+    _send_report_page(config, _WORKDIR.value)
     _print_next_steps(_WORKDIR.value, report.page_path(_WORKDIR.value))
   elif command == "eval":
     results = evaluate.evaluate_workdir(_WORKDIR.value, config, checkpoints.parse_step(_STEP.value),
@@ -222,6 +223,18 @@ def _print_metrics(name: str, results: dict[str, float]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(f"{name}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+
+
+def _send_report_page(config, workdir: str) -> None:
+  """A run that reports to a tracker (MLflow) ends with its report page there too: the page
+  is built, then `track`'s upload (idempotent: no metric twice) adds it to the artifacts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.report import page as report  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.training import tracking  # pylint: disable=g-import-not-at-top
+  names = [n for n in tracking.report_to(config) if n in tracking.TRACKER_NAMES]
+  if names and jax.process_index() == 0:
+    report.write_report(workdir)
+    tracking.upload(workdir, tuple(names))
 
 
 def _print_next_steps(workdir: str, page: str) -> None:

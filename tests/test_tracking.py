@@ -231,6 +231,8 @@ def test_killed_and_resumed_run_is_one_mlflow_run_without_a_step_twice(server, t
   run = client.get_run(run_id)
   assert run.info.status == "FINISHED"
   assert len(client.search_runs([run.info.experiment_id])) == 1
+  # `flaxbert-cls train` ends with the report page among the run's artifacts.
+  assert "report/index.html" in {a.path for a in client.list_artifacts(run_id, "report")}
   histories, expected = _histories(client, run_id), _expected(workdir)
   # Each step once, with the values of train_log.jsonl (a resume repeats its steps
   # bit-exactly; examples/s is a timing: which attempt's value a repeated step keeps varies).
