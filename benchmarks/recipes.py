@@ -35,6 +35,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from flaxbert_cls import saved_config  # pylint: disable=g-import-not-at-top
 from flaxbert_cls.decisions import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 from flaxbert_cls.decisions import thresholds as thresholds_lib  # pylint: disable=g-import-not-at-top
 
@@ -117,8 +118,8 @@ def _cross_fitted(predictions: list[dict[str, Any]], main: str) -> float:
     decided = thresholds_lib.cross_fitted_decisions(probs, gold)
     return metrics_lib.multilabel_metrics((main,), decided, gold)[main]
   gold = np.array([names.index(str(r["label"])) for r in predictions])
-  decided = thresholds_lib.cross_fitted_decisions(probs[:, 1:2], (gold == 1)[:, None])[:, 0]
-  return metrics_lib.compute_metrics((main,), decided.astype(np.int64), gold)[main]
+  return metrics_lib.compute_metrics((main,), thresholds_lib.cross_fitted_binary(probs, gold),
+                                     gold)[main]
 
 
 def run_recipe(name: str, root: str) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def run_recipe(name: str, root: str) -> dict[str, Any]:
   load = sampler.stop()
   # The last checkpoint (the run chooses none) on the validation rows: eval/predictions.jsonl.
   _cli("eval", f"--workdir={workdir}", "--step=latest", log_path=log_path)
-  config = json.load(open(os.path.join(workdir, "config.json")))
+  config = saved_config.load_saved(workdir)
   final = [r for r in _jsonl(os.path.join(workdir, "metrics.jsonl"))
            if "baseline/" + recipe.main in r][-1]
   train_log = _jsonl(os.path.join(workdir, "train_log.jsonl"))
@@ -156,7 +157,7 @@ def run_recipe(name: str, root: str) -> dict[str, Any]:
                           else baseline[recipe.main]),
       "dev_tuned": final.get(tuned_key), "baseline_dev_tuned": baseline.get(tuned_key),
       "train_minutes": seconds / 60, "examples_per_sec": float(np.median(speeds)),
-      "epochs": config["num_train_epochs"], "batch_size": config["batch_size"],
+      "epochs": config.num_train_epochs, "batch_size": config.batch_size,
       "load_before": load_before, "load_mean": load["mean"], "load_max": load["max"],
       "machine": f"{os.cpu_count()} cores, {_cpu_name()}, {platform.system()}",
       "date": datetime.date.today().isoformat(),

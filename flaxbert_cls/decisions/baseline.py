@@ -118,11 +118,8 @@ def fit_and_score(train: readers.Examples, validation: readers.Examples, task: t
     out.update({f"{k}_tuned": v for k, v in
                 metrics_lib.compute_metrics(names, tuned, y_eval).items()})
     # As multi-label: each half cut at the threshold tuned on the other, for unseen rows.
-    positive = np.asarray(y_eval) == tuning.POSITIVE
-    crossed = thresholds_lib.cross_fitted_decisions(
-        probabilities[:, tuning.POSITIVE:tuning.POSITIVE + 1], positive[:, None])[:, 0]
-    out["f1_cross_fitted"] = metrics_lib.compute_metrics(
-        ("f1",), np.where(crossed, tuning.POSITIVE, 1 - tuning.POSITIVE), y_eval)["f1"]
+    crossed = thresholds_lib.cross_fitted_binary(probabilities, y_eval, tuning.POSITIVE)
+    out["f1_cross_fitted"] = metrics_lib.compute_metrics(("f1",), crossed, y_eval)["f1"]
   return out
 
 
