@@ -42,7 +42,7 @@ test-fast: install-test  # without the tests marked slow (end-to-end runs on rea
 bench: install-test
 	$(BIN)/python tools/bench.py
 
-recipes: install  # every recipe against its baseline on unseen rows -> docs/results.md (~1 h)
+recipes: install  # every recipe against its baseline on unseen rows -> docs/results.md (~1.5 h)
 	$(BIN)/python benchmarks/recipes.py --recipe=all
 
 clean:

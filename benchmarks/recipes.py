@@ -1,7 +1,10 @@
 """The recipes' results table: train a recipe, score it and its baseline on rows it never chose
 anything on, and write its row to docs/results.md (and the README's summary of it).
 
-  python benchmarks/recipes.py --recipe=goemotions|sms_spam|sst2|all [--root=workdirs/recipes]
+  python benchmarks/recipes.py --recipe=NAME|all [--root=workdirs/recipes]
+  python benchmarks/recipes.py --render   # the pages again from docs/results.md's rows
+
+NAME: goemotions, sms_spam, newsgroups, newsgroups_windows or sst2 (RECIPES).
 
 Each recipe trains from scratch (`--config.resume=False`) in `ROOT/NAME`, one at a time, while
 a thread samples the load average every 10 s: a figure trained at a mean load over
@@ -67,12 +70,27 @@ class Recipe:
   prepare: Any = None
 
 
+def _newsgroups_split() -> None:
+  """A stratified 10% of 20 Newsgroups bydate train held out, seed 0 (configs/newsgroups.py)."""
+  out = os.path.join(REPO, "workdirs", "data", "newsgroups")
+  if not os.path.isfile(os.path.join(out, "heldout.jsonl")):
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "newsgroups_split.py"),
+                    "--heldout=0.1", f"--out_dir={out}"], check=True)
+
+
 RECIPES = {
     "goemotions": Recipe("configs/goemotions.py", "f1_macro",
                          "GoEmotions train 43,410 → dev 5,426 (28 labels, multi-label)"),
     "sms_spam": Recipe("configs/sms_spam.py", "f1",
                        "SMS spam, de-duplicated: train 4,136 → held-out 1,035 (131 spam)",
                        prepare=_sms_split),
+    "newsgroups": Recipe("configs/newsgroups.py", "accuracy",
+                         "20 Newsgroups bydate train: 10,182 posts → held-out 1,132 (20 groups), "
+                         "the first 128 tokens of each post", prepare=_newsgroups_split),
+    "newsgroups_windows": Recipe("configs/newsgroups.py", "accuracy",
+                                 "20 Newsgroups as above, 4 windows of 128 tokens per post (one "
+                                 "sampled per post per step in training)",
+                                 ("--config.long_document=windows",), prepare=_newsgroups_split),
     "sst2": Recipe("configs/demo.py", "accuracy",
                    "SST-2 sample 8,000 → SST-2 dev 872 (`make demo`)"),
 }
@@ -122,6 +140,17 @@ def _cross_fitted(predictions: list[dict[str, Any]], main: str) -> float:
                                      gold)[main]
 
 
+def _blend(workdir: str, main: str) -> dict[str, Any]:
+  """The run + baseline blend as `eval` scored it (decisions/blend.py: its weight chosen on
+  all the validation rows, and cross-fitted); {} for runs without one (multi-label)."""
+  metrics = json.load(open(os.path.join(workdir, "eval", "eval.json")))["metrics"]
+  if f"blend/{main}" not in metrics:
+    return {}
+  return {"blend_unseen": metrics[f"blend/{main}"],
+          "blend_dev_tuned": metrics[f"blend/{main}_tuned"],
+          "blend_weight": metrics["blend/weight"]}
+
+
 def run_recipe(name: str, root: str) -> dict[str, Any]:
   recipe = RECIPES[name]
   if recipe.prepare:
@@ -161,6 +190,7 @@ def run_recipe(name: str, root: str) -> dict[str, Any]:
       "load_before": load_before, "load_mean": load["mean"], "load_max": load["max"],
       "machine": f"{os.cpu_count()} cores, {_cpu_name()}, {platform.system()}",
       "date": datetime.date.today().isoformat(),
+      **_blend(workdir, recipe.main),
   }
   json.dump(row, open(os.path.join(workdir, "recipe_result.json"), "w"), indent=2)
   return row
@@ -181,16 +211,23 @@ def _f(value: float | None) -> str:
 
 
 COLUMNS = ("recipe", "rows", "metric", "fine-tune, unseen", "baseline, unseen", "gap",
+           "blend with the baseline, unseen (dev-tuned; run's weight)",
            "fine-tune, dev-tuned (optimistic)", "baseline, dev-tuned", "training",
            "examples/s", "load mean / max", "machine, date")
+
+
+def _recipe(r: dict[str, Any]) -> str:
+  return " ".join([f"`{r['config']}`", *(f"`{o}`" for o in r.get("overrides", []))])
 
 
 def table_row(r: dict[str, Any]) -> str:
   quiet = "" if r["load_mean"] <= QUIET_LOAD else " (loaded: not a timing)"
   return "| " + " | ".join([
-      f"`{r['config']}`", r["rows"], f"{r['main_metric']} ({r['unseen_how']})",
+      _recipe(r), r["rows"], f"{r['main_metric']} ({r['unseen_how']})",
       f"**{_f(r['unseen'])}**", _f(r["baseline_unseen"]),
       f"{r['unseen'] - r['baseline_unseen']:+.4f}",
+      (f"{_f(r['blend_unseen'])} ({_f(r['blend_dev_tuned'])}; w={r['blend_weight']:.2f})"
+       if "blend_unseen" in r else "—"),
       _f(r["dev_tuned"]), _f(r["baseline_dev_tuned"]),
       f"{r['train_minutes']:.1f} min, {r['epochs']:g} epochs of batch {r['batch_size']}",
       f"{r['examples_per_sec']:.0f}", f"{r['load_mean']:.2f} / {r['load_max']:.2f}{quiet}",
@@ -219,7 +256,10 @@ def write(rows: dict[str, dict[str, Any]]) -> None:
       "and scored on the same rows. **Unseen** is the estimate for new rows: thresholds",
       "cross-fitted (each half of the rows cut at the thresholds tuned on the other half) where",
       "the recipe tunes them, else the plain figure of a run that chose nothing on these rows.",
-      "**Dev-tuned** tunes and scores on the same rows: optimistic. Training time is the `train`",
+      "**Dev-tuned** tunes and scores on the same rows: optimistic. **Blend**: the run's and the",
+      "baseline's class probabilities averaged with the run's weight w (`decisions/blend.py`),",
+      "w chosen on one half of the rows and scored on the other (single-label runs).",
+      "Training time is the `train`",
       "command's wall time (tokenizing, compiling, the baseline's thread and the final eval",
       "included) on the machine named, at the load average sampled every 10 s while it ran.",
       "",
@@ -235,11 +275,12 @@ def write(rows: dict[str, dict[str, Any]]) -> None:
     f.write(page)
   summary = "\n".join([
       BEGIN,
-      "| recipe | rows | fine-tune on unseen rows | TF-IDF baseline, same rows | training (2-core CPU) |",
-      "|---|---|---|---|---|",
-      *(f"| `{r['config']}` | {r['rows']} | {r['main_metric']} **{_f(r['unseen'])}** | "
+      "| recipe | rows | fine-tune on unseen rows | TF-IDF baseline, same rows | "
+      "fine-tune + baseline blend | training (2-core CPU) |",
+      "|---|---|---|---|---|---|",
+      *(f"| {_recipe(r)} | {r['rows']} | {r['main_metric']} **{_f(r['unseen'])}** | "
         f"{_f(r['baseline_unseen'])} ({r['unseen'] - r['baseline_unseen']:+.4f}) | "
-        f"{r['train_minutes']:.0f} min |" for r in ordered),
+        f"{_f(r.get('blend_unseen'))} | {r['train_minutes']:.0f} min |" for r in ordered),
       END])
   readme = open(README).read()
   if BEGIN in readme:
@@ -251,11 +292,18 @@ def write(rows: dict[str, dict[str, Any]]) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--recipe", required=True, choices=[*RECIPES, "all"])
+  parser.add_argument("--recipe", choices=[*RECIPES, "all"])
   parser.add_argument("--root", default=os.path.join(REPO, "workdirs", "recipes"))
+  parser.add_argument("--render", action="store_true",
+                      help="rewrite the pages from the rows docs/results.md holds; no training")
   args = parser.parse_args()
-  names = list(RECIPES) if args.recipe == "all" else [args.recipe]
   rows = _rows_from(RESULTS)
+  if args.render:
+    write(rows)
+    return
+  if not args.recipe:
+    parser.error("--recipe is required (or --render)")
+  names = list(RECIPES) if args.recipe == "all" else [args.recipe]
   for name in names:
     row = run_recipe(name, args.root)
     rows[name] = row

@@ -84,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
   # single-label; True on a binary single-label task tunes P(label id 1)'s threshold.
   c.tune_thresholds = ml_collections.FieldReference(None, field_type=bool)
   c.thresholds_file = ""  # a JSON list of thresholds (label order) used instead of tuning
+  # Single-label: decide by w * P(run) + (1 - w) * P(TF-IDF baseline), w chosen on validation
+  # (docs/decisions.md); predict and export carry the baseline with the run.
+  c.blend_baseline = False
   c.max_seq_length = 128
   # Batches are padded to the smallest bucket that fits (bounded compiled shapes).
   c.seq_buckets = (32, 64, 128, 256, 512)
@@ -101,6 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.window_stride = 64  # windows: tokens between window starts, in [1, max_seq_length - 2]
   c.max_windows = 8  # windows: at most this many per document (the rest is cut)
   c.window_pooling = "mean"  # windows: 'mean' or 'max' of the windows' logits
+  # windows: > 0 trains each document on this many of its windows, drawn anew at each step
+  # (a cheaper epoch); eval and predict read all of them. 0 = train on all.
+  c.train_windows = 0
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
   # XLA's persistent compilation cache: a second start of the same config skips compiling.
   c.compilation_cache_dir = "~/.cache/flaxbert_cls/xla"  # '' = off
@@ -167,7 +173,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Experiment trackers (training/tracking.py, docs/report.md): process 0 also
   # logs there; metrics.jsonl stays the record. ('none',) = TensorBoard off too.
-  c.report_to = ("tensorboard",)  # any of 'tensorboard', 'mlflow' ('wandb': not built yet)
+  c.report_to = ("tensorboard",)  # any of 'tensorboard', 'mlflow'; ('none',) for none
   c.mlflow_tracking_uri = ""  # '' = $MLFLOW_TRACKING_URI, else MLflow's default (a local store)
   c.tracker_experiment = ""  # the MLflow experiment; '' = the task name
   # Baseline (decisions/baseline.py): TF-IDF + logistic regression on the same training
@@ -211,6 +217,7 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(config.learning_rate > 0, "learning_rate", "must be > 0")
   check(config.num_train_steps > 0 or config.num_train_epochs > 0, "num_train_epochs",
         "must be > 0 (or set num_train_steps > 0)")
+  check(config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"use one of {LR_SCHEDULES}")
   check(0 <= config.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
   check(config.weight_decay >= 0, "weight_decay", "must be >= 0")
   check(config.dtype != "float16", "dtype", "float16 needs loss scaling, which this trainer "
@@ -251,6 +258,11 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
         "use True, False or None (None: tune for multi-label only)")
   check(not (config.thresholds_file and config.tune_thresholds),
         "thresholds_file", "and tune_thresholds=True both set the thresholds; choose one")
+  check(not config.blend_baseline or config.baseline == "tfidf", "blend_baseline",
+        "needs baseline='tfidf' (the baseline it blends with)")
+  check(not (config.blend_baseline and (config.tune_thresholds or config.thresholds_file)),
+        "blend_baseline", "and a threshold (tune_thresholds / thresholds_file) both decide; "
+        "choose one")
   _validate_trackers(config)
   baseline_error = baseline_lib.check_config(config)
   if baseline_error:
@@ -275,13 +287,17 @@ def mesh_request(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tu
   return axes, shape
 
 
-TRACKERS = {"tensorboard": None, "mlflow": "mlflow", "wandb": "wandb"}  # name: its package
+TRACKERS = {"tensorboard": None, "mlflow": "mlflow"}  # name: its package
+LR_SCHEDULES = ("linear", "cosine", "constant")
 
 
 def _validate_trackers(config: ml_collections.ConfigDict) -> None:
   """Known names whose package is installed (found, not imported: mlflow loads slowly)."""
   names = tuple(config.report_to)
   for name in () if names == ("none",) else names:
+    if name == "wandb":
+      raise UserError(f"config.report_to={names!r}: the W&B writer is not built yet; use "
+                      "'mlflow' (and 'tensorboard')")
     if name not in TRACKERS or (TRACKERS[name] and not importlib.util.find_spec(TRACKERS[name])):
       why = (f"{name} is not installed; pip install 'flaxbert-cls[{name}]'" if name in TRACKERS
              else f"unknown tracker {name!r}; use any of {tuple(TRACKERS)}, or ('none',)")

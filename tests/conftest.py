@@ -28,6 +28,31 @@ def glue_dir() -> str:
   return path
 
 
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory) -> str:
+  """A directory holding the packaged MiniLM's tokenizer files alone."""
+  from model_fixtures import minilm_dir  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.mktemp("tokenizer"))
+  for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    shutil.copy(os.path.join(minilm_dir(), name), directory)
+  return directory
+
+
+@pytest.fixture
+def ram_filesystem(monkeypatch):
+  """TensorFlow's in-memory `ram://` file system as an etils.epath scheme (like gs://)."""
+  tf = pytest.importorskip("tensorflow")
+  from etils.epath import backend, gpath, register  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  monkeypatch.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
+  monkeypatch.setattr(gpath, "_URI_PREFIXES", gpath._URI_PREFIXES + ("ram://",))
+  monkeypatch.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "ram", backend.tf_backend)
+  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
+  return tf
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
   """`flaxbert-cls ARGS` in this process as a user runs it (bad input: one line, exit 2):
   (exit status, stdout, stderr)."""

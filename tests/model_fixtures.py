@@ -1,4 +1,5 @@
-"""Checkpoints for tests: the packaged pre-trained MiniLM and a tiny random BERT."""
+"""Checkpoints for tests (the packaged pre-trained MiniLM, a tiny random BERT) and the small
+demo-data run config most training tests start from."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from flaxbert_cls.config import default_config
 from flaxbert_cls.model import hf
 from flaxbert_cls.model import bert as model_lib
 
@@ -46,3 +48,24 @@ def make_tiny_checkpoint(directory: str, hidden: int = 32, layers: int = 2, head
   params = jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
   save_file(hf.state_dict_from_params(params), os.path.join(directory, hf.SAFETENSORS_NAME))
   return directory
+
+
+def small_config(checkpoint: str, **overrides):
+  """SST-2 demo data, 10 steps of 32 at seq 64, no baseline: a run of seconds."""
+  c = default_config()
+  c.model_name_or_path = checkpoint
+  c.task_name = "sst2"
+  c.train_file = os.path.join(DEMO_DATA, "train.tsv")
+  c.validation_file = os.path.join(DEMO_DATA, "dev.tsv")
+  c.max_seq_length = 64
+  c.seq_buckets = (32, 64)
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.learning_rate = 1e-3
+  c.num_train_steps = 10
+  c.warmup_steps = 2
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 1000
+  c.baseline = "none"  # its fit costs CPU in every run; tests/test_baseline.py turns it on
+  c.update(overrides)
+  return c

@@ -4,6 +4,7 @@ wide dropout indices, and a CLI that runs without TensorFlow.
 Tolerances are relative to the magnitude of what they compare (tests/numerics.py).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -70,7 +71,9 @@ def test_every_attention_impl_trains_evaluates_and_predicts(tiny_checkpoint, tmp
            attention_impl=attention_impl, attention_dropout=attention_dropout)
   result = train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
   assert np.isfinite([loss for _, loss in result["train_log"]]).all()
-  assert 0 <= result["eval"]["accuracy"] <= 1
+  rows = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
+  assert result["eval"]["accuracy"] == pytest.approx(
+      np.mean([r["prediction"] == r["label"] for r in rows]), abs=1e-12)
   again = evaluate.evaluate_workdir(str(tmp_path))
   assert again["accuracy"] == result["eval"]["accuracy"]
   predictor = predict.Predictor.from_path(str(tmp_path))

@@ -104,6 +104,8 @@ def _cases(tmp, checkpoint):
       ("batch not divisible by data shards", dict(batch_size=12),
        r"config.batch_size=12 is not divisible by the 8 data shards"),
       ("bad value type", dict(batch_size="abc"), r"--config.batch_size=abc"),
+      ("unknown learning-rate schedule", dict(lr_schedule="step"),
+       r"config.lr_schedule='step': use one of \('linear', 'cosine', 'constant'\)"),
       ("unknown CPU scheduler", dict(cpu_scheduler="fast"),
        r"config.cpu_scheduler='fast': use 'memory' or 'concurrency'"),
       ("float16 without loss scaling", dict(dtype="float16"),

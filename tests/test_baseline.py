@@ -13,12 +13,13 @@ from flaxbert_cls.config import validate
 from flaxbert_cls.data import readers
 from flaxbert_cls.data import tasks as tasks_lib
 from flaxbert_cls.decisions import baseline
+from flaxbert_cls.decisions import blend
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.report import page
 from flaxbert_cls.training import evaluate
 from flaxbert_cls.training import train
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint
-from test_train import small_config
+from model_fixtures import small_config
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,9 @@ def tiny_checkpoint(tmp_path_factory):
   return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
 
 
-def _sklearn_accuracy(rows: np.ndarray) -> float:
-  """TF-IDF + logistic regression written out with scikit-learn alone, on the demo data."""
+def _sklearn_fit(rows: np.ndarray) -> tuple[float, np.ndarray]:
+  """TF-IDF + logistic regression written out with scikit-learn alone, on the demo data:
+  its dev accuracy and dev probabilities."""
   def read(name):
     lines = open(os.path.join(DEMO_DATA, name)).read().splitlines()[1:]
     texts, labels = zip(*(line.rsplit("\t", 1) for line in lines))
@@ -39,7 +41,8 @@ def _sklearn_accuracy(rows: np.ndarray) -> float:
   x = vectorizer.fit_transform([train_texts[i] for i in rows])
   model = linear_model.LogisticRegression(C=4.0, max_iter=1000, random_state=42)
   model.fit(x, train_labels[rows])
-  return float(skm.accuracy_score(dev_labels, model.predict(vectorizer.transform(dev_texts))))
+  probabilities = model.predict_proba(vectorizer.transform(dev_texts))
+  return float(skm.accuracy_score(dev_labels, probabilities.argmax(-1))), probabilities
 
 
 def test_run_shows_its_baseline_in_log_metrics_eval_and_report(tiny_checkpoint, tmp_path,
@@ -50,7 +53,7 @@ def test_run_shows_its_baseline_in_log_metrics_eval_and_report(tiny_checkpoint, 
   with caplog.at_level(logging.INFO):
     result = train.train_and_evaluate(config, workdir)
   # Capped: 6,000 of the demo's 8,000 rows, drawn with the run's seed (and the log says so).
-  expected = _sklearn_accuracy(baseline.sample_rows(8000, 6000, 42))
+  expected, probabilities = _sklearn_fit(baseline.sample_rows(8000, 6000, 42))
   assert "on 6000 training rows (sampled from 8000 with seed 42" in caplog.text
   assert result["eval"]["baseline/accuracy"] == pytest.approx(expected, rel=1e-9)
   record = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))][-1]
@@ -60,14 +63,32 @@ def test_run_shows_its_baseline_in_log_metrics_eval_and_report(tiny_checkpoint, 
   assert f"baseline/accuracy {expected:.4f}" in eval_line
   saved = json.load(open(os.path.join(workdir, baseline.BASELINE_FILE)))
   assert saved["metrics"]["accuracy"] == record["baseline/accuracy"]
+  # Its dev probabilities are kept for a blend with the run's (decisions/blend.py).
+  np.testing.assert_allclose(baseline.validation_probabilities(workdir, 872), probabilities,
+                             rtol=1e-5, atol=1e-6)
+  assert baseline.validation_probabilities(workdir, 871) is None  # other rows: none
+  # And the fitted pipeline itself, for new texts.
+  dev_texts = [line.rsplit("\t", 1)[0] for line in
+               open(os.path.join(DEMO_DATA, "dev.tsv")).read().splitlines()[1:]]
+  np.testing.assert_allclose(
+      baseline.model_probabilities(baseline.load_model(workdir), [(t,) for t in dev_texts], 2),
+      probabilities, rtol=1e-5, atol=1e-6)
 
   # eval reads the saved scores (no refit); the report shows them in a row above the run's.
   results = evaluate.evaluate_workdir(workdir)
   assert results["baseline/accuracy"] == record["baseline/accuracy"]
+  # And the blend with the run: its grid holds w = 0 (the baseline) and 1 (the run), so the
+  # weight chosen on these rows scores at least as well as either there.
+  assert results["blend/weight"] in blend.WEIGHTS
+  assert results["blend/accuracy_tuned"] >= max(results["accuracy"], results["baseline/accuracy"])
+  assert "blend/accuracy" in results
   html = open(page.write_report(workdir)).read()
   row = html[html.index('id="task-sst2-baseline"'):]
   assert row.index("TF-IDF") < row.index("this run, step 3")
   assert f"{expected:.4f}" in row[:row.index("</table>")]
+  blended = row[row.index("blended (w="):row.index("</table>")]
+  assert f"w={results['blend/weight']:.2f}" in blended
+  assert f"{results['blend/accuracy']:.4f}" in blended
 
   # A resumed run reuses baseline.json: the same scores, said in the log, no refit.
   caplog.clear()

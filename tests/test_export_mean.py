@@ -21,8 +21,7 @@ from flaxbert_cls.serving import predict
 from flaxbert_cls.serving import remote_code
 from flaxbert_cls.training import train
 import export_fixtures
-import test_families
-from test_families import tokenizer_files  # noqa: F401  pylint: disable=unused-import  (a fixture)
+import family_fixtures
 from model_fixtures import DEMO_DATA
 from numerics import assert_close
 
@@ -86,13 +85,13 @@ def test_mean_export_loads_with_remote_code_and_matches_predict(mean_run):
   with torch.no_grad():
     torch_logits = model.eval()(**enc).logits.numpy()
   want = predict.Predictor.from_path(workdir)
-  flax_logits = want.logits(want._tokenize([(t,) for t in short]))  # pylint: disable=protected-access
+  flax_logits = want.logits(want._tokenize([(t,) for t in short]))
   assert flax_logits.std() > 0.02  # a head that tells inputs apart
   assert_close(torch_logits, flax_logits, 1e-4)
   # Whole documents, several windows each, scored by the shipped function.
   long_texts = [t for t in texts if len(tokenizer(t)["input_ids"]) > 2 * MAX_LEN][:6]
   assert len(long_texts) >= 3
-  flax_docs = want.logits(want._tokenize([(t,) for t in long_texts]))  # pylint: disable=protected-access
+  flax_docs = want.logits(want._tokenize([(t,) for t in long_texts]))
   scored = np.stack([model.score_document(tokenizer, t).numpy() for t in long_texts])
   assert_close(scored, flax_docs, 1e-4)
   # What a user does beside the directory: import the file, probabilities after temperature.
@@ -111,9 +110,9 @@ def test_mean_export_predicts_as_the_workdir(mean_run):
   workdir, exported, texts = mean_run
   from_export = predict.Predictor.from_path(exported)
   assert from_export.model.config.pooling == "mean" and from_export.window_pooling == "max"
-  a = from_export.logits(from_export._tokenize([(t,) for t in texts]))  # pylint: disable=protected-access
+  a = from_export.logits(from_export._tokenize([(t,) for t in texts]))
   w = predict.Predictor.from_path(workdir)
-  assert_close(a, w.logits(w._tokenize([(t,) for t in texts])), 1e-5)  # pylint: disable=protected-access
+  assert_close(a, w.logits(w._tokenize([(t,) for t in texts])), 1e-5)
 
 
 def test_mean_export_without_trust_remote_code_fails_loudly(mean_run):
@@ -170,24 +169,24 @@ def test_float_onnx_is_predict_with_the_temperature(mean_run, tmp_path):
   for batch in (texts[:3], texts[5:16]):  # two batch sizes and lengths: dynamic axes
     enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="np")
     logits = session.run(None, {k: v.astype(np.int64) for k, v in enc.items()})[0]
-    want = rows.logits(rows._tokenize([(t,) for t in batch]))  # pylint: disable=protected-access
+    want = rows.logits(rows._tokenize([(t,) for t in batch]))
     assert_close(logits, want / temperature, 1e-4)
   # --quantize=int8 beside it still serves the mean-pooled model (raw logits, int8 weights).
   int8 = predict.Predictor.from_path(out, quantize="int8")
   int8.layout = tokenization.TRUNCATE
-  split = rows._tokenize([(t,) for t in texts])  # pylint: disable=protected-access
+  split = rows._tokenize([(t,) for t in texts])
   float_margin = np.diff(rows.logits(split), axis=-1)[:, 0]
   int8_margin = np.diff(int8.logits(split), axis=-1)[:, 0]
   assert np.corrcoef(float_margin, int8_margin)[0, 1] > 0.9
 
 
-@pytest.mark.parametrize("model_type", list(test_families.FAMILIES))
+@pytest.mark.parametrize("model_type", list(family_fixtures.FAMILIES))
 def test_every_family_exports_mean_pooled_with_equal_logits(model_type, tokenizer_files, tmp_path):
   """A random mean-pooled model of each family: Flax logits == the exported class's in PyTorch."""
-  test_families._checkpoint(model_type, str(tmp_path / "ckpt"), tokenizer_files)  # pylint: disable=protected-access
+  family_fixtures.hf_checkpoint(model_type, str(tmp_path / "ckpt"), tokenizer_files)
   hf_config = hf.load_config(str(tmp_path / "ckpt"))
   module = model_lib.BertForSequenceClassification(hf.model_config(hf_config, pooling="mean"),
-                                                   len(test_families.LABELS))
+                                                   len(family_fixtures.LABELS))
   dummy = np.ones((1, 8), np.int32)
   shapes = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), dummy, dummy, dummy)))
   params, new, _ = hf.params_from_state_dict(hf.load_state_dict(str(tmp_path / "ckpt")),
@@ -198,16 +197,16 @@ def test_every_family_exports_mean_pooled_with_equal_logits(model_type, tokenize
                         rng.normal(0, 0.2, x.shape).astype(np.float32), params)
   tokenizer = hf.load_tokenizer(str(tmp_path / "ckpt"))
   out = export.save_hf_model(str(tmp_path / "exported"), params, hf_config, tokenizer,
-                             test_families.LABELS, pooling="mean")
+                             family_fixtures.LABELS, pooling="mean")
   model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
       out, trust_remote_code=True, output_loading_info=True)
   assert isinstance(model, getattr(transformers, hf.FAMILIES[model_type].architecture))
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-  enc = test_families._inputs(tokenizer, hf_config)  # pylint: disable=protected-access
+  enc = family_fixtures.hf_inputs(tokenizer, hf_config)
   flax_logits = np.asarray(jax.jit(module.apply)({"params": params}, enc["input_ids"],
                                                  enc["attention_mask"], enc["token_type_ids"]))
   with torch.no_grad():
-    torch_logits = model.eval()(**test_families._torch_kwargs(enc, model_type)).logits.numpy()  # pylint: disable=protected-access
+    torch_logits = model.eval()(**family_fixtures.torch_kwargs(enc, model_type)).logits.numpy()
   assert_close(torch_logits, flax_logits, 1e-4)
   # Read back without running its code: the family's config with pooling='mean'.
   again = hf.load_config(out)

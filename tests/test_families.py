@@ -6,9 +6,6 @@ and exported, must give PyTorch's AutoModelForSequenceClassification the same
 logits. The MiniLM BERT tokenizer serves every family: only token ids matter.
 """
 
-import os
-import shutil
-
 import flax.linen as nn
 import jax
 import numpy as np
@@ -18,70 +15,10 @@ from flaxbert_cls.serving import export
 from flaxbert_cls.model import hf
 from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.errors import UserError
-from model_fixtures import minilm_dir
+from family_fixtures import FAMILIES, LABELS, hf_checkpoint, hf_inputs, torch_kwargs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-_SIZES = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-FAMILIES = {
-    "bert": lambda: transformers.BertConfig(hidden_size=32, max_position_embeddings=64, **_SIZES),
-    # RoBERTa as published: one token type, pad id 1, positions from pad id + 1.
-    "roberta": lambda: transformers.RobertaConfig(
-        hidden_size=32, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
-        layer_norm_eps=1e-5, **_SIZES),
-    "xlm-roberta": lambda: transformers.XLMRobertaConfig(
-        hidden_size=32, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
-        layer_norm_eps=1e-5, **_SIZES),
-    "distilbert": lambda: transformers.DistilBertConfig(
-        dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
-        activation="gelu", dropout=0.0, attention_dropout=0.0),
-    # embedding_size < hidden_size: exercises electra.embeddings_project.
-    "electra": lambda: transformers.ElectraConfig(embedding_size=16, hidden_size=32,
-                                                  max_position_embeddings=64, **_SIZES),
-}
-LABELS = ("neg", "neutral", "pos")
-FIRST = ["a gripping , beautifully shot film .", "dull", "it 's not bad at all , really"]
-SECOND = ["is the film good ?", "was it fun for the whole family ?", "yes"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_files(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp("tokenizer"))
-  for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-    shutil.copy(os.path.join(minilm_dir(), name), directory)
-  return directory
-
-
-def _checkpoint(model_type, directory, tokenizer_files):
-  """A random-init bare encoder saved by transformers (safetensors), with the tokenizer."""
-  config = FAMILIES[model_type]()
-  config.vocab_size = 30522  # the MiniLM tokenizer's
-  torch.manual_seed(0)
-  base = transformers.AutoModel.from_config(config).eval()
-  base.save_pretrained(directory)
-  for name in os.listdir(tokenizer_files):
-    shutil.copy(os.path.join(tokenizer_files, name), directory)
-  return base
-
-
-def _inputs(tokenizer, hf_config):
-  """Padded sentence pairs (token types 0 and 1)."""
-  enc = dict(tokenizer(FIRST, SECOND, padding=True, return_tensors="np"))
-  # Pad with the model's own pad id, as its tokenizer would (RoBERTa: 1, not 0).
-  enc["input_ids"] = np.where(enc["attention_mask"] == 1, enc["input_ids"],
-                              hf_config.pad_token_id)
-  return enc
-
-
-def _torch_kwargs(enc, model_type):
-  if model_type == "distilbert":  # no token types at all
-    enc = {k: v for k, v in enc.items() if k != "token_type_ids"}
-  elif model_type in ("roberta", "xlm-roberta"):  # one token type: what HF's buffer gives
-    enc = dict(enc, token_type_ids=np.zeros_like(enc["input_ids"]))
-  return {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in enc.items()}
-
 
 def _load_flax(directory):
   """Our model from an HF directory; parameters it lacks (the head) are random."""
@@ -100,7 +37,7 @@ def _load_flax(directory):
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_family_encoder_and_export_match_pytorch(model_type, tokenizer_files, tmp_path):
-  base = _checkpoint(model_type, str(tmp_path / "ckpt"), tokenizer_files)
+  base = hf_checkpoint(model_type, str(tmp_path / "ckpt"), tokenizer_files)
   hf_config, cfg, module, params, new, unused = _load_flax(str(tmp_path / "ckpt"))
   assert hf_config.model_type == model_type
   # Only the head is new; only RoBERTa's pooler (unused by its classifier) is left over.
@@ -112,10 +49,10 @@ def test_family_encoder_and_export_match_pytorch(model_type, tokenizer_files, tm
   encoder = model_lib.BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert")
   encode = jax.jit(lambda ids, mask, types: encoder.apply({"params": params["bert"]}, ids, mask,
                                                           types)[0])
-  enc = _inputs(tokenizer, hf_config)
+  enc = hf_inputs(tokenizer, hf_config)
   hidden = encode(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
   with torch.no_grad():
-    expected = base(**_torch_kwargs(enc, model_type)).last_hidden_state.numpy()
+    expected = base(**torch_kwargs(enc, model_type)).last_hidden_state.numpy()
   real = enc["attention_mask"].astype(bool)
   assert not real.all()
   np.testing.assert_allclose(np.asarray(hidden)[real], expected[real], atol=1e-4, rtol=0)
@@ -136,7 +73,7 @@ def test_family_encoder_and_export_match_pytorch(model_type, tokenizer_files, tm
   flax_logits = np.asarray(jax.jit(module.apply)({"params": params}, enc["input_ids"],
                                                  enc["attention_mask"], enc["token_type_ids"]))
   with torch.no_grad():
-    torch_logits = model.eval()(**_torch_kwargs(enc, model_type)).logits.numpy()
+    torch_logits = model.eval()(**torch_kwargs(enc, model_type)).logits.numpy()
   assert np.abs(flax_logits).max() > 1e-3  # the head is not trivially zero
   np.testing.assert_allclose(flax_logits, torch_logits, atol=1e-4, rtol=0)
   # And back: the exported directory loads into Flax bit for bit, head included.

@@ -109,7 +109,7 @@ def test_sigterm_saves_exits_75_and_resumes_bit_exact(tiny_checkpoint, uninterru
 
 
 def _config(checkpoint, **overrides):
-  from test_train import small_config  # pylint: disable=g-import-not-at-top
+  from model_fixtures import small_config  # pylint: disable=g-import-not-at-top
   return small_config(checkpoint, **overrides)
 
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from flaxbert_cls.config import default_config
-from flaxbert_cls.data import class_weights
 from flaxbert_cls.decisions import metrics as metrics_lib
 from flaxbert_cls.training import checkpoints
-from flaxbert_cls.training import evaluate
+from flaxbert_cls.training import selection
 from flaxbert_cls.training import train
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint
 
@@ -21,7 +20,7 @@ SINGLE = "single_label_classification"
 def test_macro_f1_is_chosen_for_weighted_or_skewed_classes_only():
   balanced = np.array([0, 1] * 50)
   skewed = np.array([0] * 95 + [1] * 5)
-  pick = class_weights.selection_metric
+  pick = selection.selection_metric
   assert pick(SINGLE, "accuracy", False, False, balanced, 2) == ("accuracy", "")
   metric, why = pick(SINGLE, "accuracy", False, False, skewed, 2)
   assert metric == "f1_macro" and "skewed (smallest 5 rows, largest 95)" in why
@@ -49,7 +48,7 @@ def test_selection_by_macro_f1_keeps_the_step_that_finds_the_rare_class():
   assert scores[1]["accuracy"] > scores[2]["accuracy"]
   assert scores[2]["f1_macro"] > scores[1]["f1_macro"]
   for key, best_step in (("accuracy", 1), ("f1_macro", 2)):
-    bests = evaluate.Bests(key, patience=0)
+    bests = selection.Bests(key, patience=0)
     for step, metrics in scores.items():
       bests.update(step, [metrics])
     assert bests.best["step"] == best_step, key

@@ -184,11 +184,67 @@ def test_windows_train_on_document_logits_and_eval_predict_per_document(document
     np.testing.assert_array_equal(np.asarray(x), y)
 
 
+def _windows_of(batch, i):
+  """Document i's windows in a window batch, each as its tuple of token ids."""
+  return [tuple(ids[mask > 0]) for ids, mask, kept in
+          zip(batch["input_ids"][i], batch["attention_mask"][i], batch["window_mask"][i]) if kept]
+
+
+def test_sampled_windows_are_each_documents_own_drawn_by_seed_and_step(tokenizer, documents):
+  layout = tokenization.Layout("windows", window_stride=20, max_windows=4)
+  split = tokenization.tokenize(tokenizer, [(t,) for t, _ in documents], None, MAX_LEN, layout)
+  split = dataclasses.replace(split, labels=np.arange(len(documents)))  # label = document id
+  assert split.window_counts.max() == 4 and split.window_counts.min() == 1
+  order = data_lib.TrainOrder(split.document_lengths, 8, seed=0)
+
+  def batch(step, k, seed=0):
+    mixture = data_lib.TaskMixture([order], np.ones(1), seed)
+    return data_lib.train_batch([split], mixture, step, (MAX_LEN,), MAX_LEN,
+                                windows_per_document=k)
+
+  drawn = {}
+  for step in range(2 * order.steps_per_epoch):  # two epochs: every document twice
+    every, two = batch(step, 0), batch(step, 2)
+    np.testing.assert_array_equal(two["labels"], every["labels"])  # the same documents
+    np.testing.assert_array_equal(two["weights"], every["weights"])
+    assert two["input_ids"].shape[1] <= 2
+    for i, doc in enumerate(every["labels"]):
+      windows, kept = _windows_of(every, i), _windows_of(two, i)
+      assert len(kept) == min(2, split.window_counts[doc])
+      positions = [windows.index(w) for w in kept]
+      assert positions == sorted(positions)  # in reading order
+      drawn.setdefault(int(doc), []).append(tuple(positions))
+    again = batch(step, 2)
+    for key in two:
+      np.testing.assert_array_equal(again[key], two[key])  # pure in (seed, step)
+  long_docs = [d for d in drawn if split.window_counts[d] > 2]
+  assert long_docs and any(len(set(drawn[d])) > 1 for d in long_docs)  # drawn anew each epoch
+  other_seed = batch(0, 2, seed=1)
+  assert any(not np.array_equal(other_seed[k], batch(0, 2)[k]) for k in other_seed)
+
+
+def test_sampled_window_training_resumes_bit_exact(documents, tmp_path):
+  checkpoint = make_tiny_checkpoint(str(tmp_path / "tiny"))
+  train_file = _write_jsonl(tmp_path / "train.jsonl", documents[:32])
+  config = _config(checkpoint, train_file, _write_jsonl(tmp_path / "dev.jsonl", documents[32:]),
+                   train_windows=1, window_pooling="mean")
+  workdir = str(tmp_path / "run")
+  straight = train.train_and_evaluate(config, workdir)
+  assert np.all(np.isfinite([loss for _, loss in straight["train_log"]]))
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+  resumed = train.train_and_evaluate(config, workdir)
+  for x, y in zip(jax.tree.leaves(resumed["state"].params),
+                  jax.tree.leaves(straight["state"].params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_bad_long_document_settings_are_one_line(tokenizer):
   from flaxbert_cls import config as config_lib
   for overrides, key in ((dict(long_document="windows", window_stride=MAX_LEN), "window_stride"),
                          (dict(long_document="windows", window_stride=0), "window_stride"),
                          (dict(long_document="windows", window_stride=8, max_windows=0), "max_windows"),
+                         (dict(long_document="windows", window_stride=8, train_windows=-1),
+                          "train_windows"),
                          (dict(long_document="head_tail", head_tokens=MAX_LEN - 2), "head_tokens"),
                          (dict(long_document="chunks"), "long_document"),
                          (dict(long_document="windows", window_stride=8, window_pooling="sum"),

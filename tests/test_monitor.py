@@ -10,6 +10,7 @@ from scipy import stats
 
 from flaxbert_cls.model import hf
 from flaxbert_cls.serving import monitor
+from flaxbert_cls.serving import predict
 from flaxbert_cls.errors import UserError
 from conftest import call_cli
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint
@@ -103,7 +104,10 @@ def test_cli_stable_exits_0_and_shifted_exits_3(classifier, tmp_path, capsys):
   assert report["verdict"] == "stable" and report["drifted"] == []
   assert set(report["features"]) == {"predicted_label", "confidence", "entropy", "length",
                                      "unknown_rate"}
-  assert 0 <= report["sets"]["current"]["metrics"]["accuracy"] <= 1
+  predicted = [r["label"] for r in predict.Predictor.from_path(classifier).predict(
+      sentences[400:800])]
+  assert report["sets"]["current"]["metrics"]["accuracy"] == pytest.approx(
+      np.mean([p == y for p, y in zip(predicted, ["pos", "neg"] * 200)]), abs=1e-12)
   assert open(tmp_path / "stable" / monitor.FIGURE_NAME, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
   with pytest.raises(SystemExit) as e:

@@ -6,7 +6,6 @@ data sizes divide neither by the processes nor by the batches, and a timeout tur
 a hang into a failure.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -23,28 +22,10 @@ from flaxbert_cls.training import runs
 from flaxbert_cls.training import experiment
 from flaxbert_cls.training import train
 from conftest import free_port
-from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
+from model_fixtures import REPO
+from run_files import load_config, write_run_files
 
 TIMEOUT_S = 300  # a healthy run takes well under a minute
-
-# Runs the CLI unchanged; only captures train_and_evaluate's result (exact losses) as JSON.
-WORKER = textwrap.dedent("""
-    import json, sys
-    import jax
-    from flaxbert_cls import cli
-    from flaxbert_cls.training import train
-    out = sys.argv.pop(1)
-    run = train.train_and_evaluate
-    def capture(*args, **kwargs):
-      result = run(*args, **kwargs)
-      with open(out + f".{jax.process_index()}", "w") as f:
-        json.dump({"train_log": result["train_log"], "eval": result["eval"],
-                   "step": result["step"], "process_count": jax.process_count(),
-                   "devices": [jax.local_device_count(), jax.device_count()]}, f)
-      return result
-    train.train_and_evaluate = capture
-    cli.run()
-""")
 
 CONFIG = textwrap.dedent("""
     from flaxbert_cls.config import default_config
@@ -70,30 +51,6 @@ CONFIG = textwrap.dedent("""
       c.baseline = "none"  # process 0's alone: the processes' eval results would differ
       return c
 """)
-
-
-def _rows(path: str, n: int, out: str) -> str:
-  with open(path) as f:
-    lines = f.read().splitlines()
-  with open(out, "w") as f:
-    f.write("\n".join(lines[:n + 1]) + "\n")
-  return out
-
-
-def write_run_files(tmp, config_template: str, train_rows: int, dev_rows: int,
-                    **fields) -> dict[str, str]:
-  """A tiny checkpoint, the demo data's first rows, config.py (the template filled in) and
-  worker.py in `tmp`; returns their paths."""
-  files = {"checkpoint": make_tiny_checkpoint(str(tmp / "tiny")),
-           "train_file": _rows(os.path.join(DEMO_DATA, "train.tsv"), train_rows,
-                               str(tmp / "train.tsv")),
-           "dev_file": _rows(os.path.join(DEMO_DATA, "dev.tsv"), dev_rows, str(tmp / "dev.tsv")),
-           "config": str(tmp / "config.py")}
-  (tmp / "config.py").write_text(config_template.format(
-      checkpoint=files["checkpoint"], train_file=files["train_file"],
-      dev_file=files["dev_file"], **fields))
-  (tmp / "worker.py").write_text(WORKER)
-  return files
 
 
 @pytest.fixture(scope="module")
@@ -140,18 +97,11 @@ def _launch(config_file: str, workdir: str, out: str, num_processes: int,
   return results
 
 
-def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location("multihost_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def test_two_processes_match_one_process(config_file, tmp_path):
   two = _launch(config_file, str(tmp_path / "two"), str(tmp_path / "two.json"), 2, 4)
   # The reference: this (pytest) process, 8 devices.
   assert jax.process_count() == 1 and jax.device_count() == 8
-  one = train.train_and_evaluate(_load_config(config_file), str(tmp_path / "one"))
+  one = train.train_and_evaluate(load_config(config_file), str(tmp_path / "one"))
 
   assert [r["process_count"] for r in two] == [2, 2]
   assert two[0]["devices"] == [4, 8]

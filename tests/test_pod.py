@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 
 from flaxbert_cls.training import runs as runs_lib
+from flaxbert_cls.training import progress
 from flaxbert_cls.training import resume
 from flaxbert_cls.training import experiment
 from flaxbert_cls.training import train
 from flaxbert_cls.errors import PREEMPTED_EXIT_CODE, UserError
 from model_fixtures import REPO
 from conftest import free_port
-from test_multihost import _rows, write_run_files
+from run_files import head_rows, load_config, write_run_files
 
 DEADLINE_S = 150  # per 2-process run; a healthy one takes ~15 s
 STEPS = 12
@@ -184,8 +185,7 @@ def test_resume_false_starts_over_on_every_process_and_matches_the_interrupted_r
 
 
 def _config(setup, **overrides):
-  from test_multihost import _load_config  # pylint: disable=g-import-not-at-top
-  config = _load_config(setup["config"])
+  config = load_config(setup["config"])
   config.update(overrides)
   return config
 
@@ -194,7 +194,7 @@ def test_resume_refuses_another_batch_size_or_training_data(setup, runs, tmp_pat
   workdir = runs["workdir"]  # checkpoints of the 2-process runs above
   with pytest.raises(UserError, match=r"checkpoint was made with batch_size=8, this config has 16"):
     train.train_and_evaluate(_config(setup, batch_size=16), workdir)
-  other = _rows(setup["train_file"], 40, str(tmp_path / "train.tsv"))
+  other = head_rows(setup["train_file"], 40, str(tmp_path / "train.tsv"))
   with pytest.raises(UserError, match=r"checkpoint was trained on other data"):
     train.train_and_evaluate(_config(setup, train_file=other), workdir)
 
@@ -218,17 +218,28 @@ def test_checkpoints_without_batch_size_or_data_hash_still_resume():
 # Remote data, sharded checkpoints, meshes that fit the model: one process, no network.
 
 
-@pytest.fixture
-def ram_filesystem(monkeypatch):
-  """TensorFlow's in-memory `ram://` file system as an etils.epath scheme (like gs://)."""
-  tf = pytest.importorskip("tensorflow")
-  from etils.epath import backend, gpath, register  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
-  monkeypatch.setattr(gpath, "_URI_PREFIXES", gpath._URI_PREFIXES + ("ram://",))
-  monkeypatch.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
-  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "ram", backend.tf_backend)
-  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
-  return tf
+def test_tensorboard_scalars_reach_a_remote_workdir(ram_filesystem, tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_file_loader
+  from tensorboard.compat.proto import event_pb2
+
+  def remote_scalars():
+    [path] = ram_filesystem.io.gfile.glob("ram://tb_run/events.out.tfevents.*")
+    local = tmp_path / os.path.basename(path)
+    local.write_bytes(ram_filesystem.io.gfile.GFile(path, "rb").read())
+    events = [event_pb2.Event.FromString(record) for record in
+              event_file_loader.RawEventFileLoader(str(local)).Load()]
+    return [(e.step, v.tag, round(v.simple_value, 6)) for e in events for v in e.summary.value]
+
+  writer = progress.ScalarWriter("ram://tb_run")
+  writer.write_scalars(1, {"train_loss": 0.5})
+  writer.write_scalars(2, {"train_loss": 0.25, "eval_accuracy": 0.75})
+  writer.flush()
+  assert remote_scalars() == [(1, "train_loss", 0.5), (2, "train_loss", 0.25),
+                              (2, "eval_accuracy", 0.75)]
+  writer.write_scalars(3, {"train_loss": 0.125})
+  writer.flush()  # the whole file again: the remote copy grows with the local one
+  assert remote_scalars()[-1] == (3, "train_loss", 0.125)
 
 
 def test_glue_run_reads_a_remote_data_dir(setup, ram_filesystem, tmp_path):
@@ -238,8 +249,12 @@ def test_glue_run_reads_a_remote_data_dir(setup, ram_filesystem, tmp_path):
     ram_filesystem.io.gfile.copy(source, f"{data_dir}/SST-2/{name}", overwrite=True)
   config = _config(setup, train_file="", validation_file="", data_dir=data_dir,
                    num_train_steps=2, eval_every_steps=0, mesh_shape=(-1, 1, 1))
-  result = train.train_and_evaluate(config, str(tmp_path))
-  assert result["step"] == 2 and 0 <= result["eval"]["accuracy"] <= 1
+  result = train.train_and_evaluate(config, str(tmp_path / "remote"))
+  # The same rows as the local files: the same run, loss for loss.
+  local = train.train_and_evaluate(_config(setup, num_train_steps=2, eval_every_steps=0,
+                                           mesh_shape=(-1, 1, 1)), str(tmp_path / "local"))
+  assert result["step"] == 2 and result["train_log"] == local["train_log"]
+  assert result["eval"]["accuracy"] == local["eval"]["accuracy"]
   with pytest.raises(UserError, match="ram://nowhere/SST-2/train.tsv: file not found"):
     train.train_and_evaluate(_config(setup, train_file="", data_dir="ram://nowhere"),
                              str(tmp_path / "x"))
@@ -294,9 +309,8 @@ def test_fsdp_splits_only_tensors_above_the_minimum_size(setup):
 
 
 def test_pod_presets_train_bert_base_data_parallel():
-  from test_multihost import _load_config  # pylint: disable=g-import-not-at-top
   for name in ("bert_base_tpu_pod", "glue_all_pod"):
-    config = _load_config(os.path.join(REPO, "configs", f"{name}.py"))
+    config = load_config(os.path.join(REPO, "configs", f"{name}.py"))
     assert tuple(config.mesh_shape) == (-1, 1, 1), name
 
 

@@ -25,7 +25,6 @@ from flaxbert_cls.serving import pod_predict
 from flaxbert_cls.serving import predict
 from model_fixtures import DEMO_DATA, REPO, minilm_dir
 from conftest import free_port
-from test_pod import ram_filesystem  # pylint: disable=unused-import  (a fixture)
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

@@ -22,7 +22,7 @@ from flaxbert_cls.training import train
 from flaxbert_cls.errors import UserError
 from model_fixtures import make_tiny_checkpoint
 from numerics import assert_close
-from test_train import small_config
+from model_fixtures import small_config
 
 
 @pytest.fixture(scope="module")

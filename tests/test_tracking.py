@@ -22,7 +22,7 @@ from flaxbert_cls.training import tracking
 from flaxbert_cls.training import train
 from conftest import free_port
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
-from test_train import small_config
+from model_fixtures import small_config
 
 mlflow = pytest.importorskip("mlflow", reason="pip install -e '.[test]' (make test does)")
 from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
@@ -268,7 +268,7 @@ def test_bad_tracker_input_is_one_line_before_training(tmp_path, monkeypatch):
   monkeypatch.delenv("MLFLOW_TRACKING_URI")
   config.report_to = ("mlflow", "wandb")
   with pytest.raises(UserError, match=r"config.report_to=.*the W&B writer is not built yet"):
-    tracking.check(config)
+    config_lib.validate(config)
   # On the command line: one line, exit status 2, before any data is read.
   args, env = _cli("train", f"--config={REPO}/configs/default.py", f"--workdir={tmp_path}/w",
                    "--config.report_to=('mlflow','comet')",
@@ -277,4 +277,4 @@ def test_bad_tracker_input_is_one_line_before_training(tmp_path, monkeypatch):
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1] == (
       "flaxbert-cls: error: config.report_to=('mlflow', 'comet'): unknown tracker "
-      "'comet'; use any of ('tensorboard', 'mlflow', 'wandb'), or ('none',)")
+      "'comet'; use any of ('tensorboard', 'mlflow'), or ('none',)")

@@ -10,36 +10,17 @@ from flaxbert_cls.training import runs
 from flaxbert_cls.training import starts
 from flaxbert_cls.training import step as step_lib
 from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.data import sources as dataset_sources
 from flaxbert_cls.training import evaluate
 from flaxbert_cls.training import experiment
 from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
-from model_fixtures import DEMO_DATA, make_tiny_checkpoint, minilm_dir
+from model_fixtures import DEMO_DATA, make_tiny_checkpoint, minilm_dir, small_config
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
   return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
-
-
-def small_config(checkpoint, **overrides):
-  c = default_config()
-  c.model_name_or_path = checkpoint
-  c.task_name = "sst2"
-  c.train_file = os.path.join(DEMO_DATA, "train.tsv")
-  c.validation_file = os.path.join(DEMO_DATA, "dev.tsv")
-  c.max_seq_length = 64
-  c.seq_buckets = (32, 64)
-  c.batch_size = 32
-  c.eval_batch_size = 64
-  c.learning_rate = 1e-3
-  c.num_train_steps = 10
-  c.warmup_steps = 2
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 1000
-  c.baseline = "none"  # its fit costs CPU in every run; tests/test_baseline.py turns it on
-  c.update(overrides)
-  return c
 
 
 def test_one_device_and_eight_devices_train_the_same(tiny_checkpoint, tmp_path):
@@ -67,7 +48,8 @@ def test_eval_counts_every_example_once(tiny_checkpoint, tmp_path):
                         eval_batch_size=16)
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   exp, params = runs.load_run(str(tmp_path / "run"))
-  split = exp.tokenize(data_lib.read_split(exp.config, exp.task, "validation", exp.label_names))
+  split = exp.tokenize(dataset_sources.read_split(exp.tasks[0].source, exp.task, "validation",
+                                                 exp.label_names))
   assert len(split) == 101
   logits = []
   for i in range(len(split)):  # one unpadded example at a time, no sharding
@@ -92,7 +74,10 @@ def test_metrics_file_and_workdir_layout(tiny_checkpoint, tmp_path):
   train.train_and_evaluate(config, str(tmp_path))
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records] == [2, 4]
-  assert all(r["split"] == "validation" and 0 <= r["accuracy"] <= 1 for r in records)
+  # Scored on exactly the 872 dev rows (no padding row counted): k/872 for an integer k.
+  assert all(r["split"] == "validation" and
+             r["accuracy"] * 872 == pytest.approx(round(r["accuracy"] * 872), abs=1e-6)
+             for r in records)
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["num_train_steps"] == 4 and saved["model_name_or_path"] == tiny_checkpoint
   model_config = json.load(open(tmp_path / "model" / "config.json"))

@@ -14,7 +14,7 @@ from flaxbert_cls.training import optimizer as optim
 from flaxbert_cls.training import train
 from flaxbert_cls.config import default_config
 from model_fixtures import make_tiny_checkpoint
-from test_train import small_config
+from model_fixtures import small_config
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
   python tools/newsgroups_split.py [--heldout=0.15] [--train_subset=0] [--seed=0]
 
 Reads $FLAXBERT_DATA/20newsgroups/train.jsonl (11,314 posts) and writes
-workdirs/newsgroups/{train,heldout}.jsonl: a stratified split (each group keeps its
+workdirs/data/newsgroups/{train,heldout}.jsonl: a stratified split (each group keeps its
 share in both files), then optionally the first `train_subset` training posts of a
 seeded shuffle (a smaller, still near-balanced, training set for the CPU).
 """
@@ -18,7 +18,7 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-OUT_DIR = os.path.join(common.REPO, "workdirs", "newsgroups")
+OUT_DIR = os.path.join(common.REPO, "workdirs", "data", "newsgroups")
 
 
 def split(rows: list[dict], heldout: float, train_subset: int, seed: int

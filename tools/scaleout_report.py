@@ -40,6 +40,7 @@ import numpy as np
 
 from common import DEMO_DATA, short_run_config
 from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.data import sources as dataset_sources
 from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.model import hf
@@ -76,7 +77,7 @@ def _train_split(exp: experiment_lib.Experiment) -> data_lib.TokenizedSplit:
   key = (exp.config.train_file, exp.config.max_seq_length)
   if key not in _TRAIN_SPLITS:
     _TRAIN_SPLITS[key] = exp.tokenize(
-        data_lib.read_split(exp.config, exp.task, "train", exp.label_names))
+        dataset_sources.read_split(exp.tasks[0].source, exp.task, "train", exp.label_names))
   return _TRAIN_SPLITS[key]
 
 
@@ -125,8 +126,8 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
                       jax.tree_util.tree_flatten_with_path(
                           {"params": state.params, "opt_state": state.opt_state})[0]}}
   if evaluate:
-    eval_split = exp.tokenize(data_lib.read_split(config, exp.task, "validation",
-                                                  exp.label_names))
+    eval_split = exp.tokenize(dataset_sources.read_split(
+        experiment_lib.source_of(config), exp.task, "validation", exp.label_names))
     jit_eval = evaluate_lib.jit_eval_step(exp.model, shardings.params, exp.batch_sharding)
     result["eval"], _ = evaluate_lib.evaluate(exp, state.params, eval_split, jit_eval)
   result["seconds"], result["cpu_seconds"] = time.time() - start, _cpu_seconds() - start_cpu

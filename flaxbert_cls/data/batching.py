@@ -20,64 +20,10 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from flaxbert_cls.data import sources as dataset_sources
-from flaxbert_cls.data import readers
-from flaxbert_cls.data import tasks as tasks_lib
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.data.tokenization import TokenizedSplit
 
 log = logging.getLogger(__name__)
-
-
-def _split_file(config: Any, task: tasks_lib.Task, split: str) -> str | None:
-  """The file (local or remote) for `split`: a *_file key, else the GLUE data_dir, else None."""
-  explicit = config.train_file if split == "train" else config.validation_file
-  if explicit:
-    return explicit
-  if config.data_dir:
-    return readers.glue_file(config.data_dir, task, split)
-  return None
-
-
-def _hf_dataset(config: Any, task: tasks_lib.Task) -> tuple[str, str | None]:
-  if config.dataset_name:
-    return config.dataset_name, config.dataset_config_name or None
-  if task.hf_dataset is not None:
-    return task.hf_dataset
-  raise UserError(f"config: task {task.name!r} needs data: set train_file and validation_file, "
-                  "data_dir (GLUE), or dataset_name (HF datasets)")
-
-
-def read_split(config: Any, task: tasks_lib.Task, split: str,
-               label_names: tuple[str, ...] | None) -> readers.Examples:
-  """Reads 'train' or 'validation' from a file, a GLUE dir, TFDS or HF datasets (in that order)."""
-  path = _split_file(config, task, split)
-  if path is not None:
-    examples = readers.read_file(path, task, label_names)
-  elif config.tfds_name:
-    examples = dataset_sources.read_tfds(config.tfds_name, task.hf_split_name(split), task,
-                                         label_names, data_dir=config.tfds_data_dir or None)
-  else:
-    name, config_name = _hf_dataset(config, task)
-    examples = dataset_sources.read_hf_dataset(name, config_name, task.hf_split_name(split),
-                                               task, label_names)
-  if not len(examples):
-    raise UserError(f"{examples.source}: no examples")
-  return examples
-
-
-def label_names_for(config: Any, task: tasks_lib.Task) -> tuple[str, ...]:
-  """The task's label map; for a custom task without one, built from the training data."""
-  if task.label_names:
-    return tuple(task.label_names)
-  path = _split_file(config, task, "train")
-  if path is not None:
-    return readers.build_label_names(path, task)
-  if config.tfds_name:
-    return dataset_sources.tfds_label_names(config.tfds_name, task.hf_split_name("train"), task,
-                                            data_dir=config.tfds_data_dir or None)
-  name, config_name = _hf_dataset(config, task)
-  return dataset_sources.hf_label_names(name, config_name, task.hf_split_name("train"), task)
 
 
 def bucket_for(length: int, buckets: Sequence[int], max_seq_length: int) -> int:
@@ -118,19 +64,22 @@ def window_bucket(count: int, most: int) -> int:
 
 
 def pad_documents(split: TokenizedSplit, docs: np.ndarray, seq_len: int,
-                  num_windows: int) -> dict[str, np.ndarray]:
+                  num_windows: int, windows: Sequence[np.ndarray] | None = None
+                  ) -> dict[str, np.ndarray]:
   """Documents -> [docs, num_windows, seq_len] arrays plus window_mask [docs, num_windows];
-  a document index of -1 is all padding with weight 0."""
+  a document index of -1 is all padding with weight 0. `windows`: the window rows each
+  document keeps (default: all of its windows)."""
   rows = np.full((len(docs), num_windows), -1, np.int64)
   for i, d in enumerate(docs):
     if d >= 0:
-      first, stop = split.documents[d], split.documents[d + 1]
-      rows[i, :stop - first] = np.arange(first, stop)
-  windows = pad_rows(dataclasses.replace(split, labels=None, documents=None), rows.reshape(-1),
-                     seq_len)
-  batch = {k: windows[k].reshape(len(docs), num_windows, seq_len)
+      kept = (np.arange(split.documents[d], split.documents[d + 1]) if windows is None
+              else windows[i])
+      rows[i, :len(kept)] = kept
+  padded = pad_rows(dataclasses.replace(split, labels=None, documents=None), rows.reshape(-1),
+                    seq_len)
+  batch = {k: padded[k].reshape(len(docs), num_windows, seq_len)
            for k in ("input_ids", "token_type_ids", "attention_mask")}
-  batch["window_mask"] = windows["weights"].reshape(len(docs), num_windows)
+  batch["window_mask"] = padded["weights"].reshape(len(docs), num_windows)
   batch["weights"] = (docs >= 0).astype(np.float32)
   if split.labels is not None:
     safe = np.where(docs >= 0, docs, 0)
@@ -138,21 +87,45 @@ def pad_documents(split: TokenizedSplit, docs: np.ndarray, seq_len: int,
   return batch
 
 
+def sample_windows(split: TokenizedSplit, docs: np.ndarray, k: int, rng: np.random.Generator
+                   ) -> list[np.ndarray]:
+  """At most `k` of each document's windows (rows of `split`), drawn without replacement and
+  kept in reading order; a document with k or fewer keeps all. -1 (padding) keeps none."""
+  kept = []
+  for d in docs:
+    if d < 0:
+      kept.append(np.zeros(0, np.int64))
+      continue
+    first, stop = int(split.documents[d]), int(split.documents[d + 1])
+    rows = np.arange(first, stop)
+    kept.append(rows if stop - first <= k else np.sort(rng.choice(rows, k, replace=False)))
+  return kept
+
+
 def pad_batch(split: TokenizedSplit, global_rows: np.ndarray, buckets: Sequence[int],
-              max_seq_length: int, sharding: jax.sharding.Sharding | None = None
+              max_seq_length: int, sharding: jax.sharding.Sharding | None = None,
+              windows_per_document: int = 0, rng: np.random.Generator | None = None
               ) -> dict[str, np.ndarray]:
   """This process's part (`process_rows` by `sharding`) of global batch `global_rows`
   (examples; -1 = padding), padded to the bucket of the global batch's longest row (and
-  window bucket, with windows)."""
+  window bucket, with windows). `windows_per_document` > 0 (with `rng`): each document
+  keeps that many of its windows, drawn for the global batch, so every process agrees."""
   real = global_rows[global_rows >= 0]
   if split.documents is None:
     seq_len = bucket_for(int(split.lengths[real].max()), buckets, max_seq_length)
     return pad_rows(split, process_rows(global_rows, sharding), seq_len)
-  windows = np.concatenate([np.arange(split.documents[d], split.documents[d + 1]) for d in real])
-  seq_len = bucket_for(int(split.lengths[windows].max()), buckets, max_seq_length)
-  counts = split.window_counts
-  return pad_documents(split, process_rows(global_rows, sharding), seq_len,
-                       window_bucket(int(counts[real].max()), int(counts.max())))
+  if windows_per_document > 0:
+    kept = sample_windows(split, global_rows, windows_per_document, rng)
+    most = min(int(split.window_counts.max()), windows_per_document)
+  else:
+    kept = [np.arange(split.documents[d], split.documents[d + 1]) if d >= 0
+            else np.zeros(0, np.int64) for d in global_rows]
+    most = int(split.window_counts.max())
+  every = np.concatenate(kept)
+  seq_len = bucket_for(int(split.lengths[every].max()), buckets, max_seq_length)
+  mine = local_positions(len(global_rows), sharding)
+  return pad_documents(split, global_rows[mine], seq_len,
+                       window_bucket(max(len(w) for w in kept), most), [kept[i] for i in mine])
 
 
 @dataclasses.dataclass
@@ -268,16 +241,21 @@ class TaskMixture:
 def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: int,
                 buckets: Sequence[int], max_seq_length: int, labels_dtype: Any = None,
                 sharding: jax.sharding.Sharding | None = None,
-                label_width: int | None = None) -> dict[str, np.ndarray]:
+                label_width: int | None = None, windows_per_document: int = 0
+                ) -> dict[str, np.ndarray]:
   """This process's rows of global batch `step`, padded to the global batch's bucket.
 
   The step's task comes from `mixture` (one task: every step); with several tasks the
   batch also holds `task_ids` per row. `sharding`: the batch sharding `to_global` uses.
   `label_width`: labels become [rows, label_width] (multi-hot rows from the left, a class
   id or score in column 0), so single- and multi-label tasks share one jit signature.
+  `windows_per_document` > 0: documents train on that many of their windows, drawn anew at
+  each step from (seed, step) (`sample_windows`): resume draws the same ones.
   """
   task, rows = mixture.batch_indices(step)
-  batch = pad_batch(splits[task], rows, buckets, max_seq_length, sharding)
+  rng = np.random.default_rng([mixture.seed, 0x77696E, step])  # 'win': apart from data seeds
+  batch = pad_batch(splits[task], rows, buckets, max_seq_length, sharding,
+                    windows_per_document, rng)
   if len(splits) > 1:
     batch["task_ids"] = np.full(len(batch["weights"]), task, np.int32)
     if labels_dtype is not None and "labels" in batch:

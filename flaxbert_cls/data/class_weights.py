@@ -11,19 +11,12 @@ otherwise weigh 2000 and swamp the others).
 from __future__ import annotations
 
 from collections.abc import Sequence
-import dataclasses
-import logging
 from typing import Any
 
 import numpy as np
 
 from flaxbert_cls.errors import UserError
-from flaxbert_cls.data.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
-
-log = logging.getLogger(__name__)
-
-# Smallest class under this share of the largest: accuracy mostly measures the big class.
-SKEWED = 0.2
+from flaxbert_cls.data.tasks import MULTI_LABEL, REGRESSION
 
 
 def auto_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -87,46 +80,3 @@ def resolve(setting: Any, labels: np.ndarray | None, label_names: Sequence[str] 
     raise UserError(f"{key}: {len(weights)} weights for {num_labels} labels "
                     f"{list(label_names)}; give one per label, in that order")
   return weights
-
-
-def resolve_for_run(exp: Any, train_labels: Sequence[np.ndarray | None]) -> None:
-  """Sets each task's class_weights from its config and training labels, and logs them."""
-  for run_task, labels in zip(exp.tasks, train_labels):
-    cfg = run_task.config
-    run_task.class_weights = resolve(cfg.class_weights, labels, run_task.label_names,
-                                     run_task.task.problem_type, cfg.max_pos_weight)
-    if run_task.class_weights:
-      what = "pos_weight" if run_task.task.is_multilabel else "class weights"
-      log.info("%s %s: %s", run_task.name, what, "  ".join(
-          f"{n} {w:.2f}" for n, w in zip(run_task.label_names, run_task.class_weights)))
-
-
-def selection_metric(problem_type: str, main_metric: str, explicit: bool,
-                     has_class_weights: bool, labels: np.ndarray | None, num_labels: int
-                     ) -> tuple[str, str]:
-  """(the metric to choose checkpoints by, why): macro F1 instead of a defaulted accuracy
-  when the run weighs classes or its training classes are skewed; else `main_metric`."""
-  if (problem_type != SINGLE_LABEL or main_metric != "accuracy" or explicit
-      or labels is None or num_labels < 2):
-    return main_metric, ""
-  counts = np.bincount(np.asarray(labels, np.int64), minlength=num_labels)
-  if has_class_weights:
-    return "f1_macro", "class_weights is set"
-  if counts.min() < SKEWED * counts.max():
-    return "f1_macro", (f"the training classes are skewed (smallest {counts.min()} rows, "
-                        f"largest {counts.max()})")
-  return main_metric, ""
-
-
-def choose_selection_metrics(exp: Any, train_labels: Sequence[np.ndarray | None]) -> None:
-  """Each task's main metric (best checkpoints, early stopping) by `selection_metric`, said
-  in the log when it is not the task's own."""
-  for run_task, labels in zip(exp.tasks, train_labels):
-    task = run_task.task
-    metric, why = selection_metric(task.problem_type, task.main_metric,
-                                   bool(run_task.config.main_metric),
-                                   bool(run_task.class_weights), labels, run_task.num_labels)
-    if metric != task.main_metric:
-      run_task.task = dataclasses.replace(task, main_metric=metric)
-      log.info("%schoosing checkpoints by %s, not %s: %s (set config.main_metric to choose)",
-               f"{run_task.name}: " if len(exp.tasks) > 1 else "", metric, task.main_metric, why)

@@ -1,4 +1,4 @@
-"""Reads one split of a named dataset (Hugging Face `datasets`, TFDS) into memory.
+"""Reads one split into memory: from a file, a GLUE directory, TFDS or Hugging Face `datasets`.
 
 The rows become `readers.Examples`, checked as file rows are: every problem raises
 `UserError` with one line naming the dataset, the row and the column.
@@ -294,3 +294,71 @@ def tfds_label_names(name: str, split: str, task: Task,
   source = _tfds_source(name, split)
   return _label_names_from_table(
       source, task, lambda: _load_tfds(name, split, data_dir, source))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """Where a task's splits are read from (the config keys of the same names), first that is
+  set: its own files, a GLUE directory, a TFDS dataset, a Hugging Face `datasets` one (the
+  task's own when it names one)."""
+
+  train_file: str = ""
+  validation_file: str = ""
+  data_dir: str = ""  # GLUE: <data_dir>/<task dir>/{train,dev}.tsv
+  tfds_name: str = ""
+  tfds_data_dir: str = ""
+  dataset_name: str = ""
+  dataset_config_name: str = ""
+
+
+SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(DataSource))
+
+
+def split_file(source: DataSource, task: Task, split: str) -> str | None:
+  """The file (local or remote) for `split`: a *_file key, else the GLUE data_dir, else None."""
+  explicit = source.train_file if split == "train" else source.validation_file
+  if explicit:
+    return explicit
+  if source.data_dir:
+    return readers.glue_file(source.data_dir, task, split)
+  return None
+
+
+def _hf_dataset(source: DataSource, task: Task) -> tuple[str, str | None]:
+  if source.dataset_name:
+    return source.dataset_name, source.dataset_config_name or None
+  if task.hf_dataset is not None:
+    return task.hf_dataset
+  raise UserError(f"config: task {task.name!r} needs data: set train_file and validation_file, "
+                  "data_dir (GLUE), or dataset_name (HF datasets)")
+
+
+def read_split(source: DataSource, task: Task, split: str,
+               label_names: tuple[str, ...] | None) -> readers.Examples:
+  """Reads 'train' or 'validation' from a file, a GLUE dir, TFDS or HF datasets (in that order)."""
+  path = split_file(source, task, split)
+  if path is not None:
+    examples = readers.read_file(path, task, label_names)
+  elif source.tfds_name:
+    examples = read_tfds(source.tfds_name, task.hf_split_name(split), task, label_names,
+                         data_dir=source.tfds_data_dir or None)
+  else:
+    name, config_name = _hf_dataset(source, task)
+    examples = read_hf_dataset(name, config_name, task.hf_split_name(split), task, label_names)
+  if not len(examples):
+    raise UserError(f"{examples.source}: no examples")
+  return examples
+
+
+def label_names_for(source: DataSource, task: Task) -> tuple[str, ...]:
+  """The task's label map; for a custom task without one, built from the training data."""
+  if task.label_names:
+    return tuple(task.label_names)
+  path = split_file(source, task, "train")
+  if path is not None:
+    return readers.build_label_names(path, task)
+  if source.tfds_name:
+    return tfds_label_names(source.tfds_name, task.hf_split_name("train"), task,
+                            data_dir=source.tfds_data_dir or None)
+  name, config_name = _hf_dataset(source, task)
+  return hf_label_names(name, config_name, task.hf_split_name("train"), task)

@@ -49,6 +49,8 @@ def validate_long_document(config: Any, check: Any) -> None:
           f"must be in [1, max_seq_length - 2 = {content}] (windows of max_seq_length="
           f"{config.max_seq_length} hold {content} text tokens; a larger stride skips text)")
     check(int(config.max_windows) >= 1, "max_windows", "must be >= 1")
+    check(int(config.train_windows) >= 0, "train_windows",
+          "must be >= 0 (0 = every window of a document in training)")
     check(config.window_pooling in ("mean", "max"), "window_pooling",
           "use 'mean' or 'max'")
 

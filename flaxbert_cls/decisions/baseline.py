@@ -12,16 +12,20 @@ It fails soft: a baseline that cannot be fitted is one warning, never a failed r
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import threading
 import time
 from typing import Any
 
+import joblib
 import ml_collections
 import numpy as np
 from sklearn import feature_extraction
 from sklearn import linear_model
+from sklearn import pipeline
 
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.data import readers
@@ -33,6 +37,10 @@ from flaxbert_cls.decisions import tuning
 log = logging.getLogger(__name__)
 
 BASELINE_FILE = "baseline.json"  # in the workdir: {"key": ..., "metrics": ..., ...}
+# Its class probabilities on the validation rows, in file order (single-label tasks): what a
+# blend with the run's own (decisions/blend.py) is chosen on.
+PROBABILITIES_FILE = "baseline_probabilities.npy"
+MODEL_FILE = "baseline_model.joblib"  # single-label: the fitted TF-IDF + logistic regression
 METHODS = ("tfidf", "none")
 PREFIX = "baseline/"  # the scores' names in eval lines, metrics.jsonl and eval's output
 PAIR_SEPARATOR = " [SEP] "  # two-text tasks: one bag of words over both texts
@@ -72,11 +80,25 @@ def _label_probabilities(x_train: Any, y_train: np.ndarray, x_eval: Any,
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  metrics: dict[str, float]
+  probabilities: np.ndarray | None = None  # single-label: [validation rows, classes]
+  model: Any = None  # single-label: the fitted scikit-learn pipeline (texts -> probabilities)
+
+
 def fit_and_score(train: readers.Examples, validation: readers.Examples, task: tasks_lib.Task,
                   config: ml_collections.ConfigDict, num_labels: int,
                   class_weights: tuple[float, ...] = (), c: float = C) -> dict[str, float]:
   """The baseline's validation metrics, named as the run's ('<metric>_tuned' at thresholds
   tuned on validation, as the run's decisions are; with them '<main>_cross_fitted')."""
+  return fit(train, validation, task, config, num_labels, class_weights, c).metrics
+
+
+def fit(train: readers.Examples, validation: readers.Examples, task: tasks_lib.Task,
+        config: ml_collections.ConfigDict, num_labels: int,
+        class_weights: tuple[float, ...] = (), c: float = C) -> Fit:
+  """`fit_and_score`'s metrics and, for a single-label task, the validation probabilities."""
   seed = int(config.seed)
   rows = sample_rows(len(train), int(config.baseline_max_rows), seed)
   vectorizer = feature_extraction.text.TfidfVectorizer(
@@ -89,7 +111,7 @@ def fit_and_score(train: readers.Examples, validation: readers.Examples, task: t
   metric_names = tuple(task.metrics)
   if task.is_regression:
     predictions = linear_model.Ridge(alpha=1.0 / c).fit(x_train, y_train).predict(x_eval)
-    return metrics_lib.compute_metrics(metric_names, predictions, y_eval)
+    return Fit(metrics_lib.compute_metrics(metric_names, predictions, y_eval))
   tune = tuning.tunes_thresholds(config, task.is_multilabel)
   if task.is_multilabel:
     probabilities = _label_probabilities(x_train, y_train, x_eval, class_weights, seed, c)
@@ -102,11 +124,10 @@ def fit_and_score(train: readers.Examples, validation: readers.Examples, task: t
       crossed = thresholds_lib.cross_fitted_decisions(probabilities, y_eval)
       out[f"{task.main_metric}_cross_fitted"] = metrics_lib.multilabel_metrics(
           (task.main_metric,), crossed, y_eval)[task.main_metric]
-    return out
+    return Fit(out)
   weight = dict(enumerate(class_weights)) if class_weights else None
   model = _logistic(x_train, y_train, weight, seed, c)
-  probabilities = np.zeros((len(y_eval), num_labels))
-  probabilities[:, model.classes_] = model.predict_proba(x_eval)  # classes seen in training
+  probabilities = _class_probabilities(model, x_eval, num_labels)
   predictions = probabilities.argmax(-1)
   out = metrics_lib.compute_metrics(metric_names, predictions, y_eval)
   out.setdefault("f1_macro", metrics_lib.compute_metrics(("f1_macro",), predictions,
@@ -120,7 +141,29 @@ def fit_and_score(train: readers.Examples, validation: readers.Examples, task: t
     # As multi-label: each half cut at the threshold tuned on the other, for unseen rows.
     crossed = thresholds_lib.cross_fitted_binary(probabilities, y_eval, tuning.POSITIVE)
     out["f1_cross_fitted"] = metrics_lib.compute_metrics(("f1",), crossed, y_eval)["f1"]
-  return out
+  return Fit(out, probabilities.astype(np.float32),
+             pipeline.Pipeline([("tfidf", vectorizer), ("logistic_regression", model)]))
+
+
+def _class_probabilities(model: Any, x: Any, num_labels: int) -> np.ndarray:
+  """[N, num_labels]: a class absent from the training rows has probability 0."""
+  probabilities = np.zeros((x.shape[0] if hasattr(x, "shape") else len(x), num_labels))
+  probabilities[:, model.classes_] = model.predict_proba(x)
+  return probabilities
+
+
+def load_model(workdir: str) -> Any | None:
+  """The run's fitted single-label baseline (a scikit-learn pipeline: texts -> probabilities),
+  or None when it has none."""
+  path = workdir_lib.join(workdir, MODEL_FILE)
+  if not workdir_lib.is_file(path):
+    return None
+  return joblib.load(io.BytesIO(workdir_lib.read_bytes(path)))
+
+
+def model_probabilities(model: Any, texts: list[tuple[str, ...]], num_labels: int) -> np.ndarray:
+  """A saved baseline's class probabilities [N, num_labels] for texts (one or two per row)."""
+  return _class_probabilities(model, [PAIR_SEPARATOR.join(t) for t in texts], num_labels)
 
 
 def check_config(config: ml_collections.ConfigDict) -> str | None:
@@ -193,11 +236,18 @@ def start(exp: Any, workdir: str, train: readers.Examples, validation: readers.E
              BASELINE_FILE, _format(saved["metrics"]))
     return Pending(lambda: saved["metrics"])
 
-  def fit() -> dict[str, float]:
+  def fit_and_save() -> dict[str, float]:
     begin = time.time()
-    metrics = fit_and_score(train, validation, run_task.task, config, run_task.num_labels,
-                            class_weights)
+    fitted = fit(train, validation, run_task.task, config, run_task.num_labels, class_weights)
+    metrics = fitted.metrics
     seconds = time.time() - begin
+    if fitted.probabilities is not None:  # before baseline.json: a run never reads a stale one
+      buffer = io.BytesIO()
+      np.save(buffer, fitted.probabilities)
+      workdir_lib.write_bytes(workdir_lib.join(workdir, PROBABILITIES_FILE), buffer.getvalue())
+      buffer = io.BytesIO()
+      joblib.dump(fitted.model, buffer)
+      workdir_lib.write_bytes(workdir_lib.join(workdir, MODEL_FILE), buffer.getvalue())
     workdir_lib.write_text(workdir_lib.join(workdir, BASELINE_FILE), json.dumps(
         {"key": key, "metrics": metrics, "main_metric": run_task.task.main_metric,
          "seconds": seconds}, indent=2))
@@ -207,7 +257,7 @@ def start(exp: Any, workdir: str, train: readers.Examples, validation: readers.E
              if len(train) > key["max_rows"] else "", seconds, len(validation), _format(metrics))
     return metrics
 
-  return Pending(fit)
+  return Pending(fit_and_save)
 
 
 def _model_name(task: tasks_lib.Task) -> str:
@@ -238,3 +288,16 @@ def for_eval(workdir: str, validation: readers.Examples) -> dict[str, float]:
              validation.source)
     return {}
   return {f"{PREFIX}{k}": v for k, v in saved["metrics"].items()}
+
+
+def validation_probabilities(workdir: str, num_rows: int) -> np.ndarray | None:
+  """The saved baseline's probabilities on the run's validation rows, or None when the run has
+  none for `num_rows` rows (multi-label, regression, no baseline, other rows)."""
+  path = workdir_lib.join(workdir, PROBABILITIES_FILE)
+  saved = read(workdir)
+  if not saved or not workdir_lib.is_file(path):
+    return None
+  if saved.get("key", {}).get("validation_rows") != num_rows:
+    return None
+  probabilities = np.load(io.BytesIO(workdir_lib.read_bytes(path)))
+  return probabilities if len(probabilities) == num_rows else None

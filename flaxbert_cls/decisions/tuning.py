@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from flaxbert_cls.decisions import blend as blend_lib
 from flaxbert_cls.decisions import calibration
 from flaxbert_cls.decisions import metrics as metrics_lib
 from flaxbert_cls.data import tasks as tasks_lib
@@ -46,6 +47,7 @@ class Decisions:
   threshold: float | None = None  # binary single-label, on P(label id 1)
   thresholds: list[float] | None = None  # multi-label, one per label in label order
   global_threshold: float | None = None  # multi-label, maximising micro F1 (reported only)
+  blend_weight: float | None = None  # single-label: the run's share of a blend (blend.py)
   step: int | None = None  # the checkpoint whose validation logits they were fitted on
 
   def probabilities(self, logits: np.ndarray, multi_label: bool = False) -> np.ndarray:
@@ -64,6 +66,14 @@ class Decisions:
       return probabilities.argmax(-1)
     return thresholds_lib.apply_binary(probabilities, self.threshold, POSITIVE)
 
+  def blended(self, probabilities: np.ndarray, baseline: np.ndarray | None) -> np.ndarray:
+    """The probabilities blended with the baseline's when a weight was chosen."""
+    if self.blend_weight is None:
+      return probabilities
+    if baseline is None:
+      raise UserError("decisions: a blend_weight without the baseline's probabilities")
+    return blend_lib.blend(probabilities, baseline, self.blend_weight)
+
   def hf_fields(self) -> dict[str, Any]:
     """The keys an export's config.json carries (always a temperature; tuned thresholds)."""
     fields = {HF_TEMPERATURE: self.temperature}
@@ -71,6 +81,8 @@ class Decisions:
       fields["threshold"] = self.threshold
     if self.thresholds is not None:
       fields["thresholds"] = list(self.thresholds)
+    if self.blend_weight is not None:
+      fields["blend_weight"] = self.blend_weight
     return fields
 
   @classmethod
@@ -78,7 +90,8 @@ class Decisions:
     """From an export's config.json (its extra keys; defaults when absent)."""
     values = {"temperature": getattr(hf_config, HF_TEMPERATURE, 1.0),
               "threshold": getattr(hf_config, "threshold", None),
-              "thresholds": getattr(hf_config, "thresholds", None)}
+              "thresholds": getattr(hf_config, "thresholds", None),
+              "blend_weight": getattr(hf_config, "blend_weight", None)}
     multi_label = hf_config.problem_type == tasks_lib.MULTI_LABEL
     return cls.from_dict(values, hf_config.num_labels, multi_label, where, HF_TEMPERATURE)
 
@@ -106,6 +119,13 @@ class Decisions:
         raise UserError(f"{where}: 'threshold' is for binary single-label models; this one "
                         f"has {num_labels} {'labels (multi-label)' if multi_label else 'classes'}")
       out.threshold = float(thresholds_lib.check_thresholds([values["threshold"]], 1, where)[0])
+    weight = values.get("blend_weight")
+    if weight is not None:
+      if (multi_label or isinstance(weight, bool) or not isinstance(weight, (int, float))
+          or not 0 <= weight <= 1):
+        raise UserError(f"{where}: blend_weight={weight!r}; a single-label model's blend "
+                        "weight is a number in [0, 1]")
+      out.blend_weight = float(weight)
     return out
 
 
@@ -116,13 +136,17 @@ def tunes_thresholds(config: ml_collections.ConfigDict, multi_label: bool) -> bo
 
 
 def enabled(config: ml_collections.ConfigDict, multi_label: bool) -> bool:
-  return bool(config.calibrate or config.thresholds_file
+  return bool(config.calibrate or config.thresholds_file or config.blend_baseline
               or tunes_thresholds(config, multi_label))
 
 
 def check_run(exp: Any) -> None:
   """Before training: decisions need one classification task; binary thresholds two classes."""
   config = exp.config
+  first = exp.tasks[0].task
+  if config.blend_baseline and (exp.multitask or first.is_regression or first.is_multilabel):
+    raise UserError("config.blend_baseline: for a single-task, single-label classification "
+                    "run")
   if not any(config[k] for k in ("calibrate", "tune_thresholds", "thresholds_file")):
     return
   if exp.multitask:
@@ -151,9 +175,12 @@ def user_thresholds(config: ml_collections.ConfigDict, num_labels: int,
 
 
 def fit(config: ml_collections.ConfigDict, logits: np.ndarray, labels: np.ndarray,
-        multi_label: bool, step: int | None = None) -> Decisions:
+        multi_label: bool, step: int | None = None, baseline: np.ndarray | None = None,
+        metric: str = "accuracy") -> Decisions:
   """Temperature (config.calibrate), then thresholds on the calibrated probabilities
-  (tuned, or config.thresholds_file's) on validation logits and labels."""
+  (tuned, or config.thresholds_file's) on validation logits and labels; with
+  config.blend_baseline and the baseline's validation probabilities, the blend weight that
+  maximises `metric`."""
   decisions = Decisions(step=step)
   if config.calibrate:
     decisions.temperature = calibration.fit_temperature(logits, labels, multi_label)
@@ -169,6 +196,8 @@ def fit(config: ml_collections.ConfigDict, logits: np.ndarray, labels: np.ndarra
     decisions.threshold = float(given[0])
   elif tunes_thresholds(config, multi_label):
     decisions.threshold = thresholds_lib.binary_threshold(probabilities, labels, POSITIVE)
+  if config.blend_baseline and baseline is not None and not multi_label:
+    decisions.blend_weight = blend_lib.best_weight(probabilities, baseline, labels, metric)
   return decisions
 
 
@@ -204,18 +233,27 @@ def scores(decisions: Decisions, logits: np.ndarray, labels: np.ndarray,
   return out
 
 
-def after_eval(exp: Any, workdir: str, step: int, logits: np.ndarray,
-               labels: np.ndarray) -> dict[str, float]:
-  """In training, after an evaluation: fit on the validation logits, save (process 0),
-  return their scores. {} when the run asks for no decisions."""
+def after_eval(exp: Any, workdir: str, step: int, logits: np.ndarray, labels: np.ndarray,
+               baseline: np.ndarray | None = None) -> dict[str, float]:
+  """In training, after an evaluation: fit on the validation logits (and the baseline's
+  validation probabilities, for a blend), save (process 0), return their scores. {} when
+  the run asks for no decisions."""
   task = exp.tasks[0]
   multi_label = task.task.is_multilabel
   if exp.multitask or task.task.is_regression or not enabled(exp.config, multi_label):
     return {}
-  decisions = fit(exp.config, logits, labels, multi_label, step)
+  decisions = fit(exp.config, logits, labels, multi_label, step, baseline,
+                  task.task.main_metric)
   if jax.process_index() == 0:
     save(workdir, decisions)
-  return scores(decisions, logits, labels, tuple(task.task.metrics), multi_label)
+  out = scores(decisions, logits, labels, tuple(task.task.metrics), multi_label)
+  if decisions.blend_weight is not None:
+    out.update(blend_lib.scores(decisions.probabilities(logits), baseline, labels,
+                                task.task.main_metric))
+  elif exp.config.blend_baseline:
+    log.warning("blend_baseline: no baseline probabilities for these validation rows yet; "
+                "step %d decides by the run alone", step)
+  return out
 
 
 def for_eval(exp: Any, workdir: str, logits: np.ndarray, labels: np.ndarray

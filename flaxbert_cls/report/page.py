@@ -318,10 +318,15 @@ def _task_section(task: dict[str, Any], summary: dict[str, Any], rows: list[dict
   metric_line = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
   baseline = {k[len("baseline/"):]: v for k, v in summary["metrics"].items()
               if k.startswith("baseline/") and not multitask}
+  blend = {k[len("blend/"):]: v for k, v in summary["metrics"].items()
+           if k.startswith("blend/") and not multitask}
+  blend_row = [[f"this run and the baseline, blended (w={blend['weight']:.2f}; cross-fitted)",
+                *(f"{blend[k]:.4f}" if k in blend else "-" for k in baseline)]] if blend else []
   compare = f'<div id="{slug}-baseline">' + _table(["", *baseline], [  # baseline row first
       ["TF-IDF + linear model (baseline), same rows", *(f"{v:.4f}" for v in baseline.values())],
       [f"this run, step {summary['step']}", *(f"{metrics[k]:.4f}" if k in metrics else "-"
-                                              for k in baseline)]]) + "</div>" if baseline else ""
+                                              for k in baseline)],
+      *blend_row]) + "</div>" if baseline else ""
   errors = errors[:NUM_ERRORS_SHOWN]
   body = (_regression_parts(rows, errors, slug) if task["is_regression"]
           else _multilabel_parts(task, errors, slug)

@@ -32,6 +32,7 @@ import numpy as np
 
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.data import tokenization
+from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import bert as model_lib
@@ -57,7 +58,8 @@ def hf_config_for_export(hf_config: Any, label_names: Sequence[str] | None,
   fam = hf.family(hf_config.model_type)
   config = copy.deepcopy(hf_config)
   # A run started from an export: its decisions and remote-code keys are not this run's.
-  for stale in (decisions_lib.HF_TEMPERATURE, "threshold", "thresholds", "auto_map"):
+  for stale in (decisions_lib.HF_TEMPERATURE, "threshold", "thresholds", "blend_weight",
+                "auto_map"):
     if stale in vars(config):
       delattr(config, stale)
   config.architectures = [fam.architecture]
@@ -189,6 +191,14 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
   log.info("Exported %s (step %s, %s, %s, %d labels) to %s", workdir, metadata["step"],
            task.name, hf.family(exp.hf_config.model_type).architecture,
            1 if run_task.label_names is None else len(run_task.label_names), out)
+  if decisions is not None and decisions.blend_weight is not None:
+    model = workdir_lib.read_bytes(workdir_lib.join(workdir, baseline_lib.MODEL_FILE))
+    workdir_lib.write_bytes(os.path.join(out, baseline_lib.MODEL_FILE), model)
+    log.info("The run blends its baseline: %s is its scikit-learn pipeline (joblib.load; "
+             "predict_proba of the texts); probabilities = %.2f x the model's + %.2f x the "
+             "pipeline's (config.json blend_weight; predict on %s does this)",
+             os.path.join(out, baseline_lib.MODEL_FILE), decisions.blend_weight,
+             1 - decisions.blend_weight, out)
   return out
 
 

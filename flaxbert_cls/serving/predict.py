@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import checkpoints as checkpoint_lib
@@ -82,6 +83,8 @@ class Predictor:
   layout: tokenization.Layout = tokenization.TRUNCATE
   window_pooling: str = "mean"
   quantized: quantize_lib.OnnxClassifier | None = None  # set: predicts with it, not `params`
+  # decisions.blend_weight set: the run's TF-IDF baseline (a scikit-learn pipeline) it blends.
+  baseline: Any = None
 
   def __post_init__(self):
     self._jit_eval = None
@@ -143,7 +146,7 @@ class Predictor:
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
                int(exp.config.eval_batch_size), exp.batch_sharding, workdir, decisions,
                tokenization.Layout.from_config(exp.config),
-               exp.config.window_pooling)
+               exp.config.window_pooling, baseline=_blended_baseline(decisions, workdir))
 
   @classmethod
   def _from_hf_dir(cls, directory: str, devices: Sequence[jax.Device] | None = None
@@ -191,7 +194,8 @@ class Predictor:
                int(meta.get("max_seq_length", _DEFAULT_MAX_SEQ_LENGTH)),
                tuple(meta.get("seq_buckets", _DEFAULT_BUCKETS)), _DEFAULT_BATCH_SIZE,
                batch_sharding, directory, decisions, tokenization.Layout.from_export(meta),
-               meta.get("window_pooling", "mean"))
+               meta.get("window_pooling", "mean"),
+               baseline=_blended_baseline(decisions, directory))
 
   @property
   def is_regression(self) -> bool:
@@ -201,7 +205,7 @@ class Predictor:
     """One result per text (or text pair), in order: {'label', 'probabilities'} or {'score'}."""
     rows = _normalize_texts(texts)
     logits = self.logits(self._tokenize(rows))
-    return self._results(logits)
+    return self._results(logits, rows)
 
   def _tokenize(self, rows: Sequence[tuple[str, ...]]) -> data_lib.TokenizedSplit:
     return tokenization.tokenize(self.tokenizer, rows, None, self.max_seq_length, self.layout)
@@ -224,13 +228,18 @@ class Predictor:
         self._jit_eval, self.params, split, self.batch_size, self.seq_buckets,
         self.max_seq_length, self.batch_sharding, on_batch)
 
-  def _results(self, logits: np.ndarray) -> list[dict[str, Any]]:
+  def _results(self, logits: np.ndarray, texts: Sequence[tuple[str, ...]]
+               ) -> list[dict[str, Any]]:
     if self.is_regression:
       return [{"score": float(s)} for s in logits[:, 0]]
-    # Probabilities after the temperature; labels by the thresholds (decisions/tuning.py).
+    # Probabilities after the temperature (and blended with the baseline's); labels by the
+    # thresholds (decisions/tuning.py).
     decisions = self.decisions or decisions_lib.Decisions()
     multilabel = self.task.is_multilabel
     probs = decisions.probabilities(logits, multilabel)
+    if decisions.blend_weight is not None:
+      probs = decisions.blended(probs, baseline_lib.model_probabilities(
+          self.baseline, texts, len(self.label_names)))
     chosen = decisions.predictions(probs, multilabel)
     names = self.label_names
     # Multi-label: every label at or over its threshold, and every label's probability.
@@ -268,7 +277,7 @@ class Predictor:
           logits = self.logits(split, on_batch=lambda done, _: progress.update(
               done_before + min(done * self.batch_size, len(examples))))
           seconds += time.perf_counter() - start
-          writer.write(examples.texts, self._results(logits))
+          writer.write(examples.texts, self._results(logits, examples.texts))
           rows += len(examples)
           truncated += split.num_truncated
           progress.update(rows)
@@ -282,6 +291,17 @@ class Predictor:
              output_path, rows, seconds, stats["examples_per_sec"], stats["wall_seconds"],
              truncated, self.max_seq_length)
     return stats
+
+
+def _blended_baseline(decisions: decisions_lib.Decisions | None, path: str) -> Any:
+  """The baseline a model's decisions blend with (baseline_model.joblib beside it), or None."""
+  if decisions is None or decisions.blend_weight is None:
+    return None
+  model = baseline_lib.load_model(path)
+  if model is None:
+    raise UserError(f"{path}: its decisions blend the baseline (blend_weight="
+                    f"{decisions.blend_weight}) but {baseline_lib.MODEL_FILE} is missing")
+  return model
 
 
 def predict_file(model: str, input_path: str, output_path: str, step: int | str | None = None,

@@ -74,7 +74,8 @@ def global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeniz
   return data_lib.prefetch(
       data_lib.to_global(data_lib.train_batch(splits, mixture, step, config.seq_buckets,
                                               config.max_seq_length, labels_dtype(exp),
-                                              exp.batch_sharding, label_width(exp)),
+                                              exp.batch_sharding, label_width(exp),
+                                              config.train_windows),
                          exp.batch_sharding)
       for step in steps)
 
@@ -99,6 +100,7 @@ def stacked_global_batches(exp: experiment_lib.Experiment,
        for k, v in members_lib.stack_batches([
            data_lib.train_batch(splits, by_seed[seed], step, config.seq_buckets,
                                 config.max_seq_length, labels_dtype(exp),
-                                label_width=label_width(exp))
+                                label_width=label_width(exp),
+                                windows_per_document=config.train_windows)
            for seed in seeds]).items()}
       for step in steps)

@@ -8,11 +8,9 @@ writes every prediction and the errors to workdir/eval/ for the report page.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -24,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from flaxbert_cls.data import batching as data_lib
 from flaxbert_cls.decisions import baseline as baseline_lib
+from flaxbert_cls.decisions import blend as blend_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import runs
@@ -175,95 +174,6 @@ def _per_class_record(run_task: experiment_lib.RunTask, logits: np.ndarray,
   return {} if table is None else {"per_class": table}
 
 
-@dataclasses.dataclass
-class BestTracker:
-  """The best eval so far by `key` (higher is better) and early stopping; saved in checkpoints.
-
-  A NaN metric (e.g. Pearson of constant predictions) is never best: no improvement.
-  """
-
-  key: str
-  patience: int
-  best: dict[str, Any] | None = None  # {'step', 'metrics'}
-  evals_without_improvement: int = 0
-  should_stop: bool = False
-
-  def update(self, step: int, metrics: dict[str, float]) -> None:
-    value = metrics[self.key]
-    if math.isfinite(value) and (self.best is None or value > self.best["metrics"][self.key]):
-      self.best, self.evals_without_improvement = {"step": step, "metrics": metrics}, 0
-    else:
-      self.evals_without_improvement += 1
-    self.should_stop = 0 < self.patience <= self.evals_without_improvement
-    if self.should_stop:
-      log.info("Early stopping at step %d: %s did not improve for %d evaluations.", step,
-               self.key, self.patience)
-
-  def state(self) -> dict[str, Any]:
-    return {"best": self.best, "evals_without_improvement": self.evals_without_improvement}
-
-  def restore(self, meta: dict[str, Any]) -> None:
-    self.best = meta.get("best")
-    self.evals_without_improvement = meta.get("evals_without_improvement", 0)
-
-
-class Bests:
-  """The best eval so far of each member of a run (one for a single run) and early stopping.
-
-  The run stops early once every member would have stopped. Checkpoint metadata holds a
-  single run's one BestTracker as it always has ({'best', 'evals_without_improvement'}), a
-  sweep's each member's and the best member (`members` > 0).
-  """
-
-  def __init__(self, key: str, patience: int, members: int = 0):
-    self.key, self.stacked = key, members > 0
-    self.trackers = [BestTracker(key, patience) for _ in range(max(members, 1))]
-    self.latest: list[dict[str, float]] = []
-
-  def update(self, step: int, member_metrics: list[dict[str, float]]) -> None:
-    self.latest = member_metrics
-    for tracker, metrics in zip(self.trackers, member_metrics):
-      tracker.update(step, metrics)
-
-  @property
-  def should_stop(self) -> bool:
-    return all(t.should_stop for t in self.trackers)
-
-  def best_member(self) -> int | None:
-    """The member with the highest best metric (ties: the lower index)."""
-    scored = [(t.best["metrics"][self.key], -i) for i, t in enumerate(self.trackers) if t.best]
-    return -max(scored)[1] if scored else None
-
-  @property
-  def best(self) -> dict[str, Any] | None:
-    """The best member's best eval ({'step', 'metrics'}; a sweep's with 'member')."""
-    member = self.best_member()
-    if member is None:
-      return None
-    best = self.trackers[member].best
-    return {**best, "member": member} if self.stacked else best
-
-  def state(self) -> dict[str, Any]:
-    if not self.stacked:
-      return self.trackers[0].state()
-    return {"best": [t.best for t in self.trackers], "best_member": self.best_member(),
-            "evals_without_improvement": [t.evals_without_improvement for t in self.trackers]}
-
-  def restore(self, meta: dict[str, Any]) -> None:
-    if not self.stacked:
-      self.trackers[0].restore(meta)
-      return
-    for i, tracker in enumerate(self.trackers):
-      tracker.best = (meta.get("best") or [None] * len(self.trackers))[i]
-      tracker.evals_without_improvement = (meta.get("evals_without_improvement")
-                                           or [0] * len(self.trackers))[i]
-
-  def checkpoint_metric(self) -> float | list[float]:
-    """What best-k checkpointing ranks the last evaluated step by (a sweep: per member)."""
-    values = [m[self.key] for m in self.latest]
-    return values if self.stacked else values[0]
-
-
 def format_metrics(metrics: dict[str, float]) -> str:
   return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
@@ -284,11 +194,25 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
   # Metrics at the saved temperature / thresholds too (decisions/tuning.py).
   results.update(decisions_lib.for_eval(exp, workdir, logits[0], read[0][1].labels))
   results.update(baseline_lib.for_eval(workdir, read[0][0]))  # scored when the run trained
+  results.update(_blend_scores(exp, workdir, logits[0], read[0][1].labels))
   log.info("eval of %s (step %d): %s", workdir, exp.checkpoint_step, format_metrics(results))
   if jax.process_index() == 0:
     write_eval_files(workdir, exp, [e for e, _ in read], logits, results, exp.checkpoint_step,
                      ((exp.checkpoint_meta or {}).get("best") or {}).get("step"))
   return results
+
+
+def _blend_scores(exp: experiment_lib.Experiment, workdir: str, logits: np.ndarray,
+                  labels: np.ndarray) -> dict[str, float]:
+  """A single-label run blended with its baseline (decisions/blend.py) on the validation
+  rows the baseline was scored on; {} otherwise."""
+  task = exp.tasks[0].task
+  if exp.multitask or task.is_regression or task.is_multilabel:
+    return {}
+  baseline = baseline_lib.validation_probabilities(workdir, len(labels))
+  if baseline is None or baseline.shape != logits.shape:
+    return {}
+  return blend_lib.scores(softmax(logits), baseline, labels, task.main_metric)
 
 
 def prediction_rows(run_task: experiment_lib.RunTask, examples: readers.Examples,

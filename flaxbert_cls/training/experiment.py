@@ -7,6 +7,7 @@ state is state.py's, a start's weights starts.py's, a saved run's restore runs.p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import logging
 import tempfile
@@ -20,6 +21,8 @@ import numpy as np
 from flaxbert_cls import config as config_lib
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.data import class_weights as class_weights_lib
+from flaxbert_cls.data import sources as dataset_sources
 from flaxbert_cls.data import readers
 from flaxbert_cls.data import tasks as tasks_lib
 from flaxbert_cls.data import tokenization
@@ -46,12 +49,22 @@ class RunTask:
   config: ml_collections.ConfigDict  # the run's config with this task's keys on top
   weight: float = 1.0
   # Loss weights per class (multi-label: BCE pos_weight per label); () = none. Resolved
-  # from config.class_weights and the training labels (class_weights.resolve_for_run).
+  # from config.class_weights and the training labels (resolve_class_weights).
   class_weights: tuple[float, ...] = ()
 
   @property
   def num_labels(self) -> int:
     return 1 if self.task.is_regression else len(self.label_names)
+
+  @property
+  def source(self) -> dataset_sources.DataSource:
+    """Where this task's splits are read from."""
+    return source_of(self.config)
+
+
+def source_of(config: ml_collections.ConfigDict) -> dataset_sources.DataSource:
+  """A (task's) config's data keys."""
+  return dataset_sources.DataSource(**{k: config[k] for k in dataset_sources.SOURCE_KEYS})
 
 
 @dataclasses.dataclass
@@ -147,7 +160,7 @@ def _run_tasks(config: ml_collections.ConfigDict, plan: config_lib.RunPlan, labe
       task = tasks_lib.get_task(task_config)
       names = (label_names or {}).get(name) if multitask else label_names
       if names is None and not task.is_regression:
-        names = data_lib.label_names_for(task_config, task)
+        names = dataset_sources.label_names_for(source_of(task_config), task)
     except UserError as e:
       raise UserError(f"{where}{e}") from None
     tasks.append(RunTask(name or task.name, task, tuple(names) if names else None, task_config,
@@ -246,7 +259,8 @@ def read_examples_tokenized(exp: Experiment, split: str
   """Each task's `split` as (examples with their texts, tokenized), in task order."""
   out = []
   for run_task in exp.tasks:
-    examples = data_lib.read_split(run_task.config, run_task.task, split, run_task.label_names)
+    examples = dataset_sources.read_split(run_task.source, run_task.task, split,
+                                          run_task.label_names)
     tokenized = exp.tokenize(examples)
     log.info("%s: %d examples from %s, mean length %.1f tokens, %d truncated to %d%s",
              run_task.name, len(tokenized), examples.source, tokenized.lengths.mean(),
@@ -275,3 +289,14 @@ def save_model_dir(exp: Experiment, workdir: str) -> None:
     workdir_lib.upload_dir(staging, workdir_lib.join(workdir, MODEL_SUBDIR))
 
 
+def resolve_class_weights(exp: Experiment, train_labels: Sequence[np.ndarray | None]) -> None:
+  """Sets each task's class_weights from its config and training labels, and logs them."""
+  for run_task, labels in zip(exp.tasks, train_labels):
+    cfg = run_task.config
+    run_task.class_weights = class_weights_lib.resolve(
+        cfg.class_weights, labels, run_task.label_names, run_task.task.problem_type,
+        cfg.max_pos_weight)
+    if run_task.class_weights:
+      what = "pos_weight" if run_task.task.is_multilabel else "class weights"
+      log.info("%s %s: %s", run_task.name, what, "  ".join(
+          f"{n} {w:.2f}" for n, w in zip(run_task.label_names, run_task.class_weights)))

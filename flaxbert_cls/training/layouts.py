@@ -17,9 +17,10 @@ import numpy as np
 import optax
 
 from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
+from flaxbert_cls.training import selection
 from flaxbert_cls.training import batches as batches_lib
-from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import members as members_lib
 from flaxbert_cls.training import optimizer as optim
@@ -46,8 +47,8 @@ class SingleRun:
               steps: range) -> Iterator[dict[str, jax.Array]]:
     return batches_lib.global_batches(self.exp, splits, mixture, steps)
 
-  def tracker(self) -> evaluate_lib.Bests:
-    return evaluate_lib.Bests(self.exp.selection_key(), self.exp.config.early_stopping_patience)
+  def tracker(self) -> selection.Bests:
+    return selection.Bests(self.exp.selection_key(), self.exp.config.early_stopping_patience)
 
   def each_member(self, params: Any) -> Iterator[tuple[int, Any]]:
     """(member index, that member's parameters as a single run's tree)."""
@@ -61,10 +62,13 @@ class SingleRun:
 
   def decide(self, workdir: str, step: int, logits: np.ndarray, labels: np.ndarray
              ) -> dict[str, float]:
-    """Temperature / thresholds fitted on the eval's logits and saved (config.calibrate, ...)."""
-    return decisions_lib.after_eval(self.exp, workdir, step, logits, labels)
+    """Temperature / thresholds / blend weight fitted on the eval's logits and saved
+    (config.calibrate, ...); a blend reads the baseline's validation probabilities."""
+    baseline = (baseline_lib.validation_probabilities(workdir, len(labels))
+                if self.exp.config.blend_baseline else None)
+    return decisions_lib.after_eval(self.exp, workdir, step, logits, labels, baseline)
 
-  def results(self, best: evaluate_lib.Bests, workdir: str) -> dict[str, Any]:
+  def results(self, best: selection.Bests, workdir: str) -> dict[str, Any]:
     """What the run's result adds at its end."""
     del best, workdir
     return {}
@@ -83,8 +87,8 @@ class StackedMembers(SingleRun):
     del mixture  # each member draws its own seed's
     return batches_lib.stacked_global_batches(self.exp, splits, steps)
 
-  def tracker(self) -> evaluate_lib.Bests:
-    return evaluate_lib.Bests(self.exp.selection_key(), self.exp.config.early_stopping_patience,
+  def tracker(self) -> selection.Bests:
+    return selection.Bests(self.exp.selection_key(), self.exp.config.early_stopping_patience,
                               len(self.exp.members))
 
   @functools.cached_property
@@ -110,7 +114,7 @@ class StackedMembers(SingleRun):
     del workdir, step, logits, labels  # decisions are one run's (fit them on the chosen member)
     return {}
 
-  def results(self, best: evaluate_lib.Bests, workdir: str) -> dict[str, Any]:
+  def results(self, best: selection.Bests, workdir: str) -> dict[str, Any]:
     """The sweep table: each member scored by its best evaluation (what export --member picks)."""
     if not all(t.best for t in best.trackers):
       return {}

@@ -12,7 +12,6 @@ from clu import parameter_overview
 from flax import traverse_util
 from ml_collections import ConfigDict
 
-from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +62,9 @@ def create_learning_rate_schedule(config: ConfigDict, total_steps: int) -> optax
   lr = config.learning_rate
   warmup = warmup_steps_for(config, total_steps)
   decay_steps = max(total_steps - warmup, 1)
-  kind = config.lr_schedule
-  if kind == "linear":
-    decay = optax.linear_schedule(lr, 0.0, decay_steps)
-  elif kind == "cosine":
-    decay = optax.cosine_decay_schedule(lr, decay_steps)
-  elif kind == "constant":
-    decay = optax.constant_schedule(lr)
-  else:
-    raise UserError(f"config.lr_schedule={kind!r}: use 'linear', 'cosine' or 'constant'")
+  decay = {"linear": lambda: optax.linear_schedule(lr, 0.0, decay_steps),  # config.LR_SCHEDULES
+           "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps),
+           "constant": lambda: optax.constant_schedule(lr)}[config.lr_schedule]()
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])

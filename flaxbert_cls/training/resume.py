@@ -20,8 +20,8 @@ from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.data import batching as data_lib
 from flaxbert_cls.errors import Preempted, UserError
 from flaxbert_cls.model import hf
+from flaxbert_cls.training import selection
 from flaxbert_cls.training import checkpoints as checkpoint_lib
-from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import optimizer as optim
 from flaxbert_cls.training import starts
@@ -117,7 +117,7 @@ def check_same_run(ckpt: checkpoint_lib.Checkpoints, run_meta: dict[str, Any]) -
 
 
 def restore_or_init(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkpoints,
-                    run_meta: dict[str, Any], best: evaluate_lib.Bests
+                    run_meta: dict[str, Any], best: selection.Bests
                     ) -> tuple[TrainState, Any, Any, Any]:
   """(state, shardings, optimizer, schedule): the workdir's latest checkpoint, else the
   start's weights on a fresh state. `best` takes the checkpoint's best evals.

@@ -57,11 +57,8 @@ def mlflow_tracking_uri(config: ml_collections.ConfigDict) -> str:
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """A tracker not built yet, or a tracking URI MLflow cannot use, is refused in one line
-  before anything is read."""
-  if "wandb" in report_to(config):
-    raise UserError(f"config.report_to={tuple(config.report_to)!r}: the W&B writer is not built "
-                    "yet; use 'mlflow' (and 'tensorboard')")
+  """A tracking URI MLflow cannot use is refused in one line before anything is read (the
+  environment's: config.validate checks the keys)."""
   uri = mlflow_tracking_uri(config)
   if "mlflow" not in report_to(config) or not uri:
     return

@@ -17,9 +17,9 @@ import ml_collections
 
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.data import batching as data_lib
-from flaxbert_cls.data import class_weights as class_weights_lib
 from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
+from flaxbert_cls.training import selection
 from flaxbert_cls.training import batches as batches_lib
 from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import evaluate as evaluate_lib
@@ -53,7 +53,7 @@ class Run:
   total_steps: int
   ckpt: checkpoint_lib.Checkpoints
   run_meta: dict[str, Any]
-  best: evaluate_lib.Bests
+  best: selection.Bests
   state: Any
   jit_train: Callable
   jit_eval: Callable
@@ -68,8 +68,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   decisions_lib.check_run(exp)
   train_data = experiment_lib.read_examples_tokenized(exp, "train")
   train_splits = [split for _, split in train_data]
-  class_weights_lib.resolve_for_run(exp, [split.labels for split in train_splits])
-  class_weights_lib.choose_selection_metrics(exp, [split.labels for split in train_splits])
+  experiment_lib.resolve_class_weights(exp, [split.labels for split in train_splits])
+  selection.choose_selection_metrics(exp, [split.labels for split in train_splits])
   eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
   # In a thread from here: it overlaps the state's creation and the first compile.
   baseline = baseline_lib.start(exp, workdir, train_data[0][0], eval_data[0][0],
@@ -172,7 +172,7 @@ def _evaluate(run: Run, params: Any, step: int, train_log: progress_lib.TrainLog
 
 
 def _finish(layout: layouts.SingleRun, state: Any, eval_metrics: dict[str, float],
-            train_log: progress_lib.TrainLog, best: evaluate_lib.Bests, workdir: str
+            train_log: progress_lib.TrainLog, best: selection.Bests, workdir: str
             ) -> dict[str, Any]:
   if best.best:
     log.info("Best %s %.4f at step %d%s: %s", best.key, best.best["metrics"][best.key],
