@@ -147,8 +147,9 @@ def fit(train: readers.Examples, validation: readers.Examples, task: tasks_lib.T
 
 def _class_probabilities(model: Any, x: Any, num_labels: int) -> np.ndarray:
   """[N, num_labels]: a class absent from the training rows has probability 0."""
-  probabilities = np.zeros((x.shape[0] if hasattr(x, "shape") else len(x), num_labels))
-  probabilities[:, model.classes_] = model.predict_proba(x)
+  seen = model.predict_proba(x)  # columns: the classes seen in training
+  probabilities = np.zeros((len(seen), num_labels))
+  probabilities[:, model.classes_] = seen
   return probabilities
 
 
@@ -294,10 +295,7 @@ def validation_probabilities(workdir: str, num_rows: int) -> np.ndarray | None:
   """The saved baseline's probabilities on the run's validation rows, or None when the run has
   none for `num_rows` rows (multi-label, regression, no baseline, other rows)."""
   path = workdir_lib.join(workdir, PROBABILITIES_FILE)
-  saved = read(workdir)
-  if not saved or not workdir_lib.is_file(path):
-    return None
-  if saved.get("key", {}).get("validation_rows") != num_rows:
+  if not workdir_lib.is_file(path):
     return None
   probabilities = np.load(io.BytesIO(workdir_lib.read_bytes(path)))
   return probabilities if len(probabilities) == num_rows else None
