@@ -40,7 +40,7 @@ test-fast: install-test  # without the tests marked slow (end-to-end runs on rea
 	$(BIN)/python -m pytest -q --durations=15 -m "not slow" tests
 
 bench: install-test
-	$(BIN)/python tools/bench.py
+	$(BIN)/python benchmarks/bench.py
 
 recipes: install  # every recipe against its baseline on unseen rows -> docs/results.md (~1.5 h)
 	$(BIN)/python benchmarks/recipes.py --recipe=all

@@ -234,12 +234,18 @@ def table_row(r: dict[str, Any]) -> str:
       f"{r['machine']}, {r['date']}"]) + " |"
 
 
-def _rows_from(path: str) -> dict[str, dict[str, Any]]:
-  """The rows docs/results.md holds (its JSON block), by recipe."""
+def page_rows(path: str) -> list[dict[str, Any]]:
+  """The rows a results page holds (its JSON block, rows_block's); [] without one."""
   if not os.path.isfile(path):
-    return {}
+    return []
   found = re.search(r"```json\n(.*?)```", open(path).read(), re.S)
-  return {r["recipe"]: r for r in json.loads(found.group(1))} if found else {}
+  return json.loads(found.group(1)) if found else []
+
+
+def rows_block(rows: list[dict[str, Any]]) -> list[str]:
+  """A results page's closing lines: its rows as the command wrote them, for --render."""
+  return ["The rows as the command wrote them:", "", "```json", json.dumps(rows, indent=1),
+          "```", ""]
 
 
 def write(rows: dict[str, dict[str, Any]]) -> None:
@@ -265,12 +271,7 @@ def write(rows: dict[str, dict[str, Any]]) -> None:
       "",
       table,
       "",
-      "The rows as the command wrote them:",
-      "",
-      "```json",
-      json.dumps(ordered, indent=1),
-      "```",
-      ""])
+      *rows_block(ordered)])
   with open(RESULTS, "w") as f:
     f.write(page)
   summary = "\n".join([
@@ -297,7 +298,7 @@ def main() -> None:
   parser.add_argument("--render", action="store_true",
                       help="rewrite the pages from the rows docs/results.md holds; no training")
   args = parser.parse_args()
-  rows = _rows_from(RESULTS)
+  rows = {r["recipe"]: r for r in page_rows(RESULTS)}
   if args.render:
     write(rows)
     return

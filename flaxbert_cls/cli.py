@@ -71,7 +71,7 @@ _P_VALUE = flags.DEFINE_float("p_value", 0.01, "monitor: ... and its two-sample 
                               "is below this.")
 _LABEL_COLUMN = flags.DEFINE_string("label_column", None, "monitor: gold labels in both files "
                                     "(adds each set's metrics to the report).")
-# plan (compile for a TPU topology without one: training/plan.py).
+# plan (compile for a TPU topology without one: plan/plan.py).
 _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: TPU topology, e.g. v5e:4x4, v4:2x2x1 "
                                 "(plan --list).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "plan: slices of that topology (multi-slice).")
@@ -190,7 +190,7 @@ def _plan() -> None:
   """Compile the run's programs for --topology; exit 3 (one line) when one does not fit."""
   from flaxbert_cls.model import topologies  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.report import plan_table  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.plan import plan as plan_lib  # pylint: disable=g-import-not-at-top
   if _LIST.value:
     print("\n".join(topologies.accepted_topologies()), flush=True)
     return

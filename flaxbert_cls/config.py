@@ -62,11 +62,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.label_delimiter = ","
   c.label_names_file = ""  # custom task: label names, one a line (id order), e.g. emotions.txt
   c.file_columns = ()  # custom task: column names of a header-less TSV/CSV (GoEmotions)
-  # '' none | 'auto' | numbers in label order, comma-separated ('1,4.5'; a string, so that
-  # --config.class_weights=auto works). Single-label: weighted softmax cross-entropy, 'auto' =
-  # inverse class frequency scaled to a mean weight of 1 over the training examples.
+  # '' | 'auto' (inverse frequency) | 'effective[:BETA]' (inverse effective number of samples,
+  # beta 0.999) | numbers in label order ('1,4.5'; a string: --config.class_weights=auto works).
+  # Single-label: weighted softmax CE, weights scaled to mean 1 over the training examples.
   # Multi-label: BCE pos_weight per label, 'auto' = negatives/positives, clipped (below).
   c.class_weights = ""
+  # Single-label: tau of the logit-adjusted loss (Menon et al. 2021): tau * log(class prior)
+  # added to the logits in training only, so argmax favours no class for being frequent. 0 = off.
+  c.logit_adjustment = 0.0
   c.max_pos_weight = 30.0  # multi-label 'auto': pos_weight clip (rare labels; see design.md)
   c.metrics = ()  # custom task: () = accuracy (classification) / pearson, spearmanr
   c.main_metric = ""  # custom task: '' = the first of metrics
@@ -94,19 +97,15 @@ def default_config() -> ml_collections.ConfigDict:
   # last hidden state over non-padding tokens, as sentence-transformers models were trained).
   c.pooling = "cls"
   c.length_grouping_window = 0  # > 0: sort by length within windows of this many batches
-  # Texts longer than max_seq_length (single-text tasks; docs/long_documents.md):
-  # 'truncate' keeps the first tokens; 'head_tail' the first head_tokens and the last
-  # ones (Sun et al. 2019); 'windows' reads up to max_windows windows whose starts are
-  # window_stride tokens apart and classifies the document by the mean (or max,
-  # window_pooling) of its windows' logits, in training, eval and predict alike.
+  # Texts over max_seq_length (single-text tasks; docs/long_documents.md): 'truncate' keeps the
+  # first tokens, 'head_tail' the first head_tokens and the last (Sun et al. 2019), 'windows'
+  # up to max_windows windows window_stride tokens apart, pooled (window_pooling) logits.
   c.long_document = "truncate"
   c.head_tokens = -1  # head_tail: tokens kept from the start; -1 = 128/510 of them (Sun et al.)
   c.window_stride = 64  # windows: tokens between window starts, in [1, max_seq_length - 2]
   c.max_windows = 8  # windows: at most this many per document (the rest is cut)
   c.window_pooling = "mean"  # windows: 'mean' or 'max' of the windows' logits
-  # windows: > 0 trains each document on this many of its windows, drawn anew at each step
-  # (a cheaper epoch); eval and predict read all of them. 0 = train on all.
-  c.train_windows = 0
+  c.train_windows = 0  # windows: > 0 trains on this many per document per step; eval reads all
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
   # XLA's persistent compilation cache: a second start of the same config skips compiling.
   c.compilation_cache_dir = "~/.cache/flaxbert_cls/xla"  # '' = off
@@ -253,7 +252,10 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(config.max_pos_weight >= 1, "max_pos_weight", "must be >= 1")
   weights = class_weights_lib.parse_class_weights(config.class_weights)
   check(weights is not None, "class_weights",
-        "use '' (none), 'auto' or positive numbers in label order, e.g. '1,4.5'")
+        "use '', 'auto', 'effective[:BETA]' or positive numbers in label order, e.g. '1,4.5'")
+  check(config.logit_adjustment >= 0, "logit_adjustment", "must be >= 0 (0 = off)")
+  check(not config.logit_adjustment or config.problem_type != "multi_label_classification",
+        "logit_adjustment", "adjusts a softmax by class priors: single-label tasks only")
   check(config.tune_thresholds in (None, True, False), "tune_thresholds",
         "use True, False or None (None: tune for multi-label only)")
   check(not (config.thresholds_file and config.tune_thresholds),
@@ -388,9 +390,8 @@ def glue_config(task_name: str, **overrides) -> ml_collections.ConfigDict:
   c = default_config()
   c.task_name = task_name
   c.max_seq_length = 128
-  # Fine buckets + length grouping: an SST-2 epoch pads to 17 tokens on average instead of
-  # 128 (MiniLM on CPU: 10.6 min instead of 62; tools/bench.py --lengths=sst2). Compiles are
-  # one per bucket and land in the persistent cache.
+  # Fine buckets + length grouping: an SST-2 epoch pads to 17 tokens on average, not 128 (MiniLM
+  # on CPU: 10.6 min, not 62; benchmarks/bench.py --lengths=sst2); compiles are cached.
   c.seq_buckets = (8, 12, 16, 24, 32, 48, 64, 96, 128)
   c.length_grouping_window = 50
   c.eval_every_steps = 1000

@@ -31,7 +31,7 @@ def make_tiny_checkpoint(directory: str, hidden: int = 32, layers: int = 2, head
   """A random-init BERT saved like an HF checkpoint, with the MiniLM tokenizer.
 
   `source`: where config.json (the rest of the config) and the tokenizer files come
-  from; default the packaged MiniLM (tools/gpu_check.py passes its carried copy).
+  from; default the packaged MiniLM (benchmarks/gpu_check.py passes its carried copy).
   """
   os.makedirs(directory, exist_ok=True)
   source = source or minilm_dir()

@@ -1,69 +1,66 @@
-"""tools/bench.py helpers: FLOP formula, peak table, epoch plans, table output (no timing)."""
+"""benchmarks/bench.py run as a user runs it (BERT-Tiny, both frameworks, SST-2 lengths): the
+figures it derives from its step times, its FLOP count and its table (no timing asserted)."""
 
+import json
 import os
+import subprocess
 import sys
 
-import numpy as np
+import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tools"))
+from model_fixtures import REPO
 
-import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
-import bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-import bench_sst2  # pylint: disable=g-import-not-at-top,wrong-import-position
+BATCH, SEQ = 8, 32
+TINY = dict(hidden=128, layers=2, intermediate=512)  # google/bert_uncased_L-2_H-128_A-2
 
 
-def test_train_flops_bert_base():
-  cfg = bench_lib.hf_config_dict("bert-base")
-  # 85M encoder (+ pooler) parameters: 6 * N * tokens, plus attention's 12 * L * B * S^2 * H.
-  n = 12 * (4 * 768 ** 2 + 2 * 768 * 3072) + 768 ** 2
-  expected = 6 * n * 32 * 128 + 12 * 12 * 32 * 128 ** 2 * 768
-  assert bench_lib.train_flops(cfg, 32, 128) == expected
-  assert 2.0e12 < expected < 2.3e12
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, glue_dir):
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  env = dict(os.environ, FLAXBERT_DATA=os.path.dirname(glue_dir))
+  env.pop("XLA_FLAGS", None)  # conftest's 8 simulated devices: the bench is for one
+  run = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "bench.py"), "--model=bert-tiny",
+       f"--batch={BATCH}", f"--seq={SEQ}", "--buckets=16", "--lengths=sst2", "--steps=2",
+       "--warmup=1", "--vs-torch", f"--json={out}"],
+      env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return json.loads(out.read_text()), run.stdout
 
 
-def test_peak_flops_table_matches_device_names():
-  assert bench_lib.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
-  assert bench_lib.peak_flops_for("NVIDIA A100-SXM4-40GB") == 312e12
-  assert bench_lib.peak_flops_for("TPU v5 lite") == 197e12
-  assert bench_lib.peak_flops_for("TPU v5p") == 459e12
-  assert bench_lib.peak_flops_for("TPU v6 lite") == 918e12
-  assert bench_lib.peak_flops_for("cpu") is None
+def test_speed_figures_follow_from_the_step_times(bench_run):
+  report, _ = bench_run
+  ours, torch = report["results"]
+  assert ours["framework"].startswith("flaxbert-cls (jax"), ours["framework"]
+  assert torch["framework"].startswith("torch"), torch["framework"]
+  for r in (ours, torch):
+    assert r["step_s"] == r["per_seq"][str(SEQ)]["step_s"] > 0
+    assert r["examples_per_s"] == pytest.approx(BATCH / r["step_s"])
+    assert r["tokens_per_s"] == pytest.approx(BATCH * SEQ / r["step_s"])
+    # MFU over the chip's peak: on a CPU ours measures a float32 matmul, torch has none.
+    assert r["mfu"] == (pytest.approx(r["train_flops"] / r["step_s"] / r["peak_flops"])
+                        if r.get("peak_flops") else None)
+  assert ours["peak_flops_source"] == "measured f32 matmul" and torch["mfu"] is None
+  assert ours["speedup_vs_torch"] == pytest.approx(torch["step_s"] / ours["step_s"])
+  assert ours["host_memory_vs_torch"] == pytest.approx(
+      ours["peak_host_bytes"] / torch["peak_host_bytes"])
 
 
-def test_epoch_plans_and_interpolation():
-  lengths = np.array([5, 9, 17, 30, 70, 12, 8, 3] * 16)
-  plans = bench_sst2.epoch_lengths(lengths, 8, 128, (16, 32, 64, 128), grouping_window=4)
-  assert len(plans["fixed"]) == 16 and set(plans["fixed"]) == {128}
-  assert set(plans["buckets"]) <= {16, 32, 64, 128}
-  assert plans["buckets+grouping"].mean() <= plans["buckets"].mean()
-  assert (plans["dynamic"] <= plans["buckets"]).all()
-  per_seq = {"32": {"step_s": 1.0}, "64": {"step_s": 2.0}, "128": {"step_s": 5.0}}
-  assert bench_sst2.step_time_at(per_seq, 48) == 1.5
-  assert bench_sst2.step_time_at(per_seq, 16) == 0.5  # below the smallest: proportional
-  est = bench_sst2.epoch_estimates({"per_seq": per_seq}, plans, ("fixed",))
-  assert est["fixed"] == 16 * 5.0
+def test_train_flops_are_six_n_tokens_plus_attention(bench_run):
+  report, _ = bench_run
+  h, layers, inter = TINY["hidden"], TINY["layers"], TINY["intermediate"]
+  dense = 6 * (layers * (4 * h * h + 2 * h * inter) + h * h) * BATCH * SEQ  # + the pooler
+  attention = 12 * layers * BATCH * SEQ ** 2 * h  # QK^T and PV, forward and backward
+  assert report["results"][0]["train_flops"] == dense + attention
 
 
-def test_summary_and_table():
-  class Args:
-    model, batch, seq, dtype = "bert-base", 32, 128, "float32"
-  results = [dict(framework="ours", per_seq={"128": {"step_s": 2.0, "compile_s": 10.0}},
-                  peak_host_bytes=2e9, peak_flops=4e12),
-             dict(framework="torch", per_seq={"128": {"step_s": 3.0, "compile_s": 1.0}},
-                  peak_host_bytes=3e9)]
-  bench.summarize(Args, results)
-  assert results[0]["examples_per_s"] == 16.0
-  assert results[0]["speedup_vs_torch"] == 1.5
-  assert 0 < results[0]["mfu"] < 1 and results[1]["mfu"] is None
-  table = bench.format_table(results)
-  assert "speedup vs torch: 1.50x" in table and "ours" in table and "torch" in table
-
-
-def test_data_dir_default_and_override(monkeypatch):
-  import common  # pylint: disable=g-import-not-at-top
-  monkeypatch.delenv("FLAXBERT_DATA", raising=False)
-  assert common.data_dir() == os.path.join(os.path.dirname(common.REPO), "shared", "data")
-  monkeypatch.setenv("FLAXBERT_DATA", "/elsewhere")
-  assert common.data_dir() == "/elsewhere"
-  assert common.data_dir("given") == "given"
+def test_sst2_epoch_estimates_sum_step_times_over_the_epochs_batches(bench_run):
+  report, stdout = bench_run
+  ours, torch = report["results"]
+  assert set(ours["epoch_s"]) == {"fixed", "buckets", "buckets+grouping"}
+  assert set(torch["epoch_s"]) == {"fixed", "dynamic", "dynamic+grouping"}
+  batches = 67349 // BATCH  # SST-2 train's full batches, each padded to --seq when fixed
+  for r in (ours, torch):
+    assert r["epoch_s"]["fixed"] == pytest.approx(batches * r["step_s"], rel=1e-6)
+  assert f"SST-2 train epoch (67349 examples, {batches} batches of {BATCH})" in stdout
+  assert "speedup vs torch:" in stdout and "framework" in stdout.splitlines()[0]

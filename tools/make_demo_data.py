@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import shutil
 
-import common
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import common  # noqa: E402  (benchmarks/common.py: the repository on sys.path, the data folder)
 
 
 def sample_rows(train_bytes: bytes, num_rows: int, seed: int,

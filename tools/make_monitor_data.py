@@ -17,8 +17,11 @@ import csv
 import json
 import os
 import random
+import sys
 
-import common
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import common  # noqa: E402  (benchmarks/common.py: the repository on sys.path, the data folder)
 
 
 def _write(path: str, rows: list[dict[str, str]]) -> None:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-import common  # noqa: F401  (puts the repository on sys.path)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import common  # noqa: E402  (benchmarks/common.py: the repository on sys.path, the data folder)
 import numpy as np
 from sklearn.model_selection import train_test_split
 

@@ -337,7 +337,7 @@ def with_label_names(task: Task, label_names: Sequence[str]) -> Task:
 TASK_KEYS = ("train_file", "validation_file", "data_dir", "dataset_name", "dataset_config_name",
              "tfds_name", "tfds_data_dir", "text_columns", "label_column", "label_names",
              "is_regression", "metrics", "main_metric", "problem_type", "label_delimiter",
-             "label_names_file", "file_columns", "class_weights")
+             "label_names_file", "file_columns", "class_weights", "logit_adjustment")
 
 
 def task_configs(config: ml_collections.ConfigDict

@@ -21,6 +21,9 @@ class HeadLoss:
   # Single-label: weight per class (weighted softmax CE). Multi-label: BCE pos_weight per
   # label. () = unweighted.
   class_weights: tuple[float, ...] = ()
+  # Single-label: added to the logits before the cross-entropy (tau * log prior per class:
+  # the logit-adjusted loss); () = none. In the loss only: predictions use the logits as is.
+  logit_offsets: tuple[float, ...] = ()
 
 
 def _head_loss(spec: "bool | HeadLoss") -> HeadLoss:
@@ -46,6 +49,8 @@ def example_losses(logits: jax.Array, labels: jax.Array, spec: "bool | HeadLoss"
       bce = bce + (weights - 1.0) * labels * optax.sigmoid_binary_cross_entropy(
           logits, jnp.ones_like(logits))
     return jnp.mean(bce, axis=-1)
+  if spec.logit_offsets:
+    logits = logits + jnp.asarray(spec.logit_offsets, jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return losses if weights is None else losses * weights[labels]
 

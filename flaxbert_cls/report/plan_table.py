@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any
 
-from flaxbert_cls.training import plan as plan_lib
+from flaxbert_cls.plan import plan as plan_lib
 
 _GIB = 2**30
 

@@ -6,7 +6,6 @@ previous workdir), a saved run read back (`runs`), the optimizer and its masks
 (`optimizer`), the jitted step (`step`), the members of a sweep as a leading state axis
 (`members`) and the one place a sweep and a run differ (`layouts`), batches per step
 (`batches`), checkpoints and resume (`checkpoints`, `resume`), evaluation during and after
-training (`evaluate`), progress and metrics files (`progress`), the loop (`train`) and
-`plan` (the run's programs compiled for a TPU topology, `program_stats`). It
-imports config, data, model and decisions; nothing from report, serving or cli.
+training (`evaluate`), progress and metrics files (`progress`) and the loop (`train`). It
+imports config, data, model and decisions; nothing from plan, report, serving or cli.
 """

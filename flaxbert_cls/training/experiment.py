@@ -51,6 +51,9 @@ class RunTask:
   # Loss weights per class (multi-label: BCE pos_weight per label); () = none. Resolved
   # from config.class_weights and the training labels (resolve_class_weights).
   class_weights: tuple[float, ...] = ()
+  # tau * log(class prior) per class, added to the logits in the loss (config.logit_adjustment);
+  # () = none. Resolved with the class weights.
+  logit_offsets: tuple[float, ...] = ()
 
   @property
   def num_labels(self) -> int:
@@ -106,7 +109,8 @@ class Experiment:
   @property
   def head_losses(self) -> Any:
     """The train step's loss per head (losses.HeadLoss; a tuple for a multi-task run)."""
-    losses = tuple(HeadLoss(t.task.problem_type, tuple(t.class_weights)) for t in self.tasks)
+    losses = tuple(HeadLoss(t.task.problem_type, tuple(t.class_weights),
+                            tuple(t.logit_offsets)) for t in self.tasks)
     return losses if self.multitask else losses[0]
 
   @property
@@ -290,7 +294,8 @@ def save_model_dir(exp: Experiment, workdir: str) -> None:
 
 
 def resolve_class_weights(exp: Experiment, train_labels: Sequence[np.ndarray | None]) -> None:
-  """Sets each task's class_weights from its config and training labels, and logs them."""
+  """Sets each task's class_weights and logit offsets from its config and training labels,
+  and logs them."""
   for run_task, labels in zip(exp.tasks, train_labels):
     cfg = run_task.config
     run_task.class_weights = class_weights_lib.resolve(
@@ -300,3 +305,9 @@ def resolve_class_weights(exp: Experiment, train_labels: Sequence[np.ndarray | N
       what = "pos_weight" if run_task.task.is_multilabel else "class weights"
       log.info("%s %s: %s", run_task.name, what, "  ".join(
           f"{n} {w:.2f}" for n, w in zip(run_task.label_names, run_task.class_weights)))
+    run_task.logit_offsets = class_weights_lib.logit_offsets(
+        cfg.logit_adjustment, labels, run_task.num_labels, run_task.task.problem_type)
+    if run_task.logit_offsets:
+      log.info("%s logit adjustment (tau * log prior, added in the loss): %s", run_task.name,
+               "  ".join(f"{n} {o:+.2f}" for n, o in zip(run_task.label_names,
+                                                         run_task.logit_offsets)))

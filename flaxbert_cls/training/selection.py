@@ -24,7 +24,7 @@ SKEWED = 0.2  # smallest / largest training class below this: accuracy hides the
 
 
 def selection_metric(problem_type: str, main_metric: str, explicit: bool,
-                     has_class_weights: bool, labels: np.ndarray | None, num_labels: int
+                     rebalanced: bool, labels: np.ndarray | None, num_labels: int
                      ) -> tuple[str, str]:
   """(the metric to choose checkpoints by, why): macro F1 instead of a defaulted accuracy
   when the run weighs classes or its training classes are skewed; else `main_metric`."""
@@ -32,8 +32,8 @@ def selection_metric(problem_type: str, main_metric: str, explicit: bool,
       or labels is None or num_labels < 2):
     return main_metric, ""
   counts = np.bincount(np.asarray(labels, np.int64), minlength=num_labels)
-  if has_class_weights:
-    return "f1_macro", "class_weights is set"
+  if rebalanced:
+    return "f1_macro", "class_weights or logit_adjustment is set"
   if counts.min() < SKEWED * counts.max():
     return "f1_macro", (f"the training classes are skewed (smallest {counts.min()} rows, "
                         f"largest {counts.max()})")
@@ -47,7 +47,8 @@ def choose_selection_metrics(exp: Any, train_labels: Sequence[np.ndarray | None]
     task = run_task.task
     metric, why = selection_metric(task.problem_type, task.main_metric,
                                    bool(run_task.config.main_metric),
-                                   bool(run_task.class_weights), labels, run_task.num_labels)
+                                   bool(run_task.class_weights or run_task.logit_offsets),
+                                   labels, run_task.num_labels)
     if metric != task.main_metric:
       run_task.task = dataclasses.replace(task, main_metric=metric)
       log.info("%schoosing checkpoints by %s, not %s: %s (set config.main_metric to choose)",

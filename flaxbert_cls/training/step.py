@@ -106,7 +106,7 @@ def jit_train_step(exp: experiment_lib.Experiment, params: Any, state_shardings:
   """The train step as training compiles it: (state, batch) -> (state, metrics, finite).
 
   The state is donated; shardings, freezing, accumulation and the CPU scheduler come
-  from exp.config (tools/bench.py times this same program).
+  from exp.config (benchmarks/bench.py times this same program).
   """
   config = exp.config
   return jax.jit(

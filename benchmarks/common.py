@@ -1,7 +1,9 @@
-"""What the tools share: the repository's paths, the shared data folder, a short recipe.
+"""What the benchmarks and the data tools share: the repository's paths, the shared data folder,
+a short recipe.
 
-Importing it puts the repository root on sys.path, so `python tools/NAME.py` finds
-flaxbert_cls in a checkout without an install.
+Importing it puts the repository root on sys.path, so `python benchmarks/NAME.py` (and
+tools/NAME.py, which puts benchmarks/ on its path first) finds flaxbert_cls in a checkout
+without an install.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def data_path(*parts: str, override: str = "") -> str:
 
 
 def short_run_config(steps: int, **overrides: Any) -> Any:
-  """The tools' short fine-tune: the packaged MiniLM, lr 1e-4, 10% warmup, four log lines."""
+  """The benchmarks' short fine-tune: the packaged MiniLM, lr 1e-4, 10% warmup, four log lines."""
   from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
   c = default_config()

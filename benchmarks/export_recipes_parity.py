@@ -1,6 +1,6 @@
 """The mean-pooled and windowed recipes in PyTorch and ONNX Runtime vs `predict`, on real rows.
 
-  python tools/export_recipes_parity.py [--steps=30] [--rows=512] [--docs=96]
+  python benchmarks/export_recipes_parity.py [--steps=30] [--rows=512] [--docs=96]
       [--workdir=/tmp/export_recipes]
 
 1. GoEmotions (configs/goemotions.py: mean pooling, multi-label, pos_weight), the packaged

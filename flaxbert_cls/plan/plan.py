@@ -25,13 +25,13 @@ from flaxbert_cls.data import tokenization
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import sharding as sharding_lib
 from flaxbert_cls.model import topologies
+from flaxbert_cls.plan import program_stats
 from flaxbert_cls.training import batches as batches_lib
 from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import layouts
 from flaxbert_cls.training import members as members_lib
-from flaxbert_cls.training import program_stats
 from flaxbert_cls.training import state as state_lib
 from flaxbert_cls.training import step as step_lib
 

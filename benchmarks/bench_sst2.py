@@ -1,4 +1,4 @@
-"""tools/bench.py --lengths=sst2: an SST-2 train epoch's time from step times per padded length.
+"""benchmarks/bench.py --lengths=sst2: an SST-2 train epoch's time from step times per padded length.
 
 The real SST-2 train length distribution (tokenized with the MiniLM tokenizer, read from
 the shared data folder: common.data_dir) gives each batch of one epoch a padded length

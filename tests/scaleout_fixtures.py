@@ -1,36 +1,15 @@
-r"""Scale-out figures: the same fine-tune on several meshes, and state memory per device.
+"""The same fine-tune on several meshes of 8 CPU devices, and what each device holds.
 
-Trains the packaged pre-trained MiniLM for 20 steps (sequence length 16, batch 16,
-dropout as in its config) on 8 simulated CPU devices with each mesh
-(data, fsdp, tensor), with the package's experiment, state, sharding and train step, and
-compares losses, final parameters and dev accuracy with one device.
-Then measures the per-device bytes of parameters + optimizer state, from the
-arrays' addressable shards, replicated vs FSDP over 8 devices.
-
-  python tools/scaleout_report.py [--steps=20]
-
-tests/test_scaleout.py runs the same functions and asserts on the numbers.
+tests/test_scaleout.py asserts on these runs; benchmarks/scaleout_report.py prints them.
+Each run uses training's own pieces (experiment, mesh, state on its shardings, the jitted
+train step, training's global batches), so a mesh that trains differently shows here.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Before jax is imported: 8 simulated CPU devices (a no-op when the caller set XLA_FLAGS).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# tools/ itself, for `common`: tests/test_scaleout.py loads this file by its path.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-# pylint: disable=g-import-not-at-top,g-bad-import-order
-import argparse
 import collections
-import logging
+import os
 import resource
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -38,14 +17,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from common import DEMO_DATA, short_run_config
+from flaxbert_cls.config import default_config
 from flaxbert_cls.data import batching as data_lib
 from flaxbert_cls.data import sources as dataset_sources
-from flaxbert_cls.training import evaluate as evaluate_lib
-from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.model import hf
 from flaxbert_cls.model import sharding as sharding_lib
-from flaxbert_cls.training import train
+from flaxbert_cls.training import evaluate as evaluate_lib
+from flaxbert_cls.training import experiment as experiment_lib
+from model_fixtures import DEMO_DATA
 
 # (data, fsdp, tensor); (1, 1, 1) runs on the first device only and is the reference.
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (2, 1, 4))
@@ -63,11 +42,14 @@ def small_dev_file(directory: str, rows: int = 64) -> str:
 
 def scaleout_config(mesh_shape: Sequence[int], validation_file: str, steps: int = 20
                     ) -> ml_collections.ConfigDict:
-  return short_run_config(
-      steps, task_name="sst2", train_file=os.path.join(DEMO_DATA, "train.tsv"),
-      validation_file=validation_file,
-      max_seq_length=16, seq_buckets=(16,),  # SST-2 sentences average 13 tokens
-      batch_size=16, eval_batch_size=64, warmup_steps=2, mesh_shape=tuple(mesh_shape))
+  """The packaged MiniLM on the SST-2 sample, lr 1e-4, `steps` steps on `mesh_shape`."""
+  c = default_config()
+  c.update(model_name_or_path=hf.packaged_minilm_dir(), task_name="sst2",
+           train_file=os.path.join(DEMO_DATA, "train.tsv"), validation_file=validation_file,
+           max_seq_length=16, seq_buckets=(16,),  # SST-2 sentences average 13 tokens
+           batch_size=16, eval_batch_size=64, learning_rate=1e-4, num_train_steps=steps,
+           warmup_steps=2, log_every_steps=max(1, steps // 4), mesh_shape=tuple(mesh_shape))
+  return c
 
 
 _TRAIN_SPLITS: dict[Any, Any] = {}  # tokenized once per process: the same for every mesh
@@ -170,33 +152,3 @@ def max_param_diff(params: Any, reference: Any) -> float:
 
 def max_rel_loss_diff(losses: np.ndarray, reference: np.ndarray) -> float:
   return float(np.max(np.abs(losses - reference) / np.abs(reference)))
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=20)
-  args = parser.parse_args()
-  logging.basicConfig(level=logging.WARNING)
-  assert jax.device_count() == 8, f"needs 8 devices, found {jax.device_count()}"
-  with tempfile.TemporaryDirectory() as tmp:
-    dev = small_dev_file(tmp)
-    results = {m: run_mesh(m, dev, args.steps, evaluate=True) for m in MESHES}
-    ref = results[MESHES[0]]
-    print(f"MiniLM-L6 (22.7M parameters), {args.steps} steps, batch 16, seq 16, dropout 0.1, "
-          "8 simulated CPU devices\n")
-    print(f"{'mesh (data,fsdp,tensor)':>24} {'final loss':>11} {'max rel loss diff':>18} "
-          f"{'max |param diff|':>17} {'eval acc':>9} {'state MB/device':>16} {'wall s':>7} "
-          f"{'CPU s':>6}")
-    for mesh, r in results.items():
-      print(f"{str(mesh):>24} {r['losses'][-1]:>11.6f} "
-            f"{max_rel_loss_diff(r['losses'], ref['losses']):>18.2e} "
-            f"{max_param_diff(r['params'], ref['params']):>17.2e} {r['eval']['accuracy']:>9.4f} "
-            f"{r['state_bytes'] / 2**20:>16.1f} {r['seconds']:>7.1f} {r['cpu_seconds']:>6.1f}")
-    replicated = initial_state_bytes((8, 1, 1), dev)
-    fsdp = initial_state_bytes((1, 8, 1), dev)
-    print(f"\nparams + optimizer state per device: replicated (8,1,1) {replicated / 2**20:.1f} MB, "
-          f"fsdp=8 (1,8,1) {fsdp / 2**20:.1f} MB = 1/{replicated / fsdp:.2f}")
-
-
-if __name__ == "__main__":
-  main()

@@ -1,15 +1,15 @@
 """Serving benchmarks: int8 vs float32 predict, and inputs for a large streamed predict.
 
   # int8 (ONNX Runtime) vs float32 (JAX) on a labelled file, same process, interleaved:
-  python tools/bench_predict.py int8 --model=EXPORTED_DIR [--data=glue/SST-2/dev.tsv]
-  python tools/bench_predict.py int8 --model=GOEMOTIONS_EXPORT --data=goemotions/dev.tsv \
+  python benchmarks/bench_predict.py int8 --model=EXPORTED_DIR [--data=glue/SST-2/dev.tsv]
+  python benchmarks/bench_predict.py int8 --model=GOEMOTIONS_EXPORT --data=goemotions/dev.tsv \
       --label_column=labels   (multi-label: macro F1 of the model's own decisions)
   # a JSON Lines file of N rows (SST-2 train sentences repeated) and a tiny random model:
-  python tools/bench_predict.py make_input --output=/tmp/big.jsonl --rows=1000000
-  python tools/bench_predict.py make_tiny --output=/tmp/tiny_cls
+  python benchmarks/bench_predict.py make_input --output=/tmp/big.jsonl --rows=1000000
+  python benchmarks/bench_predict.py make_tiny --output=/tmp/tiny_cls
   # then: /usr/bin/time -v flaxbert-cls predict --model=/tmp/tiny_cls --input=/tmp/big.jsonl ...
   # predict into parts: 1 process, then --processes on 127.0.0.1 (pod_predict.py), same input:
-  python tools/bench_predict.py pod --model=/tmp/tiny_cls --input=/tmp/big.jsonl --processes=2
+  python benchmarks/bench_predict.py pod --model=/tmp/tiny_cls --input=/tmp/big.jsonl --processes=2
 
 Each timed pass tokenizes and predicts the whole file; the first pass of each (compiles)
 is not timed; the best of --repeats timed passes is reported (the machine is shared).

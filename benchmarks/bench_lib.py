@@ -1,4 +1,4 @@
-"""What tools/bench.py's workers share: model sizes, peak FLOP/s, FLOP count, batches, timing."""
+"""What benchmarks/bench.py's workers share: model sizes, peak FLOP/s, FLOP count, batches, timing."""
 
 from __future__ import annotations
 

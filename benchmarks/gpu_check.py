@@ -1,8 +1,8 @@
 r"""One-GPU check: numerics against the CPU, the CLI end to end, speed against PyTorch.
 
   bash tools/gpu_check.sh                     # on the GPU machine (how: tools/gpu_check.sh)
-  python tools/gpu_check.py [--smoke] [--sections=numerics,cli,bench] [--json=PATH]
-  python tools/gpu_check.py --sections=sweep  # opt-in (~1-2 min): N=8 MiniLM sweep vs 1 member
+  python benchmarks/gpu_check.py [--smoke] [--sections=numerics,cli,bench] [--json=PATH]
+  python benchmarks/gpu_check.py --sections=sweep  # opt-in (~1-2 min): N=8 MiniLM sweep vs 1 member
 
 Sections, each in its own subprocess with its own timeout (numerics and cli side by
 side, then bench alone); a failure is recorded in the JSON and the others still run:
@@ -12,11 +12,11 @@ side, then bench alone); a failure is recorded in the JSON and the others still 
   cli       `python -m flaxbert_cls.cli` train, eval and predict on a tiny random BERT
             (with the carried MiniLM tokenizer) and synthetic sentences, with
             --config.dtype=bfloat16 --config.attention_impl=cudnn --config.attention_dropout=0.0
-  bench     tools/bench.py's workers: BERT-base, seq 128, bf16 train step at batch 32 and
+  bench     benchmarks/bench.py's workers: BERT-base, seq 128, bf16 train step at batch 32 and
             larger ones while time is left, ours and PyTorch (bf16 autocast + SDPA): step
             time, the ratio, MFU, peak device memory, the card
 
-  sweep     (not in the default list, which must stay under 4 minutes) tools/bench_sweep.py:
+  sweep     (not in the default list, which must stay under 4 minutes) benchmarks/bench_sweep.py:
             8 MiniLM members (random weights, the carried config) in one program against
             one member alone, bf16, batch 32 x 128: examples/s ratio (target >= 3), memory
 
@@ -225,7 +225,7 @@ def section_bench_torch(settings: dict, args: argparse.Namespace) -> dict[str, A
 
 
 def section_sweep(settings: dict, args: argparse.Namespace) -> dict[str, Any]:
-  """N members in one program against one member alone (tools/bench_sweep.py's workers)."""
+  """N members in one program against one member alone (benchmarks/bench_sweep.py's workers)."""
   import bench_sweep  # pylint: disable=g-import-not-at-top
   s = settings["sweep"]
   result = bench_sweep.compare(argparse.Namespace(lora_rank=0, **{

@@ -1,11 +1,11 @@
 """Train-step benchmark: examples/s, tokens/s, compile time, peak memory, MFU.
 
-  python tools/bench.py --model=minilm --batch=32 --seq=128            # ours
-  python tools/bench.py --model=bert-base --vs-torch                   # + PyTorch, same run
-  python tools/bench.py --config=configs/demo.py --vs-torch            # sizes from a config
-  python tools/bench.py --lengths=sst2 --vs-torch                      # SST-2 epoch estimate
-  python tools/bench.py --data-only                                    # host batching cost
-  python tools/bench.py --model=minilm --json=bench.json
+  python benchmarks/bench.py --model=minilm --batch=32 --seq=128            # ours
+  python benchmarks/bench.py --model=bert-base --vs-torch                   # + PyTorch, same run
+  python benchmarks/bench.py --config=configs/demo.py --vs-torch            # sizes from a config
+  python benchmarks/bench.py --lengths=sst2 --vs-torch                      # SST-2 epoch estimate
+  python benchmarks/bench.py --data-only                                    # host batching cost
+  python benchmarks/bench.py --model=minilm --json=bench.json
 
 Each framework runs in its own subprocess, so peak host memory (ru_maxrss) is its
 own; `--rounds=N` alternates the subprocesses N times and reports medians (shared,
@@ -280,7 +280,7 @@ def format_table(results: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The flags (tools/gpu_check.py builds its workers' arguments with it too)."""
+  """The flags (benchmarks/gpu_check.py builds its workers' arguments with it too)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="", help="a configs/*.py file (overrides the below)")
   parser.add_argument("--model", default="minilm")

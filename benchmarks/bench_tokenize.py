@@ -1,6 +1,6 @@
 """Read + tokenize throughput of a large JSONL: this trainer's path against its peers.
 
-  python tools/bench_tokenize.py --repeat=15      # SST-2 train x15 = 1,010,235 rows
+  python benchmarks/bench_tokenize.py --repeat=15      # SST-2 train x15 = 1,010,235 rows
 
 Each path runs in its own subprocess (peak RSS is then its own) on the same file:
   ours:          readers.read_file + tokenization.cached_tokenize (content hash included,

@@ -1,6 +1,6 @@
 """Multi-task vs single-task fine-tuning on SST-2, CoLA, MRPC and RTE, and the task sampler.
 
-  python tools/multitask_report.py [--glue_dir=DIR] [--steps_per_task=150] [--batch_size=32] \
+  python benchmarks/multitask_report.py [--glue_dir=DIR] [--steps_per_task=150] [--batch_size=32] \
       [--workdir=/tmp/multitask_report]
 
 --glue_dir defaults to $FLAXBERT_DATA/glue, else ../shared/data/glue beside the repository.

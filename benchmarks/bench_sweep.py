@@ -1,8 +1,8 @@
 r"""Sweep speed and memory: N members in one program against solo runs; members per device.
 
-  python tools/bench_sweep.py --members=4 [--model=minilm] [--batch=32 --seq=128] [--lora]
-  python tools/bench_sweep.py --fit                    # members per device, MiniLM and BERT-base
-  python tools/bench_sweep.py --check                  # every member of a 2 lr x 2 seed MiniLM
+  python benchmarks/bench_sweep.py --members=4 [--model=minilm] [--batch=32 --seq=128] [--lora]
+  python benchmarks/bench_sweep.py --fit                    # members per device, MiniLM and BERT-base
+  python benchmarks/bench_sweep.py --check                  # every member of a 2 lr x 2 seed MiniLM
                                                        # sweep against its solo run
 
 Speed: one worker process times the solo train step (step_lib.jit_train_step), another the

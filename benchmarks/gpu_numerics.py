@@ -1,4 +1,4 @@
-"""tools/gpu_check.py's numerics section: bf16 on the accelerator against float32 on the CPU.
+"""benchmarks/gpu_check.py's numerics section: bf16 on the accelerator against float32 on the CPU.
 
 A random-init BERT (bench_lib.SIZES) with dropout off, the same float32 initial
 parameters on both sides, and the same batches: a learnable rule (each label has

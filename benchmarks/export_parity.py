@@ -1,6 +1,6 @@
 """Export parity and predict throughput on SST-2 dev, with a briefly fine-tuned MiniLM.
 
-  python tools/export_parity.py [--steps=48] [--workdir=/tmp/export_parity]
+  python benchmarks/export_parity.py [--steps=48] [--workdir=/tmp/export_parity]
 
 1. Fine-tunes the packaged MiniLM (all-MiniLM-L6-v2) for --steps steps on the demo
    SST-2 train sample, exports it, and compares PyTorch logits from the exported

@@ -1,4 +1,4 @@
-"""tools/bench.py's PyTorch worker: transformers' BertForSequenceClassification, AdamW.
+"""benchmarks/bench.py's PyTorch worker: transformers' BertForSequenceClassification, AdamW.
 
 Eager mode (no torch.compile), SDPA attention (transformers' default; --torch_attention=eager:
 its explicit softmax), bf16 via autocast on CUDA, gradient clipping as ours.
