@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/common.py: the data folder)
 import recipes  # noqa: E402  (benchmarks/recipes.py: the load sampler, the CLI runner)
 
 REPO = recipes.REPO
@@ -56,7 +57,7 @@ def _sst2_5pct(seed: int = 0, train: tuple[int, int] = (5700, 300),
   out = os.path.join(SKEWED_DIR, "sst2_5pct")
   if os.path.isfile(os.path.join(out, "dev.tsv")):
     return
-  path = os.path.join(recipes.data_dir(), "glue", "SST-2", "train.tsv")
+  path = os.path.join(common.data_dir(), "glue", "SST-2", "train.tsv")
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
   seen, by_label = set(), {0: [], 1: []}
@@ -83,11 +84,11 @@ def _sst2_5pct(seed: int = 0, train: tuple[int, int] = (5700, 300),
 def _newsgroups_longtail(seed: int = 0, largest: int = 400, ratio: float = 40.0) -> None:
   """The held-out recipe's training posts, group g (in a seeded order) keeping
   largest * ratio^(-rank/19) of them: 400 down to 10."""
-  recipes._newsgroups_split()  # pylint: disable=protected-access
+  recipes.newsgroups_split()
   out = os.path.join(SKEWED_DIR, "newsgroups_longtail")
   if os.path.isfile(os.path.join(out, "train.jsonl")):
     return
-  rows = recipes._jsonl(os.path.join(REPO, "workdirs", "data", "newsgroups", "train.jsonl"))  # pylint: disable=protected-access
+  rows = recipes.jsonl(os.path.join(REPO, "workdirs", "data", "newsgroups", "train.jsonl"))
   groups = sorted({r["label"] for r in rows})
   rng = np.random.default_rng(seed)
   ranked = [groups[i] for i in rng.permutation(len(groups))]
@@ -102,7 +103,7 @@ def _newsgroups_longtail(seed: int = 0, largest: int = 400, ratio: float = 40.0)
     f.write("".join(json.dumps(r) + "\n" for r in picked))
 
 
-PREPARE = {"sms_spam": recipes._sms_split, "sst2_5pct": _sst2_5pct,  # pylint: disable=protected-access
+PREPARE = {"sms_spam": recipes.sms_split, "sst2_5pct": _sst2_5pct,
            "newsgroups_longtail": _newsgroups_longtail}
 
 
@@ -110,7 +111,7 @@ def _train_labels(workdir: str) -> list[str]:
   """The run's training labels as names, read from its saved config's train_file."""
   path = json.load(open(os.path.join(workdir, "config.json")))["train_file"]
   if path.endswith(".jsonl"):
-    return [str(r["label"]) for r in recipes._jsonl(path)]  # pylint: disable=protected-access
+    return [str(r["label"]) for r in recipes.jsonl(path)]
   with open(path, newline="") as f:
     return [r["label"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
@@ -118,7 +119,7 @@ def _train_labels(workdir: str) -> list[str]:
 def post_hoc_f1_macro(workdir: str) -> float:
   """Macro F1 of the run's eval predictions decided by argmax log p - log prior (Menon et al.'s
   post-hoc logit adjustment, tau 1), priors from its training labels."""
-  rows = recipes._jsonl(os.path.join(workdir, "eval", "predictions.jsonl"))  # pylint: disable=protected-access
+  rows = recipes.jsonl(os.path.join(workdir, "eval", "predictions.jsonl"))
   names = list(rows[0]["probabilities"])
   probs = np.array([[r["probabilities"][n] for n in names] for r in rows])
   gold = np.array([names.index(str(r["label"])) for r in rows])
@@ -136,12 +137,12 @@ def run(set_name: str, method: str, root: str) -> dict[str, Any]:
   sampler = recipes.LoadSampler()
   sampler.start()
   start = time.time()
-  recipes._cli("train", f"--config={os.path.join(REPO, 'configs', 'skewed.py')}:{set_name}",  # pylint: disable=protected-access
+  recipes.cli("train", f"--config={os.path.join(REPO, 'configs', 'skewed.py')}:{set_name}",
                f"--workdir={workdir}", "--config.resume=False", *METHODS[method],
                log_path=log_path)
   seconds = time.time() - start
   load = sampler.stop()
-  final = [r for r in recipes._jsonl(os.path.join(workdir, "metrics.jsonl"))  # pylint: disable=protected-access
+  final = [r for r in recipes.jsonl(os.path.join(workdir, "metrics.jsonl"))
            if "baseline/f1_macro" in r][-1]
   return {
       "set": set_name, "method": method, "overrides": list(METHODS[method]),
@@ -150,13 +151,13 @@ def run(set_name: str, method: str, root: str) -> dict[str, Any]:
       "baseline_f1_macro": final["baseline/f1_macro"],
       "baseline_accuracy": final["baseline/accuracy"],
       "train_minutes": seconds / 60, "load_mean": load["mean"], "load_max": load["max"],
-      "machine": f"{os.cpu_count()} cores, {recipes._cpu_name()}",  # pylint: disable=protected-access
+      "machine": f"{os.cpu_count()} cores, {recipes.cpu_name()}",
       "date": datetime.date.today().isoformat(),
   }
 
 
 def write(rows: list[dict[str, Any]]) -> None:
-  f = recipes._f  # pylint: disable=protected-access
+  f = recipes.fmt
   lines = ["| set | TF-IDF + LR | TF-IDF + LR, balanced | " +
            " | ".join(f"`{m}`" for m in METHODS) + " | `ce`, post-hoc adjusted | "
            "best: over balanced TF-IDF, over `ce` |",

@@ -35,29 +35,24 @@ from typing import Any
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
+import common  # benchmarks/common.py: the repository on sys.path, the data folder
 from flaxbert_cls import saved_config  # pylint: disable=g-import-not-at-top
 from flaxbert_cls.decisions import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 from flaxbert_cls.decisions import thresholds as thresholds_lib  # pylint: disable=g-import-not-at-top
 
+REPO = common.REPO
 RESULTS = os.path.join(REPO, "docs", "results.md")
 README = os.path.join(REPO, "README.md")
 QUIET_LOAD = 2.5  # mean 1-minute load average on 2 cores above which a time is not a figure
 BEGIN, END = "<!-- recipes:begin -->", "<!-- recipes:end -->"
 
 
-def data_dir() -> str:
-  return os.environ.get("FLAXBERT_DATA") or os.path.join(os.path.dirname(REPO), "shared", "data")
-
-
-def _sms_split() -> None:
+def sms_split() -> None:
   """The SMS Spam Collection has no split: de-duplicated, stratified 80/20, seed 0."""
   out = os.path.join(REPO, "workdirs", "data", "sms_spam")
   if not os.path.isfile(os.path.join(out, "dev.tsv")):
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "dedup_split.py"),
-                    f"--input={os.path.join(data_dir(), 'sms_spam', 'SMSSpamCollection')}",
+                    f"--input={os.path.join(common.data_dir(), 'sms_spam', 'SMSSpamCollection')}",
                     "--columns=label,sentence", f"--output_dir={out}"], check=True)
 
 
@@ -70,7 +65,7 @@ class Recipe:
   prepare: Any = None
 
 
-def _newsgroups_split() -> None:
+def newsgroups_split() -> None:
   """A stratified 10% of 20 Newsgroups bydate train held out, seed 0 (configs/newsgroups.py)."""
   out = os.path.join(REPO, "workdirs", "data", "newsgroups")
   if not os.path.isfile(os.path.join(out, "heldout.jsonl")):
@@ -83,14 +78,14 @@ RECIPES = {
                          "GoEmotions train 43,410 → dev 5,426 (28 labels, multi-label)"),
     "sms_spam": Recipe("configs/sms_spam.py", "f1",
                        "SMS spam, de-duplicated: train 4,136 → held-out 1,035 (131 spam)",
-                       prepare=_sms_split),
+                       prepare=sms_split),
     "newsgroups": Recipe("configs/newsgroups.py", "accuracy",
                          "20 Newsgroups bydate train: 10,182 posts → held-out 1,132 (20 groups), "
-                         "the first 128 tokens of each post", prepare=_newsgroups_split),
+                         "the first 128 tokens of each post", prepare=newsgroups_split),
     "newsgroups_windows": Recipe("configs/newsgroups.py", "accuracy",
                                  "20 Newsgroups as above, 4 windows of 128 tokens per post (one "
                                  "sampled per post per step in training)",
-                                 ("--config.long_document=windows",), prepare=_newsgroups_split),
+                                 ("--config.long_document=windows",), prepare=newsgroups_split),
     "sst2": Recipe("configs/demo.py", "accuracy",
                    "SST-2 sample 8,000 → SST-2 dev 872 (`make demo`)"),
 }
@@ -114,14 +109,14 @@ class LoadSampler(threading.Thread):
     return {"mean": float(np.mean(s)), "max": float(np.max(s))}
 
 
-def _cli(*args: str, log_path: str) -> None:
+def cli(*args: str, log_path: str) -> None:
   binary = os.path.join(os.path.dirname(sys.executable), "flaxbert-cls")
   with open(log_path, "a") as log:
     subprocess.run([binary, *args], check=True, stdout=log, stderr=subprocess.STDOUT,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
 
-def _jsonl(path: str) -> list[dict[str, Any]]:
+def jsonl(path: str) -> list[dict[str, Any]]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -162,18 +157,18 @@ def run_recipe(name: str, root: str) -> dict[str, Any]:
   sampler = LoadSampler()
   sampler.start()
   start = time.time()
-  _cli("train", f"--config={os.path.join(REPO, recipe.config)}", f"--workdir={workdir}",
+  cli("train", f"--config={os.path.join(REPO, recipe.config)}", f"--workdir={workdir}",
        "--config.resume=False", *recipe.overrides, log_path=log_path)
   seconds = time.time() - start
   load = sampler.stop()
   # The last checkpoint (the run chooses none) on the validation rows: eval/predictions.jsonl.
-  _cli("eval", f"--workdir={workdir}", "--step=latest", log_path=log_path)
+  cli("eval", f"--workdir={workdir}", "--step=latest", log_path=log_path)
   config = saved_config.load_saved(workdir)
-  final = [r for r in _jsonl(os.path.join(workdir, "metrics.jsonl"))
+  final = [r for r in jsonl(os.path.join(workdir, "metrics.jsonl"))
            if "baseline/" + recipe.main in r][-1]
-  train_log = _jsonl(os.path.join(workdir, "train_log.jsonl"))
+  train_log = jsonl(os.path.join(workdir, "train_log.jsonl"))
   speeds = [r["examples_per_sec"] for r in train_log[1:]] or [train_log[-1]["examples_per_sec"]]
-  predictions = _jsonl(os.path.join(workdir, "eval", "predictions.jsonl"))
+  predictions = jsonl(os.path.join(workdir, "eval", "predictions.jsonl"))
   tuned_key = f"{recipe.main}_tuned"
   tunes = tuned_key in final
   baseline = json.load(open(os.path.join(workdir, "baseline.json")))["metrics"]
@@ -188,7 +183,7 @@ def run_recipe(name: str, root: str) -> dict[str, Any]:
       "train_minutes": seconds / 60, "examples_per_sec": float(np.median(speeds)),
       "epochs": config.num_train_epochs, "batch_size": config.batch_size,
       "load_before": load_before, "load_mean": load["mean"], "load_max": load["max"],
-      "machine": f"{os.cpu_count()} cores, {_cpu_name()}, {platform.system()}",
+      "machine": f"{os.cpu_count()} cores, {cpu_name()}, {platform.system()}",
       "date": datetime.date.today().isoformat(),
       **_blend(workdir, recipe.main),
   }
@@ -196,7 +191,7 @@ def run_recipe(name: str, root: str) -> dict[str, Any]:
   return row
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
   try:
     for line in open("/proc/cpuinfo"):
       if line.startswith("model name"):
@@ -206,7 +201,7 @@ def _cpu_name() -> str:
   return platform.processor() or "unknown CPU"
 
 
-def _f(value: float | None) -> str:
+def fmt(value: float | None) -> str:
   return "—" if value is None else f"{value:.4f}"
 
 
@@ -224,11 +219,11 @@ def table_row(r: dict[str, Any]) -> str:
   quiet = "" if r["load_mean"] <= QUIET_LOAD else " (loaded: not a timing)"
   return "| " + " | ".join([
       _recipe(r), r["rows"], f"{r['main_metric']} ({r['unseen_how']})",
-      f"**{_f(r['unseen'])}**", _f(r["baseline_unseen"]),
+      f"**{fmt(r['unseen'])}**", fmt(r["baseline_unseen"]),
       f"{r['unseen'] - r['baseline_unseen']:+.4f}",
-      (f"{_f(r['blend_unseen'])} ({_f(r['blend_dev_tuned'])}; w={r['blend_weight']:.2f})"
+      (f"{fmt(r['blend_unseen'])} ({fmt(r['blend_dev_tuned'])}; w={r['blend_weight']:.2f})"
        if "blend_unseen" in r else "—"),
-      _f(r["dev_tuned"]), _f(r["baseline_dev_tuned"]),
+      fmt(r["dev_tuned"]), fmt(r["baseline_dev_tuned"]),
       f"{r['train_minutes']:.1f} min, {r['epochs']:g} epochs of batch {r['batch_size']}",
       f"{r['examples_per_sec']:.0f}", f"{r['load_mean']:.2f} / {r['load_max']:.2f}{quiet}",
       f"{r['machine']}, {r['date']}"]) + " |"
@@ -279,9 +274,9 @@ def write(rows: dict[str, dict[str, Any]]) -> None:
       "| recipe | rows | fine-tune on unseen rows | TF-IDF baseline, same rows | "
       "fine-tune + baseline blend | training (2-core CPU) |",
       "|---|---|---|---|---|---|",
-      *(f"| {_recipe(r)} | {r['rows']} | {r['main_metric']} **{_f(r['unseen'])}** | "
-        f"{_f(r['baseline_unseen'])} ({r['unseen'] - r['baseline_unseen']:+.4f}) | "
-        f"{_f(r.get('blend_unseen'))} | {r['train_minutes']:.0f} min |" for r in ordered),
+      *(f"| {_recipe(r)} | {r['rows']} | {r['main_metric']} **{fmt(r['unseen'])}** | "
+        f"{fmt(r['baseline_unseen'])} ({r['unseen'] - r['baseline_unseen']:+.4f}) | "
+        f"{fmt(r.get('blend_unseen'))} | {r['train_minutes']:.0f} min |" for r in ordered),
       END])
   readme = open(README).read()
   if BEGIN in readme:

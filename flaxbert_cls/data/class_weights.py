@@ -24,29 +24,30 @@ from flaxbert_cls.errors import UserError
 from flaxbert_cls.data.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 
 
-def auto_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """n / (num_classes * count) per class; a class absent from `labels` gets 1."""
+EFFECTIVE_BETA = 0.999
+
+
+def _mean_one(labels: np.ndarray, num_classes: int, per_count) -> np.ndarray:
+  """per_count(counts) for the classes seen, scaled so the mean weight over the examples is
+  exactly 1; a class absent from `labels` gets 1."""
   counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype(np.float64)
   weights = np.ones(num_classes)
   seen = counts > 0
-  # Normalised over the classes seen, so the mean weight over the examples is exactly 1.
-  weights[seen] = len(labels) / (np.count_nonzero(seen) * counts[seen])
+  raw = per_count(counts[seen])
+  weights[seen] = raw * len(labels) / np.sum(raw * counts[seen])
   return weights
 
 
-EFFECTIVE_BETA = 0.999
+def auto_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """n / (classes seen * count) per class: inverse frequency, mean weight 1."""
+  return _mean_one(labels, num_classes, lambda counts: 1.0 / counts)
 
 
 def effective_class_weights(labels: np.ndarray, num_classes: int,
                             beta: float = EFFECTIVE_BETA) -> np.ndarray:
-  """1 / effective number (1 - beta^count) / (1 - beta) per class, scaled as auto_class_weights
-  (mean weight 1 over the training examples); a class absent from `labels` gets 1."""
-  counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype(np.float64)
-  weights = np.ones(num_classes)
-  seen = counts > 0
-  inverse = (1.0 - beta) / (1.0 - np.power(beta, counts[seen]))
-  weights[seen] = inverse * len(labels) / np.sum(inverse * counts[seen])
-  return weights
+  """1 / effective number (1 - beta^count) / (1 - beta) per class, mean weight 1."""
+  return _mean_one(labels, num_classes,
+                   lambda counts: (1.0 - beta) / (1.0 - np.power(beta, counts)))
 
 
 def auto_pos_weights(multi_hot: np.ndarray, max_pos_weight: float) -> np.ndarray:

@@ -49,7 +49,7 @@ class RunTask:
   config: ml_collections.ConfigDict  # the run's config with this task's keys on top
   weight: float = 1.0
   # Loss weights per class (multi-label: BCE pos_weight per label); () = none. Resolved
-  # from config.class_weights and the training labels (resolve_class_weights).
+  # from config.class_weights and the training labels (resolve_class_balance).
   class_weights: tuple[float, ...] = ()
   # tau * log(class prior) per class, added to the logits in the loss (config.logit_adjustment);
   # () = none. Resolved with the class weights.
@@ -293,7 +293,7 @@ def save_model_dir(exp: Experiment, workdir: str) -> None:
     workdir_lib.upload_dir(staging, workdir_lib.join(workdir, MODEL_SUBDIR))
 
 
-def resolve_class_weights(exp: Experiment, train_labels: Sequence[np.ndarray | None]) -> None:
+def resolve_class_balance(exp: Experiment, train_labels: Sequence[np.ndarray | None]) -> None:
   """Sets each task's class_weights and logit offsets from its config and training labels,
   and logs them."""
   for run_task, labels in zip(exp.tasks, train_labels):

@@ -68,7 +68,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   decisions_lib.check_run(exp)
   train_data = experiment_lib.read_examples_tokenized(exp, "train")
   train_splits = [split for _, split in train_data]
-  experiment_lib.resolve_class_weights(exp, [split.labels for split in train_splits])
+  experiment_lib.resolve_class_balance(exp, [split.labels for split in train_splits])
   selection.choose_selection_metrics(exp, [split.labels for split in train_splits])
   eval_data = experiment_lib.read_examples_tokenized(exp, "validation")
   # In a thread from here: it overlaps the state's creation and the first compile.
