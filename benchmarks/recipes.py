@@ -83,8 +83,8 @@ RECIPES = {
                          "20 Newsgroups bydate train: 10,182 posts → held-out 1,132 (20 groups), "
                          "the first 128 tokens of each post", prepare=newsgroups_split),
     "newsgroups_windows": Recipe("configs/newsgroups.py", "accuracy",
-                                 "20 Newsgroups as above, 4 windows of 128 tokens per post (one "
-                                 "sampled per post per step in training)",
+                                 "20 Newsgroups as above, 4 windows of 128 tokens per post (in "
+                                 "training the first and one drawn from the rest per step)",
                                  ("--config.long_document=windows",), prepare=newsgroups_split),
     "sst2": Recipe("configs/demo.py", "accuracy",
                    "SST-2 sample 8,000 → SST-2 dev 872 (`make demo`)"),

@@ -106,12 +106,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_windows = 8  # windows: at most this many per document (the rest is cut)
   c.window_pooling = "mean"  # windows: 'mean' or 'max' of the windows' logits
   c.train_windows = 0  # windows: > 0 trains on this many per document per step; eval reads all
+  c.train_windows_first = False  # train_windows: each document's first window always among them
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
   # XLA's persistent compilation cache: a second start of the same config skips compiling.
   c.compilation_cache_dir = "~/.cache/flaxbert_cls/xla"  # '' = off
-  # XLA's instruction scheduler for the train step on CPU: 'memory' (lower peak memory,
-  # docs/design.md) or 'concurrency' (XLA's default). Ignored on GPU/TPU.
-  c.cpu_scheduler = "memory"
+  c.cpu_scheduler = "memory"  # CPU train step: 'memory' (lower peak, design.md) or 'concurrency'
 
   # Optimization (HF recipe: AdamW eps 1e-6, linear warmup then linear decay).
   c.batch_size = 32  # global batch, over all devices and processes

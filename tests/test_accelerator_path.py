@@ -55,6 +55,17 @@ def test_attention_key_lengths_equal_an_explicit_mask():
   np.testing.assert_array_equal(ops.key_lengths(attention_mask), lengths)
 
 
+def test_cudnn_attention_hands_odd_lengths_to_xla():
+  """cuDNN refuses odd lengths with a padding mask (H100, jax 0.11.2: 'Unsupported sequence
+  length Q 1, KV 16' from the [CLS]-only last layer): those calls go to XLA, on any backend."""
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 9, 2, 8)), jnp.float32) for _ in range(3))
+  lengths = jnp.asarray([9, 4], jnp.int32)
+  for queries, keys, values in ((q[:, :1], k, v), (q[:, :1], k[:, :8], v[:, :8]), (q, k, v)):
+    assert_close(ops.attention(queries, keys, values, lengths, "cudnn"),
+                 ops.attention(queries, keys, values, lengths, "xla"), 1e-6)
+
+
 @pytest.mark.parametrize("attention_impl,attention_dropout,dtype", [
     ("", -1.0, "float32"),  # auto -> XLA; the checkpoint's dropout: explicit training path
     ("xla", 0.0, "float32"),  # no attention dropout: training through the fused kernel

@@ -223,11 +223,30 @@ def test_sampled_windows_are_each_documents_own_drawn_by_seed_and_step(tokenizer
   assert any(not np.array_equal(other_seed[k], batch(0, 2)[k]) for k in other_seed)
 
 
+def test_sampled_windows_keep_the_first_window_when_asked(tokenizer, documents):
+  layout = tokenization.Layout("windows", window_stride=20, max_windows=4)
+  split = tokenization.tokenize(tokenizer, [(t,) for t, _ in documents], None, MAX_LEN, layout)
+  docs = np.array([d for d in range(len(documents)) if split.window_counts[d] > 2] + [-1])
+  rng = np.random.default_rng(0)
+  firsts = set()
+  for _ in range(20):
+    kept = data_lib.sample_windows(split, docs, 2, rng, keep_first=True)
+    assert len(kept[-1]) == 0  # padding keeps none
+    for d, rows in zip(docs[:-1], kept[:-1]):
+      assert len(rows) == 2 and rows[0] == split.documents[d]  # the first, then one drawn
+      assert split.documents[d] < rows[1] < split.documents[d + 1]
+      firsts.add(int(rows[1]))
+  assert len(firsts) > len(docs) - 1  # the second is drawn, not fixed
+  short = np.array([d for d in range(len(documents)) if split.window_counts[d] == 1][:1])
+  assert list(data_lib.sample_windows(split, short, 2, rng, keep_first=True)[0]) == [
+      split.documents[short[0]]]
+
+
 def test_sampled_window_training_resumes_bit_exact(documents, tmp_path):
   checkpoint = make_tiny_checkpoint(str(tmp_path / "tiny"))
   train_file = _write_jsonl(tmp_path / "train.jsonl", documents[:32])
   config = _config(checkpoint, train_file, _write_jsonl(tmp_path / "dev.jsonl", documents[32:]),
-                   train_windows=1, window_pooling="mean")
+                   train_windows=2, train_windows_first=True, window_pooling="mean")
   workdir = str(tmp_path / "run")
   straight = train.train_and_evaluate(config, workdir)
   assert np.all(np.isfinite([loss for _, loss in straight["train_log"]]))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU check (issue "Accelerator path"), offline, in under 4 minutes on an H100/H200:
+# One-GPU check (issue "Accelerator path"), offline, in about 5 minutes on an H100/H200:
 # GPU bf16 vs CPU float32 numerics (BERT-base), the CLI's train/eval/predict with bf16 +
 # cuDNN attention, and BERT-base bf16 train-step speed vs PyTorch (bf16 autocast + SDPA)
 # with MFU and peak memory. Writes gpu_check.json ($OUT/gpu_check.json when OUT is set);
@@ -15,7 +15,7 @@
 #   2. There, with .gpu_check/ carried beside the working tree:
 #                            bash tools/gpu_check.sh
 #      (with the device tool: command "bash tools/gpu_check.sh", carry [".gpu_check"],
-#      timeout_s 300). The wheels go into a folder on PYTHONPATH, not the image.
+#      timeout_s 400). The wheels go into a folder on PYTHONPATH, not the image.
 #
 # Smoke run on a CPU machine (BERT-Tiny, 2-3 steps; tests/test_gpu_check.py runs it):
 #                            PYTHON=.venv/bin/python bash tools/gpu_check.sh --smoke

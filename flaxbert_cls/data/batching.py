@@ -87,10 +87,11 @@ def pad_documents(split: TokenizedSplit, docs: np.ndarray, seq_len: int,
   return batch
 
 
-def sample_windows(split: TokenizedSplit, docs: np.ndarray, k: int, rng: np.random.Generator
-                   ) -> list[np.ndarray]:
+def sample_windows(split: TokenizedSplit, docs: np.ndarray, k: int, rng: np.random.Generator,
+                   keep_first: bool = False) -> list[np.ndarray]:
   """At most `k` of each document's windows (rows of `split`), drawn without replacement and
-  kept in reading order; a document with k or fewer keeps all. -1 (padding) keeps none."""
+  kept in reading order; a document with k or fewer keeps all. -1 (padding) keeps none.
+  `keep_first`: the first window always, k - 1 drawn from the rest."""
   kept = []
   for d in docs:
     if d < 0:
@@ -98,24 +99,30 @@ def sample_windows(split: TokenizedSplit, docs: np.ndarray, k: int, rng: np.rand
       continue
     first, stop = int(split.documents[d]), int(split.documents[d + 1])
     rows = np.arange(first, stop)
-    kept.append(rows if stop - first <= k else np.sort(rng.choice(rows, k, replace=False)))
+    if stop - first <= k:
+      kept.append(rows)
+    elif keep_first:
+      kept.append(np.concatenate([rows[:1], np.sort(rng.choice(rows[1:], k - 1, replace=False))]))
+    else:
+      kept.append(np.sort(rng.choice(rows, k, replace=False)))
   return kept
 
 
 def pad_batch(split: TokenizedSplit, global_rows: np.ndarray, buckets: Sequence[int],
               max_seq_length: int, sharding: jax.sharding.Sharding | None = None,
-              windows_per_document: int = 0, rng: np.random.Generator | None = None
-              ) -> dict[str, np.ndarray]:
+              windows_per_document: int = 0, rng: np.random.Generator | None = None,
+              keep_first_window: bool = False) -> dict[str, np.ndarray]:
   """This process's part (`process_rows` by `sharding`) of global batch `global_rows`
   (examples; -1 = padding), padded to the bucket of the global batch's longest row (and
   window bucket, with windows). `windows_per_document` > 0 (with `rng`): each document
-  keeps that many of its windows, drawn for the global batch, so every process agrees."""
+  keeps that many of its windows, drawn for the global batch, so every process agrees
+  (`keep_first_window`: its first among them)."""
   real = global_rows[global_rows >= 0]
   if split.documents is None:
     seq_len = bucket_for(int(split.lengths[real].max()), buckets, max_seq_length)
     return pad_rows(split, process_rows(global_rows, sharding), seq_len)
   if windows_per_document > 0:
-    kept = sample_windows(split, global_rows, windows_per_document, rng)
+    kept = sample_windows(split, global_rows, windows_per_document, rng, keep_first_window)
     most = min(int(split.window_counts.max()), windows_per_document)
   else:
     kept = [np.arange(split.documents[d], split.documents[d + 1]) if d >= 0
@@ -241,8 +248,8 @@ class TaskMixture:
 def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: int,
                 buckets: Sequence[int], max_seq_length: int, labels_dtype: Any = None,
                 sharding: jax.sharding.Sharding | None = None,
-                label_width: int | None = None, windows_per_document: int = 0
-                ) -> dict[str, np.ndarray]:
+                label_width: int | None = None, windows_per_document: int = 0,
+                keep_first_window: bool = False) -> dict[str, np.ndarray]:
   """This process's rows of global batch `step`, padded to the global batch's bucket.
 
   The step's task comes from `mixture` (one task: every step); with several tasks the
@@ -250,12 +257,13 @@ def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: in
   `label_width`: labels become [rows, label_width] (multi-hot rows from the left, a class
   id or score in column 0), so single- and multi-label tasks share one jit signature.
   `windows_per_document` > 0: documents train on that many of their windows, drawn anew at
-  each step from (seed, step) (`sample_windows`): resume draws the same ones.
+  each step from (seed, step) (`sample_windows`): resume draws the same ones;
+  `keep_first_window`: each document's first window always among them.
   """
   task, rows = mixture.batch_indices(step)
   rng = np.random.default_rng([mixture.seed, 0x77696E, step])  # 'win': apart from data seeds
   batch = pad_batch(splits[task], rows, buckets, max_seq_length, sharding,
-                    windows_per_document, rng)
+                    windows_per_document, rng, keep_first_window)
   if len(splits) > 1:
     batch["task_ids"] = np.full(len(batch["weights"]), task, np.int32)
     if labels_dtype is not None and "labels" in batch:

@@ -75,7 +75,8 @@ def global_batches(exp: experiment_lib.Experiment, splits: list[data_lib.Tokeniz
       data_lib.to_global(data_lib.train_batch(splits, mixture, step, config.seq_buckets,
                                               config.max_seq_length, labels_dtype(exp),
                                               exp.batch_sharding, label_width(exp),
-                                              config.train_windows),
+                                              config.train_windows,
+                                              config.train_windows_first),
                          exp.batch_sharding)
       for step in steps)
 
@@ -101,6 +102,7 @@ def stacked_global_batches(exp: experiment_lib.Experiment,
            data_lib.train_batch(splits, by_seed[seed], step, config.seq_buckets,
                                 config.max_seq_length, labels_dtype(exp),
                                 label_width=label_width(exp),
-                                windows_per_document=config.train_windows)
+                                windows_per_document=config.train_windows,
+                                keep_first_window=config.train_windows_first)
            for seed in seeds]).items()}
       for step in steps)
