@@ -41,7 +41,6 @@ def _experiment(args, members: int):
   from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import ops  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import members as sweep_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
 
@@ -72,9 +71,7 @@ def _setup(args, members: int):
   from flaxbert_cls.training import step as step_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.data import batching as data_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import members as sweep_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   exp = _experiment(args, members)
   mesh = exp.mesh
   batch = bench_lib.batch_numpy(args.batch, args.seq,
@@ -168,9 +165,7 @@ def temp_bytes(model: str, batch: int, seq: int, lora_rank: int) -> int:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import checkpoints as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import optimizer as optim  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   exp = _experiment(argparse.Namespace(model=model, dtype="float32", lora_rank=lora_rank), 0)
   boxed, _ = exp.abstract_params()
   tx, schedule = optim.create_optimizer(exp.config, nn.unbox(boxed), 1000)
@@ -206,8 +201,6 @@ def check(args) -> list[dict[str, Any]]:
   from flaxbert_cls import config as config_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import runs  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import experiment  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import members as sweep  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   config = common.short_run_config(
       args.steps, train_file=os.path.join(common.DEMO_DATA, "train.tsv"),

@@ -28,7 +28,6 @@ import numpy as np
 
 from common import DEMO_DATA, short_run_config
 from flaxbert_cls.training import evaluate as evaluate_lib
-from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.serving import export
 from flaxbert_cls.serving import predict
 from flaxbert_cls.data import readers

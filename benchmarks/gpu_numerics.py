@@ -66,7 +66,6 @@ def _side(cfg: dict, params: Any, data: list[dict], device: Any, dtype: str,
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import optimizer as optim  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()

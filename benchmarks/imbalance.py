@@ -10,7 +10,9 @@ frequency), `effective` (class_weights=effective: Cui et al. 2019's effective nu
 samples, beta 0.999) and `logit_adjusted` (logit_adjustment=1: Menon et al. 2021's loss,
 log class priors added to the logits in training only). Each run trains from scratch, one at a
 time, and is scored on its last checkpoint by argmax: nothing is chosen on the held-out rows,
-so each figure is one on rows the run never saw. Beside `ce`: its own predictions decided by
+so each figure is one on rows the run never saw. A set whose config blends the run with its
+bag of words (blend_baseline) is scored blended too, by `eval`: the weight chosen on one half
+of the held-out rows and scored on the other. Beside `ce`: its own predictions decided by
 Menon et al.'s post-hoc correction, argmax of log p - log prior (tau 1, nothing tuned). Its TF-IDF baseline is fitted on the same
 rows with the run's class weights: the `ce` run's is the plain one, `balanced`'s the balanced.
 """
@@ -144,8 +146,14 @@ def run(set_name: str, method: str, root: str) -> dict[str, Any]:
   load = sampler.stop()
   final = [r for r in recipes.jsonl(os.path.join(workdir, "metrics.jsonl"))
            if "baseline/f1_macro" in r][-1]
+  config = recipes.saved_config.load_saved(workdir)
+  blend = {}
+  if config.blend_baseline:  # the last checkpoint, as the columns beside it
+    recipes.cli("eval", f"--workdir={workdir}", "--step=latest", log_path=log_path)
+    blend = recipes.blend_scores(workdir, "f1_macro")
   return {
       "set": set_name, "method": method, "overrides": list(METHODS[method]),
+      "epochs": config.num_train_epochs, **blend,
       "f1_macro": final["f1_macro"], "accuracy": final["accuracy"],
       **({"post_hoc_f1_macro": post_hoc_f1_macro(workdir)} if method == "ce" else {}),
       "baseline_f1_macro": final["baseline/f1_macro"],
@@ -156,12 +164,17 @@ def run(set_name: str, method: str, root: str) -> dict[str, Any]:
   }
 
 
+def _epochs(row: dict[str, Any]) -> float:
+  """Rows written before the field was recorded trained configs/skewed.py's 2 epochs."""
+  return row.get("epochs", 2.0)
+
+
 def write(rows: list[dict[str, Any]]) -> None:
   f = recipes.fmt
   lines = ["| set | TF-IDF + LR | TF-IDF + LR, balanced | " +
            " | ".join(f"`{m}`" for m in METHODS) + " | `ce`, post-hoc adjusted | "
-           "best: over balanced TF-IDF, over `ce` |",
-           "|---|---|---|" + "---|" * len(METHODS) + "---|---|"]
+           "run + its TF-IDF blended, unseen (weight) | best: over balanced TF-IDF, over `ce` |",
+           "|---|---|---|" + "---|" * len(METHODS) + "---|---|---|"]
   for s in SETS:
     mine = {r["method"]: r for r in rows if r["set"] == s}
     if not mine:
@@ -173,23 +186,32 @@ def write(rows: list[dict[str, Any]]) -> None:
       scores["ce, post-hoc adjusted"] = mine["ce"]["post_hoc_f1_macro"]
     best = max(scores, key=scores.get)
     top = scores[best]
-    cells = [f"{f(mine[m]['f1_macro'])} ({mine[m]['train_minutes']:.1f} min)" if m in mine
-             else "—" for m in METHODS]
+    cells = [f"{f(mine[m]['f1_macro'])} ({_epochs(mine[m]):g} ep, "
+             f"{mine[m]['train_minutes']:.1f} min)" if m in mine else "—" for m in METHODS]
+    blends = [f"`{m}` {f(r['blend_unseen'])} (w={r['blend_weight']:.2f})"
+              for m, r in mine.items() if "blend_unseen" in r]
+    if blends:
+      scores.update({f"{m} + TF-IDF blend": r["blend_unseen"]
+                     for m, r in mine.items() if "blend_unseen" in r})
+      best = max(scores, key=scores.get)
+      top = scores[best]
     gap = (f"`{best}`: " + (f"{top - balanced:+.4f}" if balanced is not None else "—") + ", " +
            (f"{top - mine['ce']['f1_macro']:+.4f}" if "ce" in mine else "—"))
     post_hoc = f(mine.get("ce", {}).get("post_hoc_f1_macro"))
     lines.append(f"| {ROWS[s]} | {f(plain)} | {f(balanced)} | " + " | ".join(cells) +
-                 f" | {post_hoc} | {gap} |")
+                 f" | {post_hoc} | {'; '.join(blends) or '—'} | {gap} |")
   loads = [r["load_mean"] for r in rows]
   page = "\n".join([
       "# Skewed classes: what pays for macro F1",
       "",
       "Written by `python benchmarks/imbalance.py` (its docstring says what it runs); do not "
       "edit by hand. Macro F1 on rows the run never saw (its last checkpoint, argmax), the "
-      "packaged all-MiniLM-L6-v2, 2 epochs, `configs/skewed.py:SET` with the method's setting; "
+      "packaged all-MiniLM-L6-v2, `configs/skewed.py:SET` with the method's setting; "
       "TF-IDF + logistic regression fitted on the same training rows, plain and balanced. "
-      "Training minutes beside each (tokenizing, compiling, the baseline and the final eval "
-      "included).",
+      "Epochs and training minutes beside each (tokenizing, compiling, the baseline and the "
+      "final eval included). The blend column: the run's and its baseline's probabilities "
+      "averaged with the run's weight w (`decisions/blend.py`), w chosen on one half of the "
+      "held-out rows and scored on the other (sets whose config blends).",
       "",
       *lines,
       "",

@@ -135,7 +135,7 @@ def _cross_fitted(predictions: list[dict[str, Any]], main: str) -> float:
                                      gold)[main]
 
 
-def _blend(workdir: str, main: str) -> dict[str, Any]:
+def blend_scores(workdir: str, main: str) -> dict[str, Any]:
   """The run + baseline blend as `eval` scored it (decisions/blend.py: its weight chosen on
   all the validation rows, and cross-fitted); {} for runs without one (multi-label)."""
   metrics = json.load(open(os.path.join(workdir, "eval", "eval.json")))["metrics"]
@@ -185,7 +185,7 @@ def run_recipe(name: str, root: str) -> dict[str, Any]:
       "load_before": load_before, "load_mean": load["mean"], "load_max": load["max"],
       "machine": f"{os.cpu_count()} cores, {cpu_name()}, {platform.system()}",
       "date": datetime.date.today().isoformat(),
-      **_blend(workdir, recipe.main),
+      **blend_scores(workdir, recipe.main),
   }
   json.dump(row, open(os.path.join(workdir, "recipe_result.json"), "w"), indent=2)
   return row

@@ -181,7 +181,7 @@ def _main(argv: list[str]) -> None:
     if result["verdict"] == "drift":
       sys.exit(monitor.DRIFT_EXIT_CODE)
   elif command == "track":
-    from flaxbert_cls.training import tracking  # pylint: disable=g-import-not-at-top
+    from flaxbert_cls.tracking import trackers as tracking  # pylint: disable=g-import-not-at-top
     for name, sent in tracking.upload(_WORKDIR.value, _REPORT_TO.value, _OUTPUT.value).items():
       print(f"{name}: run {sent['run_id']} ({sent['new_values']} new metric values)", flush=True)
 
@@ -230,7 +230,7 @@ def _send_report_page(config, workdir: str) -> None:
   is built, then `track`'s upload (idempotent: no metric twice) adds it to the artifacts."""
   import jax  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.report import page as report  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.training import tracking  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.tracking import trackers as tracking  # pylint: disable=g-import-not-at-top
   names = [n for n in tracking.report_to(config) if n in tracking.TRACKER_NAMES]
   if names and jax.process_index() == 0:
     report.write_report(workdir)

@@ -32,10 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.drop_removed_labels = False
   c.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
   # '' = auto: cuDNN flash attention on a GPU with bfloat16 (head size <= 128, multiple of
-  # 8), XLA elsewhere; 'xla' or 'cudnn' force one (ops.attention_implementation).
+  # 8), XLA elsewhere; 'xla', 'cudnn' or 'splash' (TPU, attention_dropout=0) force one.
   c.attention_impl = ""
-  # < 0: the checkpoint's attention_probs_dropout_prob. 0 trains through the fused
-  # attention kernel (cuDNN on GPU); > 0 needs the explicit probabilities (ops.py).
+  # < 0: the checkpoint's. 0 trains through fused kernels; > 0 needs the probabilities (ops.py).
   c.attention_dropout = -1.0
   c.classifier_dropout = -1.0  # < 0: the checkpoint's hidden_dropout_prob
 
@@ -169,7 +168,7 @@ def default_config() -> ml_collections.ConfigDict:
       ("classes", None),
   )
 
-  # Experiment trackers (training/tracking.py, docs/report.md): process 0 also
+  # Experiment trackers (tracking/trackers.py, docs/report.md): process 0 also
   # logs there; metrics.jsonl stays the record. ('none',) = TensorBoard off too.
   c.report_to = ("tensorboard",)  # any of 'tensorboard', 'mlflow'; ('none',) for none
   c.mlflow_tracking_uri = ""  # '' = $MLFLOW_TRACKING_URI, else MLflow's default (a local store)
@@ -221,12 +220,14 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(config.dtype != "float16", "dtype", "float16 needs loss scaling, which this trainer "
         "does not do; use 'bfloat16' (same speed on GPU/TPU, float32's range)")
   check(config.dtype in ("float32", "bfloat16"), "dtype", "use 'float32' or 'bfloat16'")
-  check(config.attention_impl in ("", "xla", "cudnn"), "attention_impl", "use '', 'xla' or 'cudnn'")
+  impls = ("", "xla", "cudnn", "splash")
+  check(config.attention_impl in impls, "attention_impl", "use '', 'xla', 'cudnn' or 'splash'")
+  check(config.attention_impl != "splash" or config.attention_dropout == 0, "attention_impl",
+        "splash attention has no attention dropout; set attention_dropout=0")
   check(config.attention_impl != "cudnn" or config.dtype == "bfloat16", "attention_impl",
         f"cuDNN flash attention has no {config.dtype} kernel; set dtype='bfloat16' (or "
         "attention_impl='' to pick by itself)")
-  check(config.attention_dropout < 1, "attention_dropout",
-        "must be < 1 (< 0: the checkpoint's)")
+  check(config.attention_dropout < 1, "attention_dropout", "must be < 1 (< 0: the checkpoint's)")
   check(config.cpu_scheduler in ("memory", "concurrency"), "cpu_scheduler",
         "use 'memory' or 'concurrency'")
   check(not config.mesh_shape or len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
@@ -370,10 +371,11 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 
 def validate_for_platform(config: ml_collections.ConfigDict, platform: str) -> None:
-  """What the devices decide: cuDNN attention needs a GPU."""
-  if config.attention_impl == "cudnn" and platform != "gpu":
-    raise UserError(f"config.attention_impl='cudnn': needs a GPU, this run's devices are "
-                    f"{platform}; use attention_impl='' (auto) or 'xla'")
+  """What the devices decide: cuDNN attention needs a GPU, splash a TPU."""
+  for impl, needs in (("cudnn", "gpu"), ("splash", "tpu")):
+    if config.attention_impl == impl and platform != needs:
+      raise UserError(f"config.attention_impl='{impl}': needs a {needs.upper()}, this run's "
+                      f"devices are {platform}; use attention_impl='' (auto) or 'xla'")
 
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")

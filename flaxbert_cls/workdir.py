@@ -199,6 +199,16 @@ def local_dir(path: str) -> str:
   return copy
 
 
+# What a run writes in its workdir (the loop, `eval`, a sweep); the report and trackers read it.
+METRICS_FILE = "metrics.jsonl"  # evaluations
+TRAIN_LOG_FILE = "train_log.jsonl"  # training steps' summaries, apart from evaluations
+EVAL_DIR = "eval"  # what `flaxbert-cls eval` (or the best evaluation) found, for the report
+PREDICTIONS_FILE = "predictions.jsonl"  # in EVAL_DIR
+ERRORS_FILE = "errors.jsonl"  # in EVAL_DIR
+SUMMARY_FILE = "eval.json"  # in EVAL_DIR
+SWEEP_RESULTS_JSON = "sweep_results.json"
+SWEEP_RESULTS_MARKDOWN = "sweep_results.md"
+
 # A run's workdir as a start (re-fine-tuning, training/starts.py): its layout's names.
 MODEL_SUBDIR = "model"  # HF config.json (with the label map) + tokenizer files
 STARTED_FROM_NAME = "started_from.json"  # where a run's weights came from

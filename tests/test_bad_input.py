@@ -115,7 +115,12 @@ def _cases(tmp, checkpoint):
       ("cuDNN attention without a GPU", dict(attention_impl="cudnn", dtype="bfloat16"),
        r"config.attention_impl='cudnn': needs a GPU, this run's devices are cpu"),
       ("unknown attention implementation", dict(attention_impl="flash"),
-       r"config.attention_impl='flash': use '', 'xla' or 'cudnn'"),
+       r"config.attention_impl='flash': use '', 'xla', 'cudnn' or 'splash'"),
+      ("splash attention with attention dropout", dict(attention_impl="splash"),
+       r"config.attention_impl='splash': splash attention has no attention dropout; "
+       r"set attention_dropout=0"),
+      ("splash attention without a TPU", dict(attention_impl="splash", attention_dropout=0.0),
+       r"config.attention_impl='splash': needs a TPU, this run's devices are cpu"),
   ]
 
 

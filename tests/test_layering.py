@@ -22,6 +22,7 @@ LAYERS = (
     ('decisions',),
     ('config',),
     ('saved_config', 'config_reference'),  # read or render the config
+    ('tracking',),  # writers the loop feeds: below it
     ('training',),
     ('plan',),  # compiles training's programs for a topology
     ('report',),

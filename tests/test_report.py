@@ -19,6 +19,7 @@ import pytest
 from sklearn import calibration
 from sklearn import metrics as skm
 
+from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.training import checkpoints as checkpoint
 from flaxbert_cls.training import evaluate
 from flaxbert_cls.training import experiment
@@ -99,10 +100,10 @@ def test_train_log_bar_on_a_terminal_and_train_log_file(tmp_path, monkeypatch, c
   assert re.search(r"train: 100%.*4/4 .*loss 0\.\d+ .*examples/s", err), err[-500:]
   assert re.search(r"eval sst2: +0%.*0/3", err)  # under the train bar; erased when done
   assert logging.getLogger().handlers == handlers  # log lines go back to their handlers
-  records = [json.loads(l) for l in open(tmp_path / progress.TRAIN_LOG_FILE)]
+  records = [json.loads(l) for l in open(tmp_path / workdir_lib.TRAIN_LOG_FILE)]
   assert [r["step"] for r in records] == [2, 4]
   assert set(records[0]) >= {"loss", "learning_rate", "examples_per_sec"}
-  assert [json.loads(l)["step"] for l in open(tmp_path / progress.METRICS_FILE)] == [4]
+  assert [json.loads(l)["step"] for l in open(tmp_path / workdir_lib.METRICS_FILE)] == [4]
 
 
 def test_batch_progress_logs_lines_off_a_terminal(caplog, capsys):

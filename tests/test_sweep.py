@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file
 
+from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.training import runs
 from flaxbert_cls.training import starts
 from flaxbert_cls.training import checkpoints as checkpoint_lib
@@ -141,7 +142,7 @@ def test_results_table_matches_numpy():
 
 def test_export_member_picks_its_params(swept, tmp_path):
   config, workdir, result = swept
-  assert json.load(open(os.path.join(workdir, sweep.RESULTS_JSON)))["members"][0]["seed"] == 0
+  assert json.load(open(os.path.join(workdir, workdir_lib.SWEEP_RESULTS_JSON)))["members"][0]["seed"] == 0
   stacked = jax.device_get(result["state"].params)
   out = export.export(workdir, str(tmp_path / "m2"), member="2")
   state_dict = load_file(os.path.join(out, hf.SAFETENSORS_NAME))

@@ -18,7 +18,7 @@ import pytest
 
 from flaxbert_cls import config as config_lib
 from flaxbert_cls.errors import UserError
-from flaxbert_cls.training import tracking
+from flaxbert_cls.tracking import trackers as tracking
 from flaxbert_cls.training import train
 from conftest import free_port
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint

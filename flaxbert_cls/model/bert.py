@@ -53,7 +53,7 @@ class BertConfig:
   pooling: str = "cls"
   # Not HF fields: how to run it.
   dtype: str = "float32"  # compute dtype; parameters stay float32
-  attention_impl: str | None = None  # 'xla' (None) or 'cudnn'; see ops.attention_implementation
+  attention_impl: str | None = None  # 'xla' (None), 'cudnn' or 'splash'; ops.attention
   lora_rank: int = 0  # > 0: low-rank adapters on lora_targets (base weights frozen by optim)
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("query", "value")
@@ -156,7 +156,8 @@ class BertSelfAttention(nn.Module):
     kv_lengths = ops.key_lengths(attention_mask)
     dropout = cfg.attention_probs_dropout_prob
     if deterministic or dropout == 0.0:  # fused: cuDNN flash attention where it runs
-      out = ops.attention(q, k, v, kv_lengths, cfg.attention_impl or "xla")
+      out = ops.attention(q, k, v, kv_lengths, cfg.attention_impl or "xla", cfg.mesh,
+                          cfg.activation_rules)
     else:
       # Attention-probability dropout needs the probabilities, which fused kernels hide.
       seeds = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)

@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTENTION_IMPLEMENTATIONS = ("", "xla", "cudnn")  # '' = auto (attention_implementation)
+from flaxbert_cls.model import splash
+
+# '' = auto (attention_implementation); 'splash': JAX's Pallas TPU kernel (model/splash.py).
+ATTENTION_IMPLEMENTATIONS = ("", "xla", "cudnn", "splash")
 
 
 def attention_implementation(requested: str, platform: str, dtype: str, head_dim: int) -> str:
@@ -51,13 +54,22 @@ def key_lengths(attention_mask: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
-              implementation: str) -> jax.Array:
+              implementation: str, mesh: jax.sharding.Mesh | None = None,
+              rules: tuple = ()) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v over the first kv_lengths[b] keys; [batch, len, heads, dim].
 
   The same arguments reach cuDNN (its padding mode) and XLA (a mask built from them),
   so the plumbing tested on CPU is the one a GPU runs. Queries are not length-masked:
   padded positions attend as in Hugging Face's BERT (their outputs are never read).
+  'splash' runs on the mesh's devices (`mesh`, `rules`: the activations' sharding), in
+  interpret mode where they are not TPUs (tests); lengths it cannot tile go to XLA.
   """
+  if implementation == "splash":
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    interpret = platform != "tpu"
+    if q.shape[1] == k.shape[1] and splash.supported(q.shape[1]):
+      return splash.attention(q, k, v, kv_lengths, mesh, rules, interpret)
+    implementation = "xla"  # the [CLS]-only last layer; buckets under one 128-token tile
   if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
     # cuDNN's kernels with a padding mask need even lengths (jax's check_is_flash_attention);
     # the first-token-only last layer has one query: a matvec no flash kernel helps.

@@ -28,7 +28,6 @@ import numpy as np
 from flaxbert_cls import saved_config
 from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import evaluate as evaluate_lib
-from flaxbert_cls.training import progress as progress_lib
 from flaxbert_cls.report import plots as report_plots
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.decisions.calibration import calibration_bins
@@ -122,9 +121,9 @@ def eval_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple
 def ensure_eval(workdir: str) -> dict[str, Any]:
   """workdir/eval's eval.json for the best checkpoint (the latest if none was evaluated),
   running `evaluate.evaluate_workdir` first when it is missing or for another step."""
-  summary_path = workdir_lib.join(workdir, evaluate_lib.EVAL_DIR, evaluate_lib.SUMMARY_FILE)
-  predictions_path = workdir_lib.join(workdir, evaluate_lib.EVAL_DIR,
-                                      evaluate_lib.PREDICTIONS_FILE)
+  summary_path = workdir_lib.join(workdir, workdir_lib.EVAL_DIR, workdir_lib.SUMMARY_FILE)
+  predictions_path = workdir_lib.join(workdir, workdir_lib.EVAL_DIR,
+                                      workdir_lib.PREDICTIONS_FILE)
   summary = None
   if workdir_lib.exists(summary_path) and workdir_lib.exists(predictions_path):
     summary = read_json(summary_path)
@@ -132,8 +131,8 @@ def ensure_eval(workdir: str) -> dict[str, Any]:
   if summary is not None and (wanted is None or summary.get("step") == wanted):
     return summary
   if wanted is None:
-    raise UserError(f"{workdir}: no checkpoints and no {evaluate_lib.EVAL_DIR}/"
-                    f"{evaluate_lib.SUMMARY_FILE}: nothing to report on")
+    raise UserError(f"{workdir}: no checkpoints and no {workdir_lib.EVAL_DIR}/"
+                    f"{workdir_lib.SUMMARY_FILE}: nothing to report on")
   log.info("report: evaluating checkpoint %d (%s)", wanted,
            "no eval files yet" if summary is None else f"eval files are for step "
            f"{summary.get('step')}")
@@ -226,7 +225,7 @@ def _config_section(config: ml_collections.ConfigDict) -> str:
 
 def _training_section(records: list[dict[str, Any]]) -> str:
   if not records:
-    body = (f'<p class="muted">No {progress_lib.TRAIN_LOG_FILE} in the workdir (runs before it '
+    body = (f'<p class="muted">No {workdir_lib.TRAIN_LOG_FILE} in the workdir (runs before it '
             "existed log training only to TensorBoard).</p>")
   else:
     last = records[-1]
@@ -239,7 +238,7 @@ def _training_section(records: list[dict[str, Any]]) -> str:
 def _evaluation_section(records: list[dict[str, Any]], best_step: int | None) -> str:
   if not records:
     return (f'<section id="evaluation"><h2>Evaluation over steps</h2><p class="muted">No '
-            f"{progress_lib.METRICS_FILE} in the workdir.</p></section>")
+            f"{workdir_lib.METRICS_FILE} in the workdir.</p></section>")
   parts = []
   for group, series in eval_series(records).items():
     title = f"<h3>{_e(group)}</h3>" if group else ""
@@ -375,13 +374,13 @@ def write_report(workdir: str) -> str:
   workdir = workdir_lib.resolve(workdir)
   config = saved_config.load_saved(workdir)
   summary = ensure_eval(workdir)
-  eval_dir = workdir_lib.join(workdir, evaluate_lib.EVAL_DIR)
+  eval_dir = workdir_lib.join(workdir, workdir_lib.EVAL_DIR)
   page = render_page(
       workdir, config,
-      read_jsonl(workdir_lib.join(workdir, progress_lib.TRAIN_LOG_FILE)),
-      read_jsonl(workdir_lib.join(workdir, progress_lib.METRICS_FILE)), summary,
-      read_jsonl(workdir_lib.join(eval_dir, evaluate_lib.PREDICTIONS_FILE)),
-      read_jsonl(workdir_lib.join(eval_dir, evaluate_lib.ERRORS_FILE)))
+      read_jsonl(workdir_lib.join(workdir, workdir_lib.TRAIN_LOG_FILE)),
+      read_jsonl(workdir_lib.join(workdir, workdir_lib.METRICS_FILE)), summary,
+      read_jsonl(workdir_lib.join(eval_dir, workdir_lib.PREDICTIONS_FILE)),
+      read_jsonl(workdir_lib.join(eval_dir, workdir_lib.ERRORS_FILE)))
   workdir_lib.prepare(workdir_lib.join(workdir, REPORT_DIR))
   path = page_path(workdir)
   workdir_lib.write_text(path, page)

@@ -35,10 +35,6 @@ from flaxbert_cls.decisions.calibration import sigmoid, softmax  # also evaluate
 
 log = logging.getLogger(__name__)
 
-EVAL_DIR = "eval"  # in the workdir: what `flaxbert-cls eval` found, for the report
-PREDICTIONS_FILE = "predictions.jsonl"
-ERRORS_FILE = "errors.jsonl"
-SUMMARY_FILE = "eval.json"
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -266,7 +262,7 @@ def write_eval_files(workdir: str, exp: experiment_lib.Experiment,
 
   A multi-task run's rows carry 'task' (grouped in task order). Returns the directory.
   """
-  directory = workdir_lib.prepare(workdir_lib.join(workdir, EVAL_DIR))
+  directory = workdir_lib.prepare(workdir_lib.join(workdir, workdir_lib.EVAL_DIR))
   predictions, errors = [], []
   for run_task, task_examples, task_logits in zip(exp.tasks, examples, logits):
     rows = prediction_rows(run_task, task_examples, task_logits)
@@ -274,7 +270,8 @@ def write_eval_files(workdir: str, exp: experiment_lib.Experiment,
       rows = [{"task": run_task.name, **r} for r in rows]
     predictions += rows
     errors += error_rows(rows)
-  for name, rows in ((PREDICTIONS_FILE, predictions), (ERRORS_FILE, errors)):
+  for name, rows in ((workdir_lib.PREDICTIONS_FILE, predictions),
+                     (workdir_lib.ERRORS_FILE, errors)):
     workdir_lib.write_text(workdir_lib.join(directory, name), "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
   summary = {
@@ -287,6 +284,6 @@ def write_eval_files(workdir: str, exp: experiment_lib.Experiment,
                  "main_metric": t.task.main_metric, "source": e.source,
                  "per_class": per_class(t, l, e.labels)}
                 for t, e, l in zip(exp.tasks, examples, logits)]}
-  workdir_lib.write_text(workdir_lib.join(directory, SUMMARY_FILE), json.dumps(summary, indent=2))
+  workdir_lib.write_text(workdir_lib.join(directory, workdir_lib.SUMMARY_FILE), json.dumps(summary, indent=2))
   log.info("eval: wrote %s (%d predictions, %d errors)", directory, len(predictions), len(errors))
   return directory

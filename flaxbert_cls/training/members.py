@@ -33,8 +33,6 @@ from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import UserError
 
 SWEEP_KEYS, MEMBER_AXIS = config_lib.SWEEP_KEYS, config_lib.MEMBER_AXIS
-RESULTS_JSON = "sweep_results.json"
-RESULTS_MARKDOWN = "sweep_results.md"
 
 
 def check_mesh(members: Sequence[dict[str, Any]], mesh: jax.sharding.Mesh) -> None:
@@ -216,6 +214,6 @@ def write_results(workdir: str, results: dict[str, Any]) -> str:
   """workdir/sweep_results.json and .md (process 0); returns the Markdown."""
   markdown = results_markdown(results)
   if jax.process_index() == 0:
-    workdir_lib.write_text(workdir_lib.join(workdir, RESULTS_JSON), json.dumps(results, indent=2))
-    workdir_lib.write_text(workdir_lib.join(workdir, RESULTS_MARKDOWN), markdown)
+    workdir_lib.write_text(workdir_lib.join(workdir, workdir_lib.SWEEP_RESULTS_JSON), json.dumps(results, indent=2))
+    workdir_lib.write_text(workdir_lib.join(workdir, workdir_lib.SWEEP_RESULTS_MARKDOWN), markdown)
   return markdown

@@ -26,8 +26,6 @@ from flaxbert_cls import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-TRAIN_LOG_FILE = "train_log.jsonl"  # apart from metrics.jsonl, which holds evaluations only
 
 
 def live_bars() -> bool:
@@ -108,7 +106,7 @@ class ScalarWriter:
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
     except ImportError:
       log.info("tensorboard is not installed: no TensorBoard scalars (the log and %s have the "
-               "metrics)", METRICS_FILE)
+               "metrics)", workdir_lib.METRICS_FILE)
       return
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     if workdir_lib.is_remote(workdir):
@@ -187,7 +185,7 @@ class TrainLog:
             summary["loss"], summary["accuracy"], summary["examples_per_sec"],
             format_duration(eta))
     self.writer.write_scalars(step, {f"train_{k}": v for k, v in summary.items()})
-    self._append(TRAIN_LOG_FILE, {"step": step, **summary})
+    self._append(workdir_lib.TRAIN_LOG_FILE, {"step": step, **summary})
     self._metrics, self._t_last, self._last_logged = None, now, step
 
   def write_eval(self, step: int, metrics: dict[str, float], records: list[dict[str, Any]]
@@ -195,7 +193,7 @@ class TrainLog:
     log.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     self.writer.write_scalars(step, {f"eval_{k}": v for k, v in metrics.items()})
     for record in records:
-      self._append(METRICS_FILE, {"step": step, **record})
+      self._append(workdir_lib.METRICS_FILE, {"step": step, **record})
 
   def _append(self, name: str, record: dict[str, Any]) -> None:
     if jax.process_index() == 0:

@@ -27,7 +27,7 @@ from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import layouts
 from flaxbert_cls.training import progress as progress_lib
 from flaxbert_cls.training import resume
-from flaxbert_cls.training import tracking
+from flaxbert_cls.tracking import trackers as tracking
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                             run.total_steps)
   start_step = int(state.step)
   batches = run.layout.batches(run.train_splits, run.mixture, range(start_step, total_steps))
-  trackers = tracking.open_writers(run.exp, workdir, start_step)
+  trackers = tracking.open_writers(config, run.exp.mesh, workdir, start_step)
   train_log = progress_lib.TrainLog(
       workdir, total_steps, start_step, config.batch_size * run.layout.size,
       config.log_every_steps, trackers, "tensorboard" in tracking.report_to(config))

@@ -31,11 +31,7 @@ from flaxbert_cls import saved_config
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.errors import UserError
-from flaxbert_cls.training import evaluate as evaluate_lib
-from flaxbert_cls.training import experiment as experiment_lib
-from flaxbert_cls.training import members as members_lib
-from flaxbert_cls.training import mlflow_tracker
-from flaxbert_cls.training import progress as progress_lib
+from flaxbert_cls.tracking import mlflow_tracker
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +103,12 @@ def package_version() -> str:
     return "source"
 
 
-def run_tags(exp: experiment_lib.Experiment) -> dict[str, str]:
+def run_tags(mesh: jax.sharding.Mesh) -> dict[str, str]:
   """Package and jax versions, device kind and count, mesh shape."""
-  devices = list(exp.mesh.devices.flat)
+  devices = list(mesh.devices.flat)
   return {"flaxbert_cls.version": package_version(), "jax.version": jax.__version__,
           "device.kind": devices[0].device_kind, "device.count": str(len(devices)),
-          "mesh.shape": json.dumps(dict(exp.mesh.shape))}
+          "mesh.shape": json.dumps(dict(mesh.shape))}
 
 
 def run_info(config: ml_collections.ConfigDict, workdir: str, tags: dict[str, str]) -> RunInfo:
@@ -152,12 +148,12 @@ def artifact_paths(workdir: str, export_dir: str | None = None) -> list[tuple[st
   candidates = [
       (workdir_lib.join(workdir, "report"), "report"),
       (workdir_lib.join(workdir, decisions_lib.DECISIONS_FILE), ""),
-      (workdir_lib.join(workdir, evaluate_lib.EVAL_DIR, evaluate_lib.PREDICTIONS_FILE),
-       evaluate_lib.EVAL_DIR),
-      (workdir_lib.join(workdir, evaluate_lib.EVAL_DIR, evaluate_lib.SUMMARY_FILE),
-       evaluate_lib.EVAL_DIR),
-      (workdir_lib.join(workdir, members_lib.RESULTS_JSON), ""),
-      (workdir_lib.join(workdir, members_lib.RESULTS_MARKDOWN), ""),
+      (workdir_lib.join(workdir, workdir_lib.EVAL_DIR, workdir_lib.PREDICTIONS_FILE),
+       workdir_lib.EVAL_DIR),
+      (workdir_lib.join(workdir, workdir_lib.EVAL_DIR, workdir_lib.SUMMARY_FILE),
+       workdir_lib.EVAL_DIR),
+      (workdir_lib.join(workdir, workdir_lib.SWEEP_RESULTS_JSON), ""),
+      (workdir_lib.join(workdir, workdir_lib.SWEEP_RESULTS_MARKDOWN), ""),
   ]
   if export_dir:
     candidates.append((export_dir, "export"))
@@ -197,7 +193,7 @@ class TrackerWriter:
         self._full_said = True
         log.warning("%s is slower than training: later metrics wait for `flaxbert-cls track "
                     "--workdir=%s --report_to=%s` (%s has them)", self.name, self.workdir,
-                    self.name, progress_lib.METRICS_FILE)
+                    self.name, workdir_lib.METRICS_FILE)
 
   def _work(self) -> None:
     while True:
@@ -217,7 +213,7 @@ class TrackerWriter:
         log.warning("%s: %s failed (%s: %s); training goes on without it. %s has every "
                     "metric: `flaxbert-cls track --workdir=%s --report_to=%s` uploads the run "
                     "later", self.name, op, type(e).__name__, detail,
-                    progress_lib.METRICS_FILE, self.workdir, self.name)
+                    workdir_lib.METRICS_FILE, self.workdir, self.name)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     tracked = {k: float(v) for k, v in scalars.items() if is_tracked(k)}
@@ -237,7 +233,7 @@ class TrackerWriter:
       self.failed = True  # a hung tracker: no more waiting at the run's end
       log.warning("%s: still sending after %.0f s; the run stops waiting for it. %s has every "
                   "metric: `flaxbert-cls track --workdir=%s --report_to=%s` uploads the rest",
-                  self.name, timeout, progress_lib.METRICS_FILE, self.workdir, self.name)
+                  self.name, timeout, workdir_lib.METRICS_FILE, self.workdir, self.name)
 
   def finish(self, artifacts: list[tuple[str, str]], status: str) -> None:
     """Uploads the artifacts, ends the tracker's run with `status`, stops the thread."""
@@ -267,20 +263,20 @@ def _backend(name: str, info: RunInfo, uri: str) -> Any:
 TRACKER_NAMES = ("mlflow",)  # the trackers with a backend ('tensorboard' is TrainLog's own)
 
 
-def open_writers(exp: experiment_lib.Experiment, workdir: str, start_step: int = 0
-                 ) -> list[TrackerWriter]:
+def open_writers(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str,
+                 start_step: int = 0) -> list[TrackerWriter]:
   """Process 0: a writer per tracker in config.report_to (TensorBoard aside).
 
   A resumed run (`start_step` > 0) first sends what its files hold up to that step and the
   tracker lacks: a kill can stop the sending thread before the queue drained.
   """
-  names = [n for n in report_to(exp.config) if n in TRACKER_NAMES]
+  names = [n for n in report_to(config) if n in TRACKER_NAMES]
   if jax.process_index() != 0 or not names:
     return []
-  tags = run_tags(exp)
+  tags = run_tags(mesh)
   update_state(workdir, "run", "tags", tags)  # `track` tags the runs it creates the same
-  info = run_info(exp.config, workdir, tags)
-  writers = [TrackerWriter(n, _backend(n, info, mlflow_tracking_uri(exp.config)), workdir)
+  info = run_info(config, workdir, tags)
+  writers = [TrackerWriter(n, _backend(n, info, mlflow_tracking_uri(config)), workdir)
              for n in names]
   earlier = {step: scalars for step, scalars in logged_scalars(workdir).items()
              if step <= start_step}
@@ -308,11 +304,11 @@ def logged_scalars(workdir: str) -> dict[int, dict[str, float]]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       by_step.setdefault(int(step), {})[key] = float(value)
 
-  for row in workdir_lib.read_jsonl(workdir_lib.join(workdir, progress_lib.TRAIN_LOG_FILE)):
+  for row in workdir_lib.read_jsonl(workdir_lib.join(workdir, workdir_lib.TRAIN_LOG_FILE)):
     for key, value in row.items():
       if key != "step":
         add(row["step"], f"train_{key}", value)
-  for row in workdir_lib.read_jsonl(workdir_lib.join(workdir, progress_lib.METRICS_FILE)):
+  for row in workdir_lib.read_jsonl(workdir_lib.join(workdir, workdir_lib.METRICS_FILE)):
     # The names TrainLog.write_eval gave: eval_[member<i>/][<task>/]<metric>; a multi-task
     # run's 'average' record holds its 'score'.
     prefix = "eval_" + "".join(f"{p}/" for p in (

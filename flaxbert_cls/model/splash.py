@@ -1,0 +1,101 @@
+"""Splash attention: JAX's fused Pallas TPU kernel for the encoder's padded self-attention.
+
+`attention` has `ops.attention`'s contract ([batch, len, heads, dim] in and out, padding as
+key lengths). Padding becomes segment ids (real tokens 1, padding 0): a real query sees the
+real keys only, as the key-length mask gives; a padded query sees padding (its output is
+never read), so no softmax row is empty. The kernel does not scale its logits: q is divided
+by sqrt(dim) first. It takes one example's [heads, len, dim] (vmapped over the batch); on a
+mesh it runs under `shard_map` with the activations' own sharding (batch over the batch axes,
+heads over the heads rule's axis), since a Pallas call is opaque to XLA's partitioner. Like
+cuDNN's kernel it has no attention dropout. `interpret=True` runs the kernel's Pallas
+program on any backend (slow: tests on CPU). The kernel's module is imported when first
+used: importing it loads libtpu, which only a splash run needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from flaxbert_cls.model.sharding import ACTIVATION_BATCH, ACTIVATION_HEADS
+
+BLOCK = 128  # the kernel's tile along both sequence axes on a TPU (its lane width)
+
+
+def _kernel_module() -> Any:
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import splash_attention  # loads libtpu: on first use
+  return splash_attention
+
+
+def supported(length: int) -> bool:
+  """Whether a self-attention of `length` tokens runs in the kernel: whole 128-token tiles
+  (its block checks hold in interpret mode too)."""
+  return length >= BLOCK and length % BLOCK == 0
+
+
+def _kernel(heads: int, length: int, interpret: bool) -> Any:
+  """The kernel for `heads` x [length, length] full attention (padding is in the segment ids,
+  so one static mask serves every batch). Made per trace, not cached: it holds arrays made
+  inside the trace."""
+  splash = _kernel_module()
+  block = BLOCK
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  mask = splash.MultiHeadMask([splash.FullMask((length, length))] * heads)
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+
+
+def _local(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
+           interpret: bool) -> jax.Array:
+  """One device's examples: [batch, len, heads, dim] -> the kernel's [heads, len, dim] each."""
+  splash = _kernel_module()
+  _, length, heads, dim = q.shape
+  kernel = _kernel(heads, length, interpret)
+  segments = (jnp.arange(length)[None, :] < kv_lengths[:, None]).astype(jnp.int32)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  out = jax.vmap(kernel)(heads_first(q * jnp.asarray(1.0 / math.sqrt(dim), q.dtype)),
+                         heads_first(k), heads_first(v), splash.SegmentIds(segments, segments))
+  return heads_first(out).astype(q.dtype)
+
+
+def _fitted_spec(shape: tuple[int, ...], spec: P, mesh: Mesh) -> P:
+  """`spec` with every mesh axis that does not divide its dimension left out (a batch of 1 at
+  init, fewer heads than the tensor axis), as `sharding.constrain` does."""
+  entries = []
+  for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept = tuple(a for a in axes if size % mesh.shape[a] == 0)
+    while kept and size % int(np.prod([mesh.shape[a] for a in kept])):
+      kept = kept[:-1]
+    entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+  return P(*entries)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
+              mesh: Mesh | None = None, rules: tuple[tuple[str, object], ...] = (),
+              interpret: bool = False) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v over the first kv_lengths[b] keys, through the splash kernel.
+
+  q, k, v: [batch, len, heads, dim] with one length (self-attention); `mesh` and `rules`
+  (the model's activation rules) shard it like the activations around it.
+  """
+  if q.shape[1] != k.shape[1] or not supported(q.shape[1]):
+    raise ValueError(f"splash attention: query length {q.shape[1]} and key length "
+                     f"{k.shape[1]} must be equal and whole {BLOCK}-token tiles")
+  local = functools.partial(_local, interpret=interpret)
+  if mesh is None or mesh.size == 1:
+    return local(q, k, v, kv_lengths)
+  spec = _fitted_spec(q.shape, nn.logical_to_mesh_axes(
+      (ACTIVATION_BATCH, None, ACTIVATION_HEADS, None), rules), mesh)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0])),
+                       out_specs=spec, check_vma=False)(q, k, v, kv_lengths)

@@ -1,0 +1,1 @@
+"""Experiment trackers (MLflow) beside TensorBoard: writers the training loop feeds, and `track`."""
