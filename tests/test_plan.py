@@ -118,6 +118,23 @@ def test_a_sweeps_stacked_step_compiles_with_every_members_state(tiny):
   assert 1.9 < train.stats.argument_bytes / solo.stats.argument_bytes < 2.1
 
 
+def test_splash_attention_compiles_for_a_tpu_with_the_kernel_in_the_program(tmp_path):
+  """attention_impl='splash' on v5e:2x2, batch over 'data' and heads over 'tensor': the
+  kernel's Pallas calls are in the compiled train and eval steps (the 128-token bucket;
+  the 32-token one and the [CLS]-only last layer stay on XLA), and the table says XLA's
+  FLOPs miss them."""
+  checkpoint = _config_only_checkpoint(tmp_path / "ckpt", max_position_embeddings=128,
+                                       num_hidden_layers=2)  # the last runs [CLS] alone
+  plan = plan_lib.make_plan(_config(checkpoint, mesh_shape=(2, 1, 2), attention_impl="splash",
+                                    attention_dropout=0.0, max_seq_length=128,
+                                    seq_buckets=(32, 128)), "v5e:2x2")
+  assert plan.fits and plan.choices["attention_impl"] == "splash"
+  calls = {p.name: p.stats.kernel_calls for p in plan.programs}
+  assert calls["train seq 32"] == calls["eval seq 32"] == 0, calls
+  assert calls["train seq 128"] > 0 and calls["eval seq 128"] > 0, calls
+  assert "Splash attention runs as Pallas kernels" in plan_table.table(plan)
+
+
 def _plan_args(checkpoint, topology, **overrides):
   settings = dict(model_name_or_path=checkpoint, task_name="sst2", batch_size=8,
                   eval_batch_size=8, max_seq_length=32, seq_buckets="(32,)", dtype="bfloat16")

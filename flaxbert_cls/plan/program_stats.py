@@ -24,6 +24,7 @@ _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|f8e
                     r"\[([\d,]*)\]")
 _COMMENT = re.compile(r"/\*.*?\*/")  # e.g. /*index=5*/ inside long tuple shapes
 _WHILE = re.compile(r"=\s*\S.*?\swhile\(")
+_KERNEL = re.compile(r'custom_call_target="tpu_custom_call"')  # a Pallas kernel (splash)
 _BITS = {"pred": 8, "s8": 8, "u8": 8, "f8e4m3fn": 8, "f8e5m2": 8, "s16": 16, "u16": 16,
          "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64}
 
@@ -48,6 +49,7 @@ class ProgramStats:
   bytes_accessed: float
   collectives: dict[str, Collective]
   while_loops: int
+  kernel_calls: int = 0  # Pallas TPU kernels: XLA's cost analysis sees no FLOPs inside them
 
   @property
   def total_bytes(self) -> int:
@@ -70,7 +72,7 @@ def from_compiled(compiled: Any) -> ProgramStats:
       flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       collectives=collectives(text),
-      while_loops=len(_WHILE.findall(text)))
+      while_loops=len(_WHILE.findall(text)), kernel_calls=len(_KERNEL.findall(text)))
 
 
 def collectives(hlo_text: str) -> dict[str, Collective]:

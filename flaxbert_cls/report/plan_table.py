@@ -32,7 +32,7 @@ def table(plan: plan_lib.Plan) -> str:
       "compute bound ms* | bytes bound ms* | tokens/s ceiling* | MFU ceiling* | compile s |",
       "|" + "---|" * 16,
   ]
-  loops = False
+  loops, kernels = False, False
   for p in plan.programs:
     if p.refused:
       lines.append(f"| {p.name} | {p.examples} | {_gib(p.expected_argument_bytes)} | "
@@ -40,6 +40,7 @@ def table(plan: plan_lib.Plan) -> str:
       continue
     s, b = p.stats, plan.bounds(p)
     loops = loops or s.while_loops > 0
+    kernels = kernels or s.kernel_calls > 0
     collective = lambda op: f"{s.collectives[op].bytes / 1e6:.1f} ({s.collectives[op].count})" \
         if op in s.collectives else "0"  # pylint: disable=cell-var-from-loop
     lines.append(
@@ -62,6 +63,10 @@ def table(plan: plan_lib.Plan) -> str:
     lines.append(f"XLA counts a loop body once (gradient_accumulation_steps="
                  f"{plan.accumulation_steps}, or loops XLA builds): its FLOPs and bytes are a "
                  "lower bound there; the analytic FLOPs are not.")
+  if kernels:
+    lines.append("Splash attention runs as Pallas kernels, whose FLOPs XLA's cost analysis does "
+                 "not see: XLA's GFLOP leave out attention there; the analytic FLOPs and the "
+                 "bounds from them hold.")
   gradient = _gradient_reduction(plan)
   if gradient:
     lines.append(gradient)
