@@ -163,9 +163,16 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh,
   A mesh axis that does not divide its dimension is left out (e.g. the batch of 1
   that initializes the model), as for parameters.
   """
+  return jax.lax.with_sharding_constraint(x, activation_sharding(logical_axes, x.shape, mesh,
+                                                                 rules))
+
+
+def activation_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                        rules: Sequence[tuple[str, Any]]) -> NamedSharding:
+  """The sharding an activation of `shape` gets from its logical axes (`constrain`'s; a
+  kernel under shard_map takes its spec)."""
   spec = nn.logical_to_mesh_axes(tuple(logical_axes), tuple(rules))
-  sharding, _ = _fit(NamedSharding(mesh, spec), x.shape)
-  return jax.lax.with_sharding_constraint(x, sharding)
+  return _fit(NamedSharding(mesh, spec), shape)[0]
 
 
 def logical_to_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],

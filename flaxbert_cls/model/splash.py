@@ -18,12 +18,11 @@ import functools
 import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from flaxbert_cls.model import sharding as sharding_lib
 from flaxbert_cls.model.sharding import ACTIVATION_BATCH, ACTIVATION_HEADS
 
 BLOCK = 128  # the kernel's tile along both sequence axes on a TPU (its lane width)
@@ -68,19 +67,6 @@ def _local(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
   return heads_first(out).astype(q.dtype)
 
 
-def _fitted_spec(shape: tuple[int, ...], spec: P, mesh: Mesh) -> P:
-  """`spec` with every mesh axis that does not divide its dimension left out (a batch of 1 at
-  init, fewer heads than the tensor axis), as `sharding.constrain` does."""
-  entries = []
-  for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    kept = tuple(a for a in axes if size % mesh.shape[a] == 0)
-    while kept and size % int(np.prod([mesh.shape[a] for a in kept])):
-      kept = kept[:-1]
-    entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-  return P(*entries)
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
               mesh: Mesh | None = None, rules: tuple[tuple[str, object], ...] = (),
               interpret: bool = False) -> jax.Array:
@@ -95,7 +81,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
   local = functools.partial(_local, interpret=interpret)
   if mesh is None or mesh.size == 1:
     return local(q, k, v, kv_lengths)
-  spec = _fitted_spec(q.shape, nn.logical_to_mesh_axes(
-      (ACTIVATION_BATCH, None, ACTIVATION_HEADS, None), rules), mesh)
+  # Axes that do not divide their dimension (a batch of 1 at init) are left out.
+  spec = sharding_lib.activation_sharding((ACTIVATION_BATCH, None, ACTIVATION_HEADS, None),
+                                          q.shape, mesh, rules).spec
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0])),
                        out_specs=spec, check_vma=False)(q, k, v, kv_lengths)
