@@ -187,13 +187,14 @@ class RunPlan:
   `tasks`: (head name, mixing weight, that task's config) per task ('' for a single task).
   `members`: a sweep's swept values per member, in grid order; () for one run.
   `mesh_axes` / `mesh_shape`: the mesh the run asks for, a sweep's 'member' axis included
-  (shape () = automatic).
+  (shape () = automatic). `layout`: how a text becomes model rows (long_document keys).
   """
 
   tasks: tuple[tuple[str, float, ml_collections.ConfigDict], ...]
   members: tuple[dict[str, Any], ...]
   mesh_axes: tuple[str, ...]
   mesh_shape: tuple[int, ...]
+  layout: tokenization.Layout
 
 
 def validate(config: ml_collections.ConfigDict) -> RunPlan:
@@ -233,7 +234,11 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(not config.mesh_shape or len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
         f"needs one size per axis in mesh_axes={tuple(config.mesh_axes)}")
   check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")
-  tokenization.validate_long_document(config, check)
+  layout = tokenization.Layout(**{k: config[k] for k in tokenization.LONG_DOCUMENT_KEYS})
+  tokenization.validate_layout(layout, int(config.max_seq_length), check)
+  check(int(config.train_windows) >= 0, "train_windows",
+        "must be >= 0 (0 = every window of a document in training)")
+  check(config.window_pooling in ("mean", "max"), "window_pooling", "use 'mean' or 'max'")
   check(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", "use 'stop' or 'skip'")
   for key in ("checkpoint_every_steps", "log_every_steps", "max_checkpoints_to_keep"):
     check(int(config[key]) > 0, key, "must be > 0")
@@ -273,11 +278,31 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(config.gradient_accumulation_steps >= 1 and
         config.batch_size % config.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps", "must be >= 1 and divide batch_size")
-  tasks = tuple(tasks_lib.task_configs(config))
+  tasks = task_configs(config)
   names = [name for name, _, _ in tasks]
   check(not config.tasks or config.selection_metric in ("average", *names),
         "selection_metric", f"use 'average' or a task name {names}")
-  return RunPlan(tasks, tuple(members), *mesh_request(config))
+  return RunPlan(tasks, tuple(members), *mesh_request(config), layout)
+
+
+def task_configs(config: ml_collections.ConfigDict
+                 ) -> tuple[tuple[str, float, ml_collections.ConfigDict], ...]:
+  """(head name, weight, that task's config: the run's with its entry's keys on top) per
+  config.tasks entry; ('', 1.0, config) for a single task."""
+  if not config.tasks:
+    return (("", 1.0, config),)
+  out = []
+  for i, (name, weight, keys) in enumerate(tasks_lib.task_entries(config.tasks)):
+    task_config = ml_collections.ConfigDict(config.to_dict())
+    with task_config.unlocked():
+      task_config.tasks = ()
+      for key, value in keys.items():
+        try:
+          task_config[key] = value
+        except (TypeError, ValueError) as e:
+          raise UserError(f"config.tasks[{i}].{key}={value!r}: {e}") from None
+    out.append((name, weight, task_config))
+  return tuple(out)
 
 
 def mesh_request(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -30,6 +30,12 @@ LAYERS = (
     ('cli',),
 )
 MAX_LINES = 400
+# The limit is a prompt to look, not a reason to split a job in two: a module whose one job
+# needs more is named here with its own limit and why.
+LONG_MODULES = {
+    'flaxbert_cls.config': (480, 'the schema: every key with its default and why, the checks '
+                            'of them and what they resolve to (RunPlan)'),
+}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -145,7 +151,8 @@ def test_no_import_circles():
 @pytest.mark.parametrize('module', sorted(_modules()))
 def test_module_size(module):
   lines = len(_modules()[module].read_text().splitlines())
-  assert lines <= MAX_LINES, f'{module}: {lines} lines > {MAX_LINES}; split it by job'
+  limit = LONG_MODULES.get(module, (MAX_LINES,))[0]
+  assert lines <= limit, f'{module}: {lines} lines > {limit}; is it still one job?'
 
 
 def test_every_module_imports_in_a_fresh_interpreter_in_dependency_order():

@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 from typing import Any
 
-import ml_collections
 
 from flaxbert_cls import workdir as files
 from flaxbert_cls.errors import UserError
@@ -178,9 +177,8 @@ def _normalize(name: str) -> str:
   return key.replace("-", "").replace("_", "")
 
 
-def _get(config: Any, key: str, default: Any) -> Any:
-  # A run's config (ConfigDict, FrozenConfigDict) or a plain dict of task keys.
-  value = config[key] if key in config else default
+def _get(keys: Mapping[str, Any], key: str, default: Any) -> Any:
+  value = keys[key] if key in keys else default
   return default if value is None else value
 
 
@@ -198,15 +196,15 @@ def _str_tuple(value: Any, key: str) -> tuple[str, ...]:
   return tuple(out)
 
 
-def get_task(config: Any) -> Task:
-  """Returns the `Task` named by `config.task_name`.
+def get_task(keys: Mapping[str, Any]) -> Task:
+  """Returns the `Task` named by `keys['task_name']` (a task's config keys, TASK_KEYS).
 
-  For `task_name='custom'` the config also gives `text_columns` (1 or 2
+  For `task_name='custom'` the keys also give `text_columns` (1 or 2
   names), `label_column`, `label_names` (empty = build the label map from the
   training data), `is_regression`, and optionally `metrics` and
   `main_metric`.
   """
-  raw_name = _get(config, "task_name", "")
+  raw_name = _get(keys, "task_name", "")
   if not isinstance(raw_name, str) or not raw_name.strip():
     raise UserError(
         "config.task_name is not set: use one of "
@@ -218,11 +216,11 @@ def get_task(config: Any) -> Task:
     raise UserError(
         f"config.task_name: unknown task {raw_name!r}; known tasks: "
         f"{sorted(GLUE_TASKS) + ['custom']}")
-  return _custom_task(config)
+  return _custom_task(keys)
 
 
-def _custom_task(config: Any) -> Task:
-  """Builds a custom task from the config, checking every key."""
+def _custom_task(config: Mapping[str, Any]) -> Task:
+  """Builds a custom task from its keys, checking every one."""
   text_columns = _str_tuple(_get(config, "text_columns", ()), "text_columns")
   if len(text_columns) not in (1, 2) or not all(text_columns):
     raise UserError(
@@ -340,16 +338,10 @@ TASK_KEYS = ("train_file", "validation_file", "data_dir", "dataset_name", "datas
              "label_names_file", "file_columns", "class_weights", "logit_adjustment")
 
 
-def task_configs(config: ml_collections.ConfigDict
-                 ) -> list[tuple[str, float, ml_collections.ConfigDict]]:
-  """(head name, weight, that task's config) per task; one entry for a single-task config.
-
-  A task's config is the run's config with the entry's keys on top, so `task_name`,
-  `data_dir`, ... mean the same as in a single-task run.
-  """
-  entries = list(config.tasks or ())
-  if not entries:
-    return [("", 1.0, config)]
+def task_entries(entries: Sequence[Any]) -> list[tuple[str, float, dict[str, Any]]]:
+  """config.tasks checked: (head name, weight, the keys the entry sets) per entry, lists as
+  tuples. A task's config is the run's with these keys on top (`config.task_configs`), so
+  `task_name`, `data_dir`, ... mean the same as in a single-task run."""
   out, names = [], set()
   for i, entry in enumerate(entries):
     where = f"config.tasks[{i}]"
@@ -365,21 +357,15 @@ def task_configs(config: ml_collections.ConfigDict
     weight = entry.pop("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
       raise UserError(f"{where}.weight={weight!r}: must be a number > 0")
+    given_name = "name" in entry
     name = str(entry.pop("name", "") or entry["task_name"]).strip().lower().replace("-", "")
-    if entry["task_name"].strip().lower() == "custom" and "name" not in dict(entries[i]):
+    if entry["task_name"].strip().lower() == "custom" and not given_name:
       raise UserError(f"{where}: a custom task needs a name (its head's name)")
     if not name.replace("_", "").isalnum():
       raise UserError(f"{where}.name={name!r}: use letters, digits and '_'")
     if name in names:
       raise UserError(f"{where}.name={name!r}: two tasks with this name; set distinct names")
     names.add(name)
-    task_config = ml_collections.ConfigDict(config.to_dict())
-    with task_config.unlocked():
-      task_config.tasks = ()
-      for key, value in entry.items():
-        try:
-          task_config[key] = tuple(value) if isinstance(value, list) else value
-        except (TypeError, ValueError) as e:
-          raise UserError(f"{where}.{key}={value!r}: {e}") from None
-    out.append((name, float(weight), task_config))
+    keys = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+    out.append((name, float(weight), keys))
   return out

@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -32,29 +32,6 @@ LONG_DOCUMENT_KEYS = ("long_document", "head_tokens", "window_stride", "max_wind
 LONG_DOCUMENT_MODES = ("truncate", "head_tail", "windows")
 
 
-def validate_long_document(config: Any, check: Any) -> None:
-  """config.validate's checks of the long_document keys (`check(ok, key, why)` raises the
-  one-line error)."""
-  mode = config.long_document
-  check(mode in LONG_DOCUMENT_MODES, "long_document", f"use one of {LONG_DOCUMENT_MODES}")
-  # Every layout row is [CLS] content [SEP]: max_seq_length - 2 content tokens.
-  content = int(config.max_seq_length) - 2
-  if mode == "head_tail":
-    head = int(config.head_tokens)
-    check(head == -1 or 0 <= head < content, "head_tokens",
-          f"must be -1 (auto) or in [0, max_seq_length - 2 = {content}): the head must leave "
-          "room for the tail")
-  if mode == "windows":
-    check(1 <= int(config.window_stride) <= content, "window_stride",
-          f"must be in [1, max_seq_length - 2 = {content}] (windows of max_seq_length="
-          f"{config.max_seq_length} hold {content} text tokens; a larger stride skips text)")
-    check(int(config.max_windows) >= 1, "max_windows", "must be >= 1")
-    check(int(config.train_windows) >= 0, "train_windows",
-          "must be >= 0 (0 = every window of a document in training)")
-    check(config.window_pooling in ("mean", "max"), "window_pooling",
-          "use 'mean' or 'max'")
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How a text becomes model rows: 'truncate', 'head_tail' or 'windows' (config keys)."""
@@ -63,11 +40,6 @@ class Layout:
   head_tokens: int = -1  # head_tail: -1 = Sun et al.'s 128 of 510, scaled to the row
   window_stride: int = 64
   max_windows: int = 1
-
-  @classmethod
-  def from_config(cls, config: Any) -> "Layout":
-    """A run config's layout."""
-    return cls(**{k: config[k] for k in LONG_DOCUMENT_KEYS})
 
   @classmethod
   def from_export(cls, fields: dict[str, Any]) -> "Layout":
@@ -80,6 +52,24 @@ class Layout:
 
 
 TRUNCATE = Layout()
+
+
+def validate_layout(layout: Layout, max_seq_length: int,
+                    check: Callable[[bool, str, str], None]) -> None:
+  """config.validate's checks of the long_document keys (`check(ok, key, why)` raises the
+  one-line error naming the key)."""
+  check(layout.long_document in LONG_DOCUMENT_MODES, "long_document",
+        f"use one of {LONG_DOCUMENT_MODES}")
+  content = max_seq_length - 2  # every layout row is [CLS] content [SEP]
+  if layout.long_document == "head_tail":
+    check(layout.head_tokens == -1 or 0 <= layout.head_tokens < content, "head_tokens",
+          f"must be -1 (auto) or in [0, max_seq_length - 2 = {content}): the head must leave "
+          "room for the tail")
+  if layout.long_document == "windows":
+    check(1 <= layout.window_stride <= content, "window_stride",
+          f"must be in [1, max_seq_length - 2 = {content}] (windows of max_seq_length="
+          f"{max_seq_length} hold {content} text tokens; a larger stride skips text)")
+    check(layout.max_windows >= 1, "max_windows", "must be >= 1")
 
 
 @dataclasses.dataclass

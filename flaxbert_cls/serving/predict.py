@@ -145,7 +145,7 @@ class Predictor:
     return cls(exp.model, params, exp.tokenizer, exp.label_names, _unlabelled(exp.task),
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
                int(exp.config.eval_batch_size), exp.batch_sharding, workdir, decisions,
-               tokenization.Layout.from_config(exp.config),
+               exp.layout,
                exp.config.window_pooling, baseline=_blended_baseline(decisions, workdir))
 
   @classmethod

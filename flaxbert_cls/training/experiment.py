@@ -89,6 +89,7 @@ class Experiment:
   member: int | None = None  # set by load_run for a sweep: the member whose params it loaded
   # A sweep's members (config.grid order: each one's swept values); () for one run.
   members: tuple[dict[str, Any], ...] = ()
+  layout: tokenization.Layout = tokenization.Layout()  # config.validate's, from its keys
 
   @property
   def task(self) -> tasks_lib.Task:
@@ -150,7 +151,7 @@ class Experiment:
   def tokenize(self, examples: Any) -> data_lib.TokenizedSplit:
     return tokenization.cached_tokenize(self.tokenizer, examples.texts, examples.labels,
                                     self.config.max_seq_length, self.config.cache_dir or None,
-                                    tokenization.Layout.from_config(self.config))
+                                    self.layout)
 
 
 def _run_tasks(config: ml_collections.ConfigDict, plan: config_lib.RunPlan, label_names: Any
@@ -161,7 +162,7 @@ def _run_tasks(config: ml_collections.ConfigDict, plan: config_lib.RunPlan, labe
   for i, (name, weight, task_config) in enumerate(plan.tasks):
     where = f"config.tasks[{i}] ({name}): " if multitask else ""
     try:
-      task = tasks_lib.get_task(task_config)
+      task = tasks_lib.get_task(task_config.to_dict())
       names = (label_names or {}).get(name) if multitask else label_names
       if names is None and not task.is_regression:
         names = dataset_sources.label_names_for(source_of(task_config), task)
@@ -243,7 +244,8 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
         config.mesh_axes, _train_state_bytes(model), list(mesh.devices.flat))
     return build_experiment(config, model_dir, label_names, devices, shapes_only)
   return Experiment(config, tasks, hf_config, tokenizer, model, mesh,
-                    sharding_lib.batch_sharding(mesh), members=plan.members)
+                    sharding_lib.batch_sharding(mesh), members=plan.members,
+                    layout=plan.layout)
 
 
 def _train_state_bytes(model: model_lib.BertForSequenceClassification) -> int:
