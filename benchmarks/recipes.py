@@ -4,7 +4,7 @@ anything on, and write its row to docs/results.md (and the README's summary of i
   python benchmarks/recipes.py --recipe=NAME|all [--root=workdirs/recipes]
   python benchmarks/recipes.py --render   # the pages again from docs/results.md's rows
 
-NAME: goemotions, sms_spam, newsgroups, newsgroups_windows or sst2 (RECIPES).
+NAME: goemotions, sms_spam, sms_spam_blend, newsgroups, newsgroups_windows or sst2 (RECIPES).
 
 Each recipe trains from scratch (`--config.resume=False`) in `ROOT/NAME`, one at a time, while
 a thread samples the load average every 10 s: a figure trained at a mean load over
@@ -79,6 +79,11 @@ RECIPES = {
     "sms_spam": Recipe("configs/sms_spam.py", "f1",
                        "SMS spam, de-duplicated: train 4,136 → held-out 1,035 (131 spam)",
                        prepare=sms_split),
+    "sms_spam_blend": Recipe("configs/sms_spam.py", "f1",
+                             "SMS spam as above, decided by the argmax of the run blended with "
+                             "its bag of words (no threshold)",
+                             ("--config.tune_thresholds=False", "--config.blend_baseline=True"),
+                             prepare=sms_split),
     "newsgroups": Recipe("configs/newsgroups.py", "accuracy",
                          "20 Newsgroups bydate train: 10,182 posts → held-out 1,132 (20 groups), "
                          "the first 128 tokens of each post", prepare=newsgroups_split),

@@ -2,6 +2,7 @@
 
   flaxbert-cls train --config=configs/sst2.py --workdir=DIR [--config.learning_rate=3e-5]
   flaxbert-cls eval --workdir=DIR [--config=... --config.validation_file=...] [--step=N]
+      [--member=best|I|mean]   (mean: a sweep's members averaged, an ensemble)
   flaxbert-cls report --workdir=DIR   (writes DIR/report/index.html)
   flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N] [--quantize=int8]
       [--member=best|I] [--format=hf|onnx]
@@ -43,7 +44,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "export: new HF model directory; p
 _MODEL = flags.DEFINE_string("model", None, "predict, monitor: a workdir or an exported HF "
                              "directory.")
 _MEMBER = flags.DEFINE_string("member", None, "eval/export/predict of a sweep's workdir: "
-                              "which member, best (default) or its index.")
+                              "which member, best (default) or its index; eval also takes mean (every member's "
+                              "probabilities averaged).")
 _INPUT = flags.DEFINE_string("input", None, "predict: texts to classify (.tsv, .csv, .jsonl).")
 _TEXT_COLUMNS = flags.DEFINE_list("text_columns", None,
                                   "predict: input columns holding the text (default: the run's).")

@@ -17,7 +17,6 @@ import numpy as np
 
 from flaxbert_cls.training import runs
 from flaxbert_cls.training import evaluate
-from flaxbert_cls.training import experiment
 from flaxbert_cls.serving import export
 from flaxbert_cls.data import readers
 from flaxbert_cls.training import train

@@ -12,7 +12,6 @@ import pytest
 from flaxbert_cls.training import runs
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.errors import UserError
-from flaxbert_cls.training import experiment
 from conftest import run_cli
 from model_fixtures import DEMO_DATA, REPO, make_tiny_checkpoint
 

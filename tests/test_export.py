@@ -26,7 +26,7 @@ def run():
 
 
 def test_pytorch_logits_equal_flax_on_sst2_dev(run):
-  exp, sentences, flax_logits, out = run.exp, run.sentences, run.logits, run.exported
+  sentences, flax_logits, out = run.sentences, run.logits, run.exported
   assert flax_logits.shape == (872, 2)
   model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
       out, output_loading_info=True)

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from flaxbert_cls.training import runs
-from flaxbert_cls.training import experiment
 from flaxbert_cls.training import train
 from conftest import free_port
 from model_fixtures import REPO

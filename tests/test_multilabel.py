@@ -15,7 +15,6 @@ from flaxbert_cls.training import runs
 from flaxbert_cls.model import losses as losses_lib
 from flaxbert_cls.data import class_weights
 from flaxbert_cls.training import evaluate
-from flaxbert_cls.training import experiment
 from flaxbert_cls.serving import export
 from flaxbert_cls.decisions import metrics
 from flaxbert_cls.model import bert as model_lib

@@ -12,7 +12,6 @@ import pytest
 from flaxbert_cls.serving import export
 from flaxbert_cls.serving import predict
 from flaxbert_cls.serving import quantize
-from flaxbert_cls.data import readers
 from flaxbert_cls.data import streaming
 from flaxbert_cls.errors import UserError
 import export_fixtures

@@ -20,6 +20,9 @@ from flaxbert_cls.serving import export
 from flaxbert_cls.model import hf
 from flaxbert_cls.training import members as sweep
 from flaxbert_cls.training import train
+from flaxbert_cls.training import evaluate
+from flaxbert_cls.decisions import calibration
+from flaxbert_cls.decisions import ensemble
 from flaxbert_cls.errors import UserError
 from model_fixtures import make_tiny_checkpoint
 from numerics import assert_close
@@ -153,6 +156,44 @@ def test_export_member_picks_its_params(swept, tmp_path):
   assert exp.member == result["best"]["member"]
   with pytest.raises(UserError, match="members 0..3"):
     runs.load_run(workdir, member="7")
+
+
+def test_ensemble_logits_carry_the_members_mean_probability():
+  rng = np.random.default_rng(0)
+  members = [rng.normal(0, 4, (50, 3)) for _ in range(3)]
+  single = ensemble.ensemble_logits(members)
+  want = np.mean([calibration.softmax(m) for m in members], 0)
+  np.testing.assert_allclose(calibration.softmax(single), want, rtol=1e-5)
+  multi = ensemble.ensemble_logits(members, multi_label=True)
+  want = np.mean([calibration.sigmoid(m) for m in members], 0)
+  np.testing.assert_allclose(calibration.sigmoid(multi), want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(ensemble.ensemble_logits(members, regression=True),
+                             np.mean(members, 0), rtol=1e-6)
+  with pytest.raises(ValueError, match="differ in shape"):
+    ensemble.ensemble_logits([members[0], members[1][:10]])
+
+
+def test_eval_of_member_mean_averages_every_members_probabilities(swept, tmp_path):
+  _, workdir, _ = swept
+  path = os.path.join(workdir, workdir_lib.EVAL_DIR, workdir_lib.PREDICTIONS_FILE)
+
+  def probabilities():
+    rows = [json.loads(line) for line in open(path)]
+    return np.array([[r["probabilities"][n] for n in ("0", "1")] for r in rows])
+
+  each = []
+  for i in range(4):
+    evaluate.evaluate_workdir(workdir, member=str(i))
+    each.append(probabilities())
+  results = evaluate.evaluate_workdir(workdir, member="mean")
+  mean = np.mean(each, 0)
+  np.testing.assert_allclose(probabilities(), mean, rtol=1e-5, atol=1e-7)
+  labels = [json.loads(line)["label"] for line in open(path)]
+  assert results["accuracy"] == np.mean(mean.argmax(-1) == np.array(labels, int))
+  with pytest.raises(UserError, match="its own best step"):
+    runs.load_run(workdir, step="best", member="mean", allow_mean=True)
+  with pytest.raises(UserError, match="export and predict take one member"):
+    export.export(workdir, str(tmp_path / "mean"), member="mean")
 
 
 def test_a_sweep_starts_from_a_previous_run_like_a_single_run(swept):

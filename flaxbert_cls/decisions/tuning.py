@@ -276,6 +276,27 @@ def for_eval(exp: Any, workdir: str, logits: np.ndarray, labels: np.ndarray
   return scores(decisions, logits, labels, tuple(task.task.metrics), multi_label)
 
 
+def fitted_here(exp: Any, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """Decisions fitted on these rows and scored on them ('<metric>_tuned': optimistic) and
+  cross-fitted ('<main>_cross_fitted': each half at the other half's thresholds, an estimate
+  for unseen rows); for what no training fitted decisions for (a sweep's ensemble)."""
+  task = exp.tasks[0]
+  multi_label, main = task.task.is_multilabel, task.task.main_metric
+  if exp.multitask or task.task.is_regression or not enabled(exp.config, multi_label):
+    return {}
+  decisions = fit(exp.config, logits, labels, multi_label, metric=main)
+  out = scores(decisions, logits, labels, tuple(task.task.metrics), multi_label)
+  probabilities = decisions.probabilities(logits, multi_label)
+  if multi_label and decisions.thresholds is not None:
+    out[f"{main}_cross_fitted"] = metrics_lib.multilabel_metrics(
+        (main,), thresholds_lib.cross_fitted_decisions(probabilities, labels), labels)[main]
+  elif not multi_label and decisions.threshold is not None:
+    out[f"{main}_cross_fitted"] = metrics_lib.compute_metrics(
+        (main,), thresholds_lib.cross_fitted_binary(probabilities, labels, POSITIVE),
+        labels)[main]
+  return out
+
+
 def save(workdir: str, decisions: Decisions) -> str:
   """Adds `decisions` under its step to workdir/decisions.json (process 0 only)."""
   path = workdir_lib.join(workdir, DECISIONS_FILE)

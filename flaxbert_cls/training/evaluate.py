@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from flaxbert_cls.data import batching as data_lib
 from flaxbert_cls.decisions import baseline as baseline_lib
 from flaxbert_cls.decisions import blend as blend_lib
+from flaxbert_cls.decisions import ensemble as ensemble_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import runs
@@ -96,17 +97,24 @@ def evaluate(exp: experiment_lib.Experiment, params: Any, split: data_lib.Tokeni
              jit_eval: Callable, task_index: int = 0) -> tuple[dict[str, float], np.ndarray]:
   """Exact metrics of one task over every example once; returns (metrics, logits).
 
-  `task_index`: which task of a multi-task run `split` belongs to.
+  `task_index`: which task of a multi-task run `split` belongs to. `params` may be a sweep's
+  `runs.Members`: each member's logits, then the ensemble's (the mean probability's logits).
   """
   cfg = exp.config
   run_task = exp.tasks[task_index]
-  logits = gather_logits(jit_eval, params, split, cfg.eval_batch_size, cfg.seq_buckets,
-                         cfg.max_seq_length, exp.batch_sharding,
-                         progress_lib.BatchProgress(f"eval {run_task.name}"))
-  if logits.ndim == 3:  # multi-task: [n, task, max classes]
-    logits = logits[:, task_index, :run_task.num_labels]
-  labels = split.labels
   task = run_task.task
+  member_logits = []
+  for i, member in enumerate(params.params if isinstance(params, runs.Members) else [params]):
+    where = f"eval {run_task.name}" + (f" member {i}" if isinstance(params, runs.Members) else "")
+    logits = gather_logits(jit_eval, member, split, cfg.eval_batch_size, cfg.seq_buckets,
+                           cfg.max_seq_length, exp.batch_sharding,
+                           progress_lib.BatchProgress(where))
+    if logits.ndim == 3:  # multi-task: [n, task, max classes]
+      logits = logits[:, task_index, :run_task.num_labels]
+    member_logits.append(logits)
+  logits = member_logits[0] if len(member_logits) == 1 else ensemble_lib.ensemble_logits(
+      member_logits, task.is_multilabel, task.is_regression)
+  labels = split.labels
   if task.is_regression:
     predictions = logits[:, 0]
     loss = float(np.mean(np.square(predictions - labels)))
@@ -182,20 +190,30 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
   Also writes workdir/eval/: predictions.jsonl (every example), errors.jsonl (the
   misclassified ones, most confident first) and eval.json (step, metrics, tasks).
   """
-  exp, params = runs.load_run(workdir, overrides, step, member=member)
+  exp, params = runs.load_run(workdir, overrides, step, member=member, allow_mean=True)
   read = experiment_lib.read_examples_tokenized(exp, "validation")
   results, _, logits = evaluate_tasks(
       exp, params, [t for _, t in read],
       jit_eval_step(exp.model, window_pooling=exp.config.window_pooling))
-  # Metrics at the saved temperature / thresholds too (decisions/tuning.py).
-  results.update(decisions_lib.for_eval(exp, workdir, logits[0], read[0][1].labels))
+  if isinstance(params, runs.Members):  # no training saved an ensemble's decisions: fit them
+    results.update(decisions_lib.fitted_here(exp, logits[0], read[0][1].labels))
+  else:  # metrics at the saved temperature / thresholds too (decisions/tuning.py)
+    results.update(decisions_lib.for_eval(exp, workdir, logits[0], read[0][1].labels))
   results.update(baseline_lib.for_eval(workdir, read[0][0]))  # scored when the run trained
   results.update(_blend_scores(exp, workdir, logits[0], read[0][1].labels))
   log.info("eval of %s (step %d): %s", workdir, exp.checkpoint_step, format_metrics(results))
   if jax.process_index() == 0:
     write_eval_files(workdir, exp, [e for e, _ in read], logits, results, exp.checkpoint_step,
-                     ((exp.checkpoint_meta or {}).get("best") or {}).get("step"))
+                     _best_step(exp))
   return results
+
+
+def _best_step(exp: experiment_lib.Experiment) -> int | None:
+  """The loaded run's best step so far (a sweep member's own; none for the members' mean)."""
+  best = (exp.checkpoint_meta or {}).get("best")
+  if isinstance(best, list):  # a sweep: one per member
+    best = best[exp.member] if isinstance(exp.member, int) else None
+  return (best or {}).get("step")
 
 
 def _blend_scores(exp: experiment_lib.Experiment, workdir: str, logits: np.ndarray,

@@ -25,13 +25,26 @@ from flaxbert_cls.training import optimizer as optim
 from flaxbert_cls.training import state as state_lib
 
 
+MEAN = "mean"  # --member=mean: every member of a sweep, their probabilities averaged
+
+
+@dataclasses.dataclass
+class Members:
+  """A sweep's members' parameters at one step, each a single run's tree (--member=mean):
+  what the eval averages (decisions/ensemble.py)."""
+
+  params: list[Any]
+
+
 def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
              step: int | str | None = None, devices: list[jax.Device] | None = None,
-             member: int | str | None = None) -> tuple[experiment_lib.Experiment, Any]:
+             member: int | str | None = None, allow_mean: bool = False
+             ) -> tuple[experiment_lib.Experiment, Any]:
   """A finished (or checkpointed) run: its experiment and restored parameters.
 
   `step`: None = the latest, 'best' = the best by the task's main metric, or a number.
-  A sweep's `member`: None / 'best' (the best member) or an index; its own best step.
+  A sweep's `member`: None / 'best' (the best member) or an index; its own best step. With
+  `allow_mean`, 'mean': every member at `step`, as `Members` (exp.member = 'mean').
   LoRA adapters come back folded into the base kernels: eval, predict and export only
   ever see a plain BERT.
   """
@@ -41,9 +54,16 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
     config.update(overrides.to_dict())
   ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
   members = config_lib.grid(config)  # before building: --member is checked first
-  if members:
+  mean = bool(members) and member == MEAN
+  if mean and not allow_mean:
+    raise UserError(f"--member={MEAN}: `eval` scores the members' average; export and predict "
+                    "take one member (best or an index)")
+  if mean and step == "best":
+    raise UserError(f"--member={MEAN} --step=best: each member has its own best step; use "
+                    "--step=latest (the default) or a step number")
+  if members and not mean:
     member = members_lib.member_index(member, members, ckpt.read_meta()[0], ckpt.directory)
-  elif member not in (None, "best"):
+  elif not members and member not in (None, "best"):
     raise UserError(f"--member={member}: {workdir} is not a sweep (config.sweep is empty)")
   if step == "best":
     step = ckpt.best_step(member if members else None)
@@ -66,9 +86,14 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
   if members:
     exp.member = member
     frozen = optim.frozen_mask(nn.unbox(boxed), config)
-    params = jax.jit(lambda p: members_lib.unstack(p, frozen, member),
-                     out_shardings=param_shardings)(params)
+    unstack = jax.jit(lambda p, i: members_lib.unstack(p, frozen, i),
+                      out_shardings=param_shardings)
+    stacked = params
+    params = [unstack(stacked, i) for i in (range(len(members)) if mean else [member])]
+  else:
+    params = [params]
   if exp.model.config.lora_rank:
-    params = jax.jit(functools.partial(layers.merge_lora, lora_alpha=config.lora_alpha))(params)
+    merge = jax.jit(functools.partial(layers.merge_lora, lora_alpha=config.lora_alpha))
+    params = [merge(p) for p in params]
     exp.model = exp.model.clone(config=dataclasses.replace(exp.model.config, lora_rank=0))
-  return exp, params
+  return exp, Members(params) if mean else params[0]
