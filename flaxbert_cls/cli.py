@@ -12,8 +12,8 @@
       [--coordinator_address=... --num_processes=N --process_id=I]   (parts; pod_predict.py)
   flaxbert-cls monitor --model=DIR_OR_HF_DIR --reference=FILE --current=FILE [--output=DIR]
       (exit status 0: stable, 3: drift)
-  flaxbert-cls plan --config=... --topology=v5e:4x4 [--num_slices=N] [--json=FILE]
-      [--largest_only] | plan --list   (compiles for a TPU topology on any host; exit 3:
+  flaxbert-cls plan --config=... --topology=v5e:4x4|host [--num_slices=N] [--json=FILE]
+      [--largest_only] [--save_compiled=DIR] | plan --list   (compiles for a TPU topology on any host; exit 3:
       a program does not fit)
   flaxbert-cls track --workdir=DIR [--report_to=mlflow] [--output=EXPORTED_DIR]
       (uploads a finished or interrupted run to its experiment trackers, idempotently)
@@ -79,6 +79,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: TPU topology, e.g. v5e:
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "plan: slices of that topology (multi-slice).")
 _JSON = flags.DEFINE_string("json", None, "plan: also write every figure to this JSON file.")
 _LIST = flags.DEFINE_bool("list", False, "plan: list the topology names this libtpu accepts.")
+_SAVE_COMPILED = flags.DEFINE_string("save_compiled", None, "plan: also save every compiled "
+                                     "program in this folder, for a run's "
+                                     "--config.compiled_programs.")
 _LARGEST_ONLY = flags.DEFINE_bool("largest_only", False, "plan: compile the longest sequence "
                                   "bucket only (the peak memory), not every bucket.")
 _REPORT_TO = flags.DEFINE_list("report_to", None, "track: the trackers to upload to (default: "
@@ -197,7 +200,7 @@ def _plan() -> None:
     print("\n".join(topologies.accepted_topologies()), flush=True)
     return
   plan = plan_lib.make_plan(_loaded_config(), _TOPOLOGY.value, _NUM_SLICES.value,
-                            _LARGEST_ONLY.value)
+                            _LARGEST_ONLY.value, _SAVE_COMPILED.value)
   print(plan_table.table(plan), flush=True)
   if _JSON.value:
     plan_table.write_json(plan, _JSON.value)

@@ -109,6 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
   # XLA's persistent compilation cache: a second start of the same config skips compiling.
   c.compilation_cache_dir = "~/.cache/flaxbert_cls/xla"  # '' = off
+  # A folder `plan --save_compiled` wrote for this run's devices: each step whose key matches
+  # (versions, devices, the program itself) is loaded, not compiled (training/programs.py).
+  c.compiled_programs = ""
   c.cpu_scheduler = "memory"  # CPU train step: 'memory' (lower peak, design.md) or 'concurrency'
 
   # Optimization (HF recipe: AdamW eps 1e-6, linear warmup then linear decay).

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from typing import Any
 
+import jax
 from jax.experimental import topologies
 
 from flaxbert_cls.errors import UserError
@@ -51,6 +52,7 @@ _CANDIDATES = {
     "v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16"),
     "v6e": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
 }
+HOST = "host"
 _NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 
 
@@ -73,11 +75,16 @@ def _require_libtpu() -> None:
 
 
 def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
-  """The compile-only devices of TPU topology `name` ('v5e:4x4', 'v4:2x2x1', ...)."""
+  """The compile-only devices of TPU topology `name` ('v5e:4x4', 'v4:2x2x1', ...); 'host': this
+  host's own devices (programs a run here loads: plan --save_compiled)."""
+  if name == HOST:
+    if num_slices != 1:
+      raise UserError(f"--topology={HOST} --num_slices={num_slices}: one slice only")
+    return list(jax.devices())
   match = _NAME.match(name)
   if not match:
     raise UserError(f"--topology={name!r}: use GENERATION:SHAPE with a generation in "
-                    f"{sorted(CHIPS)}, e.g. v5e:4x4 or v4:2x2x1 (plan --list)")
+                    f"{sorted(CHIPS)}, e.g. v5e:4x4 or v4:2x2x1 (plan --list), or host")
   if num_slices < 1:
     raise UserError(f"--num_slices={num_slices}: must be >= 1")
   _require_libtpu()

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.data import batching as data_lib
 from flaxbert_cls.data import tokenization
 from flaxbert_cls.errors import UserError
@@ -32,6 +33,7 @@ from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import layouts
 from flaxbert_cls.training import members as members_lib
+from flaxbert_cls.training import programs as programs_lib
 from flaxbert_cls.training import state as state_lib
 from flaxbert_cls.training import step as step_lib
 
@@ -92,8 +94,10 @@ class Plan:
 
 
 def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
-              largest_only: bool = False) -> Plan:
-  """Builds the run abstractly on `topology` and compiles its programs (every bucket's)."""
+              largest_only: bool = False, save_compiled: str | None = None) -> Plan:
+  """Builds the run abstractly on `topology` and compiles its programs (every bucket's);
+  `save_compiled`: a folder to save each program in for a run to load
+  (config.compiled_programs, training/programs.py)."""
   devices = topologies.topology_devices(topology, num_slices)
   chip = topologies.chip_for(devices[0])
   memory_bytes, memory_source = sharding_lib.device_memory(devices[0])
@@ -120,27 +124,35 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
     lengths = lengths[-1:]
   cfg = exp.model.config
   programs = []
+  save_to = None
+  if save_compiled:
+    if exp.members:
+      raise UserError("plan --save_compiled: a sweep's steps are not saved yet; plan it "
+                      "without --save_compiled")
+    save_to = (workdir_lib.prepare(save_compiled), list(exp.mesh.devices.flat))
+    programs_lib.save_config(save_to[0], config)
   for seq_len in lengths:
     batch = _batch_shapes(exp, config.batch_size, seq_len, stacked=bool(exp.members))
     flops = members * _step_flops(3, cfg, config.batch_size, seq_len)
     programs.append(_compile(
         Program("train", seq_len, members * config.batch_size, flops / len(devices),
                 program_stats.shard_bytes((state, batch, extra))),
-        train_step, (state, batch, *extra)))
+        train_step, (state, batch, *extra), save_to))
   for seq_len in lengths:
     batch = _batch_shapes(exp, config.eval_batch_size, seq_len, stacked=False)
     flops = _step_flops(1, cfg, config.eval_batch_size, seq_len)
     programs.append(_compile(
         Program("eval", seq_len, config.eval_batch_size, flops / len(devices),
                 program_stats.shard_bytes((param_shapes, batch))),
-        eval_step, (param_shapes, batch)))
+        eval_step, (param_shapes, batch), save_to))
   options = step_lib.train_step_compiler_options(exp.mesh, config.cpu_scheduler)
   choices = {
       "platform": exp.mesh.devices.flat[0].platform,
       "attention_impl": cfg.attention_impl,
       "dtype": config.dtype,
       "compiler_options": str(options or "none (XLA's defaults for this platform)"),
-      "device_memory": f"{memory_bytes / 2**30:.2f} GiB ({memory_source})",
+      "device_memory": (f"{memory_bytes / 2**30:.2f} GiB ({memory_source})" if memory_bytes
+                        else memory_source),
       "mesh_shape": f"{tuple(exp.config.mesh_shape)} "
                     f"({'automatic, from the device memory' if automatic_mesh else 'config'})",
   }
@@ -196,16 +208,21 @@ def _step_flops(passes: int, cfg: Any, batch: int, seq_len: int) -> float:
   return float(2 * passes * (matmuls + attention + h * h * batch))  # + the pooler
 
 
-def _compile(program: Program, jitted: Any, args: tuple[Any, ...]) -> Program:
+def _compile(program: Program, jitted: Any, args: tuple[Any, ...],
+             save_to: tuple[str, list[Any]] | None = None) -> Program:
   start = time.perf_counter()
   try:
-    compiled = jitted.lower(*args).compile()
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except  (XLA's JaxRuntimeError)
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     program.refused = " ".join(str(e).split())[:400]
   else:
     program.stats = program_stats.from_compiled(compiled)
+    if save_to is not None:
+      programs_lib.save(save_to[0], programs_lib.program_name(program.kind, args), lowered,
+                        compiled, save_to[1])
   program.compile_seconds = time.perf_counter() - start
   log.info("Compiled %s in %.1f s%s.", program.name, program.compile_seconds,
            " (refused: out of memory)" if program.refused else "")

@@ -20,6 +20,8 @@ def _gib(n: float) -> str:
 def table(plan: plan_lib.Plan) -> str:
   """Markdown: one row per program, per chip, then the choices and the caveats."""
   chip = plan.chip
+  if chip is None:
+    return _host_table(plan)
   lines = [
       f"plan: {plan.topology}{f' x {plan.num_slices} slices' if plan.num_slices > 1 else ''}: "
       f"{plan.num_chips} {chip.name} chips ({_gib(chip.hbm_bytes)} GiB HBM, "
@@ -73,6 +75,20 @@ def table(plan: plan_lib.Plan) -> str:
   return "\n".join(lines)
 
 
+def _host_table(plan: plan_lib.Plan) -> str:
+  """`--topology=host`: this host's devices, which publish no peak figures: sizes only."""
+  lines = [f"plan: {plan.topology}: {plan.num_chips} {plan.choices['platform']} devices; mesh "
+           f"{plan.mesh}; {plan.num_params / 1e6:.1f}M parameters",
+           "choices: " + ", ".join(f"{k}={v}" for k, v in plan.choices.items()), "",
+           "| program | examples/step | args GiB | temp GiB | total GiB | XLA GFLOP | compile s |",
+           "|" + "---|" * 7]
+  for p in plan.programs:
+    s = p.stats
+    lines.append(f"| {p.name} | {p.examples} | {_gib(s.argument_bytes)} | {_gib(s.temp_bytes)} "
+                 f"| {_gib(s.total_bytes)} | {s.flops / 1e9:.1f} | {p.compile_seconds:.0f} |")
+  return "\n".join(lines)
+
+
 def _gradient_reduction(plan: plan_lib.Plan) -> str:
   """Which dtypes the largest train program's all-reduces carry (the gradients)."""
   train = [p for p in plan.programs if p.kind == "train" and p.stats]
@@ -107,7 +123,8 @@ def to_json(plan: plan_lib.Plan) -> dict[str, Any]:
   for program, entry in zip(plan.programs, out["programs"]):
     if program.stats is not None:
       entry["stats"]["total_bytes"] = program.stats.total_bytes
-      entry["estimates"] = plan.bounds(program)
+      if plan.chip is not None:
+        entry["estimates"] = plan.bounds(program)
     entry["name"] = program.name
   out["fits"] = plan.fits
   return out

@@ -25,6 +25,7 @@ from flaxbert_cls.training import checkpoints as checkpoint_lib
 from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import layouts
+from flaxbert_cls.training import programs
 from flaxbert_cls.training import progress as progress_lib
 from flaxbert_cls.training import resume
 from flaxbert_cls.tracking import trackers as tracking
@@ -83,9 +84,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   run_meta = resume.run_meta(exp, total_steps, train_splits)
   best = layout.tracker()
   state, state_shardings, tx, schedule = resume.restore_or_init(exp, ckpt, run_meta, best)
-  jit_train = layout.jit_step(state, state_shardings, tx, schedule, total_steps)
-  jit_eval = evaluate_lib.jit_eval_step(exp.model, exp.abstract_params()[1], exp.batch_sharding,
-                                        config.window_pooling)
+  jit_train = programs.preloaded(layout.jit_step(state, state_shardings, tx, schedule,
+                                                 total_steps), "train", exp.config, exp.mesh)
+  jit_eval = programs.preloaded(evaluate_lib.jit_eval_step(
+      exp.model, exp.abstract_params()[1], exp.batch_sharding, config.window_pooling), "eval",
+      exp.config, exp.mesh)
   resume.write_run_files(exp, workdir)
   return Run(exp, layout, train_splits, eval_data, mixture, total_steps, ckpt, run_meta, best,
              state, jit_train, jit_eval, baseline)
