@@ -27,9 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import recipes  # noqa: E402  (benchmarks/recipes.py: the recipes, load sampler, CLI runner)
-from flaxbert_cls.decisions import ensemble as ensemble_lib  # noqa: E402
 from flaxbert_cls.decisions import metrics as metrics_lib  # noqa: E402
-from flaxbert_cls.decisions import thresholds as thresholds_lib  # noqa: E402
+from flaxbert_cls.decisions import tuning  # noqa: E402
 
 PAGE = os.path.join(recipes.REPO, "docs", "ensembles.md")
 BEGIN, END = "<!-- rows:begin", "rows:end -->"
@@ -60,39 +59,25 @@ def _member(name: str, seed: int, root: str) -> dict[str, Any]:
   return {"seed": seed, "workdir": workdir, **timing}
 
 
-def _predictions(workdir: str) -> tuple[list[str], np.ndarray, np.ndarray, bool]:
-  """(label names, probabilities [N, C], gold [N] or [N, C], multi-label) of eval's rows."""
-  rows = recipes.jsonl(os.path.join(workdir, "eval", "predictions.jsonl"))
-  names = list(rows[0]["probabilities"])
-  probs = np.array([[r["probabilities"][n] for n in names] for r in rows])
-  multi = isinstance(rows[0]["label"], list)
-  gold = (np.array([[n in r["label"] for n in names] for r in rows], np.int64) if multi
-          else np.array([names.index(str(r["label"])) for r in rows]))
-  return names, probs, gold, multi
-
-
 def _score(probs: np.ndarray, gold: np.ndarray, multi: bool, main: str, tunes: bool) -> float:
-  if multi:
-    return metrics_lib.multilabel_metrics(
-        (main,), thresholds_lib.cross_fitted_decisions(probs, gold), gold)[main]
-  decided = thresholds_lib.cross_fitted_binary(probs, gold) if tunes else probs.argmax(-1)
-  return metrics_lib.compute_metrics((main,), decided, gold)[main]
+  if multi or tunes:
+    return tuning.cross_fitted(probs, gold, main, multi)
+  return metrics_lib.compute_metrics((main,), probs.argmax(-1), gold)[main]
 
 
 def measure(name: str, seeds: list[int], root: str) -> dict[str, Any]:
   recipe = recipes.RECIPES[name]
   members = [_member(name, s, root) for s in seeds]
-  read = [_predictions(m["workdir"]) for m in members]
+  read = [recipes.prediction_arrays(recipes.jsonl(os.path.join(m["workdir"], "eval",
+                                                                "predictions.jsonl")))
+          for m in members]
   names, _, gold, multi = read[0]
   for m, (n, _, g, _) in zip(members, read):
     if n != names or not np.array_equal(g, gold):
       raise SystemExit(f"{m['workdir']}: scored on other rows or labels than {members[0]}")
   metrics = json.load(open(os.path.join(members[0]["workdir"], "eval", "eval.json")))["metrics"]
   tunes = multi or f"{recipe.main}_tuned" in metrics
-  # Back to logits and through the library's combination: what an ensemble run would decide.
-  logits = [np.log(np.clip(p, 1e-12, 1)) - (np.log1p(-np.clip(p, 0, 1 - 1e-12)) if multi else 0)
-            for _, p, _, _ in read]
-  mean = ensemble_lib.mean_probabilities(logits, multi)
+  mean = np.mean([p for _, p, _, _ in read], axis=0)  # what eval --member=mean scores
   for m, (_, p, _, _) in zip(members, read):
     m["unseen"] = _score(p, gold, multi, recipe.main, tunes)
   return {"recipe": name, "config": recipe.config, "rows": recipe.rows, "metric": recipe.main,

@@ -37,8 +37,7 @@ import numpy as np
 
 import common  # benchmarks/common.py: the repository on sys.path, the data folder
 from flaxbert_cls import saved_config  # pylint: disable=g-import-not-at-top
-from flaxbert_cls.decisions import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-from flaxbert_cls.decisions import thresholds as thresholds_lib  # pylint: disable=g-import-not-at-top
+from flaxbert_cls.decisions import tuning  # pylint: disable=g-import-not-at-top
 
 REPO = common.REPO
 RESULTS = os.path.join(REPO, "docs", "results.md")
@@ -126,18 +125,23 @@ def jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _cross_fitted(predictions: list[dict[str, Any]], main: str) -> float:
-  """The main metric with thresholds cross-fitted on the rows (thresholds.py): multi-label per
-  label, binary on P(class 1)."""
+def prediction_arrays(predictions: list[dict[str, Any]]
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, bool]:
+  """eval/predictions.jsonl rows as (label names, probabilities [N, C], gold [N] or [N, C],
+  multi-label)."""
   names = list(predictions[0]["probabilities"])
   probs = np.array([[r["probabilities"][n] for n in names] for r in predictions])
-  if isinstance(predictions[0]["label"], list):  # multi-label
-    gold = np.array([[n in r["label"] for n in names] for r in predictions], np.int64)
-    decided = thresholds_lib.cross_fitted_decisions(probs, gold)
-    return metrics_lib.multilabel_metrics((main,), decided, gold)[main]
-  gold = np.array([names.index(str(r["label"])) for r in predictions])
-  return metrics_lib.compute_metrics((main,), thresholds_lib.cross_fitted_binary(probs, gold),
-                                     gold)[main]
+  multi = isinstance(predictions[0]["label"], list)
+  gold = (np.array([[n in r["label"] for n in names] for r in predictions], np.int64) if multi
+          else np.array([names.index(str(r["label"])) for r in predictions]))
+  return names, probs, gold, multi
+
+
+def _cross_fitted(predictions: list[dict[str, Any]], main: str) -> float:
+  """The main metric with thresholds cross-fitted on the rows: multi-label per label, binary
+  on P(class 1)."""
+  _, probs, gold, multi = prediction_arrays(predictions)
+  return tuning.cross_fitted(probs, gold, main, multi)
 
 
 def blend_scores(workdir: str, main: str) -> dict[str, Any]:

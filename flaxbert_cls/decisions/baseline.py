@@ -121,9 +121,8 @@ def fit(train: readers.Examples, validation: readers.Examples, task: tasks_lib.T
       out.update({f"{k}_tuned": v for k, v in metrics_lib.multilabel_metrics(
           metric_names, probabilities >= cut, y_eval).items()})
       # Tuned and scored on the same rows overstates unseen-row F1; cross-fitting does not.
-      crossed = thresholds_lib.cross_fitted_decisions(probabilities, y_eval)
-      out[f"{task.main_metric}_cross_fitted"] = metrics_lib.multilabel_metrics(
-          (task.main_metric,), crossed, y_eval)[task.main_metric]
+      out[f"{task.main_metric}_cross_fitted"] = tuning.cross_fitted(
+          probabilities, y_eval, task.main_metric, multi_label=True)
     return Fit(out)
   weight = dict(enumerate(class_weights)) if class_weights else None
   model = _logistic(x_train, y_train, weight, seed, c)
@@ -139,8 +138,7 @@ def fit(train: readers.Examples, validation: readers.Examples, task: tasks_lib.T
     out.update({f"{k}_tuned": v for k, v in
                 metrics_lib.compute_metrics(names, tuned, y_eval).items()})
     # As multi-label: each half cut at the threshold tuned on the other, for unseen rows.
-    crossed = thresholds_lib.cross_fitted_binary(probabilities, y_eval, tuning.POSITIVE)
-    out["f1_cross_fitted"] = metrics_lib.compute_metrics(("f1",), crossed, y_eval)["f1"]
+    out["f1_cross_fitted"] = tuning.cross_fitted(probabilities, y_eval, "f1", multi_label=False)
   return Fit(out, probabilities.astype(np.float32),
              pipeline.Pipeline([("tfidf", vectorizer), ("logistic_regression", model)]))
 

@@ -18,7 +18,7 @@ from flaxbert_cls.decisions.calibration import sigmoid, softmax
 _TINY = 1e-7  # keeps a unanimous 0 or 1 finite as a logit (float32 sigmoid saturates there)
 
 
-def mean_probabilities(member_logits: Sequence[np.ndarray], multi_label: bool) -> np.ndarray:
+def _mean_probabilities(member_logits: Sequence[np.ndarray], multi_label: bool) -> np.ndarray:
   """The members' mean class probabilities [N, C] (sigmoid per label for multi-label)."""
   link = sigmoid if multi_label else softmax
   return np.mean([link(np.asarray(x, np.float64)) for x in member_logits], axis=0)
@@ -35,6 +35,6 @@ def ensemble_logits(member_logits: Sequence[np.ndarray], multi_label: bool = Fal
     raise ValueError(f"members' logits differ in shape: {sorted(shapes)}")
   if regression:
     return np.mean(np.asarray(member_logits, np.float64), axis=0).astype(np.float32)
-  p = np.clip(mean_probabilities(member_logits, multi_label), _TINY, 1 - _TINY)
+  p = np.clip(_mean_probabilities(member_logits, multi_label), _TINY, 1 - _TINY)
   out = np.log(p) - np.log1p(-p) if multi_label else np.log(p)
   return out.astype(np.float32)

@@ -286,15 +286,22 @@ def fitted_here(exp: Any, logits: np.ndarray, labels: np.ndarray) -> dict[str, f
     return {}
   decisions = fit(exp.config, logits, labels, multi_label, metric=main)
   out = scores(decisions, logits, labels, tuple(task.task.metrics), multi_label)
-  probabilities = decisions.probabilities(logits, multi_label)
-  if multi_label and decisions.thresholds is not None:
-    out[f"{main}_cross_fitted"] = metrics_lib.multilabel_metrics(
-        (main,), thresholds_lib.cross_fitted_decisions(probabilities, labels), labels)[main]
-  elif not multi_label and decisions.threshold is not None:
-    out[f"{main}_cross_fitted"] = metrics_lib.compute_metrics(
-        (main,), thresholds_lib.cross_fitted_binary(probabilities, labels, POSITIVE),
-        labels)[main]
+  if (decisions.thresholds if multi_label else decisions.threshold) is not None:
+    out[f"{main}_cross_fitted"] = cross_fitted(decisions.probabilities(logits, multi_label),
+                                               labels, main, multi_label)
   return out
+
+
+def cross_fitted(probabilities: np.ndarray, labels: np.ndarray, metric: str,
+                 multi_label: bool) -> float:
+  """`metric` with thresholds cross-fitted on these rows (each half cut at the thresholds
+  tuned on the other half): per label, or on P(class POSITIVE) for a binary task."""
+  if multi_label:
+    return metrics_lib.multilabel_metrics(
+        (metric,), thresholds_lib.cross_fitted_decisions(probabilities, labels), labels)[metric]
+  return metrics_lib.compute_metrics(
+      (metric,), thresholds_lib.cross_fitted_binary(probabilities, labels, POSITIVE),
+      labels)[metric]
 
 
 def save(workdir: str, decisions: Decisions) -> str:
