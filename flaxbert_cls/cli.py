@@ -5,9 +5,9 @@
       [--member=best|I|mean]   (mean: a sweep's members averaged, an ensemble)
   flaxbert-cls report --workdir=DIR   (writes DIR/report/index.html)
   flaxbert-cls export --workdir=DIR --output=HF_DIR [--step=latest|best|N] [--quantize=int8]
-      [--member=best|I] [--format=hf|onnx]
+      [--member=best|I|mean] [--format=hf|onnx]
   flaxbert-cls predict --model=DIR_OR_HF_DIR --input=FILE.{tsv,csv,jsonl} --output=FILE.{csv,jsonl}
-      [--quantize=int8] [--batch_size=N]
+      [--quantize=int8] [--batch_size=N] [--step=...] [--member=best|I|mean]
   flaxbert-cls predict --model=... --input=FILE_OR_'part-*.jsonl' --output=DIR [--output_format=csv]
       [--coordinator_address=... --num_processes=N --process_id=I]   (parts; pod_predict.py)
   flaxbert-cls monitor --model=DIR_OR_HF_DIR --reference=FILE --current=FILE [--output=DIR]
@@ -44,8 +44,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "export: new HF model directory; p
 _MODEL = flags.DEFINE_string("model", None, "predict, monitor: a workdir or an exported HF "
                              "directory.")
 _MEMBER = flags.DEFINE_string("member", None, "eval/export/predict of a sweep's workdir: "
-                              "which member, best (default) or its index; eval also takes mean (every member's "
-                              "probabilities averaged).")
+                              "which member, best (default), its index, or mean (every member's probabilities "
+                              "averaged: an ensemble; export/predict of it after eval fits its thresholds).")
 _INPUT = flags.DEFINE_string("input", None, "predict: texts to classify (.tsv, .csv, .jsonl).")
 _TEXT_COLUMNS = flags.DEFINE_list("text_columns", None,
                                   "predict: input columns holding the text (default: the run's).")

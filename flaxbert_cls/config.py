@@ -32,11 +32,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.drop_removed_labels = False
   c.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
   # '' = auto: cuDNN flash attention on a GPU with bfloat16 (head size <= 128, multiple of
-  # 8), XLA elsewhere; 'xla', 'cudnn' or 'splash' (TPU, attention_dropout=0) force one.
+  # 8), splash on a TPU with attention_dropout=0 and max_seq_length >= 512, XLA elsewhere;
+  # 'xla', 'cudnn' or 'splash' (TPU, attention_dropout=0) force one.
   c.attention_impl = ""
   # < 0: the checkpoint's. 0 trains through fused kernels; > 0 needs the probabilities (ops.py).
   c.attention_dropout = -1.0
   c.classifier_dropout = -1.0  # < 0: the checkpoint's hidden_dropout_prob
+  # What each encoder layer keeps for the backward pass: 'none' (all XLA keeps), 'full' (its
+  # input only) or 'minimal' (the dense matmuls' outputs). Trades FLOPs for HBM; `plan` shows both.
+  c.remat_policy = "none"
 
   # Task and data. task_name: a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli,
   # rte, wnli) or 'custom'. Data comes from train_file/validation_file, or a GLUE
@@ -124,7 +128,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.warmup_ratio = 0.1
   c.warmup_steps = -1  # >= 0 overrides warmup_ratio
   c.weight_decay = 0.01
-  c.weight_decay_exclude = ("bias$", "LayerNorm/")  # path regexes without decay
+  # path regexes without decay: biases and norms (BERT's LayerNorm, ModernBERT's *norm)
+  c.weight_decay_exclude = ("bias$", "LayerNorm/", "norm/scale$")
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.adam_eps = 1e-6
@@ -232,6 +237,7 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
         f"cuDNN flash attention has no {config.dtype} kernel; set dtype='bfloat16' (or "
         "attention_impl='' to pick by itself)")
   check(config.attention_dropout < 1, "attention_dropout", "must be < 1 (< 0: the checkpoint's)")
+  check(config.remat_policy in REMAT_POLICIES, "remat_policy", f"use one of {REMAT_POLICIES}")
   check(config.cpu_scheduler in ("memory", "concurrency"), "cpu_scheduler",
         "use 'memory' or 'concurrency'")
   check(not config.mesh_shape or len(config.mesh_axes) == len(config.mesh_shape), "mesh_shape",
@@ -406,6 +412,7 @@ def validate_for_platform(config: ml_collections.ConfigDict, platform: str) -> N
                       f"devices are {platform}; use attention_impl='' (auto) or 'xla'")
 
 
+REMAT_POLICIES = ("none", "full", "minimal")  # model/encoder_config.py's REMAT_POLICIES
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 MIXING = ("proportional", "temperature", "equal")
 

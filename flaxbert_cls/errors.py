@@ -10,3 +10,8 @@ class Preempted(Exception):
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL, "try again": schedulers may requeue on it
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+  """An exception as one line (its type and message, whitespace folded) for a log or error."""
+  return " ".join(f"{type(e).__name__}: {e}".split())[:limit]

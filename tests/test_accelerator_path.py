@@ -38,6 +38,11 @@ def test_auto_attention_picks_cudnn_only_where_it_runs():
   assert ops.attention_implementation("", "gpu", "bfloat16", 192) == "xla"  # > 128
   assert ops.attention_implementation("", "cpu", "bfloat16", 64) == "xla"
   assert ops.attention_implementation("", "tpu", "bfloat16", 64) == "xla"
+  # TPU: splash from 512 tokens on, only without attention dropout (the kernel has none)
+  assert ops.attention_implementation("", "tpu", "bfloat16", 64, 0.0, 512) == "splash"
+  assert ops.attention_implementation("", "tpu", "bfloat16", 64, 0.1, 512) == "xla"
+  assert ops.attention_implementation("", "tpu", "bfloat16", 64, 0.0, 128) == "xla"
+  assert ops.attention_implementation("", "cpu", "float32", 64, 0.0, 512) == "xla"
   assert ops.attention_implementation("cudnn", "gpu", "bfloat16", 64) == "cudnn"
 
 

@@ -35,6 +35,9 @@ MAX_LINES = 400
 LONG_MODULES = {
     'flaxbert_cls.config': (480, 'the schema: every key with its default and why, the checks '
                             'of them and what they resolve to (RunPlan)'),
+    'flaxbert_cls.model.hf': (420, 'every Hugging Face name and file in one place: families, the '
+                              'name map both ways, safetensors (sharded, lazy), the configs of '
+                              'our own exports, the tokenizer'),
 }
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxbert_cls.training import checkpoints as checkpoint_lib
+from flaxbert_cls.training import resume
 from flaxbert_cls.training import runs
 from flaxbert_cls.data import batching as data_lib
 from flaxbert_cls.data import sources as dataset_sources
@@ -151,7 +151,7 @@ def test_multitask_resume_is_bit_exact(tiny_checkpoint, small_dev, two_task_run,
   _, full = two_task_run
   config = two_task_config(tiny_checkpoint, small_dev)
   with monkeypatch.context() as patch:  # preempted after step 3 (saved), then rerun
-    patch.setattr(checkpoint_lib.PreemptionWatcher, "reached", lambda _, step: step == 3)
+    patch.setattr(resume.PreemptionWatcher, "reached", lambda _, step: step == 3)
     with pytest.raises(Preempted):
       train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   resumed = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])

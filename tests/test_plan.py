@@ -152,6 +152,7 @@ def test_a_run_over_the_chips_hbm_exits_3_with_one_line(tmp_path):
   line, = [l for l in err.splitlines() if l.startswith("plan:")]
   assert "train seq 32 does not fit a v5e chip on v5e:2x2" in line
   assert "G short" in line and "fsdp" in line and "batch_size" in line
+  assert "no remat_policy makes it fit" in line  # the parameters, not the activations
   assert "refused by the compiler" in out
   saved = json.load(open(tmp_path / "plan.json"))
   assert saved["fits"] is False and "RESOURCE_EXHAUSTED" in saved["programs"][0]["refused"]

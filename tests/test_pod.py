@@ -336,14 +336,14 @@ def test_tfds_splits_are_read_in_chunks(monkeypatch):
 
 
 def test_missing_preemption_service_is_said_once(monkeypatch, caplog):
-  from flaxbert_cls.training import checkpoints as checkpoint  # pylint: disable=g-import-not-at-top
-  watcher = checkpoint.PreemptionWatcher(check_every=2)
+  from flaxbert_cls.training import resume  # pylint: disable=g-import-not-at-top
+  watcher = resume.PreemptionWatcher(check_every=2)
   watcher._sync_point = True  # as in a multi-process run
 
   def unavailable(step):
     raise RuntimeError("Preemption sync manager has not been initialized")
 
-  monkeypatch.setattr(checkpoint.multihost_utils, "reached_preemption_sync_point", unavailable)
+  monkeypatch.setattr(resume.multihost_utils, "reached_preemption_sync_point", unavailable)
   with caplog.at_level("WARNING"):
     assert not any(watcher.reached(step) for step in range(1, 5))
   watcher.close()

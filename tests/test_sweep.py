@@ -191,9 +191,46 @@ def test_eval_of_member_mean_averages_every_members_probabilities(swept, tmp_pat
   labels = [json.loads(line)["label"] for line in open(path)]
   assert results["accuracy"] == np.mean(mean.argmax(-1) == np.array(labels, int))
   with pytest.raises(UserError, match="its own best step"):
-    runs.load_run(workdir, step="best", member="mean", allow_mean=True)
-  with pytest.raises(UserError, match="export and predict take one member"):
-    export.export(workdir, str(tmp_path / "mean"), member="mean")
+    runs.load_run(workdir, step="best", member="mean")
+  _ensemble_predicts_and_exports_its_mean(workdir, tmp_path, mean)
+
+
+def _ensemble_predicts_and_exports_its_mean(workdir, tmp_path, mean):
+  """predict --member=mean gives eval's mean probabilities; its export loads in PyTorch
+  (trust_remote_code) and in predict with the same logits (1e-4), thresholds included."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from flaxbert_cls.serving import predict  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.decisions import tuning  # pylint: disable=g-import-not-at-top
+  rows = [json.loads(line) for line in open(
+      os.path.join(workdir, workdir_lib.EVAL_DIR, workdir_lib.PREDICTIONS_FILE))]
+  texts = [(r["text"],) for r in rows]
+  ensemble_run = predict.Predictor.from_path(workdir, member="mean")
+  logits = ensemble_run.logits(ensemble_run._tokenize(texts))
+  assert_close(calibration.softmax(logits), mean, 1e-5)
+  path = os.path.join(workdir, tuning.DECISIONS_FILE)
+  saved = json.load(open(path))["steps"] if os.path.isfile(path) else {}
+  # eval --member=mean saved what it fitted (if the run fits decisions), and predict uses it
+  assert (tuning.ensemble_key(4) in saved) == (ensemble_run.decisions is not None)
+  out = export.export(workdir, str(tmp_path / "mean"), member="mean")
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["model_type"] == hf.ENSEMBLE_MODEL_TYPE and config["num_members"] == 4
+  assert json.load(open(os.path.join(out, export.METADATA_NAME)))["member"] == "mean"
+  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, trust_remote_code=True, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  enc = tokenizer([t for t, in texts[:16]], padding=True, truncation=True, max_length=64,
+                  return_tensors="pt")
+  with torch.no_grad():
+    torch_logits = model.eval()(**enc).logits.numpy()
+  assert_close(calibration.softmax(torch_logits), mean[:16], 1e-4)
+  from_export = predict.Predictor.from_path(out)
+  assert isinstance(from_export.params, runs.Members) and len(from_export.params.params) == 4
+  assert_close(from_export.logits(from_export._tokenize(texts)), logits, 1e-5)
+  assert from_export.predict([texts[0]])[0] == ensemble_run.predict([texts[0]])[0]
+  with pytest.raises(UserError, match="ensemble exports as PyTorch weights only"):
+    export.export(workdir, str(tmp_path / "mean8"), member="mean", quantize="int8")
 
 
 def test_a_sweep_starts_from_a_previous_run_like_a_single_run(swept):

@@ -15,7 +15,7 @@ import numpy as np
 
 from flaxbert_cls.data import labels as labels_lib
 from flaxbert_cls.data import readers
-from flaxbert_cls.errors import UserError
+from flaxbert_cls.errors import UserError, one_line
 from flaxbert_cls.data.tasks import Task
 
 # `datasets` builders that read local files (`data_files=`), not the Hub.
@@ -37,10 +37,6 @@ def _hf_source(name, config_name, split, data_files) -> str:
 
 def _tfds_source(name: str, split: str) -> str:
   return f"tfds:{name}:{split}"
-
-
-def _one_line(e: BaseException) -> str:
-  return " ".join(f"{type(e).__name__}: {e}".split())
 
 
 def read_hf_dataset(name: str, config_name: str | None, split: str,
@@ -129,10 +125,10 @@ def _load_hf(name, config_name, split, data_files, cache_dir, source):
           f"{source}: Hugging Face dataset {name!r} could not be loaded "
           "offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and is not "
           f"in the local cache; download it once online, or use local files "
-          f"({_one_line(e)})") from None
+          f"({one_line(e, limit=10_000)})") from None
     raise UserError(
         f"{source}: could not load Hugging Face dataset {name!r}: "
-        f"{_one_line(e)}") from None
+        f"{one_line(e, limit=10_000)}") from None
   if not isinstance(ds, datasets.Dataset):
     raise UserError(f"{source}: expected one split, got {type(ds).__name__}")
   if len(ds) == 0:
@@ -247,7 +243,7 @@ def _load_tfds(name: str, split: str, data_dir: str | None,
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(
         f"{source}: could not load TFDS dataset {name!r} (data_dir "
-        f"{data_dir!r}; prepare it once with `tfds build`): {_one_line(e)}"
+        f"{data_dir!r}; prepare it once with `tfds build`): {one_line(e, limit=10_000)}"
     ) from None
   if not rows:
     raise UserError(f"{source}: the split has no rows")

@@ -276,20 +276,26 @@ def for_eval(exp: Any, workdir: str, logits: np.ndarray, labels: np.ndarray
   return scores(decisions, logits, labels, tuple(task.task.metrics), multi_label)
 
 
-def fitted_here(exp: Any, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """Decisions fitted on these rows and scored on them ('<metric>_tuned': optimistic) and
+def fitted_here(exp: Any, logits: np.ndarray, labels: np.ndarray
+                ) -> tuple[dict[str, float], Decisions | None]:
+  """Decisions fitted on these rows, their scores on them ('<metric>_tuned': optimistic) and
   cross-fitted ('<main>_cross_fitted': each half at the other half's thresholds, an estimate
   for unseen rows); for what no training fitted decisions for (a sweep's ensemble)."""
   task = exp.tasks[0]
   multi_label, main = task.task.is_multilabel, task.task.main_metric
   if exp.multitask or task.task.is_regression or not enabled(exp.config, multi_label):
-    return {}
-  decisions = fit(exp.config, logits, labels, multi_label, metric=main)
+    return {}, None
+  decisions = fit(exp.config, logits, labels, multi_label, step=exp.checkpoint_step, metric=main)
   out = scores(decisions, logits, labels, tuple(task.task.metrics), multi_label)
   if (decisions.thresholds if multi_label else decisions.threshold) is not None:
     out[f"{main}_cross_fitted"] = cross_fitted(decisions.probabilities(logits, multi_label),
                                                labels, main, multi_label)
-  return out
+  return out, decisions
+
+
+def ensemble_key(step: int | None) -> str:
+  """decisions.json's key of a sweep's members averaged at `step` (eval --member=mean)."""
+  return f"mean@{step}"
 
 
 def cross_fitted(probabilities: np.ndarray, labels: np.ndarray, metric: str,
@@ -304,11 +310,12 @@ def cross_fitted(probabilities: np.ndarray, labels: np.ndarray, metric: str,
       labels)[metric]
 
 
-def save(workdir: str, decisions: Decisions) -> str:
-  """Adds `decisions` under its step to workdir/decisions.json (process 0 only)."""
+def save(workdir: str, decisions: Decisions, key: str | None = None) -> str:
+  """Adds `decisions` under `key` (default: its step) to workdir/decisions.json (process 0
+  only)."""
   path = workdir_lib.join(workdir, DECISIONS_FILE)
   saved = workdir_lib.read_json(path) or {"steps": {}}
-  saved["steps"][str(decisions.step)] = dataclasses.asdict(decisions)
+  saved["steps"][key or str(decisions.step)] = dataclasses.asdict(decisions)
   workdir_lib.write_text(path, json.dumps(saved, indent=2))
   return path
 
@@ -327,3 +334,22 @@ def load(workdir: str, step: int | None, num_labels: int, multi_label: bool
     key = max(steps, key=lambda s: int(s) if s.isdigit() else -1)
     log.warning("%s: no decisions fitted at step %s; using those of step %s", path, step, key)
   return Decisions.from_dict(steps[key], num_labels, multi_label, f"{path} step {key}")
+
+
+def load_for(exp: Any, workdir: str) -> Decisions | None:
+  """The loaded run's decisions (`load`); for a sweep's members averaged, those `eval
+  --member=mean` fitted at this step, refused in one line when it has not."""
+  task = exp.tasks[0]
+  multi_label = task.task.is_multilabel
+  if exp.member != "mean":
+    return load(workdir, exp.checkpoint_step, task.num_labels, multi_label)
+  if not enabled(exp.config, multi_label):
+    return None
+  path = workdir_lib.join(workdir, DECISIONS_FILE)
+  key = ensemble_key(exp.checkpoint_step)
+  entry = ((workdir_lib.read_json(path) or {}).get("steps") or {}).get(key)
+  if entry is None:
+    raise UserError(f"{path}: no decisions for the members' mean at step "
+                    f"{exp.checkpoint_step}; run `flaxbert-cls eval --workdir={workdir} "
+                    f"--member=mean --step={exp.checkpoint_step}` first (it fits them)")
+  return Decisions.from_dict(entry, task.num_labels, multi_label, f"{path} {key}")

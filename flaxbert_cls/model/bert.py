@@ -14,86 +14,19 @@ patterns work for every family, and `hf.py` renames them for each family.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxbert_cls.model import modernbert
 from flaxbert_cls.model import ops
+from flaxbert_cls.model import encoder_config
+from flaxbert_cls.model.encoder_config import ACTIVATIONS, BertConfig
 from flaxbert_cls.model.layers import (CLASSES, EMBED, HEADS, HIDDEN_ACTIVATION, MLP, VOCAB, Dense,
                                  Dropout, Embed, LayerNorm, constrain)
 from flaxbert_cls.model.sharding import ACTIVATION_BATCH, ACTIVATION_HEADS, ACTIVATION_MLP
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-  """Encoder sizes, read from a checkpoint's config.json (see `from_hf`)."""
-
-  vocab_size: int = 30522
-  hidden_size: int = 768
-  num_hidden_layers: int = 12
-  num_attention_heads: int = 12
-  intermediate_size: int = 3072
-  hidden_act: str = "gelu"
-  hidden_dropout_prob: float = 0.1
-  attention_probs_dropout_prob: float = 0.1
-  max_position_embeddings: int = 512
-  type_vocab_size: int = 2
-  layer_norm_eps: float = 1e-12
-  classifier_dropout: float | None = None
-  pad_token_id: int = 0
-  # Family switches (set by `hf.model_config` from the checkpoint's model_type).
-  # > 0: RoBERTa position ids, counting non-pad tokens from this id (pad_token_id + 1).
-  position_offset: int = 0
-  embedding_size: int | None = None  # ELECTRA: embeddings narrower than hidden_size
-  classifier_head: str = "bert"  # one of CLASSIFIER_HEADS
-  # 'cls': the family's head on [CLS] (bert: through the pooler). 'mean': the head reads the
-  # mean of the last hidden state over real tokens instead (bert: no pooler).
-  pooling: str = "cls"
-  # Not HF fields: how to run it.
-  dtype: str = "float32"  # compute dtype; parameters stay float32
-  attention_impl: str | None = None  # 'xla' (None), 'cudnn' or 'splash'; ops.attention
-  lora_rank: int = 0  # > 0: low-rank adapters on lora_targets (base weights frozen by optim)
-  lora_alpha: float = 16.0
-  lora_targets: tuple[str, ...] = ("query", "value")
-  # On a mesh, activations are pinned by these rules (sharding.activation_rules): the
-  # batch stays split, so FSDP gathers weights, not activations. None: unconstrained.
-  mesh: Any = None
-  activation_rules: tuple[tuple[str, Any], ...] = ()
-
-  @classmethod
-  def from_hf(cls, hf_config: Any, **overrides: Any) -> "BertConfig":
-    """Takes the fields this module knows from a transformers config (or dict)."""
-    values = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in values.items() if k in names}
-    kwargs.update(overrides)
-    return cls(**kwargs)
-
-  def __post_init__(self):
-    if self.classifier_head not in CLASSIFIER_HEADS:
-      raise ValueError(f"classifier_head={self.classifier_head!r}; use one of {CLASSIFIER_HEADS}")
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
-
-
-# bert: pooler (dense+tanh on [CLS]) -> classifier. roberta / electra: classifier/dense
-# (+tanh / +gelu) -> classifier/out_proj on the first token, no pooler. distilbert:
-# pre_classifier + ReLU -> classifier on the first token, no pooler.
-CLASSIFIER_HEADS = ("bert", "roberta", "electra", "distilbert")
-
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-}
 
 
 class BertEmbeddings(nn.Module):
@@ -201,7 +134,7 @@ class BertIntermediate(nn.Module):
     h = Dense(cfg.intermediate_size, (EMBED, MLP), cfg.dtype, name="dense")(x)
     # Rematerialized: backward keeps h only, not the erf/exp intermediates of exact GELU
     # (3 [batch, length, intermediate] arrays per layer); recomputing them is elementwise.
-    act = jax.checkpoint(_ACTIVATIONS[cfg.hidden_act])
+    act = jax.checkpoint(ACTIVATIONS[cfg.hidden_act])
     return constrain(act(h), (ACTIVATION_BATCH, None, ACTIVATION_MLP), cfg)
 
 
@@ -225,10 +158,13 @@ class BertLayerCollection(nn.Module):
 
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool):
-    last = self.config.num_hidden_layers - 1
-    for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, name=str(i))(x, attention_mask, deterministic,
-                                              self.first_token_only and i == last)
+    cfg = self.config
+    # static: deterministic, first_token_only
+    layer = encoder_config.rematerialized(BertLayer, cfg.remat_policy, static_argnums=(3, 4))
+    last = cfg.num_hidden_layers - 1
+    for i in range(cfg.num_hidden_layers):
+      x = layer(cfg, name=str(i))(x, attention_mask, deterministic,
+                                  self.first_token_only and i == last)
     return x
 
 
@@ -325,9 +261,14 @@ class BertForSequenceClassification(nn.Module):
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
     cfg = self.config
     mean = cfg.pooling == "mean"
-    hidden, pooled = BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert" and not mean,
-                               first_token_only=not mean, name="bert")(
-        input_ids, attention_mask, token_type_ids, deterministic)
+    if cfg.encoder == "modernbert":  # no token types; its head reads [CLS] or the mean
+      hidden = modernbert.ModernBertModel(cfg, name="bert")(input_ids, attention_mask,
+                                                            deterministic)
+      pooled = None
+    else:
+      hidden, pooled = BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert" and not mean,
+                                 first_token_only=not mean, name="bert")(
+          input_ids, attention_mask, token_type_ids, deterministic)
     if mean:  # every head reads position 0 (bert: `pooled`): give them the mean there
       hidden = mean_pool(hidden, attention_mask)[:, None]
       pooled = hidden[:, 0]
@@ -355,11 +296,15 @@ def _head_logits(cfg: BertConfig, num_labels: int, hidden: jax.Array, pooled: ja
     pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
     return Dense(num_labels, (EMBED, CLASSES), jnp.float32, name="classifier")(pooled)
   first = constrain(hidden[:, 0], (ACTIVATION_BATCH, None), cfg)
+  if head == "modernbert":
+    x = nn.Dropout(rate)(modernbert.ModernBertHead(cfg, name="head")(first),
+                         deterministic=deterministic)
+    return Dense(num_labels, (None, CLASSES), jnp.float32, name="classifier")(x)
   if head == "distilbert":
     x = nn.relu(Dense(cfg.hidden_size, (EMBED, None), jnp.float32, name="pre_classifier")(first))
     x = nn.Dropout(rate)(x, deterministic=deterministic)
     return Dense(num_labels, (None, CLASSES), jnp.float32, name="classifier")(x)
-  activation = jnp.tanh if head == "roberta" else _ACTIVATIONS["gelu"]
+  activation = jnp.tanh if head == "roberta" else ACTIVATIONS["gelu"]
   return ClassificationHead(cfg, num_labels, activation, rate, name="classifier")(
       first, deterministic)
 

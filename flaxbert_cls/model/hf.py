@@ -21,6 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from flaxbert_cls.model import bert as model_lib
+from flaxbert_cls.model import modernbert
 from flaxbert_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Family:
   architecture: str
   renames: tuple[tuple[str, str], ...] = ()
   config: Callable[[Any], dict[str, Any]] = lambda c: {}
+  native_mean: bool = False  # its own class pools by config (no mean-pooled remote code)
 
 
 _DISTILBERT_RENAMES = (
@@ -98,12 +100,19 @@ FAMILIES: dict[str, Family] = {
     "electra": Family("electra", "ElectraForSequenceClassification",
                       config=lambda c: {"classifier_head": "electra",
                                         "embedding_size": c.embedding_size}),
+    # ModernBERT (and Ettin, mmBERT): its own encoder (modernbert.py), the names as they are.
+    "modernbert": Family("model", "ModernBertForSequenceClassification",
+                         config=modernbert.config_fields, native_mean=True),
 }
 
 
 # A mean-pooled export's config.json model_type (serving/modeling_flaxbert_cls.py's classes):
 # one transformers does not know, so only trust_remote_code=True loads it.
 MEAN_MODEL_TYPE_PREFIX = "flaxbert_cls_mean_"
+
+
+ENSEMBLE_MODEL_TYPE = "flaxbert_cls_ensemble"  # an export of a sweep's members averaged
+ENSEMBLE_PREFIX = "members."  # its weights: members.<i>.<one member's names>
 
 
 def mean_model_type(model_type: str) -> str:
@@ -164,20 +173,30 @@ def resolve(name_or_path: str, config_only: bool = False) -> str:
 
 
 def load_config(checkpoint_dir: str) -> Any:
-  """The checkpoint's transformers config (AutoConfig; no remote code)."""
+  """The checkpoint's transformers config (AutoConfig; no remote code). An ensemble's export:
+  its member's config, with `ensemble_members` set."""
   import transformers  # pylint: disable=g-import-not-at-top
   try:
     with open(os.path.join(checkpoint_dir, "config.json")) as f:
       values = json.load(f)
     model_type = values.get("model_type", "")
+    num_members = 0
+    if model_type == ENSEMBLE_MODEL_TYPE:  # read as one member's config, with their number
+      num_members = int(values["num_members"])
+      values = values["member_config"]
+      model_type = values.get("model_type", "")
+    if not num_members and not model_type.startswith(MEAN_MODEL_TYPE_PREFIX):
+      return transformers.AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=False)
+    # Our own export (mean-pooled, or an ensemble): read as its family's config (its code is
+    # not run); an ensemble's says how many members its weights hold.
+    values.pop("auto_map", None)
     if model_type.startswith(MEAN_MODEL_TYPE_PREFIX):
-      # Our own mean-pooled export: read as its family's config (its code is not run).
-      values.pop("auto_map", None)
       values.update(model_type=base_model_type(model_type), pooling="mean")
-      config = transformers.CONFIG_MAPPING[values["model_type"]].from_dict(values)
-      config.name_or_path = checkpoint_dir
-      return config
-    return transformers.AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=False)
+    config = transformers.CONFIG_MAPPING[values["model_type"]].from_dict(values)
+    config.name_or_path = checkpoint_dir
+    if num_members:
+      config.ensemble_members = num_members
+    return config
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"{checkpoint_dir}/config.json: cannot read config: "
                     f"{str(e).splitlines()[0]}") from None
@@ -286,6 +305,15 @@ class _Renamed(Mapping):
 
   def __len__(self) -> int:
     return len(self._names)
+
+
+def member_states(state: Mapping[str, np.ndarray], num_members: int
+                  ) -> list[Mapping[str, np.ndarray]]:
+  """An ensemble export's weights, one state per member (`members.<i>.` dropped); [state]
+  for one model (num_members 0)."""
+  prefixes = [f"{ENSEMBLE_PREFIX}{i}." for i in range(num_members)]
+  return [_Renamed(state, {k[len(p):]: k for k in state if k.startswith(p)})
+          for p in prefixes] or [state]
 
 
 def _torch_key(path: tuple[str, ...], fam: Family) -> str:

@@ -56,6 +56,7 @@ class Dense(nn.Module):
   dtype: Any = jnp.float32
   lora_rank: int = 0
   lora_alpha: float = 16.0
+  use_bias: bool = True  # ModernBERT's layers have none
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel, bias, lora = self.weights(x.shape[-1])
@@ -68,7 +69,8 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(_kernel_init(), self.axes),
                         (in_features, self.features), jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
-                      (self.features,), jnp.float32)
+                      (self.features,), jnp.float32) if self.use_bias else jnp.zeros(
+                          (self.features,), jnp.float32)
     if not self.lora_rank:
       return kernel, bias, ()
     a = self.param("lora_a", nn.with_logical_partitioning(
@@ -104,13 +106,15 @@ class LayerNorm(nn.Module):
 
   eps: float
   dtype: Any = jnp.float32
+  use_bias: bool = True  # ModernBERT's (norm_bias=False) have none
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
                        (x.shape[-1],), jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
-                      (x.shape[-1],), jnp.float32)
+                      (x.shape[-1],), jnp.float32) if self.use_bias else jnp.zeros(
+                          (x.shape[-1],), jnp.float32)
     return ops.layer_norm(x.astype(jnp.float32), scale, bias, self.eps).astype(self.dtype)
 
 

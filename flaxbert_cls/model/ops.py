@@ -33,18 +33,29 @@ from flaxbert_cls.model import splash
 ATTENTION_IMPLEMENTATIONS = ("", "xla", "cudnn", "splash")
 
 
-def attention_implementation(requested: str, platform: str, dtype: str, head_dim: int) -> str:
-  """'xla' or 'cudnn' for `jax.nn.dot_product_attention`; '' picks by itself.
+# Auto picks splash on a TPU from this length on (by plan's figures, docs/pods.md).
+SPLASH_AUTO_MIN_LENGTH = 512
+
+
+def attention_implementation(requested: str, platform: str, dtype: str, head_dim: int,
+                             attention_dropout: float | None = None,
+                             max_seq_length: int = 0) -> str:
+  """'xla', 'cudnn' or 'splash' for `attention`; '' picks by itself.
 
   JAX's own default (None) means XLA. cuDNN's flash attention runs on GPUs in
   bf16/fp16 with head sizes that are multiples of 8 up to 128 (256 from Hopper on;
-  128 is the bound every GPU meets): there auto picks it.
+  128 is the bound every GPU meets): there auto picks it. On a TPU auto picks splash for
+  runs without attention dropout (the kernel has none) of max_seq_length >=
+  SPLASH_AUTO_MIN_LENGTH, where it is what makes long sequences fit.
   """
   if requested:
     return requested
   if platform == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0 \
       and head_dim <= 128:
     return "cudnn"
+  if platform == "tpu" and attention_dropout == 0 and max_seq_length >= SPLASH_AUTO_MIN_LENGTH \
+      and splash.supported(max_seq_length):
+    return "splash"
   return "xla"
 
 
@@ -55,7 +66,7 @@ def key_lengths(attention_mask: jax.Array) -> jax.Array:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
               implementation: str, mesh: jax.sharding.Mesh | None = None,
-              rules: tuple = ()) -> jax.Array:
+              rules: tuple = (), local_window: int | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v over the first kv_lengths[b] keys; [batch, len, heads, dim].
 
   The same arguments reach cuDNN (its padding mode) and XLA (a mask built from them),
@@ -63,7 +74,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
   padded positions attend as in Hugging Face's BERT (their outputs are never read).
   'splash' runs on the mesh's devices (`mesh`, `rules`: the activations' sharding), in
   interpret mode where they are not TPUs (tests); lengths it cannot tile go to XLA.
+  `local_window` w: each query sees the keys at most w positions away (ModernBERT's local
+  layers); splash does not take it yet (XLA's path does).
   """
+  if implementation == "splash" and local_window is not None:
+    implementation = "xla"
   if implementation == "splash":
     platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
     interpret = platform != "tpu"
@@ -74,8 +89,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
     # cuDNN's kernels with a padding mask need even lengths (jax's check_is_flash_attention);
     # the first-token-only last layer has one query: a matvec no flash kernel helps.
     implementation = "xla"
-  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths,
-                                      implementation=implementation)
+  return jax.nn.dot_product_attention(
+      q, k, v, key_value_seq_lengths=kv_lengths, implementation=implementation,
+      local_window_size=None if local_window is None else (local_window, local_window))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -77,6 +77,9 @@ class Plan:
   num_params: int
   programs: list[Program]
   accumulation_steps: int = 1
+  # When a train program does not fit: the first stronger remat_policy under which the longest
+  # train program fits ('' if none does); None when not searched.
+  remat_fits: str | None = None
 
   @property
   def fits(self) -> bool:
@@ -94,10 +97,12 @@ class Plan:
 
 
 def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
-              largest_only: bool = False, save_compiled: str | None = None) -> Plan:
+              largest_only: bool = False, save_compiled: str | None = None,
+              kinds: tuple[str, ...] = ("train", "eval"), remat_search: bool = True) -> Plan:
   """Builds the run abstractly on `topology` and compiles its programs (every bucket's);
   `save_compiled`: a folder to save each program in for a run to load
-  (config.compiled_programs, training/programs.py)."""
+  (config.compiled_programs, training/programs.py). When a train program does not fit,
+  `remat_search` compiles the longest one again under each stronger remat_policy."""
   devices = topologies.topology_devices(topology, num_slices)
   chip = topologies.chip_for(devices[0])
   memory_bytes, memory_source = sharding_lib.device_memory(devices[0])
@@ -131,14 +136,14 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
                       "without --save_compiled")
     save_to = (workdir_lib.prepare(save_compiled), list(exp.mesh.devices.flat))
     programs_lib.save_config(save_to[0], config)
-  for seq_len in lengths:
+  for seq_len in lengths if "train" in kinds else ():
     batch = _batch_shapes(exp, config.batch_size, seq_len, stacked=bool(exp.members))
     flops = members * _step_flops(3, cfg, config.batch_size, seq_len)
     programs.append(_compile(
         Program("train", seq_len, members * config.batch_size, flops / len(devices),
                 program_stats.shard_bytes((state, batch, extra))),
         train_step, (state, batch, *extra), save_to))
-  for seq_len in lengths:
+  for seq_len in lengths if "eval" in kinds else ():
     batch = _batch_shapes(exp, config.eval_batch_size, seq_len, stacked=False)
     flops = _step_flops(1, cfg, config.eval_batch_size, seq_len)
     programs.append(_compile(
@@ -149,6 +154,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   choices = {
       "platform": exp.mesh.devices.flat[0].platform,
       "attention_impl": cfg.attention_impl,
+      "remat_policy": cfg.remat_policy,
       "dtype": config.dtype,
       "compiler_options": str(options or "none (XLA's defaults for this platform)"),
       "device_memory": (f"{memory_bytes / 2**30:.2f} GiB ({memory_source})" if memory_bytes
@@ -156,9 +162,28 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
       "mesh_shape": f"{tuple(exp.config.mesh_shape)} "
                     f"({'automatic, from the device memory' if automatic_mesh else 'config'})",
   }
-  return Plan(topology, num_slices, chip, len(devices), dict(exp.mesh.shape), choices,
+  plan = Plan(topology, num_slices, chip, len(devices), dict(exp.mesh.shape), choices,
               sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)), programs,
               config.gradient_accumulation_steps)
+  if remat_search and any(p.refused for p in programs if p.kind == "train"):
+    plan.remat_fits = _remat_that_fits(config, topology, num_slices)
+  return plan
+
+
+REMAT_ORDER = ("none", "minimal", "full")  # less kept (more recomputed) to the right
+
+
+def _remat_that_fits(config: ml_collections.ConfigDict, topology: str, num_slices: int) -> str:
+  """The first remat_policy stronger than the config's under which the longest train program
+  fits ('' if none): what the one line of a refused plan names."""
+  for policy in REMAT_ORDER[REMAT_ORDER.index(config.remat_policy) + 1:]:
+    trial = config.copy_and_resolve_references()
+    trial.remat_policy = policy
+    log.info("The train step does not fit; compiling it again with remat_policy='%s'.", policy)
+    if make_plan(trial, topology, num_slices, largest_only=True, kinds=("train",),
+                 remat_search=False).fits:
+      return policy
+  return ""
 
 
 def _train_program(exp: experiment_lib.Experiment, state: Any, shardings: Any, tx: Any,

@@ -113,9 +113,14 @@ def refusal_line(plan: plan_lib.Plan) -> str:
     detail = f"{what} need {need:.2f}G of the {have:.2f}G HBM per chip ({need - have:.2f}G short)"
   else:
     detail = f"more than the {_gib(plan.chip.hbm_bytes)} GiB HBM per chip ({p.refused[:160]})"
+  remat = ""
+  if p.kind == "train" and plan.remat_fits:
+    remat = f"set remat_policy='{plan.remat_fits}' (it fits then, recomputing activations), "
+  elif p.kind == "train" and plan.remat_fits == "":
+    remat = "(no remat_policy makes it fit) "
   return (f"plan: {p.name} does not fit a {plan.chip.name} chip on {plan.topology}: {detail}; "
-          "lower batch_size (or eval_batch_size), raise gradient_accumulation_steps, or "
-          "shard the state over more chips (mesh_shape with fsdp > 1)")
+          f"{remat}lower batch_size (or eval_batch_size), raise gradient_accumulation_steps, "
+          "or shard the state over more chips (mesh_shape with fsdp > 1)")
 
 
 def to_json(plan: plan_lib.Plan) -> dict[str, Any]:

@@ -85,7 +85,8 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
   """Writes an HF model directory (config, safetensors, tokenizer) to a new `output`.
 
   `params` are the Flax classification model's parameters (any arrays); they are
-  written under the names of `hf_config.model_type`'s family. `decision_fields`
+  written under the names of `hf_config.model_type`'s family (`runs.Members`: each member's
+  under members.<i>., an ensemble the modeling file loads; remote_code.py). `decision_fields`
   (temperature, threshold(s): decisions/tuning.py; the run's pooling and window keys) go into
   config.json; pooling='mean' points it at the modeling file (remote_code.py). The directory
   appears whole or not at all: files go to a temporary sibling that is renamed.
@@ -94,20 +95,28 @@ def save_hf_model(output: str, params: Any, hf_config: Any, tokenizer: Any,
   if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
     raise UserError(f"--output={output}: exists and is not an empty directory; choose a new one")
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  state = hf.state_dict_from_params(jax.tree.map(np.asarray, jax.device_get(params)),
-                                    hf_config.model_type)
+  members = params.params if isinstance(params, runs.Members) else [params]
+  states = [hf.state_dict_from_params(jax.tree.map(np.asarray, jax.device_get(p)),
+                                      hf_config.model_type) for p in members]
+  state = states[0] if not isinstance(params, runs.Members) else {
+      f"{hf.ENSEMBLE_PREFIX}{i}.{name}": value
+      for i, member in enumerate(states) for name, value in member.items()}
   tmp = f"{output}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     os.makedirs(tmp)
     config = hf_config_for_export(hf_config, label_names, problem_type)
+    native_mean = hf.family(hf_config.model_type).native_mean  # its class pools by config
+    if native_mean:
+      config.classifier_pooling = pooling
     for key, value in (decision_fields or {}).items():  # kept by PretrainedConfig as extras
       setattr(config, key, value)
     config.save_pretrained(tmp)
     # "format": "pt" is what transformers writes; readers use it to pick a framework.
     save_file(state, os.path.join(tmp, hf.SAFETENSORS_NAME), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
-    remote_code.write(tmp, hf_config.model_type, pooling)
+    remote_code.write(tmp, hf_config.model_type, "cls" if native_mean else pooling,
+                      len(members) if isinstance(params, runs.Members) else 0)
     if metadata is not None:
       with open(os.path.join(tmp, METADATA_NAME), "w") as f:
         json.dump(metadata, f, indent=2)
@@ -134,6 +143,9 @@ def export(workdir: str, output: str, step: int | str | None = None,
   if quantize:
     quantize_lib.check_mode(quantize)
     quantize_lib.require_onnxruntime()  # before the export's work
+  if (quantize or export_format != "hf") and member == runs.MEAN:
+    raise UserError(f"--member={runs.MEAN}: an ensemble exports as PyTorch weights only; "
+                    "drop --quantize / --format=onnx, or export one member")
   if quantize or export_format != "hf":
     out = export(workdir, output, step, member=member)
     for directory in [out] if os.path.isfile(os.path.join(out, "config.json")) else [
@@ -145,6 +157,8 @@ def export(workdir: str, output: str, step: int | str | None = None,
     return out
   checkpoint_lib.check_step(workdir, step)
   exp, params = runs.load_run(workdir, step=step, member=member)
+  if exp.multitask and isinstance(params, runs.Members):
+    raise UserError(f"--member={runs.MEAN}: {workdir} is a multi-task sweep; export one member")
   if not exp.multitask:
     return _export_head(exp, exp.tasks[0], params, workdir, output, step)
   output = os.path.abspath(output)
@@ -172,7 +186,9 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
       "seq_buckets": [int(b) for b in exp.config.seq_buckets],
       "pooling": pooling,
   }
-  if exp.member is not None:  # a sweep member: which one, and its values
+  if exp.member == runs.MEAN:  # every member, averaged
+    metadata.update(member=exp.member, member_values=list(exp.members))
+  elif exp.member is not None:  # a sweep member: which one, and its values
     metadata.update(member=exp.member, member_values=exp.members[exp.member])
   started = workdir_lib.join(workdir, workdir_lib.STARTED_FROM_NAME)
   if workdir_lib.exists(started):  # a re-fine-tuned run's lineage travels with its export
@@ -180,8 +196,8 @@ def _export_head(exp: Any, run_task: Any, params: Any, workdir: str, output: str
   # predict reads long documents as the run did (head_tail / windows + pooling).
   metadata.update({k: exp.config[k] for k in (*tokenization.LONG_DOCUMENT_KEYS, "window_pooling")
                    if k in exp.config})
-  decisions = None if exp.multitask or task.is_regression else decisions_lib.load(
-      workdir, exp.checkpoint_step, run_task.num_labels, task.is_multilabel)
+  decisions = None if exp.multitask or task.is_regression else decisions_lib.load_for(
+      exp, workdir)
   # Every classifier's config.json has a temperature (1.0: uncalibrated), so users' code is one.
   fields = remote_code.run_fields(exp.config) | (
       decisions.hf_fields() if decisions else

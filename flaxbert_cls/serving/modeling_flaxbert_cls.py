@@ -13,6 +13,10 @@ what the head reads: the mean of the last hidden state over real tokens (where
 attention_mask is 1) instead of the [CLS] token, as the run trained (pooling='mean').
 The BERT head has no pooler then: dropout -> classifier on the mean.
 
+An ensemble (`export --member=mean`: a sweep's members) loads the same way as
+`FlaxbertEnsembleForSequenceClassification`: its logits are those of the members' mean
+probability, so the two lines above are unchanged.
+
 `score_document(model, tokenizer, text)` scores a text longer than one row the way
 `flaxbert-cls predict` does (config.json's long_document, window_stride, max_windows,
 window_pooling, head_tokens, max_seq_length); it works for any exported model,
@@ -129,6 +133,82 @@ class MeanPooledDistilBertForSequenceClassification(
 
   def _head(self, pooled):
     return self.classifier(self.dropout(torch.relu(self.pre_classifier(pooled))))
+
+
+# --- An ensemble: a sweep's members (each one of the classes above, or transformers' own)
+# whose mean probability is the prediction (`flaxbert-cls export --member=mean`).
+ENSEMBLE_MODEL_TYPE = "flaxbert_cls_ensemble"
+_MEAN_CLASSES = {MEAN_MODEL_TYPES[t]: c for t, c in (
+    ("bert", MeanPooledBertForSequenceClassification),
+    ("roberta", MeanPooledRobertaForSequenceClassification),
+    ("xlm-roberta", MeanPooledXLMRobertaForSequenceClassification),
+    ("camembert", MeanPooledCamembertForSequenceClassification),
+    ("distilbert", MeanPooledDistilBertForSequenceClassification),
+    ("electra", MeanPooledElectraForSequenceClassification))}
+
+
+class FlaxbertEnsembleConfig(transformers.PretrainedConfig):
+  """`member_config`: one member's config.json; `num_members` of them, same shapes."""
+
+  model_type = ENSEMBLE_MODEL_TYPE
+
+  def __init__(self, member_config: dict[str, Any] | None = None, num_members: int = 1,
+               **kwargs):
+    self.member_config = dict(member_config or {})
+    self.num_members = int(num_members)
+    super().__init__(**kwargs)
+
+
+def _member(values: dict[str, Any]) -> Any:
+  """An untrained model of one member's config.json (its weights come from the checkpoint)."""
+  values = {k: v for k, v in values.items() if k not in ("auto_map", "architectures")}
+  model_type = values.pop("model_type")
+  if model_type in _MEAN_CLASSES:
+    model_class = _MEAN_CLASSES[model_type]
+    return model_class(model_class.config_class(**values))
+  config = transformers.AutoConfig.for_model(model_type, **values)
+  return transformers.AutoModelForSequenceClassification.from_config(config)
+
+
+def ensemble_logits(member_logits: list[torch.Tensor], problem_type: str | None) -> torch.Tensor:
+  """Logits whose softmax (sigmoid, multi-label) is the members' mean probability; the mean
+  score for regression (as flaxbert_cls.decisions.ensemble)."""
+  stacked = torch.stack([x.double() for x in member_logits])
+  if problem_type == "regression":
+    return stacked.mean(0).float()
+  tiny = 1e-7  # a unanimous 0 or 1 stays finite as a logit
+  if problem_type == "multi_label_classification":
+    p = torch.sigmoid(stacked).mean(0).clamp(tiny, 1 - tiny)
+    return (torch.log(p) - torch.log1p(-p)).float()
+  return torch.log(torch.softmax(stacked, -1).mean(0).clamp(tiny, 1 - tiny)).float()
+
+
+class FlaxbertEnsembleForSequenceClassification(transformers.PreTrainedModel):
+  """The members' mean probability, handed on as logits (softmax / sigmoid of them is it)."""
+
+  config_class = FlaxbertEnsembleConfig
+  base_model_prefix = "members"
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.members = torch.nn.ModuleList(
+        [_member(config.member_config) for _ in range(config.num_members)])
+    self.post_init()
+
+  def _init_weights(self, module):  # every weight is in the checkpoint
+    pass
+
+  def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+              **kwargs):
+    inputs = {"attention_mask": attention_mask, **kwargs}
+    if token_type_ids is not None and "distilbert" not in self.config.member_config["model_type"]:
+      inputs["token_type_ids"] = token_type_ids
+    logits = ensemble_logits([m(input_ids, **inputs).logits for m in self.members],
+                             self.config.problem_type)
+    return SequenceClassifierOutput(loss=_loss(self.config, logits, labels), logits=logits)
+
+  def score_document(self, tokenizer: Any, text: str) -> torch.Tensor:
+    return score_document(self, tokenizer, text)
 
 
 def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:

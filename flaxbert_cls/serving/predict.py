@@ -30,6 +30,7 @@ import numpy as np
 
 from flaxbert_cls.data import batching as data_lib
 from flaxbert_cls.decisions import baseline as baseline_lib
+from flaxbert_cls.decisions import ensemble as ensemble_lib
 from flaxbert_cls.decisions import tuning as decisions_lib
 from flaxbert_cls.training import evaluate as evaluate_lib
 from flaxbert_cls.training import checkpoints as checkpoint_lib
@@ -125,6 +126,9 @@ class Predictor:
     if predictor.batch_sharding is not None:  # whole batches per device
       shards = predictor.batch_sharding.mesh.size
       predictor.batch_size = -(-predictor.batch_size // shards) * shards
+    if quantize and isinstance(predictor.params, runs.Members):
+      raise UserError(f"--quantize={quantize}: {path} is an ensemble (every member averaged); "
+                      "int8 takes one model: predict without --quantize, or one member")
     if quantize:
       predictor.quantized = export_lib.load_int8(path, _is_workdir(path),
                                                    checkpoint_lib.parse_step(step), member)
@@ -135,13 +139,12 @@ class Predictor:
   def _from_workdir(cls, workdir: str, step: int | str | None, member: int | str | None = None,
                     devices: Sequence[jax.Device] | None = None) -> "Predictor":
     checkpoint_lib.check_step(workdir, step)
-    exp, params = runs.load_run(workdir, step=step, member=member,  # sweep: best
+    exp, params = runs.load_run(workdir, step=step, member=member,  # sweep: best (or mean)
                                 devices=None if devices is None else list(devices))
     if exp.multitask:
       raise UserError(f"{workdir}: a multi-task run ({', '.join(t.name for t in exp.tasks)}); "
                       "export it (flaxbert-cls export --output=OUT) and predict with OUT/<task>")
-    decisions = None if exp.task.is_regression else decisions_lib.load(
-        workdir, exp.checkpoint_step, len(exp.label_names), exp.task.is_multilabel)
+    decisions = None if exp.task.is_regression else decisions_lib.load_for(exp, workdir)
     return cls(exp.model, params, exp.tokenizer, exp.label_names, _unlabelled(exp.task),
                int(exp.config.max_seq_length), tuple(exp.config.seq_buckets),
                int(exp.config.eval_batch_size), exp.batch_sharding, workdir, decisions,
@@ -160,12 +163,14 @@ class Predictor:
                                                     1 if is_regression else len(label_names))
     dummy = np.ones((1, 8), np.int32)
     shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy, dummy)))
-    params, new, _ = hf.params_from_state_dict(hf.load_state_dict(directory), shapes["params"],
-                                               hf_config.model_type)
-    if new:
-      # A bare encoder (or another task's head) would predict with random weights.
-      raise UserError(f"{directory}: no weights for {', '.join(new[:4])}; not a sequence-"
-                      "classification model (export a run with `flaxbert-cls export`)")
+    num_members, members = getattr(hf_config, "ensemble_members", 0), []  # > 0: an ensemble
+    for state in hf.member_states(hf.load_state_dict(directory), num_members):
+      params, new, _ = hf.params_from_state_dict(state, shapes["params"], hf_config.model_type)
+      if new:  # a bare encoder (or another task's head) would predict with random weights
+        raise UserError(f"{directory}: no weights for {', '.join(new[:4])}; not a sequence-"
+                        "classification model (export a run with `flaxbert-cls export`)")
+      members.append(params)
+    params = runs.Members(members) if num_members else members[0]
     meta = {}
     meta_path = os.path.join(directory, export_lib.METADATA_NAME)
     if os.path.isfile(meta_path):
@@ -224,9 +229,13 @@ class Predictor:
     if self.quantized is not None:  # ONNX Runtime on the host: no device batches
       return evaluate_lib.gather_logits(self.quantized, None, split, self.batch_size,
                                         self.seq_buckets, self.max_seq_length, None, on_batch)
-    return evaluate_lib.gather_logits(
-        self._jit_eval, self.params, split, self.batch_size, self.seq_buckets,
-        self.max_seq_length, self.batch_sharding, on_batch)
+    gather = lambda p: evaluate_lib.gather_logits(  # pylint: disable=unnecessary-lambda-assignment
+        self._jit_eval, p, split, self.batch_size, self.seq_buckets, self.max_seq_length,
+        self.batch_sharding, on_batch)
+    if isinstance(self.params, runs.Members):  # the logits of the members' mean probability
+      return ensemble_lib.ensemble_logits([gather(p) for p in self.params.params],
+                                          self.task.is_multilabel, self.is_regression)
+    return gather(self.params)
 
   def _results(self, logits: np.ndarray, texts: Sequence[tuple[str, ...]]
                ) -> list[dict[str, Any]]:

@@ -9,6 +9,8 @@ as predict does). A mean-pooled export's config.json also names the file's class
 
 so `AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True)`
 builds transformers' own model with the mean-pooled head (docs/export.md).
+An ensemble's export (a sweep's members averaged) names the file's FlaxbertEnsemble* classes
+the same way: model_type flaxbert_cls_ensemble, one member's config.json as member_config.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flaxbert_cls.model import long_documents
 MODELING_NAME = "modeling_flaxbert_cls.py"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), MODELING_NAME)
 POOLINGS = ("cls", "mean")
+ENSEMBLE_CLASSES = ("FlaxbertEnsembleConfig", "FlaxbertEnsembleForSequenceClassification")
 LAYOUTS = ("truncate", "head_tail", "windows")
 
 
@@ -61,20 +64,30 @@ def run_fields(config: Any) -> dict[str, Any]:
   return fields
 
 
-def write(directory: str, base_model_type: str, pooling: str) -> None:
-  """Copies the modeling file into `directory`; mean pooling: points its config.json at it."""
+def write(directory: str, base_model_type: str, pooling: str, num_members: int = 0) -> None:
+  """Copies the modeling file into `directory`; mean pooling: points its config.json at it;
+  `num_members` > 0 (an ensemble's export): config.json becomes the ensemble's, holding one
+  member's as member_config (the weights are members.<i>.<the member's names>)."""
   shutil.copyfile(_SOURCE, os.path.join(directory, MODELING_NAME))
-  if pooling != "mean":
+  if pooling != "mean" and not num_members:
     return
   path = os.path.join(directory, "config.json")
   with open(path) as f:
     config = json.load(f)
   module = MODELING_NAME.removesuffix(".py")
-  config_class, model_class = class_names(base_model_type)
-  config["model_type"] = hf.mean_model_type(base_model_type)
-  config["architectures"] = [model_class]
-  config["auto_map"] = {"AutoConfig": f"{module}.{config_class}",
-                        "AutoModelForSequenceClassification": f"{module}.{model_class}"}
+  if pooling == "mean":
+    config_class, model_class = class_names(base_model_type)
+    config["model_type"] = hf.mean_model_type(base_model_type)
+    config["architectures"] = [model_class]
+    config["auto_map"] = {"AutoConfig": f"{module}.{config_class}",
+                          "AutoModelForSequenceClassification": f"{module}.{model_class}"}
+  if num_members:
+    # The labels, decisions and run keys stay at the top too: predict and score_document
+    # read them there as from any export.
+    config = {**config, "member_config": config, "num_members": num_members,
+              "model_type": hf.ENSEMBLE_MODEL_TYPE, "architectures": [ENSEMBLE_CLASSES[1]],
+              "auto_map": {"AutoConfig": f"{module}.{ENSEMBLE_CLASSES[0]}",
+                           "AutoModelForSequenceClassification": f"{module}.{ENSEMBLE_CLASSES[1]}"}}
   with open(path, "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
     f.write("\n")

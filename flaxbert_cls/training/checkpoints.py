@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 from typing import Any, Callable, TypeVar
 
 from etils import epath
@@ -22,7 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from flaxbert_cls import workdir as workdir_lib
-from flaxbert_cls.errors import UserError
+from flaxbert_cls.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ class Checkpoints:
       text = str(e)
       if isinstance(e, OSError) or "RESOURCE_EXHAUSTED" in text or "No space left" in text:
         reason = "no space left on device" if ("No space left" in text or getattr(
-            e, "errno", None) == 28) else _one_line(e)[:200]
+            e, "errno", None) == 28) else one_line(e)[:200]
         raise UserError(f"{self.directory}: cannot save checkpoint: {reason}; earlier "
                         f"checkpoints are intact ({self.all_steps()})") from None
       raise
@@ -131,9 +130,9 @@ class Checkpoints:
                          "config, or --config.resume=False to start over")
       if step is not None:
         return UserError(f"{self.directory}/{candidate}: checkpoint is damaged{where}: "
-                         f"{_one_line(e)}")
+                         f"{one_line(e)}")
       log.warning("Checkpoint %s/%d is damaged%s (%s); falling back to an earlier step.",
-                  self.directory, candidate, where, _one_line(e))
+                  self.directory, candidate, where, one_line(e))
       return None
 
     (state, meta), candidate = self._newest_that_loads(
@@ -146,7 +145,7 @@ class Checkpoints:
 
     def on_error(candidate: int, e: Exception, where: str) -> None:
       log.warning("Checkpoint %s/%d: unreadable metadata%s (%s)", self.directory, candidate,
-                  where, _one_line(e))
+                  where, one_line(e))
       return None
 
     return self._newest_that_loads(
@@ -183,12 +182,12 @@ class Checkpoints:
         loaded, error = load(candidate), None
       except Exception as e:  # pylint: disable=broad-except  (any damage: try the one before)
         loaded, error = None, e
-      failed = _processes_where(error is not None)
+      failed = processes_where(error is not None)
       if not failed:
         return loaded, candidate
       where = "" if len(failed) == jax.process_count() else f" (on process {failed})"
       stop = on_error(candidate, error or RuntimeError("unreadable on another process"), where)
-      stopped = _processes_where(stop is not None)  # one process alone would wait forever
+      stopped = processes_where(stop is not None)  # one process alone would wait forever
       if stopped:
         raise stop or UserError(f"{self.directory}/{candidate}: cannot restore (see the log "
                                 f"of process {stopped})")
@@ -280,7 +279,7 @@ def _structure_mismatch(saved_tree: Any, abstract_state: Any) -> str | None:
   return None
 
 
-def _processes_where(flag: bool) -> list[int]:
+def processes_where(flag: bool) -> list[int]:
   """The processes where `flag` is true (a collective when there are several processes)."""
   if jax.process_count() == 1:
     return [0] if flag else []
@@ -288,81 +287,6 @@ def _processes_where(flag: bool) -> list[int]:
   return [int(p) for p in np.flatnonzero(np.asarray(flags).reshape(-1))]
 
 
-def _one_line(e: BaseException) -> str:
-  return " ".join(f"{type(e).__name__}: {e}".split())[:300]
-
-
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
-
-
-class PreemptionWatcher:
-  """Notices SIGTERM (or JAX's multi-host preemption notice) so the loop can save and exit.
-
-  Single process: a SIGTERM handler sets a flag; the step in flight finishes and the
-  loop saves at the step boundary. Several processes: JAX's preemption sync point
-  (the coordination service passes one process's SIGTERM to all, and they agree on
-  the step). Where that service is not available, a warning says so once, and a local
-  SIGTERM flag is all-gathered every `check_every` steps instead (like SaveTimer).
-  """
-
-  def __init__(self, check_every: int = 1):
-    self._signalled = False
-    self._previous = None
-    self._check_every = max(check_every, 1)
-    self._sync_point = jax.process_count() > 1
-    if not self._sync_point:
-      self._install_handler()
-
-  def _install_handler(self) -> None:
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-    except ValueError:  # not the main thread (e.g. a test runner thread): no handler
-      pass
-
-  def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
-    self._signalled = True
-
-  def reached(self, step: int) -> bool:
-    """True on every process at the same step once any process got a preemption notice."""
-    if self._sync_point:
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except Exception as e:  # pylint: disable=broad-except  (no preemption service)
-        log.warning("JAX's preemption notices are not available (%s); SIGTERM is checked "
-                    "every %d steps instead.", _one_line(e), self._check_every)
-        self._sync_point = False
-        self._install_handler()
-    if jax.process_count() == 1:
-      return self._signalled
-    return step % self._check_every == 0 and bool(_processes_where(self._signalled))
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-class SaveTimer:
-  """Time-based saves, decided on process 0 and broadcast so every process saves together.
-
-  Checked only every `check_every` steps: the broadcast is a (tiny) collective.
-  """
-
-  def __init__(self, minutes: float, check_every: int):
-    import time  # pylint: disable=g-import-not-at-top
-    self._clock = time.monotonic
-    self._seconds = 60.0 * minutes
-    self._check_every = max(check_every, 1)
-    self._last = self._clock()
-
-  def due(self, step: int) -> bool:
-    if self._seconds <= 0 or step % self._check_every:
-      return False
-    due = self._clock() - self._last >= self._seconds
-    if jax.process_count() > 1:
-      due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
-    return due
-
-  def saved(self) -> None:
-    self._last = self._clock()

@@ -190,13 +190,17 @@ def evaluate_workdir(workdir: str, overrides: ml_collections.ConfigDict | None =
   Also writes workdir/eval/: predictions.jsonl (every example), errors.jsonl (the
   misclassified ones, most confident first) and eval.json (step, metrics, tasks).
   """
-  exp, params = runs.load_run(workdir, overrides, step, member=member, allow_mean=True)
+  exp, params = runs.load_run(workdir, overrides, step, member=member)
   read = experiment_lib.read_examples_tokenized(exp, "validation")
   results, _, logits = evaluate_tasks(
       exp, params, [t for _, t in read],
       jit_eval_step(exp.model, window_pooling=exp.config.window_pooling))
   if isinstance(params, runs.Members):  # no training saved an ensemble's decisions: fit them
-    results.update(decisions_lib.fitted_here(exp, logits[0], read[0][1].labels))
+    scores, decisions = decisions_lib.fitted_here(exp, logits[0], read[0][1].labels)
+    results.update(scores)
+    if decisions is not None and overrides is None and jax.process_index() == 0:
+      # for export and predict of the mean (on the run's own validation rows only)
+      decisions_lib.save(workdir, decisions, decisions_lib.ensemble_key(exp.checkpoint_step))
   else:  # metrics at the saved temperature / thresholds too (decisions/tuning.py)
     results.update(decisions_lib.for_eval(exp, workdir, logits[0], read[0][1].labels))
   results.update(baseline_lib.for_eval(workdir, read[0][0]))  # scored when the run trained

@@ -29,6 +29,7 @@ from flaxbert_cls.data import tokenization
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.model import hf
+from flaxbert_cls.model import modernbert
 from flaxbert_cls.model import ops
 from flaxbert_cls.model import sharding as sharding_lib
 from flaxbert_cls.model.losses import HeadLoss
@@ -222,9 +223,15 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
       hf_config, dtype=config.dtype, mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh),
       lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-      lora_targets=tuple(config.lora_targets), pooling=config.pooling, **overrides)
+      lora_targets=tuple(config.lora_targets), pooling=config.pooling,
+      remat_policy=config.remat_policy, **overrides)
   bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
-      config.attention_impl, platform, config.dtype, bert_config.head_dim))
+      config.attention_impl, platform, config.dtype, bert_config.head_dim,
+      bert_config.attention_probs_dropout_prob, config.max_seq_length))
+  if bert_config.encoder == "modernbert" and config.lora_rank and not set(
+      config.lora_targets) & set(modernbert.LORA_TARGETS):
+    raise UserError(f"config.lora_targets={tuple(config.lora_targets)}: ModernBERT's layers are "
+                    f"named {', '.join(modernbert.LORA_TARGETS)}; use e.g. lora_targets=('Wqkv',)")
   # Positions past the table would be gathered out of range: NaN embeddings, not an error.
   positions = bert_config.max_position_embeddings - bert_config.position_offset
   if config.max_seq_length > positions:

@@ -44,10 +44,11 @@ def freeze_patterns(config: ConfigDict) -> tuple[str, ...]:
   patterns = list(config.freeze)
   k = int(config.freeze_bottom_layers)
   if k:
-    patterns += ["bert/embeddings/"] + [f"bert/encoder/layer/{i}/" for i in range(k)]
+    # BERT's encoder/layer/<i>, ModernBERT's layers/<i>
+    patterns += ["bert/embeddings/"] + [f"bert/(encoder/layer|layers)/{i}/" for i in range(k)]
   if int(config.lora_rank):
     # LoRA: everything but the adapters and the classification head stays fixed.
-    patterns.append(r"^(?!.*/lora_[ab]$)(?!classifier/|pre_classifier/|heads/)")
+    patterns.append(r"^(?!.*/lora_[ab]$)(?!classifier/|pre_classifier/|heads/|head/)")
   return tuple(patterns)
 
 
@@ -70,7 +71,7 @@ def create_learning_rate_schedule(config: ConfigDict, total_steps: int) -> optax
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-_LAYER = re.compile(r"/layer/(\d+)/")
+_LAYER = re.compile(r"/layers?/(\d+)/")  # BERT's encoder/layer/<i>, ModernBERT's layers/<i>
 
 
 def layer_depths(params: Any) -> tuple[Any, int]:

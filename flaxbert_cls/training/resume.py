@@ -1,5 +1,6 @@
-"""A run's checkpoints in the loop: what each records, resuming, saving, when to save and
-evaluate, preemption, and the guard against non-finite steps.
+"""The loop's checkpoint rules: when to evaluate and save (every N steps, or by a timer agreed
+by every process), preemption (SIGTERM or JAX's sync point), what each checkpoint records,
+resuming, and the guard against non-finite steps.
 
 Resuming restores the exact state (bit-exact: dropout is a function of seed and step, the
 data order of the step number); a checkpoint of another run is refused in one line.
@@ -10,15 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.data import batching as data_lib
-from flaxbert_cls.errors import Preempted, UserError
+from flaxbert_cls.errors import Preempted, UserError, one_line
 from flaxbert_cls.model import hf
 from flaxbert_cls.training import selection
 from flaxbert_cls.training import checkpoints as checkpoint_lib
@@ -47,7 +51,7 @@ def eval_due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> 
 
 
 def checkpoint_due(config: ml_collections.ConfigDict, step: int, total_steps: int,
-                    save_timer: checkpoint_lib.SaveTimer) -> bool:
+                    save_timer: SaveTimer) -> bool:
   return (step % config.checkpoint_every_steps == 0 or step == total_steps
           or save_timer.due(step))
 
@@ -169,3 +173,74 @@ def write_run_files(exp: experiment_lib.Experiment, workdir: str) -> None:
       workdir_lib.write_text(workdir_lib.join(workdir, workdir_lib.STARTED_FROM_NAME),
                              json.dumps(exp.started_from, indent=2))
   experiment_lib.save_model_dir(exp, workdir)
+
+
+class PreemptionWatcher:
+  """Notices SIGTERM (or JAX's multi-host preemption notice) so the loop can save and exit.
+
+  Single process: a SIGTERM handler sets a flag; the step in flight finishes and the
+  loop saves at the step boundary. Several processes: JAX's preemption sync point
+  (the coordination service passes one process's SIGTERM to all, and they agree on
+  the step). Where that service is not available, a warning says so once, and a local
+  SIGTERM flag is all-gathered every `check_every` steps instead (like SaveTimer).
+  """
+
+  def __init__(self, check_every: int = 1):
+    self._signalled = False
+    self._previous = None
+    self._check_every = max(check_every, 1)
+    self._sync_point = jax.process_count() > 1
+    if not self._sync_point:
+      self._install_handler()
+
+  def _install_handler(self) -> None:
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+      pass
+
+  def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    """True on every process at the same step once any process got a preemption notice."""
+    if self._sync_point:
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except Exception as e:  # pylint: disable=broad-except  (no preemption service)
+        log.warning("JAX's preemption notices are not available (%s); SIGTERM is checked "
+                    "every %d steps instead.", one_line(e), self._check_every)
+        self._sync_point = False
+        self._install_handler()
+    if jax.process_count() == 1:
+      return self._signalled
+    return (step % self._check_every == 0
+            and bool(checkpoint_lib.processes_where(self._signalled)))
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class SaveTimer:
+  """Time-based saves, decided on process 0 and broadcast so every process saves together.
+
+  Checked only every `check_every` steps: the broadcast is a (tiny) collective.
+  """
+
+  def __init__(self, minutes: float, check_every: int):
+    self._clock = time.monotonic
+    self._seconds = 60.0 * minutes
+    self._check_every = max(check_every, 1)
+    self._last = self._clock()
+
+  def due(self, step: int) -> bool:
+    if self._seconds <= 0 or step % self._check_every:
+      return False
+    due = self._clock() - self._last >= self._seconds
+    if jax.process_count() > 1:
+      due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+    return due
+
+  def saved(self) -> None:
+    self._last = self._clock()

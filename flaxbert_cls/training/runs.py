@@ -28,6 +28,7 @@ from flaxbert_cls.training import state as state_lib
 MEAN = "mean"  # --member=mean: every member of a sweep, their probabilities averaged
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=[])
 @dataclasses.dataclass
 class Members:
   """A sweep's members' parameters at one step, each a single run's tree (--member=mean):
@@ -38,13 +39,12 @@ class Members:
 
 def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
              step: int | str | None = None, devices: list[jax.Device] | None = None,
-             member: int | str | None = None, allow_mean: bool = False
-             ) -> tuple[experiment_lib.Experiment, Any]:
+             member: int | str | None = None) -> tuple[experiment_lib.Experiment, Any]:
   """A finished (or checkpointed) run: its experiment and restored parameters.
 
   `step`: None = the latest, 'best' = the best by the task's main metric, or a number.
-  A sweep's `member`: None / 'best' (the best member) or an index; its own best step. With
-  `allow_mean`, 'mean': every member at `step`, as `Members` (exp.member = 'mean').
+  A sweep's `member`: None / 'best' (the best member) or an index; its own best step; or
+  'mean': every member at `step`, as `Members` (exp.member = 'mean'), an ensemble.
   LoRA adapters come back folded into the base kernels: eval, predict and export only
   ever see a plain BERT.
   """
@@ -55,9 +55,6 @@ def load_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
   ckpt = checkpoint_lib.Checkpoints(workdir, read_only=True)
   members = config_lib.grid(config)  # before building: --member is checked first
   mean = bool(members) and member == MEAN
-  if mean and not allow_mean:
-    raise UserError(f"--member={MEAN}: `eval` scores the members' average; export and predict "
-                    "take one member (best or an index)")
   if mean and step == "best":
     raise UserError(f"--member={MEAN} --step=best: each member has its own best step; use "
                     "--step=latest (the default) or a step number")

@@ -110,8 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       workdir, total_steps, start_step, config.batch_size * run.layout.size,
       config.log_every_steps, trackers, "tensorboard" in tracking.report_to(config))
   finite = resume.FiniteGuard(config.nonfinite_policy, ckpt)
-  preemption = checkpoint_lib.PreemptionWatcher(config.log_every_steps)
-  save_timer = checkpoint_lib.SaveTimer(config.checkpoint_every_minutes, config.log_every_steps)
+  preemption = resume.PreemptionWatcher(config.log_every_steps)
+  save_timer = resume.SaveTimer(config.checkpoint_every_minutes, config.log_every_steps)
   log.info("Training steps %d..%d (%d per epoch) of %d examples on a %s mesh.", start_step + 1,
            total_steps, run.mixture.steps_per_epoch, config.batch_size, dict(run.exp.mesh.shape))
   eval_metrics, finished = {}, False
