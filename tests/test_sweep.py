@@ -233,6 +233,28 @@ def _ensemble_predicts_and_exports_its_mean(workdir, tmp_path, mean):
     export.export(workdir, str(tmp_path / "mean8"), member="mean", quantize="int8")
 
 
+def test_the_means_decisions_are_its_own_and_refused_until_eval_fits_them(tmp_path):
+  """load_for: the mean reads decisions.json's mean@STEP (never a single run's), refused in
+  one line before `eval --member=mean` saved it; a member reads the run's own by step."""
+  import types  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.decisions import tuning  # pylint: disable=g-import-not-at-top
+  config = config_lib.default_config()
+  config.tune_thresholds = True
+  task = types.SimpleNamespace(num_labels=2, task=types.SimpleNamespace(is_multilabel=False))
+  run = lambda member: types.SimpleNamespace(  # pylint: disable=unnecessary-lambda-assignment
+      tasks=[task], config=config, member=member, checkpoint_step=4)
+  workdir = str(tmp_path)
+  tuning.save(workdir, tuning.Decisions(threshold=0.7, step=4))  # a single run's, at step 4
+  with pytest.raises(UserError, match="--member=mean --step=4` first") as e:
+    tuning.load_for(run("mean"), workdir)
+  assert "\n" not in str(e.value)
+  tuning.save(workdir, tuning.Decisions(threshold=0.3, step=4), tuning.ensemble_key(4))
+  assert tuning.load_for(run("mean"), workdir).threshold == 0.3
+  assert tuning.load_for(run(0), workdir).threshold == 0.7
+  config.tune_thresholds = False  # nothing to fit: argmax, nothing needed
+  assert tuning.load_for(run("mean"), workdir) is None
+
+
 def test_a_sweep_starts_from_a_previous_run_like_a_single_run(swept):
   """A workdir start loads one way: every member gets its weights, the head by label name."""
   config, workdir, _ = swept
