@@ -4,7 +4,8 @@ anything on, and write its row to docs/results.md (and the README's summary of i
   python benchmarks/recipes.py --recipe=NAME|all [--root=workdirs/recipes]
   python benchmarks/recipes.py --render   # the pages again from docs/results.md's rows
 
-NAME: goemotions, sms_spam, sms_spam_blend, newsgroups, newsgroups_windows or sst2 (RECIPES).
+NAME: goemotions, sms_spam, sms_spam_blend, newsgroups, newsgroups_windows,
+newsgroups_windows_attention or sst2 (RECIPES).
 
 Each recipe trains from scratch (`--config.resume=False`) in `ROOT/NAME`, one at a time, while
 a thread samples the load average every 10 s: a figure trained at a mean load over
@@ -90,6 +91,12 @@ RECIPES = {
                                  "20 Newsgroups as above, 4 windows of 128 tokens per post (in "
                                  "training the first and one drawn from the rest per step)",
                                  ("--config.long_document=windows",), prepare=newsgroups_split),
+    "newsgroups_windows_attention": Recipe(
+        "configs/newsgroups.py", "accuracy",
+        "20 Newsgroups as the windows row, the windows' [CLS] vectors combined by learned weights "
+        "(`window_pooling=attention`)",
+        ("--config.long_document=windows", "--config.window_pooling=attention"),
+        prepare=newsgroups_split),
     "sst2": Recipe("configs/demo.py", "accuracy",
                    "SST-2 sample 8,000 → SST-2 dev 872 (`make demo`)"),
 }

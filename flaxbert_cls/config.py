@@ -107,7 +107,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.head_tokens = -1  # head_tail: tokens kept from the start; -1 = 128/510 of them (Sun et al.)
   c.window_stride = 64  # windows: tokens between window starts, in [1, max_seq_length - 2]
   c.max_windows = 8  # windows: at most this many per document (the rest is cut)
-  c.window_pooling = "mean"  # windows: 'mean' or 'max' of the windows' logits
+  # windows: 'mean' or 'max' of the windows' logits, or 'attention': the head reads a learned
+  # softmax-weighted sum of the windows' [CLS] vectors (not exportable yet)
+  c.window_pooling = "mean"
   c.train_windows = 0  # windows: > 0 trains on this many per document per step; eval reads all
   c.train_windows_first = False  # train_windows: each document's first window always among them
   c.cache_dir = ""  # '' = <workdir>/cache for tokenized data
@@ -247,7 +249,8 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   tokenization.validate_layout(layout, int(config.max_seq_length), check)
   check(int(config.train_windows) >= 0, "train_windows",
         "must be >= 0 (0 = every window of a document in training)")
-  check(config.window_pooling in ("mean", "max"), "window_pooling", "use 'mean' or 'max'")
+  check(config.window_pooling in ("mean", "max", "attention"), "window_pooling",
+        "use 'mean', 'max' or 'attention'")
   check(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", "use 'stop' or 'skip'")
   for key in ("checkpoint_every_steps", "log_every_steps", "max_checkpoints_to_keep"):
     check(int(config[key]) > 0, key, "must be > 0")

@@ -16,6 +16,7 @@ from flaxbert_cls.training import evaluate
 from flaxbert_cls.training import experiment
 from flaxbert_cls.model import hf
 from flaxbert_cls.model import long_documents
+from flaxbert_cls.serving import export as export_lib
 from flaxbert_cls.serving import predict
 from flaxbert_cls.data import tokenization
 from flaxbert_cls.training import train
@@ -182,6 +183,58 @@ def test_windows_train_on_document_logits_and_eval_predict_per_document(document
   resumed = train.train_and_evaluate(config, workdir)
   for x, y in zip(jax.tree.leaves(resumed["state"].params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(x), y)
+
+
+def test_window_attention_starts_as_the_mean_and_learns_which_windows_to_read(documents,
+                                                                               tmp_path):
+  checkpoint = make_tiny_checkpoint(str(tmp_path / "tiny"), hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)
+  train_file = _write_jsonl(tmp_path / "train.jsonl", documents[:32])
+  dev_docs = documents[32:] + documents[:5]
+  config = _config(checkpoint, train_file, _write_jsonl(tmp_path / "dev.jsonl", dev_docs),
+                   window_pooling="attention", learning_rate=1e-2)
+  workdir = str(tmp_path / "run")
+  result = train.train_and_evaluate(config, workdir)
+  losses = [loss for _, loss in result["train_log"]]
+
+  # The score starts at zero: equal weights; the bert head is linear after the pooler, so
+  # step 1's loss is that of the mean of the windows' logits.
+  exp = experiment.build_experiment(config)
+  split = experiment.read_tokenized(exp, "train")[0]
+  initial = jax.device_get(starts.create_train_state(exp, 3, checkpoint)[0].params)
+  assert not np.any(initial["window_attention"]["kernel"])
+  docs = data_lib.TrainOrder(split.document_lengths, 8, config.seed).batch_indices(0)
+  plain = dataclasses.replace(exp, model=exp.model.clone(config=dataclasses.replace(
+      exp.model.config, window_attention=False)))
+  want = _cross_entropy(_manual_document_logits(plain, {k: v for k, v in initial.items()
+                                                        if k != "window_attention"}, split,
+                                                "mean")[docs], split.labels[docs])
+  assert_close(losses[0], want, 1e-5, "step 1 loss")
+
+  # Trained: the scores moved, and a document's logits are its own windows' alone (padding
+  # windows and other documents in the batch change nothing); eval and predict agree.
+  params = jax.device_get(result["state"].params)
+  assert np.any(params["window_attention"]["kernel"])
+  dev_split = experiment.read_tokenized(exp, "validation")[0]
+  rows = data_lib.pad_rows(dataclasses.replace(dev_split, labels=None, documents=None),
+                           np.arange(len(dev_split.lengths)), MAX_LEN)
+  one_by_one = []
+  for a, b in zip(dev_split.documents[:-1], dev_split.documents[1:]):
+    batch = {k: rows[k][None, a:b] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    batch["window_mask"] = np.ones((1, b - a), np.int32)
+    one_by_one.append(np.asarray(long_documents.document_logits(exp.model, params, batch,
+                                                                "attention"))[0])
+  probs = evaluate.softmax(np.stack(one_by_one))
+  eval_rows = [json.loads(line) for line in open(os.path.join(workdir, "eval",
+                                                              "predictions.jsonl"))]
+  eval_probs = np.array([[r["probabilities"][n] for n in exp.label_names] for r in eval_rows])
+  assert_close(eval_probs, probs, 1e-5, "eval")
+  results = predict.Predictor.from_path(workdir).predict([text for text, _ in dev_docs])
+  predicted = np.array([[r["probabilities"][n] for n in exp.label_names] for r in results])
+  assert_close(predicted, probs, 1e-5, "predict")
+  with pytest.raises(UserError, match="window_pooling='attention' cannot be exported") as e:
+    export_lib.export(workdir, str(tmp_path / "hf"))
+  assert "\n" not in str(e.value)
 
 
 def _windows_of(batch, i):

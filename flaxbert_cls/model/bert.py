@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxbert_cls.model import long_documents
 from flaxbert_cls.model import modernbert
 from flaxbert_cls.model import ops
 from flaxbert_cls.model import encoder_config
@@ -258,7 +259,8 @@ class BertForSequenceClassification(nn.Module):
   task_names: tuple[str, ...] = ()
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True,
+               window_mask=None):
     cfg = self.config
     mean = cfg.pooling == "mean"
     if cfg.encoder == "modernbert":  # no token types; its head reads [CLS] or the mean
@@ -272,6 +274,10 @@ class BertForSequenceClassification(nn.Module):
     if mean:  # every head reads position 0 (bert: `pooled`): give them the mean there
       hidden = mean_pool(hidden, attention_mask)[:, None]
       pooled = hidden[:, 0]
+    if cfg.window_attention:  # rows are documents x windows; heads read one row per document
+      vector = long_documents.WindowAttention(name="window_attention")(
+          pooled if cfg.classifier_head == "bert" else hidden[:, 0], window_mask)
+      hidden, pooled = vector[:, None], vector
     if not self.task_names:
       num_labels = self.num_labels if isinstance(self.num_labels, int) else self.num_labels[0]
       return _head_logits(cfg, num_labels, hidden, pooled, deterministic)

@@ -54,6 +54,9 @@ class BertConfig:
   embedding_dropout: float = 0.0
   mlp_dropout: float = 0.0
   # Not HF fields: how to run it.
+  # long_document='windows' with window_pooling='attention': a document's windows' head inputs
+  # are combined by learned softmax weights before the head (long_documents.py).
+  window_attention: bool = False
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat_policy: str = "none"  # one of REMAT_POLICIES: what a layer keeps for the backward pass
   attention_impl: str | None = None  # 'xla' (None), 'cudnn' or 'splash'; ops.attention

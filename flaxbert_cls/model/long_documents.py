@@ -1,9 +1,10 @@
-"""Document logits from window logits (config.long_document='windows').
+"""Document logits from windows (config.long_document='windows').
 
 A window batch holds input_ids [docs, windows, seq] and window_mask [docs, windows]:
 the encoder sees docs*windows rows, and each document's logits are the masked mean
-(or max) of its windows' logits. Training, eval and predict all call `document_logits`,
-so the loss is always on the document's pooled logits.
+(or max) of its windows' logits, or (window_pooling='attention') the head's logits on a
+learned softmax-weighted sum of the windows' head inputs (`WindowAttention`). Training,
+eval and predict all call `document_logits`, so the loss is always on the document's logits.
 """
 
 from __future__ import annotations
@@ -14,7 +15,34 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-POOLINGS = ("mean", "max")
+POOLINGS = ("mean", "max")  # of the windows' logits
+WINDOW_POOLINGS = (*POOLINGS, "attention")
+
+
+class WindowAttention(nn.Module):
+  """[docs*windows, hidden] -> [docs, hidden]: each document's window vectors (the [CLS]
+  vector its head reads) summed with softmax weights from a learned score of each vector.
+
+  The score starts at zero (the mean of the vectors) and learns which windows to read, e.g.
+  a post's first window with its headers over its quoted replies. Without `window_mask`
+  (a row batch) every row is its own one-window document.
+  """
+
+  @nn.compact
+  def __call__(self, vectors: jax.Array, window_mask: jax.Array | None) -> jax.Array:
+    vectors = vectors.astype(jnp.float32)
+    if window_mask is None:
+      window_mask = jnp.ones((vectors.shape[0], 1), jnp.int32)
+    docs, windows = window_mask.shape
+    vectors = vectors.reshape(docs, windows, -1)
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               ("embed", None)),
+                        (vectors.shape[-1], 1), jnp.float32)
+    scores = jnp.einsum("dwh,ho->dw", vectors, kernel)
+    # A finite floor, not -inf: a document with no windows (batch padding) gets finite
+    # weights, so its weight-0 loss cannot turn the batch's loss into NaN.
+    scores = jnp.where(window_mask > 0, scores, -1e9)
+    return jnp.einsum("dw,dwh->dh", jax.nn.softmax(scores, axis=-1), vectors)
 
 
 def pool_windows(logits: jax.Array, window_mask: jax.Array, pooling: str) -> jax.Array:
@@ -45,6 +73,10 @@ def document_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array],
                        **apply_kwargs)
   docs, windows = ids.shape[:2]
   rows = lambda x: x.reshape(docs * windows, *x.shape[2:])  # pylint: disable=unnecessary-lambda-assignment
+  if pooling == "attention":  # the model combines each document's windows itself
+    return model.apply({"params": params}, rows(ids), rows(batch["attention_mask"]),
+                       rows(batch["token_type_ids"]), window_mask=batch["window_mask"],
+                       **apply_kwargs)
   logits = model.apply({"params": params}, rows(ids), rows(batch["attention_mask"]),
                        rows(batch["token_type_ids"]), **apply_kwargs)
   return jax.tree.map(

@@ -224,7 +224,9 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh),
       lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
       lora_targets=tuple(config.lora_targets), pooling=config.pooling,
-      remat_policy=config.remat_policy, **overrides)
+      remat_policy=config.remat_policy,
+      window_attention=config.long_document == "windows" and config.window_pooling == "attention",
+      **overrides)
   bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
       config.attention_impl, platform, config.dtype, bert_config.head_dim,
       bert_config.attention_probs_dropout_prob, config.max_seq_length))

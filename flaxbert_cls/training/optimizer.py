@@ -48,7 +48,8 @@ def freeze_patterns(config: ConfigDict) -> tuple[str, ...]:
     patterns += ["bert/embeddings/"] + [f"bert/(encoder/layer|layers)/{i}/" for i in range(k)]
   if int(config.lora_rank):
     # LoRA: everything but the adapters and the classification head stays fixed.
-    patterns.append(r"^(?!.*/lora_[ab]$)(?!classifier/|pre_classifier/|heads/|head/)")
+    patterns.append(
+        r"^(?!.*/lora_[ab]$)(?!classifier/|pre_classifier/|heads/|head/|window_attention/)")
   return tuple(patterns)
 
 
