@@ -60,6 +60,8 @@ def _jax_setup(args):
   from flaxbert_cls.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import ops  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import train  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
@@ -74,8 +76,8 @@ def _jax_setup(args):
   config.mesh_shape = tuple(int(x) for x in args.mesh.split(","))
   config.cpu_scheduler = args.cpu_scheduler
   mesh = sharding_lib.create_mesh(config.mesh_axes, config.mesh_shape)
-  bert_config = model_lib.BertConfig.from_hf(
-      cfg, dtype=args.dtype, mesh=mesh,
+  bert_config = hf.model_config(  # any family hf.FAMILIES reads (BERT sizes, ModernBERT, ...)
+      transformers.AutoConfig.for_model(**cfg), dtype=args.dtype, mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh))
   # '' (auto) resolves as training resolves it: cuDNN on a GPU in bf16, XLA elsewhere.
   bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(

@@ -70,8 +70,14 @@ def train_flops(cfg: dict[str, Any], batch: int, seq: int) -> float:
   """
   h, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
   per_layer = 4 * h * h + 2 * h * inter  # q, k, v, o + two MLP matmuls
+  keys = [seq] * layers
+  if cfg.get("model_type") == "modernbert":  # GeGLU's three matrices; local layers' window
+    per_layer = 4 * h * h + 3 * h * inter
+    band = 2 * (cfg["local_attention"] // 2) + 1
+    keys = [seq if i % cfg["global_attn_every_n_layers"] == 0 else min(seq, band)
+            for i in range(layers)]
   dense = 6 * (layers * per_layer + h * h) * batch * seq
-  attention = 6 * 2 * layers * batch * seq * seq * h
+  attention = 6 * 2 * batch * seq * h * sum(keys)
   return float(dense + attention)
 
 

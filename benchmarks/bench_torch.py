@@ -1,4 +1,5 @@
-"""benchmarks/bench.py's PyTorch worker: transformers' BertForSequenceClassification, AdamW.
+"""benchmarks/bench.py's PyTorch worker: transformers' AutoModelForSequenceClassification
+(BertForSequenceClassification, ModernBertForSequenceClassification, ...), AdamW.
 
 Eager mode (no torch.compile), SDPA attention (transformers' default; --torch_attention=eager:
 its explicit softmax), bf16 via autocast on CUDA, gradient clipping as ours.
@@ -27,13 +28,12 @@ def run_torch_batches(args, batches: Sequence[int], deadline: float | None = Non
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   cfg = bench_lib.model_config(args)
-  config = transformers.BertConfig(**{k: v for k, v in cfg.items() if k != "model_type"},
-                                   num_labels=2)
+  config = transformers.AutoConfig.for_model(**cfg, num_labels=2)  # BERT sizes, ModernBERT...
   cuda = torch.cuda.is_available()
   device = "cuda" if cuda else "cpu"
   torch.manual_seed(0)
   t0 = time.perf_counter()
-  model = transformers.BertForSequenceClassification._from_config(  # pylint: disable=protected-access
+  model = transformers.AutoModelForSequenceClassification.from_config(
       config, attn_implementation=args.torch_attention).train().to(device)
   optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-6, weight_decay=0.01)
   setup_s = time.perf_counter() - t0
@@ -72,7 +72,8 @@ def _time_torch(args, model, optimizer, batch_size, device, autocast, cuda) -> d
   vocab = model.config.vocab_size
   for seq in bench_lib.seq_list(args, torch_side=True):
     data = {k: torch.from_numpy(v).long().to(device) for k, v in
-            bench_lib.batch_numpy(batch_size, seq, vocab).items() if k != "weights"}
+            bench_lib.batch_numpy(batch_size, seq, vocab).items() if k != "weights"
+            and (k != "token_type_ids" or model.config.model_type != "modernbert")}
 
     def step(data=data):
       optimizer.zero_grad(set_to_none=True)

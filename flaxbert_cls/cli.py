@@ -75,7 +75,7 @@ _LABEL_COLUMN = flags.DEFINE_string("label_column", None, "monitor: gold labels 
                                     "(adds each set's metrics to the report).")
 # plan (compile for a TPU topology without one: plan/plan.py).
 _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: TPU topology, e.g. v5e:4x4, v4:2x2x1 "
-                                "(plan --list).")
+                                "(plan --list), or GPUs, e.g. h100:8 (jax's CUDA plugin).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "plan: slices of that topology (multi-slice).")
 _JSON = flags.DEFINE_string("json", None, "plan: also write every figure to this JSON file.")
 _LIST = flags.DEFINE_bool("list", False, "plan: list the topology names this libtpu accepts.")

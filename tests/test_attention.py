@@ -172,3 +172,26 @@ def test_first_token_only_last_layer_equals_full_model():
   for path, g in jax.tree_util.tree_leaves_with_path(grads_pruned):
     assert_close(g, flat_full[path], 1e-5, jax.tree_util.keystr(path), floor=1e-4 * overall)
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads_pruned))
+
+
+def test_banded_local_attention_equals_the_masked_full_one():
+  """ModernBERT's local layers on XLA: the band's blocks alone give what the masked L x L
+  attention gives (every query of real tokens, lengths not a multiple of the window),
+  and the same gradients."""
+  rng = np.random.default_rng(7)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 45, 2, 8)), jnp.float32) for _ in range(3))
+  lengths = jnp.asarray([45, 30, 2], jnp.int32)
+  real = np.arange(45)[None, :] < np.asarray(lengths)[:, None]
+  masked = lambda *a: jax.nn.dot_product_attention(*a[:3], key_value_seq_lengths=a[3],
+                                                   local_window_size=(6, 6))
+  banded = lambda *a: ops.banded_attention(*a, 6)
+  assert_close(np.asarray(banded(q, k, v, lengths))[real],
+               np.asarray(masked(q, k, v, lengths))[real], 1e-5)
+  np.testing.assert_array_equal(  # ops.attention takes the band for sequences over 3 windows
+      np.asarray(ops.attention(q, k, v, lengths, "xla", local_window=6)),
+      np.asarray(banded(q, k, v, lengths)))
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  loss = lambda fn, *a: jnp.sum(jnp.where(real[:, :, None, None], fn(*a) * weights, 0.0))
+  for name, got, want in zip("qkv", jax.grad(loss, argnums=(1, 2, 3))(banded, q, k, v, lengths),
+                             jax.grad(loss, argnums=(1, 2, 3))(masked, q, k, v, lengths)):
+    assert_close(got, want, 1e-5, f"d{name}")

@@ -42,6 +42,26 @@ def test_splash_equals_xla_attention_forward_and_backward():
     assert_close(got, want, 1e-5, f"d{name}")
 
 
+def test_splash_local_window_equals_xla_local_window():
+  """ModernBERT's local layers: the kernel's band mask (a query sees keys <= w away) over two
+  tiles, with padding; outputs and gradients as XLA's local_window_size gives them."""
+  q, k, v, lengths = (jnp.concatenate([x, x[:, ::-1]], axis=1) if x.ndim == 4 else x
+                      for x in _inputs(3))
+  lengths = jnp.asarray([2 * L, 150, 1, 0], jnp.int32)
+  xla = lambda *a: ops.attention(*a, "xla", local_window=20)
+  kernel = lambda *a: splash.attention(*a, interpret=True, local_window=20)
+  real = np.arange(2 * L)[None, :] < np.asarray(lengths)[:, None]
+  assert_close(np.asarray(kernel(q, k, v, lengths))[real],
+               np.asarray(xla(q, k, v, lengths))[real], 1e-5)
+  assert not np.allclose(np.asarray(xla(q, k, v, lengths))[real],
+                         np.asarray(ops.attention(q, k, v, lengths, "xla"))[real], atol=1e-3)
+  weights = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), jnp.float32)
+  loss = lambda fn, *a: jnp.sum(jnp.where(real[:, :, None, None], fn(*a) * weights, 0.0))
+  for name, got, want in zip("qkv", jax.grad(loss, argnums=(1, 2, 3))(kernel, q, k, v, lengths),
+                             jax.grad(loss, argnums=(1, 2, 3))(xla, q, k, v, lengths)):
+    assert_close(got, want, 1e-5, f"d{name}")
+
+
 def test_padding_never_reaches_a_real_token():
   q, k, v, lengths = _inputs()
   k2 = k.at[1, 17:].set(100.0)

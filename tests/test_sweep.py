@@ -231,6 +231,11 @@ def _ensemble_predicts_and_exports_its_mean(workdir, tmp_path, mean):
   assert from_export.predict([texts[0]])[0] == ensemble_run.predict([texts[0]])[0]
   with pytest.raises(UserError, match="ensemble exports as PyTorch weights only"):
     export.export(workdir, str(tmp_path / "mean8"), member="mean", quantize="int8")
+  from flaxbert_cls.training import experiment  # pylint: disable=g-import-not-at-top
+  config = small_config(out)
+  with pytest.raises(UserError, match=r"an ensemble's export \(4 members averaged\) cannot "
+                                      r"start a run; start from one member"):
+    experiment.build_experiment(config)
 
 
 def test_the_means_decisions_are_its_own_and_refused_until_eval_fits_them(tmp_path):

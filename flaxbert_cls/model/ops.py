@@ -75,16 +75,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
   'splash' runs on the mesh's devices (`mesh`, `rules`: the activations' sharding), in
   interpret mode where they are not TPUs (tests); lengths it cannot tile go to XLA.
   `local_window` w: each query sees the keys at most w positions away (ModernBERT's local
-  layers); splash does not take it yet (XLA's path does).
+  layers; splash skips the tiles outside that band, and so does XLA's path, through
+  `banded_attention`, on sequences longer than 3w).
   """
-  if implementation == "splash" and local_window is not None:
-    implementation = "xla"
   if implementation == "splash":
     platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
     interpret = platform != "tpu"
     if q.shape[1] == k.shape[1] and splash.supported(q.shape[1]):
-      return splash.attention(q, k, v, kv_lengths, mesh, rules, interpret)
+      return splash.attention(q, k, v, kv_lengths, mesh, rules, interpret, local_window)
     implementation = "xla"  # the [CLS]-only last layer; buckets under one 128-token tile
+  if implementation == "xla" and local_window is not None and q.shape[1] == k.shape[1] \
+      and q.shape[1] > 3 * local_window:
+    return banded_attention(q, k, v, kv_lengths, local_window)
   if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
     # cuDNN's kernels with a padding mask need even lengths (jax's check_is_flash_attention);
     # the first-token-only last layer has one query: a matvec no flash kernel helps.
@@ -92,6 +94,37 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
   return jax.nn.dot_product_attention(
       q, k, v, key_value_seq_lengths=kv_lengths, implementation=implementation,
       local_window_size=None if local_window is None else (local_window, local_window))
+
+
+def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
+                     window: int) -> jax.Array:
+  """Self-attention where query i sees keys j with |i - j| <= window (and j < kv_lengths[b]),
+  computed on the band only: XLA's masked path scores every key, L² per head; here each block
+  of `window` queries scores its own and its two neighbours' keys, 3·window (at 2,048 tokens
+  and ModernBERT's ±64: 192 keys a query instead of 2,048). [batch, len, heads, dim]."""
+  batch, length, heads, dim = q.shape
+  blocks = -(-length // window)
+  pad = blocks * window - length
+  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  # Keys and values padded by one block each side: block n's neighbourhood starts at n·window.
+  k, v = (jnp.pad(x, ((0, 0), (window, pad + window), (0, 0), (0, 0))) for x in (k, v))
+
+  def neighbourhoods(x):  # [batch, blocks, 3·window, heads, dim]
+    return jnp.concatenate([x[:, i * window:(i + blocks) * window].reshape(
+        batch, blocks, window, heads, dim) for i in range(3)], axis=2)
+
+  queries = q.reshape(batch, blocks, window, heads, dim)
+  scores = jnp.einsum("bnqhd,bnkhd->bnhqk", queries, neighbourhoods(k),
+                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(dim))
+  q_pos = (jnp.arange(blocks) * window)[:, None] + jnp.arange(window)[None, :]
+  k_pos = (jnp.arange(blocks) * window - window)[:, None] + jnp.arange(3 * window)[None, :]
+  near = jnp.abs(q_pos[:, :, None] - k_pos[:, None, :]) <= window  # [blocks, q, k]
+  real = (k_pos[None] >= 0) & (k_pos[None] < kv_lengths[:, None, None])  # [batch, blocks, k]
+  mask = near[None, :, None] & real[:, :, None, None, :]
+  # A finite floor, as XLA's path: a padded query with no key in reach gets finite weights.
+  weights = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+  out = jnp.einsum("bnhqk,bnkhd->bnqhd", weights.astype(v.dtype), neighbourhoods(v))
+  return out.reshape(batch, blocks * window, heads, dim)[:, :length]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

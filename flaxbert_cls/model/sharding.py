@@ -50,6 +50,10 @@ def device_memory(device: Any) -> tuple[int | None, str]:
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"]), "memory_stats"
   chip = topologies.chip_for(device)
+  if chip is not None and chip.name in topologies.GPU_TARGETS:
+    # jax's GPU client takes this fraction of the card at start (XLA_PYTHON_CLIENT_MEM_FRACTION).
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    return int(fraction * chip.hbm_bytes), f"{fraction:.0%} of the {chip.name}'s memory"
   if chip is not None:
     return chip.hbm_bytes, f"the {chip.name} chip's HBM"
   return None, "not reported"

@@ -40,26 +40,31 @@ def supported(length: int) -> bool:
   return length >= BLOCK and length % BLOCK == 0
 
 
-def _kernel(heads: int, length: int, interpret: bool) -> Any:
-  """The kernel for `heads` x [length, length] full attention (padding is in the segment ids,
-  so one static mask serves every batch). Made per trace, not cached: it holds arrays made
-  inside the trace."""
+def _kernel(heads: int, length: int, interpret: bool, local_window: int | None = None) -> Any:
+  """The kernel for `heads` x [length, length] full attention, or local attention (keys at
+  most `local_window` away: the kernel skips the tiles outside the band). Padding is in the
+  segment ids, so one static mask serves every batch. Made per trace, not cached: it holds
+  arrays made inside the trace."""
   splash = _kernel_module()
   block = BLOCK
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
-  mask = splash.MultiHeadMask([splash.FullMask((length, length))] * heads)
+  if local_window is None:
+    head_mask = splash.FullMask((length, length))
+  else:
+    head_mask = splash.LocalMask((length, length), (local_window, local_window), offset=0)
+  mask = splash.MultiHeadMask([head_mask] * heads)
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret)
 
 
-def _local(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
-           interpret: bool) -> jax.Array:
+def _on_device(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
+               interpret: bool, local_window: int | None) -> jax.Array:
   """One device's examples: [batch, len, heads, dim] -> the kernel's [heads, len, dim] each."""
   splash = _kernel_module()
   _, length, heads, dim = q.shape
-  kernel = _kernel(heads, length, interpret)
+  kernel = _kernel(heads, length, interpret, local_window)
   segments = (jnp.arange(length)[None, :] < kv_lengths[:, None]).astype(jnp.int32)
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   out = jax.vmap(kernel)(heads_first(q * jnp.asarray(1.0 / math.sqrt(dim), q.dtype)),
@@ -69,16 +74,17 @@ def _local(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
               mesh: Mesh | None = None, rules: tuple[tuple[str, object], ...] = (),
-              interpret: bool = False) -> jax.Array:
+              interpret: bool = False, local_window: int | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v over the first kv_lengths[b] keys, through the splash kernel.
 
   q, k, v: [batch, len, heads, dim] with one length (self-attention); `mesh` and `rules`
-  (the model's activation rules) shard it like the activations around it.
+  (the model's activation rules) shard it like the activations around it. `local_window` w:
+  each query sees the keys at most w positions away (ModernBERT's local layers).
   """
   if q.shape[1] != k.shape[1] or not supported(q.shape[1]):
     raise ValueError(f"splash attention: query length {q.shape[1]} and key length "
                      f"{k.shape[1]} must be equal and whole {BLOCK}-token tiles")
-  local = functools.partial(_local, interpret=interpret)
+  local = functools.partial(_on_device, interpret=interpret, local_window=local_window)
   if mesh is None or mesh.size == 1:
     return local(q, k, v, kv_lengths)
   # Axes that do not divide their dimension (a batch of 1 at init) are left out.

@@ -131,9 +131,6 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   programs = []
   save_to = None
   if save_compiled:
-    if exp.members:
-      raise UserError("plan --save_compiled: a sweep's steps are not saved yet; plan it "
-                      "without --save_compiled")
     save_to = (workdir_lib.prepare(save_compiled), list(exp.mesh.devices.flat))
     programs_lib.save_config(save_to[0], config)
   for seq_len in lengths if "train" in kinds else ():
@@ -150,6 +147,11 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
         Program("eval", seq_len, config.eval_batch_size, flops / len(devices),
                 program_stats.shard_bytes((param_shapes, batch))),
         eval_step, (param_shapes, batch), save_to))
+  for program in programs:  # a GPU compiler does not refuse a program over the memory: we do
+    if memory_bytes and program.stats and program.stats.total_bytes > memory_bytes:
+      program.refused = (f"RESOURCE_EXHAUSTED: memory for arguments, outputs and temporaries "
+                         f"({program.stats.total_bytes / 2**30:.2f}G) exceeds available HBM "
+                         f"({memory_bytes / 2**30:.2f}G): {memory_source}")
   options = step_lib.train_step_compiler_options(exp.mesh, config.cpu_scheduler)
   choices = {
       "platform": exp.mesh.devices.flat[0].platform,
@@ -225,6 +227,14 @@ def _step_flops(passes: int, cfg: Any, batch: int, seq_len: int) -> float:
   (first_token_only: its queries, attention output and MLP see one token per example)."""
   h, layers = cfg.hidden_size, cfg.num_hidden_layers
   tokens = batch * seq_len
+  if cfg.encoder == "modernbert":
+    # Every layer on every token; Wqkv + Wo (4h²), GeGLU's Wi (h -> 2i) + Wo (i -> h); a local
+    # layer's query needs its 2·(local_attention // 2) + 1 keys only, as splash computes them.
+    band = 2 * (cfg.local_attention // 2) + 1
+    keys = sum(seq_len if kind == "full_attention" else min(seq_len, band)
+               for kind in cfg.layer_types)
+    matmuls = layers * (4 * h * h + 3 * h * cfg.intermediate_size) * tokens
+    return float(2 * passes * (matmuls + 2 * h * batch * seq_len * keys + h * h * batch))
   last = 1 if cfg.pooling != "mean" else 0  # layers computed for [CLS] only
   full = layers - last
   keys_values, rest = 2 * h * h, 2 * h * h + 2 * h * cfg.intermediate_size

@@ -50,6 +50,7 @@ class ProgramStats:
   collectives: dict[str, Collective]
   while_loops: int
   kernel_calls: int = 0  # Pallas TPU kernels: XLA's cost analysis sees no FLOPs inside them
+  cost_reported: bool = True  # False: XLA gave no cost analysis (GPU compile-only targets)
 
   @property
   def total_bytes(self) -> int:
@@ -62,6 +63,8 @@ def from_compiled(compiled: Any) -> ProgramStats:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
+  reported = bool(cost)
+  cost = cost or {}
   text = compiled.as_text()
   return ProgramStats(
       argument_bytes=int(memory.argument_size_in_bytes),
@@ -72,7 +75,8 @@ def from_compiled(compiled: Any) -> ProgramStats:
       flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       collectives=collectives(text),
-      while_loops=len(_WHILE.findall(text)), kernel_calls=len(_KERNEL.findall(text)))
+      while_loops=len(_WHILE.findall(text)), kernel_calls=len(_KERNEL.findall(text)),
+      cost_reported=reported)
 
 
 def collectives(hlo_text: str) -> dict[str, Collective]:

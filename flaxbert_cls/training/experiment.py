@@ -209,6 +209,10 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
   source = model_dir or workdir_lib.model_source(
       hf.resolve(config.model_name_or_path, config_only=shapes_only))
   hf_config = hf.load_config(source)
+  if getattr(hf_config, "ensemble_members", 0):
+    raise UserError(f"config.model_name_or_path={config.model_name_or_path!r}: an ensemble's "
+                    f"export ({hf_config.ensemble_members} members averaged) cannot start a "
+                    "run; start from one member: flaxbert-cls export --member=I")
   tokenizer = None
   if not shapes_only:
     tokenizer_source = model_dir or (hf.resolve(config.tokenizer_name) if config.tokenizer_name
