@@ -1,0 +1,74 @@
+"""ModernBERT's local layers: what one attention costs on the band against the whole sequence.
+
+  python benchmarks/local_attention.py [--lengths=512,2048] [--window=64] [--batch=2]
+
+Times forward + backward (jit, median of --steps after a warm-up) of one attention at
+[batch, L, 12 heads, 64] with padding, on this host's first device, for: the full attention
+(a global layer), the local one as `jax.nn.dot_product_attention(local_window_size=...)` masks it
+(every score computed), and `ops.banded_attention` (the band only, what the encoder runs on XLA's
+path). Prints a markdown table; figures are this host's, at its load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import common  # pylint: disable=unused-import  (the repository root on sys.path)
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxbert_cls.model import ops
+
+HEADS, DIM = 12, 64
+
+
+def _timed(fn, args, steps: int) -> float:
+  grad = jax.jit(jax.grad(lambda q, k, v, n: jnp.sum(fn(q, k, v, n) ** 2), argnums=(0, 1, 2)))
+  jax.block_until_ready(grad(*args))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(grad(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--lengths", default="512,2048")
+  parser.add_argument("--window", type=int, default=64, help="keys at most this far (ModernBERT: "
+                      "local_attention // 2 = 64)")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  args = parser.parse_args()
+  w = args.window
+  ways = {
+      "full (a global layer)": lambda q, k, v, n: jax.nn.dot_product_attention(
+          q, k, v, key_value_seq_lengths=n),
+      f"local ±{w}, masked L x L": lambda q, k, v, n: jax.nn.dot_product_attention(
+          q, k, v, key_value_seq_lengths=n, local_window_size=(w, w)),
+      f"local ±{w}, banded (ops.banded_attention)": lambda q, k, v, n: ops.banded_attention(
+          q, k, v, n, w),
+  }
+  print(f"device: {jax.devices()[0].device_kind}, load average {os.getloadavg()[0]:.2f}, "
+        f"batch {args.batch}, {HEADS} heads x {DIM}, forward + backward, median of {args.steps}")
+  print("\n| attention | " + " | ".join(f"L={n} ms" for n in args.lengths.split(",")) + " |")
+  print("|---|" + "---|" * len(args.lengths.split(",")))
+  rng = np.random.default_rng(0)
+  for name, fn in ways.items():
+    cells = []
+    for length in (int(n) for n in args.lengths.split(",")):
+      q, k, v = (jnp.asarray(rng.normal(size=(args.batch, length, HEADS, DIM)), jnp.float32)
+                 for _ in range(3))
+      lengths = jnp.asarray([length, length * 3 // 4][:args.batch] +
+                            [length] * max(args.batch - 2, 0), jnp.int32)
+      cells.append(f"{_timed(fn, (q, k, v, lengths), args.steps) * 1e3:.1f}")
+    print(f"| {name} | " + " | ".join(cells) + " |")
+  print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+  main()
