@@ -85,28 +85,6 @@ def test_a_changed_program_or_a_damaged_file_is_compiled_with_one_line(saved, tm
   assert lines and all(l.startswith("Compiling ") and "does not load" in l for l in lines), lines
 
 
-def test_a_sweeps_stacked_step_is_saved_and_loaded(saved, tmp_path, caplog):
-  """The members' stacked step takes their hyper rows as arguments: plan saves it with them
-  and the sweep binds its own, so the loaded program trains as the compiled one."""
-  from flaxbert_cls.plan import plan as plan_lib
-  checkpoint, _ = saved
-  settings = {**SETTINGS, "max_seq_length": 32, "seq_buckets": (32,)}
-
-  def sweep_config(**overrides):
-    c = small_config(checkpoint, **settings, **overrides)
-    c.sweep.learning_rate = (1e-3, 3e-3)
-    return c
-
-  directory = str(tmp_path / "programs")
-  plan_lib.make_plan(sweep_config(), "host", save_compiled=directory)
-  assert "train_b32_l32.bin" in os.listdir(directory)
-  fresh, _ = _train(sweep_config(), str(tmp_path / "a"), caplog)
-  loaded, lines = _train(sweep_config(compiled_programs=directory), str(tmp_path / "b"), caplog)
-  assert "Loaded train_b32_l32 from " + directory + ": not compiled." in lines, lines
-  for got, want in zip(loaded, fresh):
-    np.testing.assert_array_equal(got, want)
-
-
 def test_a_missing_folder_is_refused_in_one_line(tmp_path):
   config = small_config("unused", compiled_programs=str(tmp_path / "nowhere"))
   with pytest.raises(UserError, match="config.compiled_programs=.*no such folder"):

@@ -131,6 +131,9 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   programs = []
   save_to = None
   if save_compiled:
+    if exp.members:
+      raise UserError("plan --save_compiled: a sweep's steps are not saved yet; plan it "
+                      "without --save_compiled")
     save_to = (workdir_lib.prepare(save_compiled), list(exp.mesh.devices.flat))
     programs_lib.save_config(save_to[0], config)
   for seq_len in lengths if "train" in kinds else ():

@@ -125,15 +125,12 @@ class Preloaded:
 
   def __init__(self, jitted: Callable, kind: str, directory: str, devices: list[Any],
                config: Any):
-    # A sweep's step (step.BoundStep) binds its hyper rows: they are the program's arguments.
-    self._jitted, self._extra = getattr(jitted, "jitted", jitted), getattr(jitted, "extra", ())
-    self._kind, self._directory = kind, directory
+    self._jitted, self._kind, self._directory = jitted, kind, directory
     self._devices, self._config = devices, config
     self._programs: dict[str, Callable] = {}
 
   def __call__(self, *args: Any) -> Any:
     name = program_name(self._kind, args)
-    args = (*args, *self._extra)
     program = self._programs.get(name)
     if program is None:
       lowered = self._jitted.lower(*args)
@@ -148,12 +145,15 @@ class Preloaded:
 
 
 def preloaded(jitted: Callable, kind: str, config: Any, mesh: jax.sharding.Mesh) -> Callable:
-  """`jitted` itself when config.compiled_programs is '', else a `Preloaded` over the
-  programs in that folder."""
+  """`jitted` itself when config.compiled_programs is '' (or it cannot be lowered: a sweep's
+  step), else a `Preloaded` over the programs in that folder."""
   directory = config.compiled_programs
   if not directory:
     return jitted
   if not workdir_lib.is_dir(directory):
     raise UserError(f"config.compiled_programs={directory!r}: no such folder (write one with "
                     "flaxbert-cls plan --save_compiled=DIR)")
+  if not hasattr(jitted, "lower"):
+    log.warning("config.compiled_programs: a sweep's %s step is compiled, not loaded", kind)
+    return jitted
   return Preloaded(jitted, kind, directory, list(mesh.devices.flat), config)

@@ -6,7 +6,6 @@ stacked state (members.py). `jit_train_step` / `jit_stacked_train_step` are the 
 programs the loop, the benchmarks and `plan` compile.
 """
 
-import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -159,20 +158,8 @@ def jit_stacked_train_step(exp: experiment_lib.Experiment, state_shardings: Any,
                          ) -> Callable:
   """The sweep's step as training compiles it: (state, batch) -> (state, metrics, finite)."""
   step, hyper = stacked_step_program(exp, state_shardings, total_steps)
-  return BoundStep(step, (jax.device_put(hyper, sharding_lib.replicated(exp.mesh)),))
-
-
-@dataclasses.dataclass(frozen=True)
-class BoundStep:
-  """A jitted step whose trailing arguments are bound (a sweep's hyper rows): called as
-  (state, batch) like a single run's, while saved programs (programs.py) lower and load
-  `jitted` with the whole argument list, as `plan` compiled it."""
-
-  jitted: Any
-  extra: tuple[Any, ...]
-
-  def __call__(self, *args: Any) -> Any:
-    return self.jitted(*args, *self.extra)
+  hyper = jax.device_put(hyper, sharding_lib.replicated(exp.mesh))
+  return lambda state, batch: step(state, batch, hyper)
 
 
 def stacked_step_program(exp: experiment_lib.Experiment, state_shardings: Any, total_steps: int
