@@ -40,11 +40,11 @@ def small_dev_file(directory: str, rows: int = 64) -> str:
   return path
 
 
-def scaleout_config(mesh_shape: Sequence[int], validation_file: str, steps: int = 20
-                    ) -> ml_collections.ConfigDict:
-  """The packaged MiniLM on the SST-2 sample, lr 1e-4, `steps` steps on `mesh_shape`."""
+def scaleout_config(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
+                    checkpoint: str | None = None) -> ml_collections.ConfigDict:
+  """`checkpoint` (default the packaged MiniLM) on the SST-2 sample, lr 1e-4, `steps` steps."""
   c = default_config()
-  c.update(model_name_or_path=hf.packaged_minilm_dir(), task_name="sst2",
+  c.update(model_name_or_path=checkpoint or hf.packaged_minilm_dir(), task_name="sst2",
            train_file=os.path.join(DEMO_DATA, "train.tsv"), validation_file=validation_file,
            max_seq_length=16, seq_buckets=(16,),  # SST-2 sentences average 13 tokens
            batch_size=16, eval_batch_size=64, learning_rate=1e-4, num_train_steps=steps,
@@ -64,7 +64,7 @@ def _train_split(exp: experiment_lib.Experiment) -> data_lib.TokenizedSplit:
 
 
 def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
-             evaluate: bool = False) -> dict[str, Any]:
+             evaluate: bool = False, checkpoint: str | None = None) -> dict[str, Any]:
   """`steps` training steps on `mesh_shape` (all 8 devices; (1, 1, 1): the first one).
 
   Uses training's pieces as its loop does: the experiment and mesh, the state created
@@ -78,7 +78,7 @@ def run_mesh(mesh_shape: Sequence[int], validation_file: str, steps: int = 20,
   from flaxbert_cls.training import starts  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import step as step_lib  # pylint: disable=g-import-not-at-top
   start, start_cpu = time.time(), _cpu_seconds()
-  config = scaleout_config(mesh_shape, validation_file, steps)
+  config = scaleout_config(mesh_shape, validation_file, steps, checkpoint)
   devices = jax.devices()[:1] if int(np.prod(mesh_shape)) == 1 else None
   exp = experiment_lib.build_experiment(config, devices=devices)
   split = _train_split(exp)
@@ -135,10 +135,11 @@ def max_bytes_per_device(state: Any) -> int:  # a TrainState
   return max(state_bytes_per_device((state.params, state.opt_state)).values())
 
 
-def initial_state_bytes(mesh_shape: Sequence[int], validation_file: str) -> int:
+def initial_state_bytes(mesh_shape: Sequence[int], validation_file: str,
+                        checkpoint: str | None = None) -> int:
   """Per-device bytes of the freshly created (pre-trained) state on `mesh_shape`."""
   from flaxbert_cls.training import starts  # pylint: disable=g-import-not-at-top
-  config = scaleout_config(mesh_shape, validation_file)
+  config = scaleout_config(mesh_shape, validation_file, checkpoint=checkpoint)
   exp = experiment_lib.build_experiment(config)
   state, _, _, _ = starts.create_train_state(exp, config.num_train_steps,
                                             hf.resolve(config.model_name_or_path))

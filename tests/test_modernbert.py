@@ -192,3 +192,20 @@ def test_a_tiny_modernbert_fine_tunes_exports_and_reloads_in_transformers(tmp_pa
     predictor = predict.Predictor.from_path(path)
     assert_close(predictor.logits(predictor._tokenize([(t,) for t in texts])), torch_logits,
                  1e-4, path)
+  # ONNX (dynamic batch and length) and int8 from the same run.
+  ort = pytest.importorskip("onnxruntime")
+  from flaxbert_cls.serving import export  # pylint: disable=g-import-not-at-top
+  onnx_dir = export.export(workdir, str(tmp_path / "onnx"), export_format="onnx",
+                           quantize="int8")
+  session = ort.InferenceSession(os.path.join(onnx_dir, "model.onnx"),
+                                 providers=["CPUExecutionProvider"])
+  assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+  for batch in (texts, texts[1:]):
+    enc = tokenizer(batch, padding=True, return_tensors="np")
+    got = session.run(None, {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
+    with torch.no_grad():
+      want = model(**{k: torch.tensor(enc[k]) for k in ("input_ids", "attention_mask")}).logits
+    assert_close(got[0], want.numpy(), 1e-4, f"onnx, batch {len(batch)}")
+  int8 = predict.Predictor.from_path(onnx_dir, quantize="int8")
+  split = int8._tokenize([(t,) for t in texts])
+  assert_close(int8.logits(split), torch_logits, 0.1, "int8")

@@ -22,36 +22,45 @@ import scaleout_fixtures as report
 from model_fixtures import DEMO_DATA, make_tiny_checkpoint
 
 
+STEPS = 10
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """20 MiniLM steps on each mesh of report.MESHES, (1, 1, 1) on one device first."""
+  """10 steps of a tiny BERT (MiniLM's vocabulary) on each mesh of report.MESHES.
+
+  (1, 1, 1) runs on one device first. The tiny model keeps the five compiles short;
+  benchmarks/scaleout_report.py runs the packaged MiniLM itself.
+  """
   assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
   tmp = tmp_path_factory.mktemp("scaleout")
   dev = report.small_dev_file(str(tmp))
-  return dev, {m: report.run_mesh(m, dev, steps=20) for m in report.MESHES}
+  tiny = make_tiny_checkpoint(str(tmp / "tiny"), hidden=64, heads=4)
+  return dev, tiny, {m: report.run_mesh(m, dev, steps=STEPS, checkpoint=tiny)
+                     for m in report.MESHES}
 
 
 def test_every_mesh_trains_the_same(runs):
-  _, results = runs
+  _, _, results = runs
   ref = results[(1, 1, 1)]
-  assert len(ref["losses"]) == 20
+  assert len(ref["losses"]) == STEPS
   for mesh, r in results.items():
     np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5, err_msg=str(mesh))
     assert report.max_param_diff(r["params"], ref["params"]) < 1e-5, mesh
-  assert len(set(ref["losses"].tolist())) == 20  # the runs did train
+  assert len(set(ref["losses"].tolist())) == STEPS  # the runs did train
 
 
 def test_fsdp_state_is_split_eight_ways(runs):
-  dev, results = runs
+  dev, tiny, results = runs
   replicated = results[(8, 1, 1)]["state_bytes"]
-  fsdp = report.initial_state_bytes((1, 8, 1), dev)
+  fsdp = report.initial_state_bytes((1, 8, 1), dev, checkpoint=tiny)
   assert fsdp <= replicated / 6, (fsdp, replicated)
   # Sharding follows the config's rules for parameters and both Adam moments alike.
   assert results[(2, 4, 1)]["state_bytes"] <= replicated / 3.5
 
 
 def test_params_and_adam_moments_are_sharded_by_the_rules(runs):
-  _, results = runs
+  _, _, results = runs
   specs = results[(2, 2, 2)]["specs"]
   layer0 = "['bert']['encoder']['layer']['0']"
   query = f"{layer0}['attention']['self']['query']['kernel']"

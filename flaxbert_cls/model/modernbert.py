@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import encoder_config
@@ -37,12 +38,15 @@ def rotary(x: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding of [batch, length, heads, dim] (positions 0..length-1), in
   float32: x·cos + rotate_half(x)·sin, frequencies theta^(-2i/dim), halves concatenated."""
   dim = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  freqs = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv_freq
-  angles = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]
+  # The tables from the static shape, in NumPy: constants in the program. Computed in it,
+  # XLA fused cos and sin into every consumer (per batch row and head: ~5% of a CPU step).
+  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  freqs = np.arange(x.shape[1], dtype=np.float32)[:, None] * inv_freq
+  angles = np.concatenate([freqs, freqs], axis=-1)[None, :, None, :]
+  cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
   x = x.astype(jnp.float32)
   rotated = jnp.concatenate([-x[..., dim // 2:], x[..., :dim // 2]], axis=-1)
-  return x * jnp.cos(angles) + rotated * jnp.sin(angles)
+  return x * cos + rotated * sin
 
 
 class ModernBertAttention(nn.Module):

@@ -92,5 +92,17 @@ class OnnxClassifier:
                                                   self.window_pooling), np.float32)
 
   def _run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Logits of the rows with tokens; the batch's filler rows (no token) get zeros.
+
+    A filler row never reaches the graph: a mean-pooled row of no tokens is 0/0 in
+    transformers' ModernBERT, and int8's per-tensor activation scales would carry that NaN
+    into every row of the batch.
+    """
     feed = {n: np.asarray(batch[n], np.int64) for n in self.input_names}
-    return self.session.run(None, feed)[0].astype(np.float32)
+    real = np.asarray(batch["attention_mask"]).any(-1)
+    if not real.any():
+      real[0] = True  # one row still runs: the graph's output gives the logits' width
+    logits = self.session.run(None, {n: x[real] for n, x in feed.items()})[0]
+    out = np.zeros((len(real), logits.shape[-1]), np.float32)
+    out[real] = logits
+    return out
