@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-POOLINGS = ("mean", "max")  # of the windows' logits
-WINDOW_POOLINGS = (*POOLINGS, "attention")
+POOLINGS = ("mean", "max")  # of the windows' logits (window_pooling='attention': WindowAttention)
 
 
 class WindowAttention(nn.Module):
