@@ -4,7 +4,8 @@
 
 Times forward + backward (jit, median of --steps after a warm-up) of one attention at
 [batch, L, 12 heads, 64] with padding, on this host's first device, for: the full attention
-(a global layer), the local one as `jax.nn.dot_product_attention(local_window_size=...)` masks it
+(a global layer) as `jax.nn.dot_product_attention`'s XLA path and as the encoder runs it
+(`ops.attention`, its own einsums), the local one as `jax.nn.dot_product_attention(local_window_size=...)` masks it
 (every score computed), and `ops.banded_attention` (the band only, what the encoder runs on XLA's
 path). Prints a markdown table; figures are this host's, at its load average.
 """
@@ -46,8 +47,10 @@ def main() -> None:
   args = parser.parse_args()
   w = args.window
   ways = {
-      "full (a global layer)": lambda q, k, v, n: jax.nn.dot_product_attention(
+      "full, jax.nn.dot_product_attention (XLA)": lambda q, k, v, n: jax.nn.dot_product_attention(
           q, k, v, key_value_seq_lengths=n),
+      "full, as the encoder runs it (ops.attention, xla)": lambda q, k, v, n: ops.attention(
+          q, k, v, n, "xla"),
       f"local ±{w}, masked L x L": lambda q, k, v, n: jax.nn.dot_product_attention(
           q, k, v, key_value_seq_lengths=n, local_window_size=(w, w)),
       f"local ±{w}, banded (ops.banded_attention)": lambda q, k, v, n: ops.banded_attention(
