@@ -5,9 +5,11 @@
 Times forward + backward (jit, median of --steps after a warm-up) of one attention at
 [batch, L, 12 heads, 64] with padding, on this host's first device, for: the full attention
 (a global layer) as `jax.nn.dot_product_attention`'s XLA path and as the encoder runs it
-(`ops.attention`, its own einsums), the local one as `jax.nn.dot_product_attention(local_window_size=...)` masks it
-(every score computed), and `ops.banded_attention` (the band only, what the encoder runs on XLA's
-path). Prints a markdown table; figures are this host's, at its load average.
+(`ops.attention`, its own einsums); the local one as `jax.nn.dot_product_attention`'s
+`local_window_size` masks it (every score computed), as our einsum kernel masks it
+(`ops.band_masked_attention`) and on the band only, in blocks (`ops.banded_attention`). The
+encoder's XLA path takes the blocks on sequences longer than `ops.BANDED_MIN_WINDOWS` windows,
+the band mask up to there. Prints a markdown table; figures are this host's, at its load average.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main() -> None:
           q, k, v, n, "xla"),
       f"local ±{w}, masked L x L": lambda q, k, v, n: jax.nn.dot_product_attention(
           q, k, v, key_value_seq_lengths=n, local_window_size=(w, w)),
+      f"local ±{w}, band mask on L x L (ops.band_masked_attention)":
+          lambda q, k, v, n: ops.band_masked_attention(q, k, v, n, w),
       f"local ±{w}, banded (ops.banded_attention)": lambda q, k, v, n: ops.banded_attention(
           q, k, v, n, w),
   }

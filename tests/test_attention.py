@@ -174,24 +174,37 @@ def test_first_token_only_last_layer_equals_full_model():
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads_pruned))
 
 
-def test_banded_local_attention_equals_the_masked_full_one():
-  """ModernBERT's local layers on XLA: the band's blocks alone give what the masked L x L
-  attention gives (every query of real tokens, lengths not a multiple of the window),
-  and the same gradients."""
+@pytest.mark.parametrize("kernel", ["banded_attention", "band_masked_attention"])
+def test_local_attention_kernels_equal_the_masked_full_one(kernel):
+  """ModernBERT's local layers on XLA: the band's blocks alone (long sequences), or our
+  einsum kernel with a band mask (short ones), give what jax's masked L x L attention gives
+  (every query of real tokens, lengths not a multiple of the window), and the same
+  gradients through their custom VJP."""
   rng = np.random.default_rng(7)
   q, k, v = (jnp.asarray(rng.normal(size=(3, 45, 2, 8)), jnp.float32) for _ in range(3))
   lengths = jnp.asarray([45, 30, 2], jnp.int32)
   real = np.arange(45)[None, :] < np.asarray(lengths)[:, None]
   masked = lambda *a: jax.nn.dot_product_attention(*a[:3], key_value_seq_lengths=a[3],
                                                    local_window_size=(6, 6))
-  banded = lambda *a: ops.banded_attention(*a, 6)
-  assert_close(np.asarray(banded(q, k, v, lengths))[real],
+  ours = lambda *a: getattr(ops, kernel)(*a, 6)
+  assert_close(np.asarray(ours(q, k, v, lengths))[real],
                np.asarray(masked(q, k, v, lengths))[real], 1e-5)
-  np.testing.assert_array_equal(  # ops.attention takes the band for sequences over 3 windows
-      np.asarray(ops.attention(q, k, v, lengths, "xla", local_window=6)),
-      np.asarray(banded(q, k, v, lengths)))
   weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   loss = lambda fn, *a: jnp.sum(jnp.where(real[:, :, None, None], fn(*a) * weights, 0.0))
-  for name, got, want in zip("qkv", jax.grad(loss, argnums=(1, 2, 3))(banded, q, k, v, lengths),
+  for name, got, want in zip("qkv", jax.grad(loss, argnums=(1, 2, 3))(ours, q, k, v, lengths),
                              jax.grad(loss, argnums=(1, 2, 3))(masked, q, k, v, lengths)):
     assert_close(got, want, 1e-5, f"d{name}")
+
+
+def test_local_attention_takes_the_blocks_past_the_crossover():
+  """ops.attention's XLA path: the band's blocks on sequences longer than
+  BANDED_MIN_WINDOWS windows, the band-masked kernel up to it (same values either way)."""
+  rng = np.random.default_rng(8)
+  window = 6
+  for length, kernel in ((ops.BANDED_MIN_WINDOWS * window, ops.band_masked_attention),
+                         (ops.BANDED_MIN_WINDOWS * window + 1, ops.banded_attention)):
+    q, k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(3))
+    lengths = jnp.asarray([length, length - 5], jnp.int32)
+    np.testing.assert_array_equal(
+        np.asarray(ops.attention(q, k, v, lengths, "xla", local_window=window)),
+        np.asarray(kernel(q, k, v, lengths, window)))

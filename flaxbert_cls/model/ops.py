@@ -37,6 +37,11 @@ ATTENTION_IMPLEMENTATIONS = ("", "xla", "cudnn", "splash")
 # Auto picks splash on a TPU from this length on (by plan's figures, docs/pods.md).
 SPLASH_AUTO_MIN_LENGTH = 512
 
+# XLA's local layers run on the band's blocks (`banded_attention`) on sequences longer than
+# this many windows, as one masked L x L attention up to it (benchmarks/local_attention.py:
+# at ±64 and 256 tokens the masked one is 0.9x the blocks' time, at 384 1.2x, at 512 1.14x).
+BANDED_MIN_WINDOWS = 4
+
 
 def attention_implementation(requested: str, platform: str, dtype: str, head_dim: int,
                              attention_dropout: float | None = None,
@@ -71,14 +76,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
   """softmax(q k^T / sqrt(d)) v over the first kv_lengths[b] keys; [batch, len, heads, dim].
 
   The same arguments reach cuDNN (its padding mode) and XLA (a mask built from them, in
-  `attention_with_dropout` at rate 0; local layers through jax's or `banded_attention`),
+  `attention_with_dropout` at rate 0; local layers band-masked or in `banded_attention`'s blocks),
   so the plumbing tested on CPU is the one a GPU runs. Queries are not length-masked:
   padded positions attend as in Hugging Face's BERT (their outputs are never read).
   'splash' runs on the mesh's devices (`mesh`, `rules`: the activations' sharding), in
   interpret mode where they are not TPUs (tests); lengths it cannot tile go to XLA.
   `local_window` w: each query sees the keys at most w positions away (ModernBERT's local
   layers; splash skips the tiles outside that band, and so does XLA's path, through
-  `banded_attention`, on sequences longer than 3w).
+  `banded_attention`, on sequences longer than BANDED_MIN_WINDOWS windows; cuDNN masks it).
   """
   if implementation == "splash":
     platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
@@ -86,9 +91,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
     if q.shape[1] == k.shape[1] and splash.supported(q.shape[1]):
       return splash.attention(q, k, v, kv_lengths, mesh, rules, interpret, local_window)
     implementation = "xla"  # the [CLS]-only last layer; buckets under one 128-token tile
-  if implementation == "xla" and local_window is not None and q.shape[1] == k.shape[1] \
-      and q.shape[1] > 3 * local_window:
-    return banded_attention(q, k, v, kv_lengths, local_window)
+  if implementation == "xla" and local_window is not None:
+    if q.shape[1] == k.shape[1] and q.shape[1] > BANDED_MIN_WINDOWS * local_window:
+      return banded_attention(q, k, v, kv_lengths, local_window)
+    return band_masked_attention(q, k, v, kv_lengths, local_window)
   if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
     # cuDNN's kernels with a padding mask need even lengths (jax's check_is_flash_attention);
     # the first-token-only last layer has one query: a matvec no flash kernel helps.
@@ -111,30 +117,39 @@ def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.A
   """Self-attention where query i sees keys j with |i - j| <= window (and j < kv_lengths[b]),
   computed on the band only: XLA's masked path scores every key, L² per head; here each block
   of `window` queries scores its own and its two neighbours' keys, 3·window (at 2,048 tokens
-  and ModernBERT's ±64: 192 keys a query instead of 2,048). [batch, len, heads, dim]."""
+  and ModernBERT's ±64: 192 keys a query instead of 2,048). [batch, len, heads, dim].
+  The blocks run through `_masked_attention` (heads-major matmuls, probabilities kept)."""
   batch, length, heads, dim = q.shape
   blocks = -(-length // window)
   pad = blocks * window - length
-  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  queries = jnp.pad(_heads_major(_scaled(q)), ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(
+      batch, heads, blocks, window, dim)
   # Keys and values padded by one block each side: block n's neighbourhood starts at n·window.
-  k, v = (jnp.pad(x, ((0, 0), (window, pad + window), (0, 0), (0, 0))) for x in (k, v))
+  k, v = (jnp.pad(_heads_major(x), ((0, 0), (0, 0), (window, pad + window), (0, 0)))
+          for x in (k, v))
 
-  def neighbourhoods(x):  # [batch, blocks, 3·window, heads, dim]
-    return jnp.concatenate([x[:, i * window:(i + blocks) * window].reshape(
-        batch, blocks, window, heads, dim) for i in range(3)], axis=2)
+  def neighbourhoods(x):  # [batch, heads, blocks, 3·window, dim]
+    return jnp.concatenate([x[:, :, i * window:(i + blocks) * window].reshape(
+        batch, heads, blocks, window, dim) for i in range(3)], axis=3)
 
-  queries = q.reshape(batch, blocks, window, heads, dim)
-  scores = jnp.einsum("bnqhd,bnkhd->bnhqk", queries, neighbourhoods(k),
-                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(dim))
-  q_pos = (jnp.arange(blocks) * window)[:, None] + jnp.arange(window)[None, :]
-  k_pos = (jnp.arange(blocks) * window - window)[:, None] + jnp.arange(3 * window)[None, :]
-  near = jnp.abs(q_pos[:, :, None] - k_pos[:, None, :]) <= window  # [blocks, q, k]
+  q_pos = (np.arange(blocks) * window)[:, None] + np.arange(window)[None, :]
+  k_pos = (np.arange(blocks) * window - window)[:, None] + np.arange(3 * window)[None, :]
+  near = np.abs(q_pos[:, :, None] - k_pos[:, None, :]) <= window  # [blocks, q, k]
   real = (k_pos[None] >= 0) & (k_pos[None] < kv_lengths[:, None, None])  # [batch, blocks, k]
-  mask = near[None, :, None] & real[:, :, None, None, :]
-  # A finite floor, as XLA's path: a padded query with no key in reach gets finite weights.
-  weights = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-  out = jnp.einsum("bnhqk,bnkhd->bnqhd", weights.astype(v.dtype), neighbourhoods(v))
-  return out.reshape(batch, blocks * window, heads, dim)[:, :length]
+  mask = near[None, None] & real[:, None, :, None, :]  # [batch, 1, blocks, q, k]
+  out = _masked_attention(queries, neighbourhoods(k), neighbourhoods(v), mask)
+  return _heads_major(out.reshape(batch, heads, blocks * window, dim)[:, :, :length])
+
+
+def band_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
+                          window: int) -> jax.Array:
+  """What `banded_attention` computes, as one L x L masked attention (`_masked_attention`):
+  on short sequences the blocks' gathers cost more than the scores they save."""
+  length = k.shape[1]
+  positions = np.arange(length)
+  near = np.abs(positions[:q.shape[1], None] - positions[None, :]) <= window
+  mask = _key_mask(kv_lengths, length) & near
+  return _heads_major(_masked_attention(*(_heads_major(x) for x in (_scaled(q), k, v)), mask))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -274,45 +289,88 @@ def _einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _attention_with_dropout_fwd(q, k, v, kv_lengths, seeds, rate):
-  # Scaled in float32 and rounded once to the compute dtype (exact for float32 inputs).
-  q = (q.astype(jnp.float32) * np.float32(1.0 / np.sqrt(q.shape[-1]))).astype(q.dtype)
-  scores = _einsum32("bhqd,bhkd->bhqk", _heads_major(q), _heads_major(k))
-  mask = _key_mask(kv_lengths, k.shape[1])
+def _scaled(q: jax.Array) -> jax.Array:
+  """q / sqrt(d), in float32 and rounded once to the compute dtype (exact for float32)."""
+  return (q.astype(jnp.float32) * np.float32(1.0 / np.sqrt(q.shape[-1]))).astype(q.dtype)
+
+
+def _softmax_attention(qh, kh, vh, mask, seeds, rate, full_shape):
+  """Forward of every XLA attention here, on heads-major [..., len, dim] (qh scaled), any
+  leading dims (blocks of a band too): (output, probabilities in v's dtype)."""
+  scores = _einsum32("...qd,...kd->...qk", qh, kh)
   probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-  dropped = (_apply_hash_dropout(probs, seeds, rate, _self_attention_shape(probs)) if rate
-             else probs).astype(v.dtype)  # = hash_dropout's mask
-  out = _heads_major(_einsum32("bhqk,bhkd->bhqd", dropped, _heads_major(v))).astype(v.dtype)
-  return out, (q, k, v, probs.astype(v.dtype), kv_lengths, seeds)
+  dropped = (_apply_hash_dropout(probs, seeds, rate, full_shape) if rate
+             else probs).astype(vh.dtype)  # = hash_dropout's mask
+  return _einsum32("...qk,...kd->...qd", dropped, vh).astype(vh.dtype), probs.astype(vh.dtype)
+
+
+def _softmax_attention_bwd(qh, kh, vh, probs, seeds, rate, full_shape, g):
+  """Its backward from the kept probabilities: (dq for the scaled q, dk^T, dv^T), the last two
+  dims-major [..., dim, len] (the layout their matmuls produce)."""
+  probs = probs.astype(jnp.float32)
+  # Every matmul below is row-major x row-major ([..., m, k] @ [..., k, n]): XLA's CPU
+  # dots contracting two leading dims ([q,k]^T @ [q,d]) fall back to a ~2x slower kernel,
+  # so the operands are transposed (cheap, [..., len, d]) instead of the probabilities.
+  dims_major = lambda x: jnp.swapaxes(x, -1, -2)
+  # Written differently from the forward's (where, then scale): XLA's CSE would merge
+  # equal expressions and keep the forward's dropped probabilities alive until here.
+  g_probs = _einsum32("...qd,...dk->...qk", g, dims_major(vh))
+  if rate:
+    keep = hash_bits(seeds, probs.shape, full_shape) >= drop_threshold(rate)
+    dropped = (jnp.where(keep, probs, 0.0) * (1.0 / (1.0 - rate))).astype(vh.dtype)
+    g_probs = jnp.where(keep, g_probs / (1.0 - rate), 0.0)
+  else:
+    dropped = probs.astype(vh.dtype)
+  g_v = _einsum32("...dq,...qk->...dk", dims_major(g), dropped)
+  # Softmax backward; masked keys have probability 0, so their score gradient is 0.
+  g_scores = (probs * (g_probs - jnp.sum(g_probs * probs, axis=-1, keepdims=True))
+              ).astype(qh.dtype)
+  g_q = _einsum32("...qk,...kd->...qd", g_scores, kh)
+  g_k = _einsum32("...dq,...qk->...dk", dims_major(qh), g_scores)
+  return g_q, g_k, g_v
+
+
+def _attention_with_dropout_fwd(q, k, v, kv_lengths, seeds, rate):
+  q = _scaled(q)
+  mask = _key_mask(kv_lengths, k.shape[1])
+  out, probs = _softmax_attention(
+      _heads_major(q), _heads_major(k), _heads_major(v), mask, seeds, rate,
+      (q.shape[0], q.shape[2], k.shape[1], k.shape[1]))
+  return _heads_major(out), (q, k, v, probs, kv_lengths, seeds)
 
 
 def _attention_with_dropout_bwd(rate, residuals, g):
   q, k, v, probs, kv_lengths, seeds = residuals  # q carries the 1/sqrt(d) scale
-  probs = probs.astype(jnp.float32)
-  # Every matmul below is row-major x row-major ([..., m, k] @ [..., k, n]): XLA's CPU
-  # dots contracting two leading dims ([q,k]^T @ [q,d]) fall back to a ~2x slower kernel,
-  # so the operands are transposed (cheap, [b,h,len,d]) instead of the probabilities.
-  dims_major = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # [b,len,h,d] -> [b,h,d,len]
-  # Written differently from the forward's (where, then scale): XLA's CSE would merge
-  # equal expressions and keep the forward's dropped probabilities alive until here.
-  g_probs = _einsum32("bhqd,bhdk->bhqk", _heads_major(g), dims_major(v))
-  if rate:
-    keep = hash_bits(seeds, probs.shape, _self_attention_shape(probs)) >= drop_threshold(rate)
-    dropped = (jnp.where(keep, probs, 0.0) * (1.0 / (1.0 - rate))).astype(v.dtype)
-    g_probs = jnp.where(keep, g_probs / (1.0 - rate), 0.0)
-  else:
-    dropped = probs.astype(v.dtype)
-  g_v = _einsum32("bhdq,bhqk->bhdk", dims_major(g), dropped)
-  # Softmax backward; masked keys have probability 0, so their score gradient is 0.
-  g_scores = (probs * (g_probs - jnp.sum(g_probs * probs, axis=-1, keepdims=True))
-              ).astype(q.dtype)
-  g_q = _einsum32("bhqk,bhkd->bhqd", g_scores, _heads_major(k)) * np.float32(
-      1.0 / np.sqrt(q.shape[-1]))
-  g_k = _einsum32("bhdq,bhqk->bhdk", dims_major(q), g_scores)
+  g_q, g_k, g_v = _softmax_attention_bwd(
+      _heads_major(q), _heads_major(k), _heads_major(v), probs, seeds, rate,
+      _self_attention_shape(probs), _heads_major(g))
   from_dims_major = lambda x: jnp.transpose(x, (0, 3, 1, 2))  # [b,h,d,len] -> [b,len,h,d]
   no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  return (_heads_major(g_q).astype(q.dtype), from_dims_major(g_k).astype(k.dtype),
-          from_dims_major(g_v).astype(v.dtype), no_grad(kv_lengths), no_grad(seeds))
+  return (_heads_major(g_q * np.float32(1.0 / np.sqrt(q.shape[-1]))).astype(q.dtype),
+          from_dims_major(g_k).astype(k.dtype), from_dims_major(g_v).astype(v.dtype),
+          no_grad(kv_lengths), no_grad(seeds))
+
+
+@jax.custom_vjp
+def _masked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array) -> jax.Array:
+  """softmax(qh kh^T where mask) vh on heads-major [..., len, dim], qh scaled: the kernel of
+  the local layers (a band mask, or a band's blocks); backward keeps the probabilities only."""
+  return _softmax_attention(qh, kh, vh, mask, _NO_SEEDS, 0.0, None)[0]
+
+
+def _masked_attention_fwd(qh, kh, vh, mask):
+  out, probs = _softmax_attention(qh, kh, vh, mask, _NO_SEEDS, 0.0, None)
+  return out, (qh, kh, vh, probs, mask)
+
+
+def _masked_attention_bwd(residuals, g):
+  qh, kh, vh, probs, mask = residuals
+  g_q, g_k, g_v = _softmax_attention_bwd(qh, kh, vh, probs, _NO_SEEDS, 0.0, None, g)
+  return (g_q.astype(qh.dtype), jnp.swapaxes(g_k, -1, -2).astype(kh.dtype),
+          jnp.swapaxes(g_v, -1, -2).astype(vh.dtype), np.zeros(mask.shape, jax.dtypes.float0))
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 
 attention_with_dropout.defvjp(_attention_with_dropout_fwd, _attention_with_dropout_bwd)
