@@ -62,13 +62,15 @@ def _flax(directory, pooling=None):
   return model, params, new, unused
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_modernbert_equals_pytorch_hidden_states_logits_and_gradients(tmp_path, pooling):
-  directory, torch_model = _checkpoint(tmp_path / "ckpt", classifier_pooling=pooling)
+# cls pooling runs the last layer on [CLS] only: a global last layer (4 layers), a local one (3).
+@pytest.mark.parametrize("pooling,layers", [("cls", 4), ("mean", 4), ("cls", 3)])
+def test_modernbert_equals_pytorch_hidden_states_logits_and_gradients(tmp_path, pooling, layers):
+  directory, torch_model = _checkpoint(tmp_path / "ckpt", classifier_pooling=pooling,
+                                       num_hidden_layers=layers)
   model, params, new, unused = _flax(directory)
   assert (new, unused) == ([], []), (new, unused)
   assert model.config.layer_types == ("full_attention", "sliding_attention",
-                                      "sliding_attention", "full_attention")
+                                      "sliding_attention", "full_attention")[:layers]
   assert model.config.pooling == pooling and not model.config.norm_bias
   ids, mask = _inputs()
   weights = np.arange(3.0)
@@ -83,6 +85,10 @@ def test_modernbert_equals_pytorch_hidden_states_logits_and_gradients(tmp_path, 
       {"params": params["bert"]}, jnp.asarray(ids), jnp.asarray(mask))
   real = mask.astype(bool)  # padded positions are never read
   assert_close(np.asarray(hidden)[real], want_hidden.detach().numpy()[real], 1e-4, "hidden")
+  first = modernbert.ModernBertModel(model.config, first_token_only=True).apply(
+      {"params": params["bert"]}, jnp.asarray(ids), jnp.asarray(mask))
+  assert first.shape == (len(LENGTHS), 1, 64)  # what cls pooling's logits below come from
+  assert_close(first, want_hidden.detach().numpy()[:, :1], 1e-4, "[CLS]-only last layer")
 
   def loss(p):
     logits = model.apply({"params": p}, jnp.asarray(ids), jnp.asarray(mask))
@@ -143,6 +149,21 @@ def test_remat_and_bfloat16_keep_a_modernbert_runnable(tmp_path):
   assert_close(remat.apply({"params": params}, ids, mask), want, 1e-6, "remat")
   bf16 = model.clone(config=dataclasses.replace(model.config, dtype="bfloat16"))
   assert_close(bf16.apply({"params": params}, ids, mask), want, 5e-2, "bfloat16")
+
+
+def test_the_cls_only_last_layer_drops_what_the_full_layer_drops(tmp_path):
+  """Training with mlp_dropout: the [CLS]-only last layer's masks are the full layer's first
+  rows, so cls pooling sees the same values either way."""
+  directory, _ = _checkpoint(tmp_path / "ckpt", mlp_dropout=0.3, embedding_dropout=0.1)
+  model, params, _, _ = _flax(directory)
+  ids, mask = _inputs()
+  run = lambda first, deterministic: modernbert.ModernBertModel(
+      model.config, first_token_only=first).apply(
+          {"params": params["bert"]}, ids, mask, deterministic=deterministic,
+          rngs={"dropout": jax.random.key(3)})
+  full = np.asarray(run(False, False))
+  assert_close(run(True, False), full[:, :1], 1e-5, "[CLS] under dropout")
+  assert np.abs(full - np.asarray(run(False, True))).max() > 1e-2  # the masks did drop
 
 
 def test_a_tiny_modernbert_fine_tunes_exports_and_reloads_in_transformers(tmp_path):

@@ -135,22 +135,28 @@ def test_splash_attention_compiles_for_a_tpu_with_the_kernel_in_the_program(tmp_
   assert "Splash attention runs as Pallas kernels" in plan_table.table(plan)
 
 
-def test_modernbert_flops_count_geglu_and_each_local_layers_band():
-  """plan's analytic FLOPs for ModernBERT: every layer on every token, GeGLU's three matrices,
-  a global layer's query scoring every key and a local one its 2·(local_attention // 2) + 1."""
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_modernbert_flops_count_geglu_and_each_local_layers_band(pooling):
+  """plan's analytic FLOPs for ModernBERT: GeGLU's three matrices, a global layer's query
+  scoring every key and a local one its 2·(local_attention // 2) + 1; every layer on every
+  token under mean pooling, the last one's query, Wo and GeGLU on [CLS] only under cls."""
   import transformers  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import hf  # pylint: disable=g-import-not-at-top
   h, inter, batch = 8, 12, 2
   cfg = hf.model_config(transformers.ModernBertConfig(
       vocab_size=64, hidden_size=h, num_attention_heads=2, intermediate_size=inter,
-      num_hidden_layers=3, global_attn_every_n_layers=3, local_attention=4))
+      num_hidden_layers=3, global_attn_every_n_layers=3, local_attention=4,
+      classifier_pooling=pooling))
   assert list(cfg.layer_types) == ["full_attention", "sliding_attention", "sliding_attention"]
 
   def count(passes, seq, keys):  # matrices, QK^T and PV, the head's dense on [batch, h]
-    return 2 * passes * (3 * (4 * h * h + 3 * h * inter) * batch * seq
-                         + 2 * h * batch * seq * keys + h * h * batch)
-  assert plan_lib._step_flops(3, cfg, batch, 16) == count(3, 16, 16 + 5 + 5)  # pylint: disable=protected-access
-  assert plan_lib._step_flops(1, cfg, batch, 4) == count(1, 4, 4 + 4 + 4)  # pylint: disable=protected-access
+    # Per layer: (query rows, keys): the last layer's queries are one per example under cls.
+    rows = [batch * seq, batch * seq, batch * seq if pooling == "mean" else batch]
+    per_layer = sum(3 * h * h * batch * seq + r * (h * h + 3 * h * inter) + 2 * h * r * k
+                    for r, k in zip(rows, keys))
+    return 2 * passes * (per_layer + h * h * batch)
+  assert plan_lib._step_flops(3, cfg, batch, 16) == count(3, 16, (16, 5, 5))  # pylint: disable=protected-access
+  assert plan_lib._step_flops(1, cfg, batch, 4) == count(1, 4, (4, 4, 4))  # pylint: disable=protected-access
 
 
 def _plan_args(checkpoint, topology, **overrides):

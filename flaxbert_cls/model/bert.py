@@ -264,8 +264,8 @@ class BertForSequenceClassification(nn.Module):
     cfg = self.config
     mean = cfg.pooling == "mean"
     if cfg.encoder == "modernbert":  # no token types; its head reads [CLS] or the mean
-      hidden = modernbert.ModernBertModel(cfg, name="bert")(input_ids, attention_mask,
-                                                            deterministic)
+      hidden = modernbert.ModernBertModel(cfg, first_token_only=not mean, name="bert")(
+          input_ids, attention_mask, deterministic)
       pooled = None
     else:
       hidden, pooled = BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert" and not mean,

@@ -54,7 +54,7 @@ class ModernBertAttention(nn.Module):
   local: bool
 
   @nn.compact
-  def __call__(self, x, kv_lengths, deterministic: bool):
+  def __call__(self, x, kv_lengths, deterministic: bool, first_token_only: bool = False):
     cfg = self.config
     batch, length, _ = x.shape
     lora = lambda name: cfg.lora_rank if name in cfg.lora_targets else 0  # pylint: disable=unnecessary-lambda-assignment
@@ -64,29 +64,34 @@ class ModernBertAttention(nn.Module):
     qkv = qkv.reshape(batch, length, 3, cfg.num_attention_heads, cfg.head_dim)
     theta = cfg.local_rope_theta if self.local else cfg.global_rope_theta
     axes = (ACTIVATION_BATCH, None, ACTIVATION_HEADS, None)
-    q, k = (constrain(rotary(qkv[:, :, i], theta).astype(cfg.dtype), axes, cfg) for i in (0, 1))
+    # first_token_only: the query (so the output) of position 0 only; keys and values of all.
+    q, k = (constrain(rotary(qkv[:, :1 if first_token_only and i == 0 else length, i], theta)
+                      .astype(cfg.dtype), axes, cfg) for i in (0, 1))
     v = constrain(qkv[:, :, 2], axes, cfg)
     out = ops.attention(q, k, v, kv_lengths, cfg.attention_impl or "xla", cfg.mesh,
                         cfg.activation_rules,
                         local_window=cfg.local_attention // 2 if self.local else None)
-    out = out.reshape(batch, length, cfg.hidden_size)
+    out = out.reshape(batch, q.shape[1], cfg.hidden_size)
     out = Dense(cfg.hidden_size, (HEADS, EMBED), cfg.dtype, lora("Wo"), cfg.lora_alpha,
                 use_bias=cfg.attention_bias, name="Wo")(out)
-    return Dropout(cfg.attention_probs_dropout_prob)(out, deterministic=deterministic)
+    return Dropout(cfg.attention_probs_dropout_prob)(out, deterministic, (batch, length,
+                                                                           cfg.hidden_size))
 
 
 class ModernBertMLP(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, full_length: int | None = None):
     cfg = self.config
     h = Dense(2 * cfg.intermediate_size, (EMBED, MLP), cfg.dtype,
               cfg.lora_rank if "Wi" in cfg.lora_targets else 0, cfg.lora_alpha,
               use_bias=cfg.mlp_bias, name="Wi")(x)
     inputs, gate = jnp.split(h, 2, axis=-1)
     h = jax.checkpoint(ACTIVATIONS[cfg.hidden_act])(inputs) * gate  # GeGLU (as BERT's GELU)
-    h = Dropout(cfg.mlp_dropout)(h, deterministic=deterministic)
+    # A first-token-only layer's masks are the full layer's first rows (full_length).
+    h = Dropout(cfg.mlp_dropout)(h, deterministic, (*h.shape[:1], full_length or h.shape[1],
+                                                    *h.shape[2:]))
     return Dense(cfg.hidden_size, (MLP, EMBED), cfg.dtype, use_bias=cfg.mlp_bias, name="Wo")(h)
 
 
@@ -96,26 +101,38 @@ class ModernBertLayer(nn.Module):
   local: bool
 
   @nn.compact
-  def __call__(self, x, kv_lengths, deterministic: bool):
+  def __call__(self, x, kv_lengths, deterministic: bool, first_token_only: bool = False):
     cfg = self.config
     norm = lambda name: LayerNorm(cfg.layer_norm_eps, cfg.dtype, cfg.norm_bias, name=name)  # pylint: disable=unnecessary-lambda-assignment
     h = x if self.first else norm("attn_norm")(x)
-    x = x + ModernBertAttention(cfg, self.local, name="attn")(h, kv_lengths, deterministic)
-    x = x + ModernBertMLP(cfg, name="mlp")(norm("mlp_norm")(x), deterministic)
+    attended = ModernBertAttention(cfg, self.local, name="attn")(h, kv_lengths, deterministic,
+                                                                first_token_only)
+    full_length = x.shape[1]
+    x = (x[:, :1] if first_token_only else x) + attended
+    x = x + ModernBertMLP(cfg, name="mlp")(norm("mlp_norm")(x), deterministic, full_length)
     return constrain(x, HIDDEN_ACTIVATION, cfg)
 
 
 class ModernBertModel(nn.Module):
-  """Returns the last hidden state [batch, length, hidden], float32 (after the final norm)."""
+  """Returns the last hidden state [batch, length, hidden], float32 (after the final norm).
+
+  first_token_only ([CLS] pooling): the last layer computes position 0 only, as BERT's
+  (`bert.BertModel`), and the state is [batch, 1, hidden]: its query, attention output,
+  Wo, GeGLU and norms see one token per example; keys and values still see every token.
+  """
 
   config: BertConfig
+  first_token_only: bool = False
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, deterministic: bool = True):
     cfg = self.config
     x = _Embeddings(cfg, name="embeddings")(input_ids, deterministic)
-    layer = encoder_config.rematerialized(ModernBertLayer, cfg.remat_policy, static_argnums=(3,))
-    x = _Layers(cfg, layer, name="layers")(x, ops.key_lengths(attention_mask), deterministic)
+    # static: deterministic, first_token_only
+    layer = encoder_config.rematerialized(ModernBertLayer, cfg.remat_policy,
+                                          static_argnums=(3, 4))
+    x = _Layers(cfg, layer, self.first_token_only, name="layers")(
+        x, ops.key_lengths(attention_mask), deterministic)
     x = LayerNorm(cfg.layer_norm_eps, cfg.dtype, cfg.norm_bias, name="final_norm")(x)
     return x.astype(jnp.float32)
 
@@ -138,12 +155,15 @@ class _Layers(nn.Module):
 
   config: BertConfig
   layer: type
+  first_token_only: bool = False
 
   @nn.compact
   def __call__(self, x, kv_lengths, deterministic: bool):
     cfg = self.config
+    last = len(cfg.layer_types) - 1
     for i, kind in enumerate(cfg.layer_types):
-      x = self.layer(cfg, i == 0, kind == LOCAL, name=str(i))(x, kv_lengths, deterministic)
+      x = self.layer(cfg, i == 0, kind == LOCAL, name=str(i))(
+          x, kv_lengths, deterministic, self.first_token_only and i == last)
     return x
 
 

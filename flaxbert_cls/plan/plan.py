@@ -230,15 +230,18 @@ def _step_flops(passes: int, cfg: Any, batch: int, seq_len: int) -> float:
   (first_token_only: its queries, attention output and MLP see one token per example)."""
   h, layers = cfg.hidden_size, cfg.num_hidden_layers
   tokens = batch * seq_len
-  if cfg.encoder == "modernbert":
-    # Every layer on every token; Wqkv + Wo (4h²), GeGLU's Wi (h -> 2i) + Wo (i -> h); a local
-    # layer's query needs its 2·(local_attention // 2) + 1 keys only, as splash computes them.
-    band = 2 * (cfg.local_attention // 2) + 1
-    keys = sum(seq_len if kind == "full_attention" else min(seq_len, band)
-               for kind in cfg.layer_types)
-    matmuls = layers * (4 * h * h + 3 * h * cfg.intermediate_size) * tokens
-    return float(2 * passes * (matmuls + 2 * h * batch * seq_len * keys + h * h * batch))
   last = 1 if cfg.pooling != "mean" else 0  # layers computed for [CLS] only
+  if cfg.encoder == "modernbert":
+    # Wqkv (3h²) on every token; Wo (h²) and GeGLU's Wi (h -> 2i) + Wo (i -> h) on every
+    # token but the last layer's under [CLS] pooling; a local layer's query needs its
+    # 2·(local_attention // 2) + 1 keys only, as splash computes them.
+    band = 2 * (cfg.local_attention // 2) + 1
+    keys = [seq_len if kind == "full_attention" else min(seq_len, band)
+            for kind in cfg.layer_types]
+    queries = [tokens] * (layers - last) + [batch] * last
+    matmuls = layers * 3 * h * h * tokens + sum(queries) * (h * h + 3 * h * cfg.intermediate_size)
+    attention = 2 * h * sum(q * k for q, k in zip(queries, keys))
+    return float(2 * passes * (matmuls + attention + h * h * batch))
   full = layers - last
   keys_values, rest = 2 * h * h, 2 * h * h + 2 * h * cfg.intermediate_size
   matmuls = full * (keys_values + rest) * tokens + last * (keys_values * tokens + rest * batch)
