@@ -4,8 +4,9 @@ On a terminal (stderr is a TTY) process 0 draws live tqdm bars for training, eva
 and predict, and log lines print above them; in a log file or a pipe the same figures
 come as periodic log lines. Only process 0 writes files: train_log.jsonl (every train
 log line) and metrics.jsonl (every evaluation). TensorBoard scalars go through
-TensorBoard's own event writer, which needs no TensorFlow (clu's would import it: ~0.7 GB
-resident in every run); without the tensorboard package, nowhere, said once.
+TensorBoard's own event writer on its TensorFlow stub (clu's writer, or TensorBoard's with
+TensorFlow installed, imports TensorFlow: ~5 s and ~0.7 GB in every run); without the
+tensorboard package, nowhere, said once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Sequence
 
 import jax
@@ -100,6 +102,9 @@ class ScalarWriter:
     self._local, self._remote = workdir, None
     if jax.process_index() != 0 or not tensorboard:
       return
+    # The events go to a local directory only (a remote workdir gets copies at each flush),
+    # which TensorBoard's stub writes: its `notf` switch keeps TensorFlow out of the run.
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     try:
       # pylint: disable=g-import-not-at-top
       from tensorboard.compat.proto import event_pb2, summary_pb2
