@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
+import bench_lib
 import common  # pylint: disable=unused-import  (the repository root on sys.path)
 import jax
 import jax.numpy as jnp
@@ -30,13 +30,7 @@ HEADS, DIM = 12, 64
 
 def _timed(fn, args, steps: int) -> float:
   grad = jax.jit(jax.grad(lambda q, k, v, n: jnp.sum(fn(q, k, v, n) ** 2), argnums=(0, 1, 2)))
-  jax.block_until_ready(grad(*args))
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(grad(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return bench_lib.time_steps(lambda: jax.block_until_ready(grad(*args)), 1, steps)[1]
 
 
 def main() -> None:

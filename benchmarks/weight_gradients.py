@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
+import bench_lib
 import common  # pylint: disable=unused-import  (the repository root on sys.path)
 import jax
 import jax.numpy as jnp
@@ -31,16 +31,6 @@ FORMS = {
     "stored x^T": lambda x, xt, g, gt: xt @ g,
     "(g^T·x)^T": lambda x, xt, g, gt: (gt @ x).T,
 }
-
-
-def _median_seconds(fn, args, steps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def _kernel(fn, args) -> str:
@@ -70,7 +60,8 @@ def main() -> None:
     cells = []
     for form in FORMS.values():
       fn = jax.jit(form)
-      seconds = _median_seconds(fn, operands, args.steps)
+      seconds = bench_lib.time_steps(lambda: jax.block_until_ready(fn(*operands)), 1,
+                                     args.steps)[1]
       cells.append(f"{seconds * 1e3:.1f} ({flops / seconds / 1e9:.0f}, {_kernel(fn, operands)})")
     print(f"| {shape} | " + " | ".join(cells) + " |")
   print(f"\nload average after: {os.getloadavg()[0]:.2f}")
