@@ -72,8 +72,9 @@ class BertSelfAttention(nn.Module):
     weights = [layer.weights(x.shape[-1]) for layer in layers]
     kernel = jnp.stack([w[0] for w in weights], axis=1).astype(cfg.dtype)
     bias = jnp.stack([w[1] for w in weights]).astype(cfg.dtype)
-    project = lambda inputs, parts: jnp.einsum(
-        "bsi,ito->bsto", inputs.astype(cfg.dtype), kernel[:, parts]) + bias[parts]
+    project = lambda inputs, parts: ops.dense(  # [b, s, in] @ [in, parts x out]
+        inputs.astype(cfg.dtype), kernel[:, parts].reshape(kernel.shape[0], -1)).reshape(
+            *inputs.shape[:2], -1, kernel.shape[2]) + bias[parts]
     if first_token_only:
       key_value = project(x, slice(1, 3))
       parts = [project(x_q, slice(0, 1))[:, :, 0], key_value[:, :, 0], key_value[:, :, 1]]

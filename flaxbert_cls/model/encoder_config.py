@@ -117,7 +117,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("dense_output")),  # ops.DENSE_OUTPUT
 }
 
 

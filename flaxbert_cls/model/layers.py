@@ -60,7 +60,7 @@ class Dense(nn.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel, bias, lora = self.weights(x.shape[-1])
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    y = ops.dense(x.astype(self.dtype), kernel.astype(self.dtype))
     return self.add_low_rank(y, x, lora) + bias.astype(self.dtype)
 
   @nn.compact

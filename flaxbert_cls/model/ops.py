@@ -27,6 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from flaxbert_cls.model import splash
 
@@ -150,6 +151,37 @@ def band_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: 
   near = np.abs(positions[:q.shape[1], None] - positions[None, :]) <= window
   mask = _key_mask(kv_lengths, length) & near
   return _heads_major(_masked_attention(*(_heads_major(x) for x in (_scaled(q), k, v)), mask))
+
+
+DENSE_OUTPUT = "dense_output"  # the checkpoint name remat policies save dense outputs by
+
+
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., in] @ kernel [in, out], whose backward computes the kernel's gradient as x^T·g on
+  [tokens, ·] matrices as stored: from einsum's own transpose rule XLA:CPU copied g to
+  [out, tokens] first (docs/performance.md). Named DENSE_OUTPUT: remat policies see a custom
+  VJP as one call, not as the dot inside."""
+  return checkpoint_name(_dense(x, kernel), DENSE_OUTPUT)
+
+
+@jax.custom_vjp
+def _dense(x, kernel):
+  return jnp.einsum("...i,io->...o", x, kernel)
+
+
+def _dense_fwd(x, kernel):
+  return _dense(x, kernel), (x, kernel)
+
+
+def _dense_bwd(residuals, g):
+  x, kernel = residuals
+  tokens = lambda a: a.reshape(-1, a.shape[-1])  # pylint: disable=unnecessary-lambda-assignment
+  # The flattened form matters: contracting [batch, length] as two axes brings the copy back.
+  return (jnp.einsum("...o,io->...i", g, kernel),
+          jax.lax.dot_general(tokens(x), tokens(g), (((0,), (0,)), ((), ()))))
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
