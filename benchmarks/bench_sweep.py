@@ -39,7 +39,7 @@ def _experiment(args, members: int):
   from flaxbert_cls import config as config_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.model import ops  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import attention as attention_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.config import default_config  # pylint: disable=g-import-not-at-top
@@ -55,7 +55,7 @@ def _experiment(args, members: int):
       cfg, dtype=args.dtype, mesh=mesh, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
       lora_targets=tuple(config.lora_targets),
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh))
-  bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
+  bert_config = dataclasses.replace(bert_config, attention_impl=attention_lib.attention_implementation(
       "", mesh.devices.flat[0].platform, args.dtype, bert_config.head_dim))
   task = experiment_lib.RunTask("sst2", tasks_lib.GLUE_TASKS["sst2"], ("0", "1"), config)
   return experiment_lib.Experiment(config, (task,), None, None,

@@ -124,14 +124,14 @@ def run(model: str, batch: int, seq: int, steps: int, dtype: str = "bfloat16",
         attention_impl: str = "") -> dict[str, Any]:
   """The section's JSON: sizes, both sides' devices and timings, one entry per check.
 
-  `attention_impl` '' picks as training does (ops.attention_implementation: cuDNN on a
+  `attention_impl` '' picks as training does (attention_lib.attention_implementation: cuDNN on a
   GPU in bf16); the float32 CPU reference always uses XLA's. Should the picked kernel
   fail, XLA's is compared instead and the section fails with the error.
   """
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from flaxbert_cls.model import bert as model_lib  # pylint: disable=g-import-not-at-top
-  from flaxbert_cls.model import ops  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import attention as attention_lib  # pylint: disable=g-import-not-at-top
 
   cfg = dict(bench_lib.hf_config_dict(model), hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0)  # deterministic: both sides see one function
@@ -143,7 +143,7 @@ def run(model: str, batch: int, seq: int, steps: int, dtype: str = "bfloat16",
     params = jax.jit(lambda r: init_model.init(r, dummy, dummy, dummy))(jax.random.key(0))
   params = jax.device_get(flax.linen.unbox(params["params"]))
   device = jax.devices()[0]
-  attention_impl = ops.attention_implementation(attention_impl, device.platform, dtype,
+  attention_impl = attention_lib.attention_implementation(attention_impl, device.platform, dtype,
                                                 init_model.config.head_dim)
   error = None
   with concurrent.futures.ThreadPoolExecutor(2) as pool:

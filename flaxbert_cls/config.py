@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
   # 8), splash on a TPU with attention_dropout=0 and max_seq_length >= 512, XLA elsewhere;
   # 'xla', 'cudnn' or 'splash' (TPU, attention_dropout=0) force one.
   c.attention_impl = ""
-  # < 0: the checkpoint's. 0 trains through fused kernels; > 0 needs the probabilities (ops.py).
+  # < 0: the checkpoint's. 0 trains through fused kernels; > 0 needs the probabilities (attention.py).
   c.attention_dropout = -1.0
   c.classifier_dropout = -1.0  # < 0: the checkpoint's hidden_dropout_prob
   # What each encoder layer keeps for the backward pass: 'none' (all XLA keeps), 'full' (its
@@ -100,6 +100,11 @@ def default_config() -> ml_collections.ConfigDict:
   # last hidden state over non-padding tokens, as sentence-transformers models were trained).
   c.pooling = "cls"
   c.length_grouping_window = 0  # > 0: sort by length within windows of this many batches
+  # Training rows of max_seq_length tokens holding several whole examples each (ModernBERT
+  # encoders; batch_size then counts rows; eval and predict stay one example a row): no
+  # padding to compute on long, uneven texts (data/packing.py, docs/long_documents.md).
+  c.packing = False
+  c.packing_max_examples = 16  # packing: examples a row holds at most
   # Texts over max_seq_length (single-text tasks; docs/long_documents.md): 'truncate' keeps the
   # first tokens, 'head_tail' the first head_tokens and the last (Sun et al. 2019), 'windows'
   # up to max_windows windows window_stride tokens apart, pooled (window_pooling) logits.
@@ -247,6 +252,11 @@ def validate(config: ml_collections.ConfigDict) -> RunPlan:
   check(1 <= len(config.text_columns) <= 2, "text_columns", "one or two column names")
   layout = tokenization.Layout(**{k: config[k] for k in tokenization.LONG_DOCUMENT_KEYS})
   tokenization.validate_layout(layout, int(config.max_seq_length), check)
+  check(isinstance(config.packing, bool), "packing", "must be True or False")
+  check(int(config.packing_max_examples) >= 1, "packing_max_examples", "must be >= 1")
+  check(not config.packing or config.long_document != "windows", "packing",
+        "packs whole examples into rows; long_document='windows' makes rows of windows: "
+        "choose one")
   check(int(config.train_windows) >= 0, "train_windows",
         "must be >= 0 (0 = every window of a document in training)")
   check(config.window_pooling in ("mean", "max", "attention"), "window_pooling",

@@ -17,6 +17,7 @@ import pytest
 
 from flaxbert_cls.training import evaluate
 from flaxbert_cls.model import layers
+from flaxbert_cls.model import attention as attention_lib
 from flaxbert_cls.model import ops
 from flaxbert_cls.serving import predict
 from flaxbert_cls.training import train
@@ -31,19 +32,19 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_auto_attention_picks_cudnn_only_where_it_runs():
-  assert ops.attention_implementation("", "gpu", "bfloat16", 64) == "cudnn"
-  assert ops.attention_implementation("", "gpu", "bfloat16", 32) == "cudnn"  # MiniLM
-  assert ops.attention_implementation("", "gpu", "float32", 64) == "xla"  # no fp32 kernel
-  assert ops.attention_implementation("", "gpu", "bfloat16", 12) == "xla"  # not a multiple of 8
-  assert ops.attention_implementation("", "gpu", "bfloat16", 192) == "xla"  # > 128
-  assert ops.attention_implementation("", "cpu", "bfloat16", 64) == "xla"
-  assert ops.attention_implementation("", "tpu", "bfloat16", 64) == "xla"
+  assert attention_lib.attention_implementation("", "gpu", "bfloat16", 64) == "cudnn"
+  assert attention_lib.attention_implementation("", "gpu", "bfloat16", 32) == "cudnn"  # MiniLM
+  assert attention_lib.attention_implementation("", "gpu", "float32", 64) == "xla"  # no fp32 kernel
+  assert attention_lib.attention_implementation("", "gpu", "bfloat16", 12) == "xla"  # not a multiple of 8
+  assert attention_lib.attention_implementation("", "gpu", "bfloat16", 192) == "xla"  # > 128
+  assert attention_lib.attention_implementation("", "cpu", "bfloat16", 64) == "xla"
+  assert attention_lib.attention_implementation("", "tpu", "bfloat16", 64) == "xla"
   # TPU: splash from 512 tokens on, only without attention dropout (the kernel has none)
-  assert ops.attention_implementation("", "tpu", "bfloat16", 64, 0.0, 512) == "splash"
-  assert ops.attention_implementation("", "tpu", "bfloat16", 64, 0.1, 512) == "xla"
-  assert ops.attention_implementation("", "tpu", "bfloat16", 64, 0.0, 128) == "xla"
-  assert ops.attention_implementation("", "cpu", "float32", 64, 0.0, 512) == "xla"
-  assert ops.attention_implementation("cudnn", "gpu", "bfloat16", 64) == "cudnn"
+  assert attention_lib.attention_implementation("", "tpu", "bfloat16", 64, 0.0, 512) == "splash"
+  assert attention_lib.attention_implementation("", "tpu", "bfloat16", 64, 0.1, 512) == "xla"
+  assert attention_lib.attention_implementation("", "tpu", "bfloat16", 64, 0.0, 128) == "xla"
+  assert attention_lib.attention_implementation("", "cpu", "float32", 64, 0.0, 512) == "xla"
+  assert attention_lib.attention_implementation("cudnn", "gpu", "bfloat16", 64) == "cudnn"
 
 
 def test_attention_key_lengths_equal_an_explicit_mask():
@@ -55,9 +56,9 @@ def test_attention_key_lengths_equal_an_explicit_mask():
   mask = (jnp.arange(9)[None, :] < lengths[:, None])[:, None, None, :]
   for queries in (q, q[:, :1]):
     expected = jax.nn.dot_product_attention(queries, k, v, mask=mask, implementation="xla")
-    assert_close(ops.attention(queries, k, v, lengths, "xla"), expected, 1e-6)
+    assert_close(attention_lib.attention(queries, k, v, lengths, "xla"), expected, 1e-6)
   attention_mask = (np.arange(9)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
-  np.testing.assert_array_equal(ops.key_lengths(attention_mask), lengths)
+  np.testing.assert_array_equal(attention_lib.key_lengths(attention_mask), lengths)
 
 
 def test_cudnn_attention_hands_odd_lengths_to_xla():
@@ -67,8 +68,8 @@ def test_cudnn_attention_hands_odd_lengths_to_xla():
   q, k, v = (jnp.asarray(rng.normal(size=(2, 9, 2, 8)), jnp.float32) for _ in range(3))
   lengths = jnp.asarray([9, 4], jnp.int32)
   for queries, keys, values in ((q[:, :1], k, v), (q[:, :1], k[:, :8], v[:, :8]), (q, k, v)):
-    assert_close(ops.attention(queries, keys, values, lengths, "cudnn"),
-                 ops.attention(queries, keys, values, lengths, "xla"), 1e-6)
+    assert_close(attention_lib.attention(queries, keys, values, lengths, "cudnn"),
+                 attention_lib.attention(queries, keys, values, lengths, "xla"), 1e-6)
 
 
 @pytest.mark.parametrize("attention_impl,attention_dropout,dtype", [
@@ -123,10 +124,10 @@ def test_bf16_kernels_match_float32_autodiff():
   seeds = jnp.asarray([3, 9], jnp.uint32)
   f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
 
-  ours = lambda q, k, v: jnp.sum(ops.attention_with_dropout(q, k, v, lengths, seeds, 0.1)
+  ours = lambda q, k, v: jnp.sum(attention_lib.attention_with_dropout(q, k, v, lengths, seeds, 0.1)
                                  .astype(jnp.float32) * w.astype(jnp.float32))
   plain = lambda q, k, v: jnp.sum(_plain_attention(q, k, v, mask, seeds, 0.1) * f32(w)[0])
-  assert_close(ops.attention_with_dropout(q, k, v, lengths, seeds, 0.1),
+  assert_close(attention_lib.attention_with_dropout(q, k, v, lengths, seeds, 0.1),
                _plain_attention(*f32(q, k, v), mask, seeds, 0.1), 2e-2, "attention output")
   for name, a, b in zip("qkv", jax.grad(ours, (0, 1, 2))(q, k, v),
                         jax.grad(plain, (0, 1, 2))(*f32(q, k, v))):

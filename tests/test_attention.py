@@ -13,6 +13,7 @@ import pytest
 
 from flaxbert_cls.model import layers
 from flaxbert_cls.model import bert as model_lib
+from flaxbert_cls.model import attention as attention_lib
 from flaxbert_cls.model import ops
 from numerics import assert_close
 
@@ -103,7 +104,7 @@ def test_attention_with_dropout_gradients_match_autodiff():
     return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, probs / (1 - rate), 0.0), v)
 
   def fused(q, k, v):
-    return ops.attention_with_dropout(q, k, v, lengths, seeds, rate)
+    return attention_lib.attention_with_dropout(q, k, v, lengths, seeds, rate)
 
   np.testing.assert_allclose(fused(q, k, v), plain(q, k, v), rtol=1e-6, atol=1e-6)
   for a, b in zip(jax.grad(lambda *x: jnp.sum(fused(*x) * w), (0, 1, 2))(q, k, v),
@@ -186,7 +187,7 @@ def test_local_attention_kernels_equal_the_masked_full_one(kernel):
   real = np.arange(45)[None, :] < np.asarray(lengths)[:, None]
   masked = lambda *a: jax.nn.dot_product_attention(*a[:3], key_value_seq_lengths=a[3],
                                                    local_window_size=(6, 6))
-  ours = lambda *a: getattr(ops, kernel)(*a, 6)
+  ours = lambda *a: getattr(attention_lib, kernel)(*a, 6)
   assert_close(np.asarray(ours(q, k, v, lengths))[real],
                np.asarray(masked(q, k, v, lengths))[real], 1e-5)
   weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -197,14 +198,14 @@ def test_local_attention_kernels_equal_the_masked_full_one(kernel):
 
 
 def test_local_attention_takes_the_blocks_past_the_crossover():
-  """ops.attention's XLA path: the band's blocks on sequences longer than
+  """attention_lib.attention's XLA path: the band's blocks on sequences longer than
   BANDED_MIN_WINDOWS windows, the band-masked kernel up to it (same values either way)."""
   rng = np.random.default_rng(8)
   window = 6
-  for length, kernel in ((ops.BANDED_MIN_WINDOWS * window, ops.band_masked_attention),
-                         (ops.BANDED_MIN_WINDOWS * window + 1, ops.banded_attention)):
+  for length, kernel in ((attention_lib.BANDED_MIN_WINDOWS * window, attention_lib.band_masked_attention),
+                         (attention_lib.BANDED_MIN_WINDOWS * window + 1, attention_lib.banded_attention)):
     q, k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(3))
     lengths = jnp.asarray([length, length - 5], jnp.int32)
     np.testing.assert_array_equal(
-        np.asarray(ops.attention(q, k, v, lengths, "xla", local_window=window)),
+        np.asarray(attention_lib.attention(q, k, v, lengths, "xla", local_window=window)),
         np.asarray(kernel(q, k, v, lengths, window)))

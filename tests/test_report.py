@@ -24,6 +24,7 @@ from flaxbert_cls.training import checkpoints as checkpoint
 from flaxbert_cls.training import evaluate
 from flaxbert_cls.training import experiment
 from flaxbert_cls.training import progress
+from flaxbert_cls.training import step as step_lib
 from flaxbert_cls.data import readers
 from flaxbert_cls.report import page as report
 from flaxbert_cls.data import tasks as tasks_lib
@@ -70,25 +71,19 @@ def test_calibration_bins_match_sklearn():
 # --- Progress: bars on a terminal, log lines elsewhere -------------------------------------
 
 
-class _Metrics:
-  """The clu Collection interface TrainLog uses."""
-
-  def __init__(self, loss):
-    self.loss = loss
-
-  def merge(self, other):
-    return _Metrics((self.loss + other.loss) / 2)
-
-  def compute(self):
-    return {"loss": self.loss, "accuracy": 0.5, "learning_rate": 1e-4}
+def _metrics(loss, examples=8):
+  """One train step's metrics, as the step returns them."""
+  return step_lib.TrainMetrics.single_from_model_output(
+      loss=np.full(examples, loss, np.float32), accuracy=np.full(examples, 0.5, np.float32),
+      grad_norm=np.float32(1.0), param_norm=np.float32(2.0), learning_rate=np.float32(1e-4))
 
 
 def test_train_log_bar_on_a_terminal_and_train_log_file(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(progress, "live_bars", lambda: True)
   handlers = list(logging.getLogger().handlers)
-  log = progress.TrainLog(str(tmp_path), total_steps=4, start_step=0, batch_size=8, log_every=2)
+  log = progress.TrainLog(str(tmp_path), total_steps=4, start_step=0, log_every=2)
   for step in range(1, 5):
-    log.record(step, _Metrics(1.0 / step))
+    log.record(step, _metrics(1.0 / step))
     if log.due(step):
       log.write_train(step)
   log.write_eval(4, {"accuracy": 0.75}, [{"split": "validation", "accuracy": 0.75}])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from flaxbert_cls.model import ops
+from flaxbert_cls.model import attention as attention_lib
 from flaxbert_cls.model import sharding as sharding_lib
 from flaxbert_cls.model import splash
 from numerics import assert_close
@@ -30,7 +30,7 @@ def _loss(fn, q, k, v, lengths, weights):
 
 def test_splash_equals_xla_attention_forward_and_backward():
   q, k, v, lengths = _inputs()
-  xla = lambda *a: ops.attention(*a, "xla")
+  xla = lambda *a: attention_lib.attention(*a, "xla")
   kernel = lambda *a: splash.attention(*a, interpret=True)
   real = np.arange(L)[None, :] < np.asarray(lengths)[:, None]  # outputs that are ever read
   out, expected = np.asarray(kernel(q, k, v, lengths)), np.asarray(xla(q, k, v, lengths))
@@ -48,13 +48,13 @@ def test_splash_local_window_equals_xla_local_window():
   q, k, v, lengths = (jnp.concatenate([x, x[:, ::-1]], axis=1) if x.ndim == 4 else x
                       for x in _inputs(3))
   lengths = jnp.asarray([2 * L, 150, 1, 0], jnp.int32)
-  xla = lambda *a: ops.attention(*a, "xla", local_window=20)
+  xla = lambda *a: attention_lib.attention(*a, "xla", local_window=20)
   kernel = lambda *a: splash.attention(*a, interpret=True, local_window=20)
   real = np.arange(2 * L)[None, :] < np.asarray(lengths)[:, None]
   assert_close(np.asarray(kernel(q, k, v, lengths))[real],
                np.asarray(xla(q, k, v, lengths))[real], 1e-5)
   assert not np.allclose(np.asarray(xla(q, k, v, lengths))[real],
-                         np.asarray(ops.attention(q, k, v, lengths, "xla"))[real], atol=1e-3)
+                         np.asarray(attention_lib.attention(q, k, v, lengths, "xla"))[real], atol=1e-3)
   weights = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), jnp.float32)
   loss = lambda fn, *a: jnp.sum(jnp.where(real[:, :, None, None], fn(*a) * weights, 0.0))
   for name, got, want in zip("qkv", jax.grad(loss, argnums=(1, 2, 3))(kernel, q, k, v, lengths),
@@ -79,7 +79,7 @@ def test_splash_on_a_mesh_shards_batch_and_heads():
   sharded = jax.jit(lambda *a: splash.attention(*a, mesh=mesh, rules=rules, interpret=True))
   real = np.arange(L)[None, :] < np.asarray(lengths)[:, None]
   assert_close(np.asarray(sharded(q, k, v, lengths))[real],
-               np.asarray(ops.attention(q, k, v, lengths, "xla"))[real], 1e-5)
+               np.asarray(attention_lib.attention(q, k, v, lengths, "xla"))[real], 1e-5)
   one = jax.jit(lambda *a: splash.attention(*a, mesh=mesh, rules=rules, interpret=True))(
       q[:1], k[:1], v[:1], lengths[:1])  # a batch of 1 (init) does not split over 'data'
   assert one.shape == (1, L, HEADS, DIM)

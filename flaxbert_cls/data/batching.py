@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from flaxbert_cls.errors import UserError
+from flaxbert_cls.data import packing
 from flaxbert_cls.data.tokenization import TokenizedSplit
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,10 @@ def pad_batch(split: TokenizedSplit, global_rows: np.ndarray, buckets: Sequence[
   (examples; -1 = padding), padded to the bucket of the global batch's longest row (and
   window bucket, with windows). `windows_per_document` > 0 (with `rng`): each document
   keeps that many of its windows, drawn for the global batch, so every process agrees
-  (`keep_first_window`: its first among them)."""
+  (`keep_first_window`: its first among them). Packed rows (`global_rows` [rows, examples],
+  `packing.PackedOrder`) fill max_seq_length tokens each."""
+  if global_rows.ndim == 2:
+    return packing.pad_packed(split, process_rows(global_rows, sharding), max_seq_length)
   real = global_rows[global_rows >= 0]
   if split.documents is None:
     seq_len = bucket_for(int(split.lengths[real].max()), buckets, max_seq_length)
@@ -265,13 +269,14 @@ def train_batch(splits: Sequence[TokenizedSplit], mixture: TaskMixture, step: in
   batch = pad_batch(splits[task], rows, buckets, max_seq_length, sharding,
                     windows_per_document, rng, keep_first_window)
   if len(splits) > 1:
-    batch["task_ids"] = np.full(len(batch["weights"]), task, np.int32)
+    examples = batch["weights"].shape  # [rows] or, packed, [rows, examples]
+    batch["task_ids"] = np.full(examples, task, np.int32)
     if labels_dtype is not None and "labels" in batch:
       batch["labels"] = batch["labels"].astype(labels_dtype)  # one jit signature for all tasks
     if label_width is not None and "labels" in batch:
-      labels = batch["labels"].reshape(len(batch["labels"]), -1)
-      batch["labels"] = np.zeros((len(labels), label_width), labels.dtype)
-      batch["labels"][:, :labels.shape[1]] = labels
+      labels = batch["labels"].reshape(*examples, -1)
+      batch["labels"] = np.zeros((*examples, label_width), labels.dtype)
+      batch["labels"][..., :labels.shape[-1]] = labels
   return batch
 
 

@@ -4,7 +4,8 @@ The parameter tree mirrors Hugging Face `BertModel` names one to one
 (`bert/encoder/layer/3/attention/self/query/kernel` <-> `bert.encoder.layer.3.
 attention.self.query.weight`), so `hf.py` maps checkpoints mechanically. Every
 parameter carries logical axis names; `sharding.py` maps them onto the mesh with
-the rules in the config (building blocks in `layers.py`, custom kernels in `ops.py`).
+the rules in the config (building blocks in `layers.py`, custom kernels in `ops.py` and
+`attention.py`).
 
 RoBERTa, DistilBERT and ELECTRA are the same encoder with a few switches in
 `BertConfig` (position ids, token types, embedding projection, head); their
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from flaxbert_cls.model import long_documents
 from flaxbert_cls.model import modernbert
+from flaxbert_cls.model import attention as attention_lib
 from flaxbert_cls.model import ops
 from flaxbert_cls.model import encoder_config
 from flaxbert_cls.model.encoder_config import ACTIVATIONS, BertConfig
@@ -88,15 +90,15 @@ class BertSelfAttention(nn.Module):
       return constrain(y, (ACTIVATION_BATCH, None, ACTIVATION_HEADS, None), cfg)
 
     q, k, v = split(0), split(1), split(2)
-    kv_lengths = ops.key_lengths(attention_mask)
+    kv_lengths = attention_lib.key_lengths(attention_mask)
     dropout = cfg.attention_probs_dropout_prob
     if deterministic or dropout == 0.0:  # fused: cuDNN flash attention where it runs
-      out = ops.attention(q, k, v, kv_lengths, cfg.attention_impl or "xla", cfg.mesh,
+      out = attention_lib.attention(q, k, v, kv_lengths, cfg.attention_impl or "xla", cfg.mesh,
                           cfg.activation_rules)
     else:
       # Attention-probability dropout needs the probabilities, which fused kernels hide.
       seeds = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-      out = ops.attention_with_dropout(q, k, v, kv_lengths, seeds, dropout)
+      out = attention_lib.attention_with_dropout(q, k, v, kv_lengths, seeds, dropout)
     return out.reshape(batch, q.shape[1], cfg.hidden_size)
 
 
@@ -253,6 +255,9 @@ class BertForSequenceClassification(nn.Module):
   two small matmuls), so one program serves all tasks and the loss picks each example's
   head by its task id. The head is the family's (`config.classifier_head`): bert reads
   the pooled [CLS] output, the others the first token's hidden state.
+
+  Packed rows (`segment_ids` [rows, length], several examples a row, ModernBERT only): the
+  output has `num_segments` examples per row, [rows * num_segments, ...] (empty slots too).
   """
 
   config: BertConfig
@@ -261,10 +266,18 @@ class BertForSequenceClassification(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True,
-               window_mask=None):
+               window_mask=None, segment_ids=None, num_segments: int = 0):
     cfg = self.config
     mean = cfg.pooling == "mean"
-    if cfg.encoder == "modernbert":  # no token types; its head reads [CLS] or the mean
+    if segment_ids is not None:
+      if cfg.encoder != "modernbert" or cfg.window_attention:
+        raise ValueError("packed rows run on ModernBERT encoders without window attention")
+      hidden = modernbert.ModernBertModel(cfg, name="bert")(
+          input_ids, attention_mask, deterministic, segment_ids)
+      hidden = constrain(segment_pool(hidden, segment_ids, num_segments, mean)[:, None],
+                         (ACTIVATION_BATCH, None, None), cfg)
+      pooled = hidden[:, 0]
+    elif cfg.encoder == "modernbert":  # no token types; its head reads [CLS] or the mean
       hidden = modernbert.ModernBertModel(cfg, first_token_only=not mean, name="bert")(
           input_ids, attention_mask, deterministic)
       pooled = None
@@ -272,7 +285,7 @@ class BertForSequenceClassification(nn.Module):
       hidden, pooled = BertModel(cfg, add_pooling_layer=cfg.classifier_head == "bert" and not mean,
                                  first_token_only=not mean, name="bert")(
           input_ids, attention_mask, token_type_ids, deterministic)
-    if mean:  # every head reads position 0 (bert: `pooled`): give them the mean there
+    if mean and segment_ids is None:  # every head reads position 0 (bert: `pooled`): the mean
       hidden = mean_pool(hidden, attention_mask)[:, None]
       pooled = hidden[:, 0]
     if cfg.window_attention:  # rows are documents x windows; heads read one row per document
@@ -291,6 +304,21 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
   mask = attention_mask.astype(jnp.float32)[..., None]
   total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
   return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+
+def segment_pool(hidden: jax.Array, segment_ids: jax.Array, num_segments: int,
+                 mean: bool) -> jax.Array:
+  """[rows * num_segments, hidden] float32: each packed example's mean over its tokens (or its
+  first token), slot s of a row for segment id s + 1; an empty slot gets zeros."""
+  slots = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
+  member = segment_ids[:, None, :] == slots[None, :, None]  # [rows, slots, length]
+  if not mean:
+    member &= (attention_lib.segment_positions(segment_ids) == 0)[:, None, :]
+  weights = member.astype(jnp.float32)
+  if mean:
+    weights /= jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
+  pooled = jnp.einsum("rsl,rld->rsd", weights, hidden.astype(jnp.float32))
+  return pooled.reshape(-1, hidden.shape[-1])
 
 
 def _head_logits(cfg: BertConfig, num_labels: int, hidden: jax.Array, pooled: jax.Array | None,

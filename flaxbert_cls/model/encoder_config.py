@@ -59,7 +59,7 @@ class BertConfig:
   window_attention: bool = False
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat_policy: str = "none"  # one of REMAT_POLICIES: what a layer keeps for the backward pass
-  attention_impl: str | None = None  # 'xla' (None), 'cudnn' or 'splash'; ops.attention
+  attention_impl: str | None = None  # 'xla' (None), 'cudnn' or 'splash'; attention.attention
   lora_rank: int = 0  # > 0: low-rank adapters on lora_targets (base weights frozen by optim)
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("query", "value")

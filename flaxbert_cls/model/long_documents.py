@@ -60,13 +60,29 @@ def pool_windows(logits: jax.Array, window_mask: jax.Array, pooling: str) -> jax
   raise ValueError(f"window pooling {pooling!r}: use one of {POOLINGS}")
 
 
+def packed_examples(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """A packed batch's per-example arrays ([rows, examples, ...]: labels, weights, task ids)
+  flattened to [rows * examples, ...], as `document_logits` orders its logits; other batches
+  as they are."""
+  if "segment_ids" not in batch:
+    return batch
+  flat = lambda x: x.reshape(-1, *x.shape[2:])  # pylint: disable=unnecessary-lambda-assignment
+  return {k: flat(v) if k in ("labels", "weights", "task_ids") else v for k, v in batch.items()}
+
+
 def document_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array],
                     pooling: str = "mean", **apply_kwargs: Any) -> Any:
   """`model.apply` on a batch's rows; for a window batch, one pooled row per document.
 
   The output keeps the model's structure (one array, or a tuple of per-task heads).
+  A packed batch (`segment_ids`; data/packing.py) gives one row of logits per example slot,
+  [rows * examples, ...], in the order of `packed_examples`' labels and weights.
   """
   ids = batch["input_ids"]
+  if "segment_ids" in batch:
+    return model.apply({"params": params}, ids, batch["attention_mask"], batch["token_type_ids"],
+                       segment_ids=batch["segment_ids"],
+                       num_segments=batch["weights"].shape[1], **apply_kwargs)
   if ids.ndim == 2:
     return model.apply({"params": params}, ids, batch["attention_mask"], batch["token_type_ids"],
                        **apply_kwargs)

@@ -23,7 +23,7 @@ import numpy as np
 
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import encoder_config
-from flaxbert_cls.model import ops
+from flaxbert_cls.model import attention as attention_lib
 from flaxbert_cls.model.encoder_config import ACTIVATIONS, BertConfig
 from flaxbert_cls.model.layers import (EMBED, HEADS, HIDDEN_ACTIVATION, MLP, VOCAB, Dense, Dropout,
                                        Embed, LayerNorm, constrain)
@@ -54,7 +54,8 @@ class ModernBertAttention(nn.Module):
   local: bool
 
   @nn.compact
-  def __call__(self, x, kv_lengths, deterministic: bool, first_token_only: bool = False):
+  def __call__(self, x, kv_lengths, deterministic: bool, first_token_only: bool = False,
+               segment_ids=None):
     cfg = self.config
     batch, length, _ = x.shape
     lora = lambda name: cfg.lora_rank if name in cfg.lora_targets else 0  # pylint: disable=unnecessary-lambda-assignment
@@ -65,12 +66,14 @@ class ModernBertAttention(nn.Module):
     theta = cfg.local_rope_theta if self.local else cfg.global_rope_theta
     axes = (ACTIVATION_BATCH, None, ACTIVATION_HEADS, None)
     # first_token_only: the query (so the output) of position 0 only; keys and values of all.
+    # Packed rows (segment_ids) keep the row's positions: a rotary score depends on i - j only.
     q, k = (constrain(rotary(qkv[:, :1 if first_token_only and i == 0 else length, i], theta)
                       .astype(cfg.dtype), axes, cfg) for i in (0, 1))
     v = constrain(qkv[:, :, 2], axes, cfg)
-    out = ops.attention(q, k, v, kv_lengths, cfg.attention_impl or "xla", cfg.mesh,
+    out = attention_lib.attention(q, k, v, kv_lengths, cfg.attention_impl or "xla", cfg.mesh,
                         cfg.activation_rules,
-                        local_window=cfg.local_attention // 2 if self.local else None)
+                        local_window=cfg.local_attention // 2 if self.local else None,
+                        segment_ids=segment_ids)
     out = out.reshape(batch, q.shape[1], cfg.hidden_size)
     out = Dense(cfg.hidden_size, (HEADS, EMBED), cfg.dtype, lora("Wo"), cfg.lora_alpha,
                 use_bias=cfg.attention_bias, name="Wo")(out)
@@ -101,12 +104,13 @@ class ModernBertLayer(nn.Module):
   local: bool
 
   @nn.compact
-  def __call__(self, x, kv_lengths, deterministic: bool, first_token_only: bool = False):
+  def __call__(self, x, kv_lengths, deterministic: bool, first_token_only: bool = False,
+               segment_ids=None):
     cfg = self.config
     norm = lambda name: LayerNorm(cfg.layer_norm_eps, cfg.dtype, cfg.norm_bias, name=name)  # pylint: disable=unnecessary-lambda-assignment
     h = x if self.first else norm("attn_norm")(x)
     attended = ModernBertAttention(cfg, self.local, name="attn")(h, kv_lengths, deterministic,
-                                                                first_token_only)
+                                                                first_token_only, segment_ids)
     full_length = x.shape[1]
     x = (x[:, :1] if first_token_only else x) + attended
     x = x + ModernBertMLP(cfg, name="mlp")(norm("mlp_norm")(x), deterministic, full_length)
@@ -119,20 +123,24 @@ class ModernBertModel(nn.Module):
   first_token_only ([CLS] pooling): the last layer computes position 0 only, as BERT's
   (`bert.BertModel`), and the state is [batch, 1, hidden]: its query, attention output,
   Wo, GeGLU and norms see one token per example; keys and values still see every token.
+  `segment_ids` [batch, length]: packed rows (several examples a row, `packing.py`): each
+  token attends within its example (rotary positions need no restart: scores see i - j).
   """
 
   config: BertConfig
   first_token_only: bool = False
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+  def __call__(self, input_ids, attention_mask, deterministic: bool = True, segment_ids=None):
     cfg = self.config
+    if segment_ids is not None and self.first_token_only:
+      raise ValueError("packed rows have one first token per example: first_token_only is off")
     x = _Embeddings(cfg, name="embeddings")(input_ids, deterministic)
     # static: deterministic, first_token_only
     layer = encoder_config.rematerialized(ModernBertLayer, cfg.remat_policy,
                                           static_argnums=(3, 4))
     x = _Layers(cfg, layer, self.first_token_only, name="layers")(
-        x, ops.key_lengths(attention_mask), deterministic)
+        x, attention_lib.key_lengths(attention_mask), deterministic, segment_ids)
     x = LayerNorm(cfg.layer_norm_eps, cfg.dtype, cfg.norm_bias, name="final_norm")(x)
     return x.astype(jnp.float32)
 
@@ -158,12 +166,12 @@ class _Layers(nn.Module):
   first_token_only: bool = False
 
   @nn.compact
-  def __call__(self, x, kv_lengths, deterministic: bool):
+  def __call__(self, x, kv_lengths, deterministic: bool, segment_ids=None):
     cfg = self.config
     last = len(cfg.layer_types) - 1
     for i, kind in enumerate(cfg.layer_types):
       x = self.layer(cfg, i == 0, kind == LOCAL, name=str(i))(
-          x, kv_lengths, deterministic, self.first_token_only and i == last)
+          x, kv_lengths, deterministic, self.first_token_only and i == last, segment_ids)
     return x
 
 

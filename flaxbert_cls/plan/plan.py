@@ -22,6 +22,7 @@ import numpy as np
 
 from flaxbert_cls import workdir as workdir_lib
 from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.data import packing
 from flaxbert_cls.data import tokenization
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import sharding as sharding_lib
@@ -136,8 +137,10 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int 
                       "without --save_compiled")
     save_to = (workdir_lib.prepare(save_compiled), list(exp.mesh.devices.flat))
     programs_lib.save_config(save_to[0], config)
-  for seq_len in lengths if "train" in kinds else ():
-    batch = _batch_shapes(exp, config.batch_size, seq_len, stacked=bool(exp.members))
+  # Packed training rows always hold max_seq_length tokens: one train program.
+  for seq_len in (lengths[-1:] if config.packing else lengths) if "train" in kinds else ():
+    batch = _batch_shapes(exp, config.batch_size, seq_len, stacked=bool(exp.members),
+                          packed=config.packing)
     flops = members * _step_flops(3, cfg, config.batch_size, seq_len)
     programs.append(_compile(
         Program("train", seq_len, members * config.batch_size, flops / len(devices),
@@ -202,9 +205,10 @@ def _train_program(exp: experiment_lib.Experiment, state: Any, shardings: Any, t
                                                             sharding=replicated), hyper),)
 
 
-def _batch_shapes(exp: experiment_lib.Experiment, batch_size: int, seq_len: int, stacked: bool
-                  ) -> dict[str, jax.ShapeDtypeStruct]:
-  """The batch the run feeds at `seq_len`: data.pad_rows' arrays of one synthetic row."""
+def _batch_shapes(exp: experiment_lib.Experiment, batch_size: int, seq_len: int, stacked: bool,
+                  packed: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The batch the run feeds at `seq_len`: data.pad_rows' arrays of one synthetic row (packed:
+  packing.pad_packed's rows of config.packing_max_examples slots)."""
   first = exp.tasks[0]
   if exp.multitask or first.task.is_regression:
     labels = np.zeros(1, batches_lib.labels_dtype(exp))
@@ -214,9 +218,13 @@ def _batch_shapes(exp: experiment_lib.Experiment, batch_size: int, seq_len: int,
     labels = np.zeros(1, np.int32)
   split = tokenization.TokenizedSplit(np.zeros(seq_len, np.int32), np.zeros(seq_len, np.int8),
                                       np.asarray([0, seq_len]), labels)
-  host = data_lib.pad_rows(split, np.zeros(batch_size, np.int64), seq_len)
+  if packed:
+    host = packing.pad_packed(split, np.zeros((batch_size, exp.config.packing_max_examples),
+                                              np.int64), seq_len)
+  else:
+    host = data_lib.pad_rows(split, np.zeros(batch_size, np.int64), seq_len)
   if exp.multitask:
-    host["task_ids"] = np.zeros(batch_size, np.int32)
+    host["task_ids"] = np.zeros(host["weights"].shape, np.int32)
   sharding = exp.batch_sharding
   if stacked:
     host = members_lib.stack_batches([host] * len(exp.members))

@@ -16,6 +16,7 @@ import numpy as np
 
 from flaxbert_cls import config as config_lib
 from flaxbert_cls.data import batching as data_lib
+from flaxbert_cls.data import packing
 from flaxbert_cls.errors import UserError
 from flaxbert_cls.training import experiment as experiment_lib
 from flaxbert_cls.training import members as members_lib
@@ -33,8 +34,11 @@ def task_mixture(exp: experiment_lib.Experiment, splits: list[data_lib.Tokenized
   orders = []
   for i, (run_task, split) in enumerate(zip(exp.tasks, splits)):
     try:
-      orders.append(data_lib.TrainOrder(split.document_lengths, config.batch_size, config.seed + i,
-                                        config.length_grouping_window))
+      orders.append(packing.PackedOrder(
+          split.document_lengths, config.batch_size, config.seed + i, config.max_seq_length,
+          config.packing_max_examples) if config.packing else data_lib.TrainOrder(
+              split.document_lengths, config.batch_size, config.seed + i,
+              config.length_grouping_window))
     except UserError as e:
       raise UserError(f"task {run_task.name}: {e}" if exp.multitask else str(e)) from None
   mixture = data_lib.TaskMixture(

@@ -30,7 +30,7 @@ from flaxbert_cls.errors import UserError
 from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.model import hf
 from flaxbert_cls.model import modernbert
-from flaxbert_cls.model import ops
+from flaxbert_cls.model import attention as attention_lib
 from flaxbert_cls.model import sharding as sharding_lib
 from flaxbert_cls.model.losses import HeadLoss
 from flaxbert_cls.training import members as members_lib
@@ -231,13 +231,16 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
       remat_policy=config.remat_policy,
       window_attention=config.long_document == "windows" and config.window_pooling == "attention",
       **overrides)
-  bert_config = dataclasses.replace(bert_config, attention_impl=ops.attention_implementation(
+  bert_config = dataclasses.replace(bert_config, attention_impl=attention_lib.attention_implementation(
       config.attention_impl, platform, config.dtype, bert_config.head_dim,
       bert_config.attention_probs_dropout_prob, config.max_seq_length))
   if bert_config.encoder == "modernbert" and config.lora_rank and not set(
       config.lora_targets) & set(modernbert.LORA_TARGETS):
     raise UserError(f"config.lora_targets={tuple(config.lora_targets)}: ModernBERT's layers are "
                     f"named {', '.join(modernbert.LORA_TARGETS)}; use e.g. lora_targets=('Wqkv',)")
+  if config.packing and bert_config.encoder != "modernbert":
+    raise UserError(f"config.packing=True: packed rows run on ModernBERT encoders (rotary "
+                    f"positions); {source} is a {hf_config.model_type!r} checkpoint")
   # Positions past the table would be gathered out of range: NaN embeddings, not an error.
   positions = bert_config.max_position_embeddings - bert_config.position_offset
   if config.max_seq_length > positions:

@@ -33,11 +33,6 @@ class SingleRun:
   def __init__(self, exp: experiment_lib.Experiment):
     self.exp = exp
 
-  @property
-  def size(self) -> int:
-    """Members trained at once: the step's examples are batch_size times this."""
-    return max(len(self.exp.members), 1)
-
   def jit_step(self, state: Any, shardings: Any, tx: optax.GradientTransformation,
                schedule: optax.Schedule, total_steps: int) -> Callable:
     del total_steps  # in the schedule

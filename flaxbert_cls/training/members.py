@@ -154,6 +154,10 @@ def stacked_batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedShardin
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MEMBER_AXIS, rows))
 
 
+# A batch's [rows, length] arrays (a packed batch's [rows, examples] labels and weights are not).
+TOKEN_ARRAYS = ("input_ids", "token_type_ids", "attention_mask", "segment_ids")
+
+
 def stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """Members' batches as one [M, B, ...] batch, padded to the longest member's length.
 
@@ -164,7 +168,7 @@ def stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndar
   out = {}
   for key in batches[0]:
     arrays = [b[key] for b in batches]
-    if arrays[0].ndim == 2:  # [B, S] token arrays
+    if key in TOKEN_ARRAYS and arrays[0].ndim == 2:  # [B, S] token arrays
       arrays = [np.pad(a, ((0, 0), (0, seq_len - a.shape[1]))) for a in arrays]
     out[key] = np.stack(arrays)
   return out

@@ -152,13 +152,13 @@ class TrainLog:
   line, which goes to DEBUG; eval lines print above the bar.
   """
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int, batch_size: int,
-               log_every: int, trackers: Sequence[Any] = (), tensorboard: bool = True):
+  def __init__(self, workdir: str, total_steps: int, start_step: int, log_every: int,
+               trackers: Sequence[Any] = (), tensorboard: bool = True):
     """`trackers`: more writers (tracking.py's MLflow, ...) beside TensorBoard;
     `tensorboard=False` (config.report_to without it): the scalars go to the log only."""
     self.workdir = workdir
     self.total_steps, self.start_step = total_steps, start_step
-    self.batch_size, self.log_every = batch_size, log_every
+    self.log_every = log_every
     self.history: list[tuple[int, float]] = []  # (step, mean train loss since the last line)
     self._metrics = None
     self.writer = ScalarWriter(workdir, trackers, tensorboard)
@@ -179,7 +179,8 @@ class TrainLog:
   def write_train(self, step: int) -> None:
     now = time.time()
     summary = {k: float(v) for k, v in self._metrics.compute().items()}
-    summary["examples_per_sec"] = (step - self._last_logged) * self.batch_size / (now - self._t_last)
+    # The loss's count is the real examples trained on: packed steps hold varying numbers.
+    summary["examples_per_sec"] = float(self._metrics.loss.count) / (now - self._t_last)
     self.history.append((step, summary["loss"]))
     eta = (self.total_steps - step) * (now - self.t_start) / (step - self.start_step)
     if self._bar is not None:

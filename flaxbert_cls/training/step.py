@@ -58,13 +58,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   def loss_sum(params, micro, micro_rng):
     logits = long_documents.document_logits(model, params, micro, window_pooling,
                                             deterministic=False, rngs={"dropout": micro_rng})
-    losses, correct = head_losses(logits, micro["labels"], micro.get("task_ids"), head_loss)
-    return jnp.sum(losses * micro["weights"]), (correct, losses)
+    examples = long_documents.packed_examples(micro)  # packed rows: one entry per example slot
+    losses, correct = head_losses(logits, examples["labels"], examples.get("task_ids"), head_loss)
+    return jnp.sum(losses * examples["weights"]), (correct, losses, examples["weights"] > 0)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
   k = accumulation_steps
   if k == 1:
-    (total_loss, (correct, losses)), grads = grad_fn(state.params, batch, rng)
+    (total_loss, (correct, losses, real)), grads = grad_fn(state.params, batch, rng)
   else:
     # Micro-batch i holds rows i, i+k, ...: every micro-batch stays spread over all
     # data shards (a [k, B/k] split would put each on a slice of the devices).
@@ -77,10 +78,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       return (jax.tree.map(jnp.add, carry[0], g), carry[1] + value), aux
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, total_loss), (correct, losses) = jax.lax.scan(
+    (grads, total_loss), (correct, losses, real) = jax.lax.scan(
         accumulate, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(k), micro))
-    correct, losses = jax.tree.map(
-        lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), (correct, losses))
+    correct, losses, real = jax.tree.map(
+        lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), (correct, losses, real))
   loss = total_loss / total_weight
   grads = jax.tree.map(lambda g: g / total_weight, grads)
   if frozen is not None:
@@ -98,6 +99,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   metrics = TrainMetrics.single_from_model_output(
       loss=losses, accuracy=correct, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
       learning_rate=schedule(state.step))
+  # Over real examples only: a packed batch's empty slots (weight 0) are no examples.
+  metrics = metrics.replace(loss=type(metrics.loss).from_model_output(loss=losses, mask=real),
+                            accuracy=type(metrics.accuracy).from_model_output(accuracy=correct,
+                                                                              mask=real))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics, finite
 
 

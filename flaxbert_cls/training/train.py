@@ -107,13 +107,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batches = run.layout.batches(run.train_splits, run.mixture, range(start_step, total_steps))
   trackers = tracking.open_writers(config, run.exp.mesh, workdir, start_step)
   train_log = progress_lib.TrainLog(
-      workdir, total_steps, start_step, config.batch_size * run.layout.size,
-      config.log_every_steps, trackers, "tensorboard" in tracking.report_to(config))
+      workdir, total_steps, start_step, config.log_every_steps, trackers,
+      "tensorboard" in tracking.report_to(config))
   finite = resume.FiniteGuard(config.nonfinite_policy, ckpt)
   preemption = resume.PreemptionWatcher(config.log_every_steps)
   save_timer = resume.SaveTimer(config.checkpoint_every_minutes, config.log_every_steps)
-  log.info("Training steps %d..%d (%d per epoch) of %d examples on a %s mesh.", start_step + 1,
-           total_steps, run.mixture.steps_per_epoch, config.batch_size, dict(run.exp.mesh.shape))
+  log.info("Training steps %d..%d (%d per epoch) of %d %s on a %s mesh.", start_step + 1,
+           total_steps, run.mixture.steps_per_epoch, config.batch_size,
+           f"packed rows of {config.max_seq_length} tokens" if config.packing else "examples",
+           dict(run.exp.mesh.shape))
   eval_metrics, finished = {}, False
   try:
     for step in range(start_step + 1, total_steps + 1):
