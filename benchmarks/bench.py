@@ -80,8 +80,9 @@ def _jax_setup(args):
       transformers.AutoConfig.for_model(**cfg), dtype=args.dtype, mesh=mesh,
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh))
   # '' (auto) resolves as training resolves it: cuDNN on a GPU in bf16, XLA elsewhere.
-  bert_config = dataclasses.replace(bert_config, attention_impl=attention_lib.attention_implementation(
-      args.attention_impl, mesh.devices.flat[0].platform, args.dtype, bert_config.head_dim))
+  bert_config = dataclasses.replace(
+      bert_config, attention_impl=attention_lib.attention_implementation(
+          args.attention_impl, mesh.devices.flat[0].platform, args.dtype, bert_config.head_dim))
   task = experiment_lib.RunTask("sst2", tasks_lib.GLUE_TASKS["sst2"], ("0", "1"), config)
   exp = experiment_lib.Experiment(config, (task,), None, None,
                                   model_lib.BertForSequenceClassification(bert_config, 2), mesh,

@@ -55,8 +55,9 @@ def _experiment(args, members: int):
       cfg, dtype=args.dtype, mesh=mesh, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
       lora_targets=tuple(config.lora_targets),
       activation_rules=sharding_lib.activation_rules(config.logical_axis_rules, mesh))
-  bert_config = dataclasses.replace(bert_config, attention_impl=attention_lib.attention_implementation(
-      "", mesh.devices.flat[0].platform, args.dtype, bert_config.head_dim))
+  bert_config = dataclasses.replace(
+      bert_config, attention_impl=attention_lib.attention_implementation(
+          "", mesh.devices.flat[0].platform, args.dtype, bert_config.head_dim))
   task = experiment_lib.RunTask("sst2", tasks_lib.GLUE_TASKS["sst2"], ("0", "1"), config)
   return experiment_lib.Experiment(config, (task,), None, None,
                                    model_lib.BertForSequenceClassification(bert_config, 2), mesh,

@@ -124,7 +124,7 @@ def run(model: str, batch: int, seq: int, steps: int, dtype: str = "bfloat16",
         attention_impl: str = "") -> dict[str, Any]:
   """The section's JSON: sizes, both sides' devices and timings, one entry per check.
 
-  `attention_impl` '' picks as training does (attention_lib.attention_implementation: cuDNN on a
+  `attention_impl` '' picks as training does (attention.attention_implementation: cuDNN on a
   GPU in bf16); the float32 CPU reference always uses XLA's. Should the picked kernel
   fail, XLA's is compared instead and the section fails with the error.
   """
@@ -144,7 +144,7 @@ def run(model: str, batch: int, seq: int, steps: int, dtype: str = "bfloat16",
   params = jax.device_get(flax.linen.unbox(params["params"]))
   device = jax.devices()[0]
   attention_impl = attention_lib.attention_implementation(attention_impl, device.platform, dtype,
-                                                init_model.config.head_dim)
+                                                          init_model.config.head_dim)
   error = None
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     checked = pool.submit(_side, cfg, params, data, device, dtype, attention_impl)

@@ -5,10 +5,10 @@
 Times forward + backward (jit, median of --steps after a warm-up) of one attention at
 [batch, L, 12 heads, 64] with padding, on this host's first device, for: the full attention
 (a global layer) as `jax.nn.dot_product_attention`'s XLA path and as the encoder runs it
-(`attention_lib.attention`, its own einsums); the local one as `jax.nn.dot_product_attention`'s
+(`attention.attention`, its own einsums); the local one as `jax.nn.dot_product_attention`'s
 `local_window_size` masks it (every score computed), as our einsum kernel masks it
-(`attention_lib.band_masked_attention`) and on the band only, in blocks (`attention_lib.banded_attention`). The
-encoder's XLA path takes the blocks on sequences longer than `attention_lib.BANDED_MIN_WINDOWS` windows,
+(`attention.band_masked_attention`) and on the band only, in blocks (`attention.banded_attention`). The
+encoder's XLA path takes the blocks on sequences longer than `attention.BANDED_MIN_WINDOWS` windows,
 the band mask up to there. Prints a markdown table; figures are this host's, at its load average.
 """
 
@@ -45,14 +45,14 @@ def main() -> None:
   ways = {
       "full, jax.nn.dot_product_attention (XLA)": lambda q, k, v, n: jax.nn.dot_product_attention(
           q, k, v, key_value_seq_lengths=n),
-      "full, as the encoder runs it (attention_lib.attention, xla)": lambda q, k, v, n: attention_lib.attention(
-          q, k, v, n, "xla"),
+      "full, as the encoder runs it (attention.attention, xla)":
+          lambda q, k, v, n: attention_lib.attention(q, k, v, n, "xla"),
       f"local ±{w}, masked L x L": lambda q, k, v, n: jax.nn.dot_product_attention(
           q, k, v, key_value_seq_lengths=n, local_window_size=(w, w)),
-      f"local ±{w}, band mask on L x L (attention_lib.band_masked_attention)":
+      f"local ±{w}, band mask on L x L (attention.band_masked_attention)":
           lambda q, k, v, n: attention_lib.band_masked_attention(q, k, v, n, w),
-      f"local ±{w}, banded (attention_lib.banded_attention)": lambda q, k, v, n: attention_lib.banded_attention(
-          q, k, v, n, w),
+      f"local ±{w}, banded (attention.banded_attention)":
+          lambda q, k, v, n: attention_lib.banded_attention(q, k, v, n, w),
   }
   print(f"device: {jax.devices()[0].device_kind}, load average {os.getloadavg()[0]:.2f}, "
         f"batch {args.batch}, {HEADS} heads x {DIM}, forward + backward, median of {args.steps}")

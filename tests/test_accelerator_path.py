@@ -35,7 +35,8 @@ def test_auto_attention_picks_cudnn_only_where_it_runs():
   assert attention_lib.attention_implementation("", "gpu", "bfloat16", 64) == "cudnn"
   assert attention_lib.attention_implementation("", "gpu", "bfloat16", 32) == "cudnn"  # MiniLM
   assert attention_lib.attention_implementation("", "gpu", "float32", 64) == "xla"  # no fp32 kernel
-  assert attention_lib.attention_implementation("", "gpu", "bfloat16", 12) == "xla"  # not a multiple of 8
+  # 12: not a multiple of 8
+  assert attention_lib.attention_implementation("", "gpu", "bfloat16", 12) == "xla"
   assert attention_lib.attention_implementation("", "gpu", "bfloat16", 192) == "xla"  # > 128
   assert attention_lib.attention_implementation("", "cpu", "bfloat16", 64) == "xla"
   assert attention_lib.attention_implementation("", "tpu", "bfloat16", 64) == "xla"

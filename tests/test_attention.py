@@ -198,12 +198,13 @@ def test_local_attention_kernels_equal_the_masked_full_one(kernel):
 
 
 def test_local_attention_takes_the_blocks_past_the_crossover():
-  """attention_lib.attention's XLA path: the band's blocks on sequences longer than
+  """attention.attention's XLA path: the band's blocks on sequences longer than
   BANDED_MIN_WINDOWS windows, the band-masked kernel up to it (same values either way)."""
   rng = np.random.default_rng(8)
   window = 6
-  for length, kernel in ((attention_lib.BANDED_MIN_WINDOWS * window, attention_lib.band_masked_attention),
-                         (attention_lib.BANDED_MIN_WINDOWS * window + 1, attention_lib.banded_attention)):
+  least = attention_lib.BANDED_MIN_WINDOWS * window
+  for length, kernel in ((least, attention_lib.band_masked_attention),
+                         (least + 1, attention_lib.banded_attention)):
     q, k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(3))
     lengths = jnp.asarray([length, length - 5], jnp.int32)
     np.testing.assert_array_equal(

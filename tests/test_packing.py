@@ -97,7 +97,8 @@ def test_splash_takes_packed_rows_as_its_own_segment_ids(local_window):
   segments[1, :128] = np.repeat([1, 2], [100, 28])
   real = segments > 0
   weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-  xla = lambda *a: attention_lib.attention(*a, "xla", local_window=local_window, segment_ids=segments)
+  xla = lambda *a: attention_lib.attention(*a, "xla", local_window=local_window,
+                                           segment_ids=segments)
   kernel = lambda *a: splash.attention(*a, interpret=True, local_window=local_window,
                                        segment_ids=segments)
   lengths = jnp.asarray(real.sum(1), jnp.int32)

@@ -75,7 +75,7 @@ def _metrics(loss, examples=8):
   """One train step's metrics, as the step returns them."""
   return step_lib.TrainMetrics.single_from_model_output(
       loss=np.full(examples, loss, np.float32), accuracy=np.full(examples, 0.5, np.float32),
-      grad_norm=np.float32(1.0), param_norm=np.float32(2.0), learning_rate=np.float32(1e-4))
+      real=np.ones(examples, bool), grad_norm=np.float32(1.0), param_norm=np.float32(2.0), learning_rate=np.float32(1e-4))
 
 
 def test_train_log_bar_on_a_terminal_and_train_log_file(tmp_path, monkeypatch, capsys):

@@ -54,7 +54,8 @@ def test_splash_local_window_equals_xla_local_window():
   assert_close(np.asarray(kernel(q, k, v, lengths))[real],
                np.asarray(xla(q, k, v, lengths))[real], 1e-5)
   assert not np.allclose(np.asarray(xla(q, k, v, lengths))[real],
-                         np.asarray(attention_lib.attention(q, k, v, lengths, "xla"))[real], atol=1e-3)
+                         np.asarray(attention_lib.attention(q, k, v, lengths, "xla"))[real],
+                         atol=1e-3)
   weights = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), jnp.float32)
   loss = lambda fn, *a: jnp.sum(jnp.where(real[:, :, None, None], fn(*a) * weights, 0.0))
   for name, got, want in zip("qkv", jax.grad(loss, argnums=(1, 2, 3))(kernel, q, k, v, lengths),

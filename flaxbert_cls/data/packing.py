@@ -64,12 +64,13 @@ class PackedOrder:
   max_examples: int
 
   def __post_init__(self):
-    self._cached_epoch = None
-    rows = len(self._epoch_rows(0))
-    if rows < self.batch_size:
-      raise UserError(f"training set packs into {rows} rows of {self.capacity} tokens, fewer "
-                      f"than batch_size={self.batch_size} (with packing, batch_size counts rows)")
-    self.steps_per_epoch = rows // self.batch_size
+    rows = self._epoch_rows(0)
+    if len(rows) < self.batch_size:
+      raise UserError(f"training set packs into {len(rows)} rows of {self.capacity} tokens, "
+                      f"fewer than batch_size={self.batch_size} (with packing, batch_size "
+                      "counts rows)")
+    self.steps_per_epoch = len(rows) // self.batch_size
+    self._cached_epoch = (0, self._batches(rows))
 
   def _epoch_rows(self, epoch: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, epoch])
@@ -77,12 +78,17 @@ class PackedOrder:
                 self.max_examples)
     return rows[rng.permutation(len(rows))]
 
+  def _batches(self, rows: np.ndarray) -> np.ndarray:
+    """An epoch's rows as [steps_per_epoch, batch_size, max_examples]: extra rows wait for
+    another epoch, missing ones are empty."""
+    padded = np.full((self.steps_per_epoch * self.batch_size, self.max_examples), -1, np.int64)
+    kept = rows[:len(padded)]
+    padded[:len(kept)] = kept
+    return padded.reshape(self.steps_per_epoch, self.batch_size, -1)
+
   def _epoch_batches(self, epoch: int) -> np.ndarray:
-    if self._cached_epoch is None or self._cached_epoch[0] != epoch:
-      rows = self._epoch_rows(epoch)[:self.steps_per_epoch * self.batch_size]
-      padded = np.full((self.steps_per_epoch * self.batch_size, self.max_examples), -1, np.int64)
-      padded[:len(rows)] = rows
-      self._cached_epoch = (epoch, padded.reshape(self.steps_per_epoch, self.batch_size, -1))
+    if self._cached_epoch[0] != epoch:
+      self._cached_epoch = (epoch, self._batches(self._epoch_rows(epoch)))
     return self._cached_epoch[1]
 
   def batch_indices(self, step: int) -> np.ndarray:

@@ -94,7 +94,7 @@ class BertSelfAttention(nn.Module):
     dropout = cfg.attention_probs_dropout_prob
     if deterministic or dropout == 0.0:  # fused: cuDNN flash attention where it runs
       out = attention_lib.attention(q, k, v, kv_lengths, cfg.attention_impl or "xla", cfg.mesh,
-                          cfg.activation_rules)
+                                    cfg.activation_rules)
     else:
       # Attention-probability dropout needs the probabilities, which fused kernels hide.
       seeds = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)

@@ -71,9 +71,9 @@ class ModernBertAttention(nn.Module):
                       .astype(cfg.dtype), axes, cfg) for i in (0, 1))
     v = constrain(qkv[:, :, 2], axes, cfg)
     out = attention_lib.attention(q, k, v, kv_lengths, cfg.attention_impl or "xla", cfg.mesh,
-                        cfg.activation_rules,
-                        local_window=cfg.local_attention // 2 if self.local else None,
-                        segment_ids=segment_ids)
+                                  cfg.activation_rules,
+                                  local_window=cfg.local_attention // 2 if self.local else None,
+                                  segment_ids=segment_ids)
     out = out.reshape(batch, q.shape[1], cfg.hidden_size)
     out = Dense(cfg.hidden_size, (HEADS, EMBED), cfg.dtype, lora("Wo"), cfg.lora_alpha,
                 use_bias=cfg.attention_bias, name="Wo")(out)

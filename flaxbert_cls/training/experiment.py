@@ -231,9 +231,10 @@ def build_experiment(config: ml_collections.ConfigDict, model_dir: str | None = 
       remat_policy=config.remat_policy,
       window_attention=config.long_document == "windows" and config.window_pooling == "attention",
       **overrides)
-  bert_config = dataclasses.replace(bert_config, attention_impl=attention_lib.attention_implementation(
-      config.attention_impl, platform, config.dtype, bert_config.head_dim,
-      bert_config.attention_probs_dropout_prob, config.max_seq_length))
+  bert_config = dataclasses.replace(
+      bert_config, attention_impl=attention_lib.attention_implementation(
+          config.attention_impl, platform, config.dtype, bert_config.head_dim,
+          bert_config.attention_probs_dropout_prob, config.max_seq_length))
   if bert_config.encoder == "modernbert" and config.lora_rank and not set(
       config.lora_targets) & set(modernbert.LORA_TARGETS):
     raise UserError(f"config.lora_targets={tuple(config.lora_targets)}: ModernBERT's layers are "

@@ -25,12 +25,19 @@ from flaxbert_cls.training import optimizer as optim
 from flaxbert_cls.training.state import TrainState
 
 
+def _over_real(name: str) -> type:
+  """The mean of output `name` over the real examples (`real`: a packed batch's empty slots,
+  weight 0, are no examples)."""
+  return clu_metrics.Average.from_fun(lambda real, **outputs: {"values": outputs[name],
+                                                               "mask": real})
+
+
 # No `from __future__ import annotations` here: clu reads the metric classes from the
 # annotations of TrainMetrics.
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output("loss")
-  accuracy: clu_metrics.Average.from_output("accuracy")
+  loss: _over_real("loss")
+  accuracy: _over_real("accuracy")
   grad_norm: clu_metrics.Average.from_output("grad_norm")
   param_norm: clu_metrics.LastValue.from_output("param_norm")
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
@@ -97,12 +104,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                    (params, opt_state), (state.params, state.opt_state))
   metrics = TrainMetrics.single_from_model_output(
-      loss=losses, accuracy=correct, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
-      learning_rate=schedule(state.step))
-  # Over real examples only: a packed batch's empty slots (weight 0) are no examples.
-  metrics = metrics.replace(loss=type(metrics.loss).from_model_output(loss=losses, mask=real),
-                            accuracy=type(metrics.accuracy).from_model_output(accuracy=correct,
-                                                                              mask=real))
+      loss=losses, accuracy=correct, real=real, grad_norm=grad_norm,
+      param_norm=optax.tree.norm(params), learning_rate=schedule(state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics, finite
 
 
