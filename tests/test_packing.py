@@ -27,6 +27,7 @@ from flaxbert_cls.model import bert as model_lib
 from flaxbert_cls.model import hf
 from flaxbert_cls.model import attention as attention_lib
 from flaxbert_cls.model import splash
+from flaxbert_cls.training import step as step_lib
 from model_fixtures import DEMO_DATA, REPO, minilm_dir
 from numerics import assert_close
 
@@ -234,3 +235,16 @@ def test_a_packed_modernbert_fine_tunes_through_the_cli_and_bert_is_refused(tmp_
                          f"--workdir={tmp_path / 'bert'}", *args[1:],
                          f"--config.model_name_or_path={minilm_dir()}")
   assert code == 2 and "config.packing=True: packed rows run on ModernBERT" in err, err[-500:]
+
+
+def test_train_metrics_average_over_real_examples_only():
+  """A packed batch's empty slots (weight 0) count in neither the loss, the accuracy nor the
+  examples the train log's examples/s is made of."""
+  metrics = step_lib.TrainMetrics.single_from_model_output(
+      loss=np.array([1.0, 3.0, 100.0, 100.0], np.float32),
+      accuracy=np.array([1.0, 0.0, 1.0, 1.0], np.float32),
+      real=np.array([True, True, False, False]), grad_norm=np.float32(1.0),
+      param_norm=np.float32(1.0), learning_rate=np.float32(1e-4))
+  summary = metrics.compute()
+  assert float(summary["loss"]) == 2.0 and float(summary["accuracy"]) == 0.5
+  assert int(metrics.loss.count) == 2
