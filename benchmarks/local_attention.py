@@ -4,12 +4,15 @@
 
 Times forward + backward (jit, median of --steps after a warm-up) of one attention at
 [batch, L, 12 heads, 64] with padding, on this host's first device, for: the full attention
-(a global layer) as `jax.nn.dot_product_attention`'s XLA path and as the encoder runs it
-(`attention.attention`, its own einsums); the local one as `jax.nn.dot_product_attention`'s
+(a global layer) as `jax.nn.dot_product_attention`'s XLA path and as our einsums
+(`attention.attention_with_dropout` at rate 0); the local one as `jax.nn.dot_product_attention`'s
 `local_window_size` masks it (every score computed), as our einsum kernel masks it
 (`attention.band_masked_attention`) and on the band only, in blocks (`attention.banded_attention`). The
 encoder's XLA path takes the blocks on sequences longer than `attention.BANDED_MIN_WINDOWS` windows,
-the band mask up to there. Prints a markdown table; figures are this host's, at its load average.
+the band mask up to there. Our kernels run twice: in one pass over every (batch, head) pair, and
+in cache-sized groups of pairs in turn (`blocked`, what `attention.attention` picks on one CPU
+device: `attention.CACHE_BLOCK_BYTES_PER_CORE`). Prints a markdown table; figures are this
+host's, at its load average.
 """
 
 from __future__ import annotations
@@ -42,18 +45,22 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   args = parser.parse_args()
   w = args.window
+  no_seeds = np.zeros((2,), np.uint32)
   ways = {
       "full, jax.nn.dot_product_attention (XLA)": lambda q, k, v, n: jax.nn.dot_product_attention(
           q, k, v, key_value_seq_lengths=n),
-      "full, as the encoder runs it (attention.attention, xla)":
-          lambda q, k, v, n: attention_lib.attention(q, k, v, n, "xla"),
       f"local ±{w}, masked L x L": lambda q, k, v, n: jax.nn.dot_product_attention(
           q, k, v, key_value_seq_lengths=n, local_window_size=(w, w)),
-      f"local ±{w}, band mask on L x L (attention.band_masked_attention)":
-          lambda q, k, v, n: attention_lib.band_masked_attention(q, k, v, n, w),
-      f"local ±{w}, banded (attention.banded_attention)":
-          lambda q, k, v, n: attention_lib.banded_attention(q, k, v, n, w),
   }
+  for blocked, how in ((False, "one pass"), (True, "head groups")):
+    ways |= {
+        f"full, attention.attention_with_dropout, {how}": lambda q, k, v, n, b=blocked:
+            attention_lib.attention_with_dropout(q, k, v, n, no_seeds, 0.0, b),
+        f"local ±{w}, band mask on L x L (attention.band_masked_attention), {how}":
+            lambda q, k, v, n, b=blocked: attention_lib.band_masked_attention(q, k, v, n, w, b),
+        f"local ±{w}, banded (attention.banded_attention), {how}":
+            lambda q, k, v, n, b=blocked: attention_lib.banded_attention(q, k, v, n, w, blocked=b),
+    }
   print(f"device: {jax.devices()[0].device_kind}, load average {os.getloadavg()[0]:.2f}, "
         f"batch {args.batch}, {HEADS} heads x {DIM}, forward + backward, median of {args.steps}")
   print("\n| attention | " + " | ".join(f"L={n} ms" for n in args.lengths.split(",")) + " |")

@@ -210,3 +210,51 @@ def test_local_attention_takes_the_blocks_past_the_crossover():
     np.testing.assert_array_equal(
         np.asarray(attention_lib.attention(q, k, v, lengths, "xla", local_window=window)),
         np.asarray(kernel(q, k, v, lengths, window)))
+
+
+_NO_SEEDS = np.zeros((2,), np.uint32)
+_SEGMENTS = np.asarray([[1] * 15 + [2] * 20 + [0] * 5, [1] * 40], np.int32)
+_BLOCKED_KERNELS = {  # (q, k, v, lengths, blocked) -> [batch, len, heads, dim]
+    "global": lambda q, k, v, n, b: attention_lib.attention_with_dropout(q, k, v, n, _NO_SEEDS,
+                                                                         0.0, b),
+    "first token": lambda q, k, v, n, b: attention_lib.attention_with_dropout(
+        q[:, :1], k, v, n, _NO_SEEDS, 0.0, b),
+    "banded": lambda q, k, v, n, b: attention_lib.banded_attention(q, k, v, n, 8, blocked=b),
+    "band mask": lambda q, k, v, n, b: attention_lib.band_masked_attention(q, k, v, n, 8, b),
+    "packed": lambda q, k, v, n, b: attention_lib.packed_attention(q, k, v, _SEGMENTS, None, b),
+    "packed banded": lambda q, k, v, n, b: attention_lib.packed_attention(q, k, v, _SEGMENTS, 8,
+                                                                          b),
+}
+
+
+@pytest.mark.parametrize("budget", [1, 13000])  # bytes: groups of one pair; of two (global)
+@pytest.mark.parametrize("kernel", list(_BLOCKED_KERNELS))
+def test_head_groups_equal_one_pass(kernel, budget, monkeypatch):
+  """On one CPU device the XLA kernels run in cache-sized groups of (batch, head) pairs (a
+  lax.map, forward and backward): outputs and gradients equal one pass over every pair, with
+  padding, packed segments, a band and [CLS]-only queries."""
+  monkeypatch.setattr(attention_lib, "CACHE_BLOCK_BYTES_PER_CORE", budget)
+  monkeypatch.setattr(attention_lib, "_cores", lambda: 1)
+  rng = np.random.default_rng(9)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 40, 4, 8)), jnp.float32) for _ in range(3))
+  lengths = jnp.asarray([40, 23], jnp.int32)
+  fn = _BLOCKED_KERNELS[kernel]
+  weights = jnp.asarray(rng.normal(size=fn(q, k, v, lengths, False).shape), jnp.float32)
+  loss = lambda blocked, *a: jnp.sum(fn(*a, lengths, blocked) * weights)
+  grads = {b: jax.grad(loss, argnums=(1, 2, 3))(b, q, k, v) for b in (False, True)}
+  grouped = "scan" in str(jax.make_jaxpr(jax.grad(loss, argnums=1), static_argnums=0)(True, q, k, v))
+  assert grouped == (kernel != "first token" or budget == 1)  # 8 one-query pairs fit 13,000 B
+  assert_close(fn(q, k, v, lengths, True), fn(q, k, v, lengths, False), 1e-6)
+  for name, got, want in zip("qkv", grads[True], grads[False]):
+    assert_close(got, want, 1e-6, f"d{name}")
+
+
+def test_head_groups_on_one_cpu_device_only():
+  """attention.attention groups heads on a one-device CPU mesh, not on a mesh of several
+  (a loop over sharded rows would gather them) nor, with no mesh, in a process of several."""
+  devices = np.asarray(jax.devices())
+  one = jax.sharding.Mesh(devices[:1].reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  many = jax.sharding.Mesh(devices.reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+  assert attention_lib._cache_blocked(one)  # pylint: disable=protected-access
+  assert jax.device_count() == 1 or not attention_lib._cache_blocked(many)  # pylint: disable=protected-access
+  assert attention_lib._cache_blocked(None) == (jax.device_count() == 1)  # pylint: disable=protected-access

@@ -20,6 +20,8 @@ Softmax runs in float32 whatever the compute dtype; matmuls accumulate in float3
 from __future__ import annotations
 
 import functools
+import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,12 @@ SPLASH_AUTO_MIN_LENGTH = 512
 # this many windows, as one masked L x L attention up to it (benchmarks/local_attention.py:
 # at ±64 and 256 tokens the masked one is 0.9x the blocks' time, at 384 1.2x, at 512 1.14x).
 BANDED_MIN_WINDOWS = 4
+
+# On one CPU device the XLA kernels below run their [q, k] work over groups of (batch, head)
+# pairs in turn (`_head_groups`), each group's scores at most this many bytes per core (about
+# a core's L2): scores, probabilities and their gradients then stay in the cache between the
+# matmuls and the softmax (benchmarks/local_attention.py; docs/performance.md).
+CACHE_BLOCK_BYTES_PER_CORE = 1 << 20
 
 
 def attention_implementation(requested: str, platform: str, dtype: str, head_dim: int,
@@ -95,12 +103,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
       return splash.attention(q, k, v, kv_lengths, mesh, rules, interpret, local_window,
                               segment_ids)
     implementation = "xla"  # the [CLS]-only last layer; buckets under one 128-token tile
+  blocked = _cache_blocked(mesh)
   if segment_ids is not None:
-    return packed_attention(q, k, v, segment_ids, local_window)
+    return packed_attention(q, k, v, segment_ids, local_window, blocked)
   if implementation == "xla" and local_window is not None:
     if q.shape[1] == k.shape[1] and q.shape[1] > BANDED_MIN_WINDOWS * local_window:
-      return banded_attention(q, k, v, kv_lengths, local_window)
-    return band_masked_attention(q, k, v, kv_lengths, local_window)
+      return banded_attention(q, k, v, kv_lengths, local_window, blocked=blocked)
+    return band_masked_attention(q, k, v, kv_lengths, local_window, blocked)
   if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
     # cuDNN's kernels with a padding mask need even lengths (jax's check_is_flash_attention);
     # the first-token-only last layer has one query: a matvec no flash kernel helps.
@@ -109,7 +118,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
     # Our einsums (attention_with_dropout at rate 0): on a CPU, fwd+bwd of a 512-token
     # layer (batch 8, 12 heads) takes ~0.6x the time of jax.nn.dot_product_attention's XLA
     # path, whose mask and grouped-query reshapes XLA does not fuse well.
-    return attention_with_dropout(q, k, v, kv_lengths, _NO_SEEDS, 0.0)
+    return attention_with_dropout(q, k, v, kv_lengths, _NO_SEEDS, 0.0, blocked)
   return jax.nn.dot_product_attention(
       q, k, v, key_value_seq_lengths=kv_lengths, implementation=implementation,
       local_window_size=None if local_window is None else (local_window, local_window))
@@ -118,14 +127,47 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
 _NO_SEEDS = np.zeros((2,), np.uint32)  # attention_with_dropout's seeds at rate 0 (unused)
 
 
+def _cache_blocked(mesh: jax.sharding.Mesh | None) -> bool:
+  """Whether XLA's kernels run in cache-sized head groups: on one CPU device (a loop over
+  the batch would serialize an accelerator, and on a CPU mesh it would gather sharded rows)."""
+  devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+  return len(devices) == 1 and devices[0].platform == "cpu"
+
+
+def _cores() -> int:
+  """The CPUs this process may run on (XLA's thread pool is as large)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _head_groups(fn, *xs):
+  """fn(*xs) on [batch, heads, ...] arrays (xs[0] the queries, xs[1] the keys; batch or
+  heads 1 in the others broadcast), over groups of (batch, head) pairs in turn (lax.map)
+  whose float32 scores fit CACHE_BLOCK_BYTES_PER_CORE per core; fn returns [batch, heads, ...]
+  arrays as well."""
+  batch, heads = xs[0].shape[:2]
+  pairs = batch * heads
+  pair_bytes = 4 * math.prod(xs[0].shape[2:-1]) * xs[1].shape[-2]
+  budget = CACHE_BLOCK_BYTES_PER_CORE * _cores()
+  size = max(d for d in range(1, pairs + 1)
+             if pairs % d == 0 and (d == 1 or d * pair_bytes <= budget))
+  if size == pairs:
+    return fn(*xs)
+  grouped = lambda x: jnp.broadcast_to(x, (batch, heads, *x.shape[2:])).reshape(  # pylint: disable=unnecessary-lambda-assignment
+      pairs // size, size, *x.shape[2:])
+  out = jax.lax.map(lambda group: fn(*group), tuple(grouped(x) for x in xs))
+  return jax.tree.map(lambda y: y.reshape(batch, heads, *y.shape[2:]), out)
+
+
 def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array | None,
-                     window: int, segment_ids: jax.Array | None = None) -> jax.Array:
+                     window: int, segment_ids: jax.Array | None = None,
+                     blocked: bool = False) -> jax.Array:
   """Self-attention where query i sees keys j with |i - j| <= window (and j < kv_lengths[b]),
   computed on the band only: XLA's masked path scores every key, L² per head; here each block
   of `window` queries scores its own and its two neighbours' keys, 3·window (at 2,048 tokens
   and ModernBERT's ±64: 192 keys a query instead of 2,048). [batch, len, heads, dim].
   The blocks run through `_masked_attention` (heads-major matmuls, probabilities kept).
-  `segment_ids` (packed rows; `attention`): keys of the query's own example only."""
+  `segment_ids` (packed rows; `attention`): keys of the query's own example only.
+  `blocked`: in cache-sized head groups (`_head_groups`; `attention` sets it on one CPU)."""
   batch, length, heads, dim = q.shape
   blocks = -(-length // window)
   pad = blocks * window - length
@@ -151,19 +193,20 @@ def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.A
     k_seg = jnp.concatenate([k_seg[:, i * window:(i + blocks) * window].reshape(
         batch, blocks, window) for i in range(3)], axis=2)
     mask = near[None, None] & _same_segment(q_seg, k_seg)[:, None]
-  out = _masked_attention(queries, neighbourhoods(k), neighbourhoods(v), mask)
+  out = _masked_attention(queries, neighbourhoods(k), neighbourhoods(v), mask, blocked)
   return _heads_major(out.reshape(batch, heads, blocks * window, dim)[:, :, :length])
 
 
 def band_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
-                          window: int) -> jax.Array:
+                          window: int, blocked: bool = False) -> jax.Array:
   """What `banded_attention` computes, as one L x L masked attention (`_masked_attention`):
   on short sequences the blocks' gathers cost more than the scores they save."""
   length = k.shape[1]
   positions = np.arange(length)
   near = np.abs(positions[:q.shape[1], None] - positions[None, :]) <= window
   mask = _key_mask(kv_lengths, length) & near
-  return _heads_major(_masked_attention(*(_heads_major(x) for x in (_scaled(q), k, v)), mask))
+  return _heads_major(_masked_attention(*(_heads_major(x) for x in (_scaled(q), k, v)), mask,
+                                        blocked))
 
 
 def _same_segment(q_seg: jax.Array, k_seg: jax.Array) -> jax.Array:
@@ -173,18 +216,19 @@ def _same_segment(q_seg: jax.Array, k_seg: jax.Array) -> jax.Array:
 
 
 def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                     local_window: int | None = None) -> jax.Array:
+                     local_window: int | None = None, blocked: bool = False) -> jax.Array:
   """Self-attention of packed rows on XLA: query i sees key j of its own segment (and, local,
   |i - j| <= local_window; on long rows in `banded_attention`'s blocks). [batch, len, heads,
   dim]. Global layers score the whole row: the pairs across examples are masked, not skipped."""
   length = q.shape[1]
   if local_window is not None and length > BANDED_MIN_WINDOWS * local_window:
-    return banded_attention(q, k, v, None, local_window, segment_ids)
+    return banded_attention(q, k, v, None, local_window, segment_ids, blocked)
   mask = _same_segment(segment_ids, segment_ids)[:, None]  # [batch, 1, q, k]
   if local_window is not None:
     positions = np.arange(length)
     mask = mask & (np.abs(positions[:, None] - positions[None, :]) <= local_window)
-  return _heads_major(_masked_attention(*(_heads_major(x) for x in (_scaled(q), k, v)), mask))
+  return _heads_major(_masked_attention(*(_heads_major(x) for x in (_scaled(q), k, v)), mask,
+                                        blocked))
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -196,9 +240,9 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
   return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
-                           seeds: jax.Array, rate: float) -> jax.Array:
+                           seeds: jax.Array, rate: float, blocked: bool = False) -> jax.Array:
   """dropout(softmax(q k^T / sqrt(d), first kv_lengths keys)) v for [batch, len, heads, dim].
 
   Autodiff of the plain composition keeps ~4 [b,h,q,k] float32 arrays per layer
@@ -206,9 +250,10 @@ def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths:
   probabilities only, in the compute dtype, and regenerates the (hash) dropout mask
   from `seeds`. Scores and their gradients accumulate in float32 and the softmax runs in
   float32. q, k and v are moved head-major for the batched matmuls (XLA's CPU dots on
-  [b,q,h,d] operands insert a transpose each).
+  [b,q,h,d] operands insert a transpose each). `blocked` at rate 0: in cache-sized head groups
+  (`_head_groups`; the dropout hash indexes the whole array, so rates above 0 run in one).
   """
-  return _attention_with_dropout_fwd(q, k, v, kv_lengths, seeds, rate)[0]
+  return _attention_with_dropout_fwd(q, k, v, kv_lengths, seeds, rate, blocked)[0]
 
 
 def _self_attention_shape(probs: jax.Array) -> tuple[int, ...]:
@@ -243,6 +288,22 @@ def _softmax_attention(qh, kh, vh, mask, seeds, rate, full_shape):
   return _einsum32("...qk,...kd->...qd", dropped, vh).astype(vh.dtype), probs.astype(vh.dtype)
 
 
+def _attend(qh, kh, vh, mask, seeds, rate, full_shape, blocked):
+  """_softmax_attention, in head groups where blocked (at rate 0)."""
+  if blocked and not rate:
+    return _head_groups(lambda *xs: _softmax_attention(*xs, _NO_SEEDS, 0.0, None),
+                        qh, kh, vh, mask)
+  return _softmax_attention(qh, kh, vh, mask, seeds, rate, full_shape)
+
+
+def _attend_bwd(qh, kh, vh, probs, seeds, rate, full_shape, g, blocked):
+  """_softmax_attention_bwd, in head groups where blocked (at rate 0)."""
+  if blocked and not rate:
+    return _head_groups(lambda q, k, v, p, g_: _softmax_attention_bwd(
+        q, k, v, p, _NO_SEEDS, 0.0, None, g_), qh, kh, vh, probs, g)
+  return _softmax_attention_bwd(qh, kh, vh, probs, seeds, rate, full_shape, g)
+
+
 def _softmax_attention_bwd(qh, kh, vh, probs, seeds, rate, full_shape, g):
   """Its backward from the kept probabilities: (dq for the scaled q, dk^T, dv^T), the last two
   dims-major [..., dim, len] (the layout their matmuls produce)."""
@@ -269,20 +330,20 @@ def _softmax_attention_bwd(qh, kh, vh, probs, seeds, rate, full_shape, g):
   return g_q, g_k, g_v
 
 
-def _attention_with_dropout_fwd(q, k, v, kv_lengths, seeds, rate):
+def _attention_with_dropout_fwd(q, k, v, kv_lengths, seeds, rate, blocked):
   q = _scaled(q)
   mask = _key_mask(kv_lengths, k.shape[1])
-  out, probs = _softmax_attention(
+  out, probs = _attend(
       _heads_major(q), _heads_major(k), _heads_major(v), mask, seeds, rate,
-      (q.shape[0], q.shape[2], k.shape[1], k.shape[1]))
+      (q.shape[0], q.shape[2], k.shape[1], k.shape[1]), blocked)
   return _heads_major(out), (q, k, v, probs, kv_lengths, seeds)
 
 
-def _attention_with_dropout_bwd(rate, residuals, g):
+def _attention_with_dropout_bwd(rate, blocked, residuals, g):
   q, k, v, probs, kv_lengths, seeds = residuals  # q carries the 1/sqrt(d) scale
-  g_q, g_k, g_v = _softmax_attention_bwd(
+  g_q, g_k, g_v = _attend_bwd(
       _heads_major(q), _heads_major(k), _heads_major(v), probs, seeds, rate,
-      _self_attention_shape(probs), _heads_major(g))
+      _self_attention_shape(probs), _heads_major(g), blocked)
   from_dims_major = lambda x: jnp.transpose(x, (0, 3, 1, 2))  # [b,h,d,len] -> [b,len,h,d]
   no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)
   return (_heads_major(g_q * np.float32(1.0 / np.sqrt(q.shape[-1]))).astype(q.dtype),
@@ -290,21 +351,22 @@ def _attention_with_dropout_bwd(rate, residuals, g):
           no_grad(kv_lengths), no_grad(seeds))
 
 
-@jax.custom_vjp
-def _masked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _masked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array,
+                      blocked: bool) -> jax.Array:
   """softmax(qh kh^T where mask) vh on heads-major [..., len, dim], qh scaled: the kernel of
   the local layers (a band mask, or a band's blocks); backward keeps the probabilities only."""
-  return _softmax_attention(qh, kh, vh, mask, _NO_SEEDS, 0.0, None)[0]
+  return _attend(qh, kh, vh, mask, _NO_SEEDS, 0.0, None, blocked)[0]
 
 
-def _masked_attention_fwd(qh, kh, vh, mask):
-  out, probs = _softmax_attention(qh, kh, vh, mask, _NO_SEEDS, 0.0, None)
+def _masked_attention_fwd(qh, kh, vh, mask, blocked):
+  out, probs = _attend(qh, kh, vh, mask, _NO_SEEDS, 0.0, None, blocked)
   return out, (qh, kh, vh, probs, mask)
 
 
-def _masked_attention_bwd(residuals, g):
+def _masked_attention_bwd(blocked, residuals, g):
   qh, kh, vh, probs, mask = residuals
-  g_q, g_k, g_v = _softmax_attention_bwd(qh, kh, vh, probs, _NO_SEEDS, 0.0, None, g)
+  g_q, g_k, g_v = _attend_bwd(qh, kh, vh, probs, _NO_SEEDS, 0.0, None, g, blocked)
   return (g_q.astype(qh.dtype), jnp.swapaxes(g_k, -1, -2).astype(kh.dtype),
           jnp.swapaxes(g_v, -1, -2).astype(vh.dtype), np.zeros(mask.shape, jax.dtypes.float0))
 
