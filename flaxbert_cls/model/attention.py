@@ -288,23 +288,15 @@ def _softmax_attention(qh, kh, vh, mask, seeds, rate, full_shape):
   return _einsum32("...qk,...kd->...qd", dropped, vh).astype(vh.dtype), probs.astype(vh.dtype)
 
 
-def _attend(qh, kh, vh, mask, seeds, rate, full_shape, blocked):
-  """_softmax_attention, in head groups where blocked (at rate 0)."""
+def _attend(kernel, arrays, seeds, rate, full_shape, blocked):
+  """kernel(*arrays, seeds, rate, full_shape) (`_softmax_attention` or its backward), in
+  cache-sized head groups where blocked, at rate 0 (the dropout hash indexes whole arrays)."""
   if blocked and not rate:
-    return _head_groups(lambda *xs: _softmax_attention(*xs, _NO_SEEDS, 0.0, None),
-                        qh, kh, vh, mask)
-  return _softmax_attention(qh, kh, vh, mask, seeds, rate, full_shape)
+    return _head_groups(lambda *xs: kernel(*xs, _NO_SEEDS, 0.0, None), *arrays)
+  return kernel(*arrays, seeds, rate, full_shape)
 
 
-def _attend_bwd(qh, kh, vh, probs, seeds, rate, full_shape, g, blocked):
-  """_softmax_attention_bwd, in head groups where blocked (at rate 0)."""
-  if blocked and not rate:
-    return _head_groups(lambda q, k, v, p, g_: _softmax_attention_bwd(
-        q, k, v, p, _NO_SEEDS, 0.0, None, g_), qh, kh, vh, probs, g)
-  return _softmax_attention_bwd(qh, kh, vh, probs, seeds, rate, full_shape, g)
-
-
-def _softmax_attention_bwd(qh, kh, vh, probs, seeds, rate, full_shape, g):
+def _softmax_attention_bwd(qh, kh, vh, probs, g, seeds, rate, full_shape):
   """Its backward from the kept probabilities: (dq for the scaled q, dk^T, dv^T), the last two
   dims-major [..., dim, len] (the layout their matmuls produce)."""
   probs = probs.astype(jnp.float32)
@@ -334,16 +326,16 @@ def _attention_with_dropout_fwd(q, k, v, kv_lengths, seeds, rate, blocked):
   q = _scaled(q)
   mask = _key_mask(kv_lengths, k.shape[1])
   out, probs = _attend(
-      _heads_major(q), _heads_major(k), _heads_major(v), mask, seeds, rate,
-      (q.shape[0], q.shape[2], k.shape[1], k.shape[1]), blocked)
+      _softmax_attention, (_heads_major(q), _heads_major(k), _heads_major(v), mask), seeds,
+      rate, (q.shape[0], q.shape[2], k.shape[1], k.shape[1]), blocked)
   return _heads_major(out), (q, k, v, probs, kv_lengths, seeds)
 
 
 def _attention_with_dropout_bwd(rate, blocked, residuals, g):
   q, k, v, probs, kv_lengths, seeds = residuals  # q carries the 1/sqrt(d) scale
-  g_q, g_k, g_v = _attend_bwd(
-      _heads_major(q), _heads_major(k), _heads_major(v), probs, seeds, rate,
-      _self_attention_shape(probs), _heads_major(g), blocked)
+  g_q, g_k, g_v = _attend(
+      _softmax_attention_bwd, (*(_heads_major(x) for x in (q, k, v)), probs, _heads_major(g)),
+      seeds, rate, _self_attention_shape(probs), blocked)
   from_dims_major = lambda x: jnp.transpose(x, (0, 3, 1, 2))  # [b,h,d,len] -> [b,len,h,d]
   no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)
   return (_heads_major(g_q * np.float32(1.0 / np.sqrt(q.shape[-1]))).astype(q.dtype),
@@ -356,17 +348,18 @@ def _masked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Arr
                       blocked: bool) -> jax.Array:
   """softmax(qh kh^T where mask) vh on heads-major [..., len, dim], qh scaled: the kernel of
   the local layers (a band mask, or a band's blocks); backward keeps the probabilities only."""
-  return _attend(qh, kh, vh, mask, _NO_SEEDS, 0.0, None, blocked)[0]
+  return _attend(_softmax_attention, (qh, kh, vh, mask), _NO_SEEDS, 0.0, None, blocked)[0]
 
 
 def _masked_attention_fwd(qh, kh, vh, mask, blocked):
-  out, probs = _attend(qh, kh, vh, mask, _NO_SEEDS, 0.0, None, blocked)
+  out, probs = _attend(_softmax_attention, (qh, kh, vh, mask), _NO_SEEDS, 0.0, None, blocked)
   return out, (qh, kh, vh, probs, mask)
 
 
 def _masked_attention_bwd(blocked, residuals, g):
   qh, kh, vh, probs, mask = residuals
-  g_q, g_k, g_v = _attend_bwd(qh, kh, vh, probs, _NO_SEEDS, 0.0, None, g, blocked)
+  g_q, g_k, g_v = _attend(_softmax_attention_bwd, (qh, kh, vh, probs, g), _NO_SEEDS, 0.0, None,
+                          blocked)
   return (g_q.astype(qh.dtype), jnp.swapaxes(g_k, -1, -2).astype(kh.dtype),
           jnp.swapaxes(g_v, -1, -2).astype(vh.dtype), np.zeros(mask.shape, jax.dtypes.float0))
 
