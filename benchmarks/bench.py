@@ -5,6 +5,8 @@
   python benchmarks/bench.py --config=configs/demo.py --vs-torch            # sizes from a config
   python benchmarks/bench.py --lengths=sst2 --vs-torch                      # SST-2 epoch estimate
   python benchmarks/bench.py --data-only                                    # host batching cost
+  python benchmarks/bench.py --model=configs/shapes/modernbert-base --batch=8 --seq=512 \
+      --ab=head_groups                          # one process: attention in head groups or not
   python benchmarks/bench.py --model=minilm --json=bench.json
 
 Each framework runs in its own subprocess, so peak host memory (ru_maxrss) is its
@@ -28,6 +30,15 @@ time at that batch's padded length, for: fixed padding to --seq, length buckets
 
 `--data-only`: host batching time per step (data.train_batch + to_global) alone,
 and the time the training loop waits for it with the model running (prefetch).
+
+`--host_malloc=keep` (default): both workers keep freed memory mapped, as the
+`flaxbert-cls` command does (flaxbert_cls/training/host_memory.py); `system`: glibc's
+defaults for both.
+
+`--ab=head_groups`: the jax step built twice in one process, attention in cache-sized head
+groups (attention._cache_blocked, one CPU device) and in one pass, run alternately
+(--steps each after --warmup); a change smaller than the machine's drift between two
+processes shows here.
 """
 
 from __future__ import annotations
@@ -145,6 +156,45 @@ def run_jax_batches(args, batches: Sequence[int], deadline: float | None = None,
     if progress:
       progress(results)
   return results
+
+
+# What --ab builds each side with: the name of a variant -> (label, value) per side.
+_AB_VARIANTS = {"head_groups": (("head groups", True), ("one pass", False))}
+
+
+def run_jax_ab(args) -> dict[str, Any]:
+  """--ab: the step built with each side's setting in this process; sides' steps alternate."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.data import batching as data_lib  # pylint: disable=g-import-not-at-top
+  from flaxbert_cls.model import attention as attention_lib  # pylint: disable=g-import-not-at-top
+
+  vocab = bench_lib.hf_config_dict(args.model)["vocab_size"]
+  real, steps = attention_lib._cache_blocked, {}  # pylint: disable=protected-access
+  try:
+    for label, blocked in _AB_VARIANTS[args.ab]:
+      # Read when the step is traced (its first call, below), so set until then.
+      attention_lib._cache_blocked = lambda mesh, blocked=blocked: blocked  # pylint: disable=protected-access
+      exp, step, state = _jax_setup(args)
+      batch = data_lib.to_global(bench_lib.batch_numpy(args.batch, args.seq, vocab),
+                                 exp.batch_sharding)
+      holder = [state]
+
+      def one(step=step, holder=holder, batch=batch):
+        holder[0] = step(holder[0], batch)[0]
+        jax.block_until_ready(holder[0])
+      for _ in range(max(args.warmup, 1)):
+        one()
+      steps[label] = one
+  finally:
+    attention_lib._cache_blocked = real  # pylint: disable=protected-access
+  times = {label: [] for label in steps}
+  for i in range(args.steps):
+    for label in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+      t = time.perf_counter()
+      steps[label]()
+      times[label].append(time.perf_counter() - t)
+  return dict(ab=args.ab, step_s={k: statistics.median(v) for k, v in times.items()},
+              steps=times, load_average=os.getloadavg())
 
 
 def _jax_peak_flops(device, count: int) -> dict[str, Any]:
@@ -309,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--vs-torch", dest="vs_torch", action="store_true")
   parser.add_argument("--torch_attention", default="sdpa", choices=["sdpa", "eager"],
                       help="transformers attn_implementation (sdpa: its default)")
+  parser.add_argument("--host_malloc", default="keep", choices=["keep", "system"],
+                      help="both workers: keep freed memory mapped, as flaxbert-cls does, "
+                      "or glibc's defaults")
+  parser.add_argument("--ab", default="", choices=["", *_AB_VARIANTS],
+                      help="the jax step both ways in one process, steps alternated")
   parser.add_argument("--data-only", dest="data_only", action="store_true")
   parser.add_argument("--data_steps", type=int, default=20)
   parser.add_argument("--json", default="")
@@ -320,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
   args = build_parser().parse_args()
   if args.worker:
-    worker = {"jax": run_jax, "torch": bench_torch.run_torch, "data": run_data_only}[args.worker]
+    if args.host_malloc == "keep":  # before the frameworks start their threads
+      from flaxbert_cls.training import host_memory  # pylint: disable=g-import-not-at-top
+      host_memory.keep_freed_memory()
+    worker = {"jax": run_jax, "torch": bench_torch.run_torch, "data": run_data_only,
+              "jax_ab": run_jax_ab}[args.worker]
     print(json.dumps(worker(args)))
     return
   if args.config:
@@ -329,7 +388,13 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     if args.lengths == "sst2":
       args.split_file = bench_sst2.tokenize_sst2(args, os.path.join(tmp, "sst2.npz"))
-    if args.data_only:
+    if args.ab:
+      r = _in_subprocess(args, "jax_ab")
+      (a, ta), (b, tb) = r["step_s"].items()
+      print(f"{args.model}, batch {args.batch}, seq {args.seq}, {args.steps} steps each, "
+            f"alternated: {a} {ta:.2f} s, {b} {tb:.2f} s per step ({ta / tb:.2f}x)")
+      results = [r]
+    elif args.data_only:
       r = _in_subprocess(args, "data")
       print(f"host batching {r['batching_s'] * 1e3:.1f} ms/step alone; loop waits "
             f"{r['wait_with_model_s'] * 1e3:.1f} ms/step for data with the model running "

@@ -284,8 +284,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise UserError(f"unknown config key: {detail}") from None
 
 
+def main() -> None:
+  """Console-script entry point: the host allocator set for steps (training/host_memory.py),
+  then `run()`. Tests call `run()` in their own process and leave its allocator alone."""
+  from flaxbert_cls.training import host_memory  # pylint: disable=g-import-not-at-top
+  try:
+    host_memory.keep_freed_memory()
+  except UserError as e:
+    print(f"flaxbert-cls: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  run()
+
+
 def run() -> None:
-  """Console-script entry point: bad input is one line on stderr and exit status 2."""
+  """Runs the command in sys.argv: bad input is one line on stderr and exit status 2."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF (clu writers) only; quiets its banner
   if sys.argv[1:2] == ["plan"]:  # compile-only: no TPU is used, nor its metadata server asked
@@ -310,4 +322,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-  run()
+  main()
