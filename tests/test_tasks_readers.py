@@ -1,6 +1,7 @@
 """Tests for tasks.py, readers.py, dataset_sources.py, metrics.py and the shipped demo data."""
 
 import collections
+import dataclasses
 import math
 import os
 import re
@@ -15,6 +16,9 @@ from flaxbert_cls.decisions import metrics
 from flaxbert_cls.data import labels as labels_lib
 from flaxbert_cls.data import readers
 from flaxbert_cls.data import tasks
+from flaxbert_cls.data import batching
+from flaxbert_cls.data import packing
+from flaxbert_cls.data import tokenization
 from flaxbert_cls.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -553,3 +557,20 @@ def test_make_demo_data_is_deterministic(glue_dir, tmp_path):
     with open(tmp_path / name, "rb") as a, open(
         os.path.join(DEMO, "sst2", name), "rb") as b:
       assert a.read() == b.read(), name
+
+
+def test_multi_hot_labels_follow_rows_documents_and_packed_slots():
+  """Padding (-1) gets zero labels on every layout; a multi-hot row keeps its labels axis
+  (documents used to broadcast [docs] against [docs, labels] along the wrong axis)."""
+  labels = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+  split = tokenization.TokenizedSplit(np.arange(1, 10, dtype=np.int32), np.zeros(9, np.int8),
+                                      np.array([0, 3, 6, 9]), labels)
+  np.testing.assert_array_equal(batching.pad_rows(split, np.array([2, -1]), 4)["labels"],
+                                [[1, 1], [0, 0]])
+  np.testing.assert_array_equal(
+      packing.pad_packed(split, np.array([[0, 1], [2, -1]]), 8)["labels"],
+      [[[1, 0], [0, 1]], [[1, 1], [0, 0]]])
+  documents = dataclasses.replace(split, labels=labels[:2], documents=np.array([0, 2, 3]))
+  got = batching.pad_documents(documents, np.array([1, -1]), 4, 2)["labels"]
+  np.testing.assert_array_equal(got, [[0, 1], [0, 0]])
+  assert got.dtype == np.float32

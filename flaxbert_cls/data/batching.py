@@ -52,9 +52,7 @@ def pad_rows(split: TokenizedSplit, rows: np.ndarray, seq_len: int) -> dict[str,
   batch = dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                weights=weights)
   if split.labels is not None:
-    safe = np.where(rows >= 0, rows, 0)
-    real = (rows >= 0).reshape(-1, *[1] * (split.labels.ndim - 1))  # multi-hot: [n, labels]
-    batch["labels"] = np.where(real, split.labels[safe], 0).astype(split.labels.dtype)
+    batch["labels"] = split.labels_at(rows)
   return batch
 
 
@@ -83,8 +81,7 @@ def pad_documents(split: TokenizedSplit, docs: np.ndarray, seq_len: int,
   batch["window_mask"] = padded["weights"].reshape(len(docs), num_windows)
   batch["weights"] = (docs >= 0).astype(np.float32)
   if split.labels is not None:
-    safe = np.where(docs >= 0, docs, 0)
-    batch["labels"] = np.where(docs >= 0, split.labels[safe], 0).astype(split.labels.dtype)
+    batch["labels"] = split.labels_at(docs)
   return batch
 
 

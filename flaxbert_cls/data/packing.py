@@ -100,7 +100,7 @@ def pad_packed(split: TokenizedSplit, rows: np.ndarray, seq_len: int) -> dict[st
   """Packed rows [rows, max_examples] of example ids -> input_ids, token_type_ids,
   attention_mask and segment_ids [rows, seq_len]; weights [rows, max_examples] (0: empty slot)
   and labels [rows, max_examples, ...]. An example over seq_len keeps its first tokens."""
-  n, slots = rows.shape
+  n = len(rows)
   input_ids = np.zeros((n, seq_len), np.int32)
   token_type_ids = np.zeros((n, seq_len), np.int32)
   segment_ids = np.zeros((n, seq_len), np.int32)
@@ -119,7 +119,5 @@ def pad_packed(split: TokenizedSplit, rows: np.ndarray, seq_len: int) -> dict[st
                attention_mask=(segment_ids > 0).astype(np.int32), segment_ids=segment_ids,
                weights=(rows >= 0).astype(np.float32))
   if split.labels is not None:
-    safe = np.where(rows >= 0, rows, 0)
-    real = (rows >= 0).reshape(n, slots, *[1] * (split.labels.ndim - 1))
-    batch["labels"] = np.where(real, split.labels[safe], 0).astype(split.labels.dtype)
+    batch["labels"] = split.labels_at(rows)
   return batch

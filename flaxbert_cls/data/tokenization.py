@@ -96,6 +96,14 @@ class TokenizedSplit:
     """Tokens per row (per window with windows)."""
     return np.diff(self.offsets)
 
+  def labels_at(self, rows: np.ndarray) -> np.ndarray:
+    """The labels of examples `rows` (any shape; multi-hot rows add their axis); an index of
+    -1 (padding) gets zeros."""
+    real = rows >= 0
+    labels = self.labels[np.where(real, rows, 0)]
+    real = real.reshape(*rows.shape, *[1] * (labels.ndim - rows.ndim))
+    return np.where(real, labels, 0).astype(self.labels.dtype)
+
   @property
   def window_counts(self) -> np.ndarray:
     """Rows per example: 1 each, except with windows."""
