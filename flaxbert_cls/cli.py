@@ -285,18 +285,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-  """Console-script entry point: the host allocator set for steps (training/host_memory.py),
-  then `run()`. Tests call `run()` in their own process and leave its allocator alone."""
-  from flaxbert_cls.training import host_memory  # pylint: disable=g-import-not-at-top
-  try:
-    host_memory.keep_freed_memory()
-  except UserError as e:
-    print(f"flaxbert-cls: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  run()
+  """Console-script entry point: `run()` with the host allocator set for steps
+  (training/host_memory.py). Tests call `run()` and leave their process's allocator alone."""
+  run(keep_freed_memory=True)
 
 
-def run() -> None:
+def run(keep_freed_memory: bool = False) -> None:
   """Runs the command in sys.argv: bad input is one line on stderr and exit status 2."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF (clu writers) only; quiets its banner
@@ -306,6 +300,9 @@ def run() -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # plans and tests side by side
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs a false error
   try:
+    if keep_freed_memory:  # before JAX starts the threads that allocate
+      from flaxbert_cls.training import host_memory  # pylint: disable=g-import-not-at-top
+      host_memory.keep_freed_memory()
     app.run(_main, flags_parser=_parse_flags)
   except UserError as e:
     print(f"flaxbert-cls: error: {e}", file=sys.stderr)

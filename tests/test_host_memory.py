@@ -52,3 +52,12 @@ def test_unknown_choice_is_one_line(monkeypatch):
   monkeypatch.setenv(host_memory.ENV, "never")
   with pytest.raises(Exception, match=f"{host_memory.ENV}='never': expected 'keep' or 'system'"):
     host_memory.keep_freed_memory()
+
+
+def test_the_command_names_a_bad_choice_in_one_line():
+  env = dict(os.environ, **{host_memory.ENV: "never"})
+  command = os.path.join(os.path.dirname(sys.executable), "flaxbert-cls")
+  out = subprocess.run([command, "train"], env=env, capture_output=True, text=True, check=False)
+  assert out.returncode == 2
+  assert out.stderr.strip() == (f"flaxbert-cls: error: {host_memory.ENV}='never': "
+                                "expected 'keep' or 'system'")
